@@ -1,0 +1,237 @@
+"""``zoo bench``: ratios measured side by side in one run, written to docs/ with the machine."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zoo_store.archs import build_arch
+from zoo_store.archs.surgery import replace_module, state_bytes
+from zoo_store.cards import Card
+from zoo_store.demo import MNIST_INPUT
+from zoo_store.paths import BaseRef, PathArtifact, encode_bundle, make_manifest
+
+Say = Callable[[str], None]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads){gpu}, Python {platform.python_version()}")  # fmt: skip
+
+
+def timeit(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` (synchronising CUDA when used)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def reprogram_bytes(arch: str, input_size: int, channels: int, num_classes: int = 10) -> tuple[int, int]:
+    """(bundle bytes, dense bytes) of a reprogram path on ``arch`` (sizes do not depend on values)."""
+    from zoo_store.cards import InputSpec
+    from zoo_store.methods.reprogram.layers import build_reprogrammed
+
+    base = build_arch(arch, {"num_classes": 1000 if arch.startswith("tv_") else 10}).eval()
+    model = build_reprogrammed(base, num_classes)
+    delta = {k: v.contiguous() for k, v in model.delta_state().items()}
+    spec = InputSpec(channels=channels, size=input_size, mean=(0.5,) * channels, std=(0.5,) * channels)
+    art = PathArtifact("reprogram", [BaseRef(id=arch, digest="0" * 64)], [str(i) for i in range(num_classes)], spec,
+                       {"base": arch, "num_classes": num_classes, "kernel": 3}, delta)  # fmt: skip
+    delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
+    dense = state_bytes(base) - state_bytes(base.head_layer) + delta_bytes
+    return len(encode_bundle(make_manifest(art), delta, {})), dense
+
+
+def serving_suite(say: Say, quick: bool) -> list[str]:
+    """Cold vs warm predict, batched vs unbatched, composed vs base forward, path vs dense bytes."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from zoo_store.settings import Settings
+
+    lines = []
+    tmp = Path(tempfile.mkdtemp(prefix="zoo-bench-"))
+    data_dir = Path(os.environ.get("ZOO_DATA_DIR", tmp))
+    settings = Settings(data_dir=data_dir, job_executor="thread", demo_samples=2000 if quick else 12000)
+    say(f"serving suite: data dir {data_dir} (the demo zoo is trained there if missing)")
+    with TestClient(create_app(settings)) as client:
+        svc = client.app.state.services
+        svc.ready.wait(900)
+        spec = {"method": "reprogram", "base": "resnet-mnist",
+                "task": {"dataset": "mnist-rotated", "samples_per_label": 20 if quick else 100},
+                "train": {"epochs": 1 if quick else 3}}  # fmt: skip
+        job = client.post("/v1/compositions", json=spec).json()
+        while (job := client.get(f"/v1/jobs/{job['id']}").json())["state"] not in ("succeeded", "failed"):
+            time.sleep(0.2)
+        assert job["state"] == "succeeded", job
+        pid = job["path_id"]
+        path = client.get(f"/v1/paths/{pid}").json()
+        lines.append("## Path bytes / dense bytes\n")
+        lines.append("| base | path bytes | dense bytes | ratio |\n|---|---:|---:|---:|")
+        lines.append(f"| resnet-mnist (demo, trained path) | {path['bytes']:,} | {path['dense_bytes']:,} | "
+                     f"{path['bytes'] / path['dense_bytes']:.2%} |")  # fmt: skip
+        for arch, size, ch in (("tv_resnet18", 224, 3), ("tv_resnet50", 224, 3), ("tv_mobilenet_v3_small", 224, 3)):
+            b, d = reprogram_bytes(arch, size, ch)
+            lines.append(f"| {arch} (10-class reprogram path) | {b:,} | {d:,} | {b / d:.2%} |")
+
+        # composed forward vs base forward, same batch, same run
+        card, base = svc.zoo.bases["resnet-mnist"]
+        module = svc.cache.get(pid).module
+        x = torch.rand(64, 1, 28, 28, device=svc.zoo.device)
+        with torch.inference_mode():
+            t_base = timeit(lambda: base(x))
+            t_comp = timeit(lambda: module(x))
+        lines.append("\n## Composed forward / base forward (batch 64)\n")
+        lines.append(f"reprogram path on resnet-mnist / resnet-mnist: **{t_comp / t_base:.2f}x** the base's time")
+
+        # cold first predict vs warm predict, over several fresh materializations
+        body = {"inputs": [{"tensor": torch.rand(1, 28, 28).tolist()}]}
+        colds, warms = [], []
+        for _ in range(5 if quick else 15):
+            svc.cache.evict(pid)
+            t = time.perf_counter()
+            client.post(f"/v1/paths/{pid}/predict", json=body)
+            colds.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            client.post(f"/v1/paths/{pid}/predict", json=body)
+            warms.append(time.perf_counter() - t)
+        cold, warm = statistics.median(colds), statistics.median(warms)
+        lines.append("\n## Cold first predict / warm predict (one 28x28 image, over HTTP in-process)\n")
+        lines.append(f"cold / warm = **{cold / warm:.2f}x**; cold costs {1000 * (cold - warm):.1f} ms more than warm "
+                     f"(median of {len(colds)} fresh materializations)")  # fmt: skip
+
+        # batched vs unbatched throughput through the micro-batcher
+        n = 256 if quick else 1024
+        one = torch.rand(1, 1, 28, 28)
+
+        async def burst(max_batch: int) -> float:
+            svc.batcher.max_batch = max_batch
+            t = time.perf_counter()
+            await asyncio.gather(*(svc.batcher.submit(pid, one) for _ in range(n)))
+            return n / (time.perf_counter() - t)
+
+        unbatched = asyncio.run(burst(1))
+        batched = asyncio.run(burst(64))
+        svc.batcher.max_batch = settings.max_batch_size
+        lines.append("\n## Batched throughput / batch-size-1 throughput\n")
+        lines.append(f"{n} concurrent single-image requests to one path: max_batch_size 64 vs 1 = "
+                     f"**{batched / unbatched:.1f}x** the throughput")  # fmt: skip
+    return lines
+
+
+def reprogram_suite(say: Say, quick: bool) -> list[str]:
+    """CLR vs head-only vs full fine-tuning on built-in tasks: held-out accuracy and stored bytes."""
+    from zoo_store.blobs import DirBlobStore
+    from zoo_store.datasets.builtin import BUILTINS
+    from zoo_store.datasets.tasks import make_task
+    from zoo_store.db import Database
+    from zoo_store.demo import ensure_demo_zoo
+    from zoo_store.methods.registry import BuildContext, get_method
+    from zoo_store.methods.spec import CompositionSpec, TaskSpec
+    from zoo_store.store import Store
+    from zoo_store.weights import digest_of
+
+    data_dir = Path(os.environ.get("ZOO_DATA_DIR", tempfile.mkdtemp(prefix="zoo-bench-")))
+    db = Database(f"sqlite:///{(data_dir / 'zoo.db').resolve()}")
+    db.migrate()
+    store = Store(db, DirBlobStore(data_dir / "blobs"))
+    ensure_demo_zoo(store, 2000 if quick else 12000, say=say)
+    spl = 50 if quick else 200
+    epochs = 2 if quick else 5
+    tasks = ["mnist-rotated", "mnist-inverted", "mnist-parity", "digits"]
+    bases = ["resnet-mnist", "vgg-mnist", "mobilenet-mnist"]
+    lines = [f"Each task: {spl} training images per label, {epochs} epochs, Adam, seed 0; accuracy on the task's "
+             "held-out test split. Head-only trains a new linear head on the frozen base; full fine-tuning trains a "
+             "copy of the whole base (BatchNorm in train mode) plus the head; CLR trains the depthwise 3x3 "
+             "reprogramming kernels plus the head, the base frozen. Stored % = bytes the method must keep per task / "
+             "dense bytes of the base.\n",
+             "| base | task | CLR acc | head-only acc | full FT acc | CLR stored % | head-only stored % | full FT stored % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for base_id in bases:
+        card: Card = store.card(base_id)
+        base = store.load_base(card)
+        digest = digest_of(base)
+        for task_id in tasks:
+            say(f"reprogram table: {base_id} on {task_id}")
+            spec = CompositionSpec(method="reprogram", base=base_id,
+                                   task=TaskSpec(dataset=task_id, samples_per_label=spl),
+                                   train={"epochs": epochs, "seed": 0, "lr": 1e-2})  # fmt: skip
+            data = make_task(BUILTINS[task_id].make(), spec.task, card.input, 0)
+            ctx = BuildContext(bases={base_id: (card, base)}, load_task=lambda t, c, d=data: d)
+            art = get_method("reprogram").build(spec, ctx)
+            clr_bytes = len(encode_bundle(make_manifest(art), art.tensors, art.metrics))
+            dense = card.bytes
+            head_acc, head_bytes = _head_only(base, data, card, epochs)
+            ft_acc = _full_ft(card, store, data, epochs)
+            lines.append(f"| {base_id} | {task_id} | {art.metrics['accuracy']:.4f} | {head_acc:.4f} | {ft_acc:.4f} | "
+                         f"{clr_bytes / dense:.2%} | {head_bytes / dense:.2%} | 100% |")  # fmt: skip
+        assert digest_of(base) == digest, "the base changed during the experiment"
+    return lines
+
+
+def _head_only(base: nn.Module, data, card: Card, epochs: int) -> tuple[float, int]:  # noqa: ANN001
+    from zoo_store.training import accuracy, fit
+
+    torch.manual_seed(0)
+    head = nn.Linear(base.feature_dim, len(data.labels))
+    model = nn.Sequential()
+    model.forward = lambda x: head(base.embed(x))  # type: ignore[method-assign]
+    fit(model, head.parameters(), data.train_x, data.train_y, card.input, epochs=epochs, lr=1e-2, batch_size=64, seed=0)
+    return accuracy(model, data.test_x, data.test_y, card.input), state_bytes(head)
+
+
+def _full_ft(card: Card, store, data, epochs: int) -> float:  # noqa: ANN001
+    from zoo_store.training import accuracy, fit
+
+    net = store.load_base(card)
+    torch.manual_seed(0)
+    replace_module(net, net.head_path, nn.Linear(net.feature_dim, len(data.labels)))
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.train()
+    fit(net, net.parameters(), data.train_x, data.train_y, card.input, epochs=epochs, lr=1e-3, batch_size=64, seed=0)
+    net.eval()
+    return accuracy(net, data.test_x, data.test_y, card.input)
+
+
+def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
+    suites = {"serving": (serving_suite, out), "reprogram": (reprogram_suite, out.parent / "methods" / "reprogram.md")}
+    chosen = list(suites) if suite == "all" else [suite]
+    for name in chosen:
+        fn, target = suites[name]
+        body = fn(say, quick)
+        cmd = f"zoo bench --suite {name}{' --quick' if quick else ''}"
+        header = [f"<!-- written by `{cmd}`; rerun it to refresh -->",
+                  f"# {'Benchmarks' if name == 'serving' else 'Reprogram (CLR): accuracy and stored bytes'}\n",
+                  f"Command: `{cmd}`  ", f"Machine: {machine()}  ", f"Date: {dt.date.today()}\n"]  # fmt: skip
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("\n".join(header + body) + "\n")
+        say(f"wrote {target}")

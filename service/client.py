@@ -1,0 +1,114 @@
+"""A small httpx client for the zoo API; the CLI uses it and it doubles as the Python SDK."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, problem: dict[str, Any]):
+        self.status, self.problem = status, problem
+        super().__init__(f"{status} {problem.get('title', '')}: {problem.get('detail', '')}")
+
+
+class ZooClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, transport: httpx.BaseTransport | None = None,
+                 timeout: float = 60.0):  # fmt: skip
+        self.http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        r = self.http.request(method, url, **kw)
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = {"detail": r.text}
+            raise ApiError(r.status_code, body)
+        return r
+
+    def _items(self, url: str) -> list[dict]:
+        items, cursor = [], None
+        while True:
+            page = self._call("GET", url, params={"cursor": cursor} if cursor else {}).json()
+            items += page["items"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return items
+
+    # zoo
+    def models(self) -> list[dict]:
+        return self._items("/v1/zoo/models")
+
+    def model(self, model_id: str) -> dict:
+        return self._call("GET", f"/v1/zoo/models/{model_id}").json()
+
+    def model_weights(self, model_id: str) -> bytes:
+        return self._call("GET", f"/v1/zoo/models/{model_id}/weights").content
+
+    def add_model(self, card: dict, weights: bytes, filename: str = "weights.safetensors") -> dict:
+        files = {"weights": (filename, weights, "application/octet-stream")}
+        return self._call("POST", "/v1/zoo/models", data={"card": json.dumps(card)}, files=files).json()
+
+    # datasets
+    def datasets(self) -> list[dict]:
+        return self._items("/v1/datasets")
+
+    def add_dataset(self, path: Path, name: str | None = None) -> dict:
+        files = {"file": (path.name, path.read_bytes(), "application/octet-stream")}
+        return self._call("POST", "/v1/datasets", files=files, data={"name": name} if name else {}).json()
+
+    # compositions and jobs
+    def compose(self, spec: dict) -> dict:
+        return self._call("POST", "/v1/compositions", json=spec).json()
+
+    def job(self, job_id: str) -> dict:
+        return self._call("GET", f"/v1/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> dict:
+        return self._call("DELETE", f"/v1/jobs/{job_id}").json()
+
+    def events(self, job_id: str) -> Iterator[dict]:
+        """The job's server-sent events, each a job dict, until it ends."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise ApiError(r.status_code, r.json())
+            event = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "job":
+                    yield json.loads(line[6:])
+
+    # paths
+    def paths(self) -> list[dict]:
+        return self._items("/v1/paths")
+
+    def path(self, path_id: str) -> dict:
+        return self._call("GET", f"/v1/paths/{path_id}").json()
+
+    def delete_path(self, path_id: str) -> None:
+        self._call("DELETE", f"/v1/paths/{path_id}")
+
+    def bundle(self, path_id: str) -> bytes:
+        return self._call("GET", f"/v1/paths/{path_id}/bundle").content
+
+    def import_bundle(self, data: bytes) -> dict:
+        return self._call("POST", "/v1/paths/import", content=data,
+                          headers={"content-type": "application/octet-stream"}).json()  # fmt: skip
+
+    def predict(self, path_id: str, inputs: list[dict], top_k: int = 1) -> dict:
+        return self._call("POST", f"/v1/paths/{path_id}/predict", json={"inputs": inputs, "top_k": top_k}).json()
+
+    def predict_images(self, path_id: str, images: list[Path], top_k: int = 1) -> dict:
+        inputs = [{"image": base64.b64encode(p.read_bytes()).decode()} for p in images]
+        return self.predict(path_id, inputs, top_k)

@@ -1,0 +1,44 @@
+"""The one place where errors become HTTP responses: application/problem+json (RFC 9457)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zoo_store.errors import ZooError
+
+log = logging.getLogger("zoo.errors")
+
+
+def problem(status: int, title: str, detail: str) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ZooError)
+    async def _zoo(_: Request, e: ZooError) -> JSONResponse:
+        return problem(e.status, e.title, e.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        detail = "; ".join(f"{_loc(err)}: {err.get('msg')}" for err in errs[:5])
+        return problem(422, "Invalid input", detail or "request does not match the schema")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return problem(e.status_code, str(e.detail), str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _other(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return problem(500, "Internal error", f"{type(e).__name__}: {e}")

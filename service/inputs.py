@@ -1,0 +1,61 @@
+"""Decoding predict inputs (nested-list tensors, base64 or uploaded images) to (N, C, H, W)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import warnings
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from zoo_store.cards import InputSpec
+from zoo_store.errors import InvalidInput, PayloadTooLarge
+from zoo_store.settings import Settings
+
+
+def tensor_input(values: list, spec: InputSpec, i: int) -> torch.Tensor:
+    try:
+        t = torch.tensor(values, dtype=torch.float32)
+    except (ValueError, TypeError) as e:
+        raise InvalidInput(f"inputs[{i}].tensor is not a rectangular array of numbers: {e}") from e
+    want = (spec.channels, spec.size, spec.size)
+    if tuple(t.shape) != want:
+        raise InvalidInput(f"inputs[{i}].tensor has shape {list(t.shape)}, expected {list(want)} (C x H x W)")
+    if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+        raise InvalidInput(f"inputs[{i}].tensor values must be finite and in [0, 1]")
+    return t  # (C, H, W)
+
+
+def image_bytes_input(data: bytes, spec: InputSpec, settings: Settings, name: str) -> torch.Tensor:
+    if len(data) > settings.max_image_bytes:
+        raise PayloadTooLarge(f"{name} is {len(data)} bytes; the limit is {settings.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if max(img.size) > settings.max_image_side:
+                raise PayloadTooLarge(f"{name} is {img.size[0]}x{img.size[1]}; the limit is {settings.max_image_side} a side")
+            if img.format not in ("PNG", "JPEG"):
+                raise InvalidInput(f"{name} is {img.format}; send PNG or JPEG")
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as e:  # fmt: skip
+        raise InvalidInput(f"{name} is not a decodable PNG or JPEG image: {e}") from e
+    img = img.convert("L" if spec.channels == 1 else "RGB").resize((spec.size, spec.size), Image.BILINEAR)
+    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float() / 255.0
+    return t.view(spec.size, spec.size, spec.channels).permute(2, 0, 1).contiguous()  # (C, H, W)
+
+
+def image_input(b64: str, spec: InputSpec, settings: Settings, i: int) -> torch.Tensor:
+    if len(b64) > math.ceil(settings.max_image_bytes * 4 / 3) + 4:
+        raise PayloadTooLarge(f"inputs[{i}].image is larger than {settings.max_image_bytes} bytes")
+    if b64.startswith("data:"):
+        b64 = b64.partition(",")[2]
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidInput(f"inputs[{i}].image is not valid base64: {e}") from e
+    return image_bytes_input(data, spec, settings, f"inputs[{i}].image")

@@ -1,0 +1,21 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("zoo_http_requests", "HTTP requests", ["method", "route", "status"], registry=r)
+        self.latency = Histogram("zoo_http_request_seconds", "HTTP request latency", ["route"], registry=r)
+        self.cache_hits = Counter("zoo_path_cache_hits", "Predicts served by a cached materialized path", registry=r)
+        self.cache_misses = Counter("zoo_path_cache_misses", "Predicts that had to materialize a path", registry=r)
+        self.materializations = Counter("zoo_materializations", "Paths materialized", ["method"], registry=r)
+        self.cache_bytes = Gauge("zoo_path_cache_bytes", "Bytes held by materialized paths", registry=r)
+        self.batch_size = Histogram(
+            "zoo_batch_size", "Inputs per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.jobs = Counter("zoo_jobs", "Composition jobs by final state", ["state"], registry=r)

@@ -1,0 +1,71 @@
+"""The job queue edge: one interface, an in-memory twin, and Redis Streams with a consumer group."""
+
+from __future__ import annotations
+
+import queue
+from typing import Protocol
+
+
+class JobQueue(Protocol):
+    def put(self, job_id: str) -> None: ...
+    def get(self, timeout: float) -> tuple[str, str] | None: ...  # (delivery tag, job id)
+    def ack(self, tag: str) -> None: ...
+
+
+class MemoryQueue:
+    def __init__(self) -> None:
+        self.q: queue.Queue[str] = queue.Queue()
+        self.unacked: dict[str, str] = {}
+        self._n = 0
+
+    def put(self, job_id: str) -> None:
+        self.q.put(job_id)
+
+    def get(self, timeout: float) -> tuple[str, str] | None:
+        try:
+            job_id = self.q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        self._n += 1
+        tag = str(self._n)
+        self.unacked[tag] = job_id
+        return tag, job_id
+
+    def ack(self, tag: str) -> None:
+        self.unacked.pop(tag, None)
+
+
+class RedisQueue:
+    """Jobs on a Redis Stream read through a consumer group: acknowledged when done, and
+    re-delivered to another consumer when a worker died holding them (XAUTOCLAIM after idle_ms)."""
+
+    def __init__(self, url: str, stream: str = "zoo:jobs", group: str = "workers", consumer: str = "w1",
+                 idle_ms: int = 60_000):  # fmt: skip
+        import redis
+
+        self.r = redis.Redis.from_url(url, decode_responses=True)
+        self.stream, self.group, self.consumer, self.idle_ms = stream, group, consumer, idle_ms
+        try:
+            self.r.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def put(self, job_id: str) -> None:
+        self.r.xadd(self.stream, {"job": job_id})
+
+    def get(self, timeout: float) -> tuple[str, str] | None:
+        _next, claimed, *_ = self.r.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_time=self.idle_ms, start_id="0-0", count=1
+        )
+        if claimed:
+            tag, fields = claimed[0]
+            return tag, fields["job"]
+        got = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=1, block=max(1, int(timeout * 1000)))
+        if not got:
+            return None
+        tag, fields = got[0][1][0]
+        return tag, fields["job"]
+
+    def ack(self, tag: str) -> None:
+        self.r.xack(self.stream, self.group, tag)

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import Cursor, Limit, Svc
+from service.schemas import Dataset, Page
+from zoo_store.errors import PayloadTooLarge
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.get("")
+def list_datasets(svc: Svc, cursor: Cursor = None, limit: Limit = 100) -> Page[Dataset]:
+    rows, nxt = svc.store.list_datasets(cursor, limit)
+    return Page(items=[Dataset.of(r) for r in rows], next_cursor=nxt)
+
+
+@router.get("/{dataset_id}")
+def get_dataset(dataset_id: str, svc: Svc) -> Dataset:
+    return Dataset.of(svc.store.dataset(dataset_id))
+
+
+@router.post("", status_code=201)
+async def upload_dataset(
+    svc: Svc,
+    file: Annotated[UploadFile, File(description="an ImageFolder zip, or an .npz with x, y, labels")],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> Dataset:
+    from zoo_store.datasets.upload import Limits, parse_upload
+
+    limit = svc.settings.max_upload_bytes
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"upload is larger than {limit} bytes")
+    parsed = await run_in_threadpool(parse_upload, data, file.filename or "", Limits(max_bytes=limit))
+    row = svc.store.add_dataset(name or file.filename or "upload", parsed.x, parsed.y, parsed.labels)
+    return Dataset.of(row)

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import Svc
+from service.errors import problem
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(svc: Svc) -> object:
+    db_ok = svc.db.ping()
+    if db_ok and svc.ready.is_set():
+        return {"status": "ready", "bases": len(svc.zoo.bases), "device": svc.zoo.device}
+    why = "database unreachable" if not db_ok else (svc.startup_error or "zoo still loading")
+    return problem(503, "Not ready", why)
+
+
+@router.get("/metrics")
+def metrics(svc: Svc) -> Response:
+    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import Cursor, Limit, ReadySvc, Svc
+from service.inputs import image_bytes_input, image_input, tensor_input
+from service.runtime import validate_bundle
+from service.schemas import Page, Path, Prediction, PredictRequest, PredictResponse, Scored
+from zoo_store.errors import BadRequest, InvalidInput, PayloadTooLarge
+from zoo_store.paths import Manifest, decode_bundle
+
+router = APIRouter(prefix="/v1/paths", tags=["paths"])
+
+
+@router.get("")
+def list_paths(svc: Svc, cursor: Cursor = None, limit: Limit = 100) -> Page[Path]:
+    rows, nxt = svc.store.list_paths(cursor, limit)
+    return Page(items=[Path.of(r) for r in rows], next_cursor=nxt)
+
+
+@router.get("/{path_id}")
+def get_path(path_id: str, svc: Svc) -> Path:
+    return Path.of(svc.store.path(path_id))
+
+
+@router.delete("/{path_id}", status_code=204)
+def delete_path(path_id: str, svc: Svc) -> Response:
+    svc.store.delete_path(path_id)
+    svc.cache.evict(path_id)
+    return Response(status_code=204)
+
+
+@router.get("/{path_id}/bundle", response_class=Response)
+def get_bundle(path_id: str, svc: Svc) -> Response:
+    row = svc.store.path(path_id)
+    return Response(
+        row.bundle,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{row.id}.zoopath"'},
+    )
+
+
+@router.post("/import", status_code=201, openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
+async def import_bundle(request: Request, response: Response, svc: ReadySvc) -> Path:
+    """Import a ``.zoopath`` bundle (raw bytes). 201 when new, 200 when the path already exists."""
+    data = await request.body()
+    if not data:
+        raise BadRequest("empty body: send the .zoopath bundle bytes")
+    bundle = decode_bundle(data)
+    await run_in_threadpool(validate_bundle, bundle, svc.zoo)
+    row, created = svc.store.save_path(bundle)
+    if not created:
+        response.status_code = 200
+    return Path.of(row)
+
+
+@router.post("/{path_id}/predict")
+async def predict(path_id: str, request: Request, svc: ReadySvc) -> PredictResponse:
+    """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, or multipart image files (field ``files``)."""
+    manifest = Manifest.model_validate(svc.store.path(path_id).manifest)
+    x, top_k = await _read_inputs(request, manifest, svc)
+    probs = await svc.batcher.submit(path_id, x)  # (N, K)
+    k = min(top_k, len(manifest.labels))
+    scores, idx = probs.topk(k, dim=1)
+    preds = []
+    for s_row, i_row in zip(scores.tolist(), idx.tolist(), strict=True):
+        top = [Scored(label=manifest.labels[i], score=s) for s, i in zip(s_row, i_row, strict=True)]
+        preds.append(Prediction(label=top[0].label, score=top[0].score, top_k=top))
+    return PredictResponse(path_id=path_id, predictions=preds)
+
+
+async def _read_inputs(request: Request, manifest: Manifest, svc: ReadySvc) -> tuple[torch.Tensor, int]:
+    spec, settings = manifest.input, svc.settings
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        if not files:
+            raise InvalidInput("multipart predict needs at least one image file")
+        top_k = _int_field(form.get("top_k"), 1)
+        xs = [image_bytes_input(await f.read(settings.max_image_bytes + 1), spec, settings, f"file {f.filename!r}") for f in files]
+    else:
+        try:
+            req = PredictRequest.model_validate_json(await request.body())
+        except ValueError as e:
+            raise InvalidInput(f"predict body: {_short(e)}") from e
+        top_k = req.top_k
+        xs = [
+            tensor_input(item.tensor, spec, i) if item.tensor is not None else image_input(item.image or "", spec, settings, i)
+            for i, item in enumerate(req.inputs)
+        ]
+    if len(xs) > settings.max_predict_inputs:
+        raise PayloadTooLarge(f"{len(xs)} inputs in one request; the limit is {settings.max_predict_inputs}")
+    return torch.stack(xs), top_k  # (N, C, H, W)
+
+
+def _int_field(value: object, default: int) -> int:
+    if value is None:
+        return default
+    try:
+        v = int(str(value))
+    except ValueError as e:
+        raise InvalidInput(f"top_k must be an integer, got {value!r}") from e
+    if v < 1:
+        raise InvalidInput("top_k must be at least 1")
+    return v
+
+
+def _short(e: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:3])
+    return str(e)

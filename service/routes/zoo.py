@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
+from pydantic import ValidationError
+
+from service.deps import Cursor, Limit, ReadySvc, Svc
+from service.schemas import Page
+from zoo_store.cards import Card, CardIn
+from zoo_store.errors import BadRequest, InvalidInput
+
+router = APIRouter(prefix="/v1/zoo/models", tags=["zoo"])
+
+
+@router.get("")
+def list_models(svc: Svc, cursor: Cursor = None, limit: Limit = 100) -> Page[Card]:
+    items, nxt = svc.store.list_cards(cursor, limit)
+    return Page(items=items, next_cursor=nxt)
+
+
+@router.get("/{model_id}")
+def get_model(model_id: str, svc: Svc) -> Card:
+    return svc.store.card(model_id)
+
+
+@router.get("/{model_id}/weights", response_class=Response)
+def get_weights(model_id: str, svc: Svc) -> Response:
+    """The base's canonical safetensors file (the zoo is public: other servers fetch it here)."""
+    card = svc.store.card(model_id)
+    return Response(
+        svc.store.base_weights(model_id),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{card.id}.safetensors"', "X-Zoo-Digest": card.digest},
+    )
+
+
+@router.post("", status_code=201)
+async def add_model(
+    svc: ReadySvc,
+    response: Response,
+    card: Annotated[str, Form(description="the card as JSON: id, arch, arch_config, labels, input, metrics")],
+    weights: Annotated[UploadFile, File(description="safetensors, or a weights-only torch .pth")],
+) -> Card:
+    try:
+        card_in = CardIn.model_validate(json.loads(card))
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"card is not JSON: {e}") from e
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InvalidInput(f"card.{'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+    data = await weights.read()
+    stored, created = svc.store.add_base(card_in, data)
+    svc.zoo.add(stored)
+    if not created:
+        response.status_code = 200
+    return stored

@@ -1,0 +1,103 @@
+"""Response and request bodies of the HTTP API (v1)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from zoo_store.cards import InputSpec
+from zoo_store.db import DatasetRow, JobRow, PathRow
+from zoo_store.paths import BaseRef
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+class Job(BaseModel):
+    id: str
+    method: str
+    state: str
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    path_id: str | None
+    error: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    @classmethod
+    def of(cls, r: JobRow) -> Job:
+        progress = {k: v for k, v in r.progress.items() if k != "trace"}
+        return cls(id=r.id, method=r.method, state=r.state, progress=progress, metrics=r.metrics,
+                   path_id=r.path_id, error=r.error, created_at=r.created_at, updated_at=r.updated_at)  # fmt: skip
+
+
+class Path(BaseModel):
+    id: str
+    method: str
+    bases: list[BaseRef]
+    labels: list[str]
+    input: InputSpec
+    bytes: int
+    dense_bytes: int
+    metrics: dict[str, Any]
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, r: PathRow) -> Path:
+        m = r.manifest
+        return cls(id=r.id, method=r.method, bases=m["bases"], labels=m["labels"], input=m["input"],
+                   bytes=r.bytes, dense_bytes=r.dense_bytes, metrics=r.metrics, created_at=r.created_at)  # fmt: skip
+
+
+class Dataset(BaseModel):
+    id: str
+    name: str
+    source: str
+    labels: list[str]
+    num_samples: int
+    shape: list[int]
+    splits: dict[str, int]
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, r: DatasetRow) -> Dataset:
+        return cls(id=r.id, name=r.name, source=r.source, labels=r.labels, num_samples=r.num_samples,
+                   shape=r.shape, splits=r.splits, created_at=r.created_at)  # fmt: skip
+
+
+class PredictInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tensor: list[Any] | None = Field(None, description="C x H x W pixel values in [0, 1] at the base's input size")
+    image: str | None = Field(None, description="base64 PNG or JPEG")
+
+    @model_validator(mode="after")
+    def _one(self) -> PredictInput:
+        if (self.tensor is None) == (self.image is None):
+            raise ValueError("each input needs exactly one of 'tensor' or 'image'")
+        return self
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[PredictInput] = Field(min_length=1)
+    top_k: int = Field(1, ge=1, le=1000)
+
+
+class Scored(BaseModel):
+    label: str
+    score: float
+
+
+class Prediction(Scored):
+    top_k: list[Scored]
+
+
+class PredictResponse(BaseModel):
+    path_id: str
+    predictions: list[Prediction]

@@ -1,0 +1,72 @@
+"""Everything the routes share, built once per app from the Settings."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from service.jobs import JobRunner
+from service.metrics import Metrics
+from service.queues import JobQueue, MemoryQueue, RedisQueue
+from service.runtime import Batcher, PathCache, ResidentZoo
+from zoo_store.blobs import BlobStore, DirBlobStore
+from zoo_store.db import Database
+from zoo_store.demo import ensure_demo_zoo
+from zoo_store.settings import Settings
+from zoo_store.store import Store
+
+log = logging.getLogger("zoo")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    store: Store
+    zoo: ResidentZoo
+    cache: PathCache
+    batcher: Batcher
+    runner: JobRunner
+    metrics: Metrics
+    ready: threading.Event = field(default_factory=threading.Event)
+    startup_error: str | None = None
+
+    @classmethod
+    def create(cls, settings: Settings, blobs: BlobStore | None = None, queue: JobQueue | None = None) -> Services:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        metrics = Metrics()
+        db = Database(settings.db_url)
+        store = Store(db, blobs or DirBlobStore(settings.blob_dir))
+        zoo = ResidentZoo(store, settings.torch_device())
+        cache = PathCache(store, zoo, settings.cache_bytes, metrics)
+        batcher = Batcher(cache, settings.max_batch_size, settings.max_wait_ms, metrics)
+        if queue is None:
+            queue = RedisQueue(settings.redis_url) if settings.mode == "distributed" else MemoryQueue()
+        runner = JobRunner(settings, store, queue, metrics, resident=lambda: zoo.bases)
+        return cls(settings, db, store, zoo, cache, batcher, runner, metrics)
+
+    def start(self) -> None:
+        """Migrate, register built-in datasets, then build/load the zoo on a background thread."""
+        self.db.migrate()
+        self.store.ensure_builtin_datasets()
+        threading.Thread(target=self._load_zoo, name="zoo-load", daemon=True).start()
+
+    def _load_zoo(self) -> None:
+        try:
+            if self.settings.demo_zoo:
+                ensure_demo_zoo(self.store, self.settings.demo_samples, say=log.warning)
+            self.zoo.load_all()
+            if self.settings.mode == "embedded":
+                self.runner.recover()
+                self.runner.start()
+            self.ready.set()
+            log.warning("zoo ready: %d bases resident on %s", len(self.zoo.bases), self.zoo.device)
+        except Exception as e:  # noqa: BLE001
+            self.startup_error = f"{type(e).__name__}: {e}"
+            log.exception("zoo failed to load")
+
+    def stop(self) -> None:
+        self.runner.stop()
+        self.batcher.close()
+        self.db.dispose()

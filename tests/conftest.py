@@ -1,0 +1,115 @@
+"""Fixtures: tiny zoos, apps on both databases, and the real services' legs (fail loudly in CI)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from service.app import create_app
+from zoo_store.archs import build_arch
+from zoo_store.cards import CardIn, InputSpec
+from zoo_store.settings import Settings
+
+PG_URL = os.environ.get("ZOO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("ZOO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+GRAY = InputSpec(channels=1, size=28, mean=(0.5,), std=(0.5,))
+
+
+def _unreachable(what: str, err: Exception) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} is unreachable in CI: {err}")
+    pytest.skip(f"{what} unreachable here: {err}")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL schema-less database per session: we create and drop a database."""
+    name = f"zoo_test_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f"CREATE DATABASE {name}"))
+    except Exception as e:  # noqa: BLE001
+        _unreachable("PostgreSQL", e)
+    url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as c:
+        c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except Exception as e:  # noqa: BLE001
+        _unreachable("Redis", e)
+    return REDIS_URL
+
+
+def tiny_card(base_id: str, arch: str = "resnet_s", labels: tuple[str, ...] = tuple("0123456789")) -> CardIn:
+    return CardIn(id=base_id, arch=arch, labels=labels, input=GRAY, arch_config={})
+
+
+def tiny_weights(arch: str, num_classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random but non-trivial weights (BN statistics perturbed so eval mode is not the identity)."""
+    torch.manual_seed(seed)
+    net = build_arch(arch, {"num_classes": num_classes})
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return net.state_dict()
+
+
+def make_settings(tmp: Path, **kw) -> Settings:
+    base = dict(data_dir=tmp, demo_zoo=False, job_executor="thread", device="cpu", max_wait_ms=1.0)
+    return Settings(**{**base, **kw})
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'zoo.db'}"
+    return request.getfixturevalue("pg_url_fresh")
+
+
+@pytest.fixture
+def pg_url_fresh(pg_url: str) -> Iterator[str]:
+    """The session's PostgreSQL database, emptied before each test."""
+    eng = create_engine(pg_url)
+    with eng.begin() as c:
+        c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    eng.dispose()
+    yield pg_url
+
+
+def start_app(settings: Settings) -> TestClient:
+    client = TestClient(create_app(settings))
+    client.__enter__()
+    svc = client.app.state.services
+    assert svc.ready.wait(120), svc.startup_error
+    return client
+
+
+@pytest.fixture
+def app_client(tmp_path: Path, db_url: str) -> Iterator[TestClient]:
+    """An app with two tiny random-weight bases, on SQLite and on PostgreSQL."""
+    client = start_app(make_settings(tmp_path, database_url=db_url))
+    store = client.app.state.services.store
+    for base_id, arch in (("res", "resnet_s"), ("vgg", "vgg_s")):
+        card, _ = store.add_base(tiny_card(base_id, arch), tiny_weights(arch, 10))
+        client.app.state.services.zoo.add(card)
+    yield client
+    client.__exit__(None, None, None)

@@ -1,0 +1,47 @@
+"""Shared test helpers: composing a path through the API and waiting for it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
+SMALL_TASK = {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8}
+
+
+def compose(client: TestClient, spec: dict, timeout: float = 120) -> dict:
+    r = client.post("/v1/compositions", json=spec)
+    assert r.status_code == 202, r.text
+    return wait_job(client, r.json()["id"], timeout)
+
+
+def wait_job(client: TestClient, job_id: str, timeout: float = 120) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not end: {job}")
+
+
+def reprogram_spec(base: str = "res", task: dict | None = None, epochs: int = 1, seed: int = 0) -> dict:
+    return {"method": "reprogram", "base": base, "task": task or SMALL_TASK, "train": {"epochs": epochs, "seed": seed}}
+
+
+def tensor_inputs(n: int, seed: int = 0, c: int = 1, size: int = 28) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"tensor": rng.random((c, size, size)).round(4).tolist()} for _ in range(n)]
+
+
+def png_b64(size: int = 28, mode: str = "L", seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()

@@ -1,0 +1,109 @@
+"""End to end through HTTP on SQLite and PostgreSQL: compose, predict, bundles, jobs."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.testclient import TestClient
+
+from tests.helpers import compose, png_b64, reprogram_spec, tensor_inputs
+
+
+def test_health_ready_metrics(app_client: TestClient) -> None:
+    assert app_client.get("/healthz").json() == {"status": "ok"}
+    ready = app_client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["bases"] == 2
+    assert "zoo_http_requests" in app_client.get("/metrics").text
+
+
+def test_zoo_cards_and_weights(app_client: TestClient) -> None:
+    items = app_client.get("/v1/zoo/models").json()["items"]
+    assert [m["id"] for m in items] == ["res", "vgg"]
+    card = app_client.get("/v1/zoo/models/res").json()
+    assert card["taps"][-1]["name"] == "pool" and card["num_params"] > 0
+    weights = app_client.get("/v1/zoo/models/res/weights")
+    assert weights.headers["x-zoo-digest"] == card["digest"]
+    assert app_client.get("/v1/zoo/models/nope").status_code == 404
+
+
+def test_paging(app_client: TestClient) -> None:
+    first = app_client.get("/v1/datasets", params={"limit": 2}).json()
+    assert len(first["items"]) == 2 and first["next_cursor"]
+    second = app_client.get("/v1/datasets", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert {d["id"] for d in first["items"]}.isdisjoint({d["id"] for d in second["items"]})
+
+
+def test_reprogram_compose_predict_bundle_roundtrip(app_client: TestClient) -> None:
+    job = compose(app_client, reprogram_spec())
+    assert job["state"] == "succeeded", job
+    pid = job["path_id"]
+    path = app_client.get(f"/v1/paths/{pid}").json()
+    assert path["method"] == "reprogram" and path["labels"] == ["0", "1", "2"]
+    assert path["bases"][0]["id"] == "res" and 0 < path["bytes"] < path["dense_bytes"]
+    assert 0.0 <= job["metrics"]["accuracy"] <= 1.0
+
+    inputs = tensor_inputs(3) + [{"image": png_b64()}]
+    before = app_client.post(f"/v1/paths/{pid}/predict", json={"inputs": inputs, "top_k": 2}).json()
+    assert before["path_id"] == pid and len(before["predictions"]) == 4
+    assert all(len(p["top_k"]) == 2 and p["label"] in ("0", "1", "2") for p in before["predictions"])
+
+    bundle = app_client.get(f"/v1/paths/{pid}/bundle").content
+    assert app_client.post("/v1/paths/import", content=bundle).status_code == 200  # exists already
+    assert app_client.delete(f"/v1/paths/{pid}").status_code == 204
+    assert app_client.get(f"/v1/paths/{pid}").status_code == 404
+    assert app_client.post(f"/v1/paths/{pid}/predict", json={"inputs": inputs}).status_code == 404
+    imported = app_client.post("/v1/paths/import", content=bundle)
+    assert imported.status_code == 201 and imported.json()["id"] == pid
+    after = app_client.post(f"/v1/paths/{pid}/predict", json={"inputs": inputs, "top_k": 2}).json()
+    assert after == before
+
+
+def test_composition_is_repeatable(app_client: TestClient) -> None:
+    a = compose(app_client, reprogram_spec(seed=3))
+    b = compose(app_client, reprogram_spec(seed=3))
+    assert a["path_id"] == b["path_id"]
+    c = compose(app_client, reprogram_spec(seed=4))
+    assert c["path_id"] != a["path_id"]
+
+
+def test_multipart_predict(app_client: TestClient) -> None:
+    import base64
+
+    pid = compose(app_client, reprogram_spec())["path_id"]
+    png = base64.b64decode(png_b64())
+    r = app_client.post(f"/v1/paths/{pid}/predict", files=[("files", ("a.png", png, "image/png"))] * 2,
+                        data={"top_k": "3"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 2 and len(r.json()["predictions"][0]["top_k"]) == 3
+
+
+def test_job_events_stream(app_client: TestClient) -> None:
+    job_id = app_client.post("/v1/compositions", json=reprogram_spec()).json()["id"]
+    events = []
+    with app_client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1] == {"state": "succeeded"}
+    assert events[-2]["state"] == "succeeded" and events[-2]["path_id"]
+
+
+def test_cancel_job(app_client: TestClient) -> None:
+    spec = reprogram_spec(task={"dataset": "mnist", "samples_per_label": 500}, epochs=50)
+    job_id = app_client.post("/v1/compositions", json=spec).json()["id"]
+    r = app_client.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    from tests.helpers import wait_job
+
+    job = wait_job(app_client, job_id)
+    assert job["state"] == "cancelled" and job["path_id"] is None
+    assert app_client.get("/v1/paths").json()["items"] == []
+
+
+def test_resident_digests_unchanged(app_client: TestClient) -> None:
+    svc = app_client.app.state.services
+    before = svc.zoo.digests()
+    assert before == {k: c.digest for k, (c, _) in svc.zoo.bases.items()}
+    pid = compose(app_client, reprogram_spec(epochs=2))["path_id"]
+    app_client.post(f"/v1/paths/{pid}/predict", json={"inputs": tensor_inputs(2)})
+    assert svc.zoo.digests() == before

@@ -1,0 +1,91 @@
+"""Contract tests run for every registered composition method, on tiny random-weight bases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import GRAY, tiny_card, tiny_weights
+from zoo_store.archs import arch_names, build_arch
+from zoo_store.cards import Card
+from zoo_store.methods.registry import BuildContext, TaskData, get_method, method_names, register_method
+from zoo_store.methods.reprogram import Reprogram
+from zoo_store.methods.spec import CompositionSpec
+from zoo_store.paths import check_expected, decode_bundle, encode_bundle, make_manifest
+from zoo_store.store import card_for
+from zoo_store.training import freeze
+from zoo_store.weights import digest_of
+
+SMALL_ARCHS = [a for a in arch_names() if not a.startswith("tv_")]
+
+
+def _base(arch: str, labels=tuple("0123456789")) -> tuple[Card, torch.nn.Module]:
+    net = build_arch(arch, {"num_classes": len(labels)})
+    net.load_state_dict(tiny_weights(arch, len(labels)))
+    freeze(net)
+    return card_for(tiny_card("b", arch, labels), net, digest_of(net), 0), net
+
+
+def _task(n: int = 24, labels=("0", "1", "2")) -> TaskData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 28, 28, generator=g)
+    y = torch.arange(n) % len(labels)
+    return TaskData(x, y, x[:6], y[:6], list(labels))
+
+
+def _spec(name: str) -> CompositionSpec:
+    return CompositionSpec(method=name, base="b", task={"dataset": "t"}, train={"epochs": 1, "batch_size": 8})
+
+
+@pytest.mark.parametrize("arch", SMALL_ARCHS)
+@pytest.mark.parametrize("name", method_names())
+def test_build_materialize_roundtrip(name: str, arch: str) -> None:
+    method = get_method(name)
+    card, net = _base(arch)
+    before = digest_of(net)
+    ctx = BuildContext(bases={"b": (card, net)}, load_task=lambda t, c: _task())
+    art = method.build(_spec(name), ctx)
+    manifest = make_manifest(art)
+    check_expected(manifest, method.expected_tensors(art.config, {"b": net}))
+    bundle = decode_bundle(encode_bundle(manifest, art.tensors, art.metrics))
+    module = method.materialize(manifest.config, bundle.tensors, {"b": net})
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        out = module(x)
+    assert out.shape == (5, 3)
+    base_ptrs = {p.data_ptr() for p in net.parameters()}
+    assert base_ptrs <= {p.data_ptr() for p in module.parameters()}, "materialized path must share base weights"
+    assert digest_of(net) == before, "building or materializing must not write to the base"
+    assert art.metrics["tensor_bytes"] < art.metrics["dense_bytes"]
+
+
+@pytest.mark.parametrize("arch", SMALL_ARCHS)
+def test_fresh_reprogram_reproduces_base(arch: str) -> None:
+    """Identity-initialised CLR kernels and the base's head rows: exactly the base's function."""
+    from zoo_store.methods.reprogram.layers import build_reprogrammed
+
+    _, net = _base(arch)
+    model = build_reprogrammed(net, net.num_classes)
+    with torch.no_grad():
+        model.head.load_state_dict(net.head_layer.state_dict())
+        x = torch.rand(4, 1, 28, 28)
+        assert torch.allclose(model(x), net(x), atol=1e-5)
+    assert len(model.clr) == sum(1 for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
+
+
+def test_reprogram_training_keeps_batchnorm_frozen() -> None:
+    card, net = _base("resnet_s")
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    Reprogram().build(_spec("reprogram"), BuildContext(bases={"b": (card, net)}, load_task=lambda t, c: _task()))
+    assert all(torch.equal(stats[k], v) for k, v in net.state_dict().items())
+
+
+def test_registry_refuses_duplicates() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Reprogram)
+
+
+def test_input_spec_is_recorded() -> None:
+    card, net = _base("vgg_s")
+    art = Reprogram().build(_spec("reprogram"), BuildContext(bases={"b": (card, net)}, load_task=lambda t, c: _task()))
+    assert art.input == GRAY

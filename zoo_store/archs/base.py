@@ -1,0 +1,117 @@
+"""Tapped networks: every architecture is a sequence of named stages and a final linear head.
+
+A *tap* is the boundary after a stage. Methods address layers only through taps:
+``net.run(x, start=None, end="stage2")`` runs the stages after tap ``start`` up to and including
+tap ``end``. The last stage always ends with a flatten, so its tap is a vector ``(B, D)`` that the
+head (``nn.Linear(D, num_classes)``) consumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A named point in the forward pass: the output of the stage of the same name."""
+
+    name: str
+    channels: int
+    stride: int  # input size / feature size; 0 for the flattened feature vector
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+FLATTEN = "<flatten>"  # a stage step that flattens (B, C, 1, 1) -> (B, C)
+
+
+@dataclass(frozen=True)
+class Stage:
+    tap: Tap
+    steps: tuple[str, ...]  # dotted module paths (or FLATTEN), applied in order
+
+
+class TapNet(nn.Module):
+    """Base of all zoo architectures. Subclasses call ``_set_plan`` at the end of ``__init__``."""
+
+    arch: str = ""
+    head_path: str = "head"
+
+    def _set_plan(self, stages: Sequence[Stage], head_path: str = "head") -> None:
+        self._stages = tuple(stages)
+        self.head_path = head_path
+        names = [s.tap.name for s in self._stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate tap names in {names}")
+
+    # -- taps -------------------------------------------------------------------------------
+    @property
+    def taps(self) -> list[Tap]:
+        return [s.tap for s in self._stages]
+
+    def tap(self, name: str) -> Tap:
+        for s in self._stages:
+            if s.tap.name == name:
+                return s.tap
+        raise KeyError(f"unknown tap {name!r}; taps are {[t.name for t in self.taps]}")
+
+    def tap_index(self, name: str | None) -> int:
+        """Index of the stage that ends at ``name``; -1 for the input (``None``)."""
+        if name is None:
+            return -1
+        return [t.name for t in self.taps].index(self.tap(name).name)
+
+    @property
+    def head_layer(self) -> nn.Linear:
+        """The final linear classifier (``head_path``; ``head`` in our own architectures)."""
+        return self.get_submodule(self.head_path)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head_layer.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.head_layer.out_features
+
+    # -- forward ----------------------------------------------------------------------------
+    def stage_fn(self, index: int) -> Callable[[Tensor], Tensor]:
+        steps = [
+            (lambda h: torch.flatten(h, 1)) if p == FLATTEN else self.get_submodule(p)
+            for p in self._stages[index].steps
+        ]
+
+        def run(h: Tensor) -> Tensor:
+            for step in steps:
+                h = step(h)
+            return h
+
+        return run
+
+    def run(self, x: Tensor, start: str | None = None, end: str | None = None) -> Tensor:
+        """Run the stages after tap ``start`` (input if None) through tap ``end`` (last if None)."""
+        lo = self.tap_index(start) + 1
+        hi = len(self._stages) - 1 if end is None else self.tap_index(end)
+        for i in range(lo, hi + 1):
+            x = self.stage_fn(i)(x)
+        return x
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The vector the head consumes (the last tap)."""
+        return self.run(x)  # (B, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head_layer(self.embed(x))  # (B, num_classes)
+
+    def forward_intermediates(self, x: Tensor) -> dict[str, Tensor]:
+        """Every tap's output, in order (as timm's ``forward_intermediates``)."""
+        out: dict[str, Tensor] = {}
+        for i, s in enumerate(self._stages):
+            x = self.stage_fn(i)(x)
+            out[s.tap.name] = x
+        return out

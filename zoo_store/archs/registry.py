@@ -1,0 +1,38 @@
+"""The architecture registry: name -> builder of a TapNet from a small JSON config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from zoo_store.archs.base import TapNet
+from zoo_store.errors import InvalidInput
+
+ArchBuilder = Callable[..., TapNet]
+_ARCHS: dict[str, ArchBuilder] = {}
+
+
+def register_arch(name: str) -> Callable[[ArchBuilder], ArchBuilder]:
+    def deco(builder: ArchBuilder) -> ArchBuilder:
+        if name in _ARCHS:
+            raise ValueError(f"architecture {name!r} is already registered")
+        _ARCHS[name] = builder
+        return builder
+
+    return deco
+
+
+def arch_names() -> list[str]:
+    return sorted(_ARCHS)
+
+
+def build_arch(name: str, config: dict[str, Any] | None = None) -> TapNet:
+    """Build an untrained network; unknown names or bad configs are InvalidInput."""
+    if name not in _ARCHS:
+        raise InvalidInput(f"unknown architecture {name!r}; known: {arch_names()}")
+    try:
+        net = _ARCHS[name](**(config or {}))
+    except TypeError as e:
+        raise InvalidInput(f"bad config for architecture {name!r}: {e}") from e
+    net.arch = name
+    return net

@@ -1,0 +1,42 @@
+"""Structural edits on copies of resident networks that keep sharing the resident weights."""
+
+from __future__ import annotations
+
+import copy
+from typing import TypeVar
+
+from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def shared_copy(net: M) -> M:
+    """A new module tree whose parameters and buffers ARE the original's (nothing copied).
+
+    Edits to the copy's structure (inserting layers) leave the original untouched.
+    """
+    memo = {id(t): t for t in list(net.parameters()) + list(net.buffers())}
+    return copy.deepcopy(net, memo)
+
+
+def conv_paths(net: nn.Module, min_kernel: int = 2) -> list[tuple[str, nn.Conv2d]]:
+    """Dotted paths of every Conv2d whose kernel is at least ``min_kernel`` on a side."""
+    return [
+        (name, m)
+        for name, m in net.named_modules()
+        if isinstance(m, nn.Conv2d) and max(m.kernel_size) >= min_kernel
+    ]
+
+
+def replace_module(net: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = net.get_submodule(parent_path) if parent_path else net
+    setattr(parent, child, new)
+
+
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct tensors in a module's state (shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())

@@ -1,0 +1,79 @@
+"""Content-addressed blob store: one interface, a directory version and an in-memory twin."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from zoo_store.errors import IntegrityError, NotFound
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobStore(Protocol):
+    def put(self, data: bytes) -> str: ...  # returns the SHA-256 digest
+    def get(self, digest: str) -> bytes: ...  # verified against the digest
+    def has(self, digest: str) -> bool: ...
+
+
+class DirBlobStore:
+    """Files named by digest under ``root/ab/abcdef...``; written atomically, verified on read."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, digest: str) -> Path:
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise NotFound(f"no blob {digest!r}")
+        return self.root / digest[:2] / digest
+
+    def put(self, data: bytes) -> str:
+        digest = sha256(data)
+        path = self._path(digest)
+        if path.exists():
+            return digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        path = self._path(digest)
+        if not path.exists():
+            raise NotFound(f"no blob {digest}")
+        data = path.read_bytes()
+        if sha256(data) != digest:
+            raise IntegrityError(f"blob {digest} does not match its digest (changed on disk?)")
+        return data
+
+    def has(self, digest: str) -> bool:
+        return self._path(digest).exists()
+
+
+class MemoryBlobStore:
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def put(self, data: bytes) -> str:
+        digest = sha256(data)
+        self.blobs[digest] = bytes(data)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        if digest not in self.blobs:
+            raise NotFound(f"no blob {digest}")
+        data = self.blobs[digest]
+        if sha256(data) != digest:
+            raise IntegrityError(f"blob {digest} does not match its digest")
+        return data
+
+    def has(self, digest: str) -> bool:
+        return digest in self.blobs

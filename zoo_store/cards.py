@@ -1,0 +1,58 @@
+"""Base cards: frozen records describing a zoo model, checked against the model they build."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    channels: int = Field(ge=1, le=4)
+    size: int = Field(ge=4, le=1024)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(s <= 0 for s in v):
+            raise ValueError("std must be positive")
+        return v
+
+    def check(self) -> None:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+
+
+class TapInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    channels: int
+    stride: int
+
+
+class CardIn(BaseModel):
+    """What a user sends to register a base (the server fills in digest, params, bytes, taps)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(pattern=ID_PATTERN)
+    arch: str
+    arch_config: dict[str, Any] = Field(default_factory=dict)
+    labels: tuple[str, ...] = Field(min_length=2)
+    input: InputSpec
+    metrics: dict[str, float] = Field(default_factory=dict)
+    description: str = ""
+
+
+class Card(CardIn):
+    digest: str
+    num_params: int
+    bytes: int
+    taps: tuple[TapInfo, ...]

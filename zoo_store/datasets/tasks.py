@@ -1,0 +1,55 @@
+"""Turning a dataset and a task spec into training/held-out tensors for one base's input."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zoo_store.cards import InputSpec
+from zoo_store.datasets.builtin import Arrays
+from zoo_store.errors import InvalidInput
+from zoo_store.methods.registry import TaskData
+from zoo_store.methods.spec import TaskSpec
+
+
+def resolve_labels(known: tuple[str, ...] | list[str], task: TaskSpec) -> list[str]:
+    labels = list(task.labels) if task.labels else list(known)
+    unknown = [lab for lab in labels if lab not in known]
+    if unknown:
+        raise InvalidInput(f"task labels {unknown} are not in dataset {task.dataset!r} (labels {list(known)})")
+    if len(set(labels)) != len(labels):
+        raise InvalidInput(f"task labels repeat: {labels}")
+    return labels
+
+
+def _select(x: np.ndarray, y: np.ndarray, keep: list[int], per_label: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(len(y))
+    idx: list[np.ndarray] = []
+    for new, old in enumerate(keep):
+        hits = order[y[order] == old]
+        idx.append(hits[:per_label] if per_label else hits)
+    sel = np.sort(np.concatenate(idx)) if idx else np.array([], dtype=np.int64)
+    remap = {old: new for new, old in enumerate(keep)}
+    return x[sel], np.array([remap[int(v)] for v in y[sel]], dtype=np.int64)
+
+
+def to_input(x: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float (N, C', S, S) in [0, 1] at the base's channels and size."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0  # (N, C, H, W)
+    if t.shape[1] != spec.channels:
+        t = t.mean(1, keepdim=True) if spec.channels == 1 else t[:, :1].expand(-1, spec.channels, -1, -1)
+    if t.shape[-2:] != (spec.size, spec.size):
+        t = F.interpolate(t, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True)
+    return t.contiguous()
+
+
+def make_task(arrays: Arrays, task: TaskSpec, spec: InputSpec, seed: int) -> TaskData:
+    labels = resolve_labels(arrays.labels, task)
+    keep = [arrays.labels.index(lab) for lab in labels]
+    tx, ty = _select(arrays.train_x, arrays.train_y, keep, task.samples_per_label, seed)
+    sx, sy = _select(arrays.test_x, arrays.test_y, keep, None, 0)
+    missing = [labels[i] for i in range(len(keep)) if not (ty == i).any()]
+    if missing:
+        raise InvalidInput(f"dataset {task.dataset!r} has no training samples for labels {missing}")
+    return TaskData(to_input(tx, spec), torch.from_numpy(ty), to_input(sx, spec), torch.from_numpy(sy), labels)

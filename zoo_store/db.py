@@ -1,0 +1,147 @@
+"""SQLAlchemy 2.0 models and the Database handle (SQLite by default, PostgreSQL in production)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_id(prefix: str) -> str:
+    """Time-ordered ids: listing by id lists by creation time."""
+    return f"{prefix}_{time.time_ns():020x}{secrets.token_hex(4)}"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class BaseRow(Base):
+    __tablename__ = "bases"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    arch: Mapped[str] = mapped_column(String(64))
+    card: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(16))  # builtin | upload
+    blob_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    labels: Mapped[list[Any]]
+    num_samples: Mapped[int] = mapped_column(Integer)
+    shape: Mapped[list[Any]]  # [C, H, W]
+    splits: Mapped[dict[str, Any]]  # {"train": n, "test": n}
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    method: Mapped[str] = mapped_column(String(32))
+    spec: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    progress: Mapped[dict[str, Any]]
+    metrics: Mapped[dict[str, Any]]
+    path_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class PathRow(Base):
+    __tablename__ = "paths"
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    method: Mapped[str] = mapped_column(String(32))
+    manifest: Mapped[dict[str, Any]]
+    bundle: Mapped[bytes] = mapped_column(LargeBinary)  # the .zoopath bytes (safetensors)
+    bytes: Mapped[int] = mapped_column(Integer)
+    dense_bytes: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # noqa: ANN001
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+
+class Database:
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            _sqlite_pragmas(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """``alembic upgrade head`` against this database."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.attributes["connection_url"] = self.url
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error."""
+        with self._sessions.begin() as s:
+            yield s
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as c:
+                c.execute(select(1))
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def page(s: Session, row_type: type[Base], cursor: str | None, limit: int, **filters: Any) -> tuple[list, str | None]:
+    """Keyset pagination by id: returns the rows after ``cursor`` and the next cursor."""
+    q = select(row_type).order_by(row_type.id).limit(limit + 1)  # type: ignore[attr-defined]
+    if cursor:
+        q = q.where(row_type.id > cursor)  # type: ignore[attr-defined]
+    for k, v in filters.items():
+        if v is not None:
+            q = q.where(getattr(row_type, k) == v)
+    rows = list(s.scalars(q))
+    nxt = rows[limit - 1].id if len(rows) > limit else None
+    return rows[:limit], nxt
+
+
+def default_sqlite_url(data_dir: str | os.PathLike) -> str:
+    return f"sqlite:///{Path(data_dir).resolve() / 'zoo.db'}"

@@ -1,0 +1,99 @@
+"""The method registry: one plug-in per composition method, duplicates refused (as peft's)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from zoo_store.archs import TapNet
+from zoo_store.cards import Card
+from zoo_store.errors import InvalidInput
+from zoo_store.methods.spec import CompositionSpec, TaskSpec
+from zoo_store.paths import PathArtifact
+
+ExpectedTensors = dict[str, tuple[str, tuple[int, ...]]]
+
+
+@dataclass
+class TaskData:
+    """A task's images as float tensors in [0, 1] at the base's input size, plus label names."""
+
+    train_x: torch.Tensor  # (N, C, H, W)
+    train_y: torch.Tensor  # (N,)
+    test_x: torch.Tensor  # (M, C, H, W)
+    test_y: torch.Tensor  # (M,)
+    labels: list[str]
+
+
+class Cancelled(Exception):
+    """Raised inside a build when the job was cancelled."""
+
+
+@dataclass
+class BuildContext:
+    """What a method's build gets: the resident bases, data loading, progress and cancellation."""
+
+    bases: dict[str, tuple[Card, TapNet]]
+    load_task: Callable[[TaskSpec, Card], TaskData]
+    device: str = "cpu"
+    report: Callable[..., None] = lambda **kw: None  # report(fraction=..., epoch=..., loss=...)
+    cancelled: Callable[[], bool] = lambda: False
+    log: list[str] = field(default_factory=list)
+
+    def progress(self, **info: Any) -> None:
+        if self.cancelled():
+            raise Cancelled("job was cancelled")
+        self.report(**info)
+
+
+class Method(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
+        """Check the spec against the zoo's cards; raise InvalidInput; return the base ids it needs."""
+
+    @abstractmethod
+    def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
+        """Train the small parts (bases frozen) and return the path."""
+
+    @abstractmethod
+    def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
+        """Name -> (dtype, shape) of every tensor a path of this config must hold."""
+
+    @abstractmethod
+    def materialize(
+        self, config: dict[str, Any], tensors: dict[str, torch.Tensor], bases: dict[str, TapNet]
+    ) -> nn.Module:
+        """A module over the resident bases (sharing their weights) mapping normalized input to logits."""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if cls.name in _METHODS:
+        raise ValueError(f"composition method {cls.name!r} is already registered")
+    _METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    _load_builtin()
+    if name not in _METHODS:
+        raise InvalidInput(f"unknown method {name!r}; known: {method_names()}")
+    return _METHODS[name]
+
+
+def method_names() -> list[str]:
+    _load_builtin()
+    return sorted(_METHODS)
+
+
+def _load_builtin() -> None:
+    from zoo_store.methods import reprogram  # noqa: F401

@@ -1,0 +1,3 @@
+from zoo_store.methods.reprogram.method import Reprogram
+
+__all__ = ["Reprogram"]

@@ -1,0 +1,64 @@
+"""CLR layers: an identity-initialised depthwise conv after every conv with kernel > 1."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from zoo_store.archs import TapNet
+from zoo_store.archs.surgery import conv_paths, replace_module, shared_copy
+
+
+def clr_conv(channels: int, kernel: int = 3) -> nn.Conv2d:
+    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False)
+    nn.init.dirac_(conv.weight, groups=channels)  # (C, 1, k, k): identity per channel
+    return conv
+
+
+def clr_targets(base: TapNet) -> list[tuple[str, int]]:
+    """(conv path, out channels) of every conv that gets a CLR kernel."""
+    return [(path, conv.out_channels) for path, conv in conv_paths(base, min_kernel=2)]
+
+
+class Reprogrammed(nn.Module):
+    """The frozen base with CLR kernels spliced in and a new head. Base weights are shared."""
+
+    def __init__(self, base: TapNet, clr: dict[str, nn.Conv2d], head: nn.Linear):
+        super().__init__()
+        body = shared_copy(base)
+        for path, conv in clr.items():
+            replace_module(body, path, nn.Sequential(body.get_submodule(path), conv))
+        self.body = body.eval()
+        self.clr = nn.ModuleDict({path.replace(".", "/"): conv for path, conv in clr.items()})
+        self.head = head
+
+    def train(self, mode: bool = True) -> Reprogrammed:
+        # The shared base stays in eval mode: its BatchNorm statistics are never updated.
+        self.training = mode
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body.embed(x))  # (B, C, H, W) -> (B, K)
+
+    def delta_state(self) -> dict[str, Tensor]:
+        """The only tensors a path stores."""
+        out = {f"clr.{name.replace('/', '.')}": conv.weight.detach() for name, conv in self.clr.items()}
+        out["head.weight"] = self.head.weight.detach()
+        out["head.bias"] = self.head.bias.detach()
+        return out
+
+
+def build_reprogrammed(base: TapNet, num_classes: int, kernel: int = 3) -> Reprogrammed:
+    device = next(base.parameters()).device
+    clr = {path: clr_conv(c, kernel).to(device) for path, c in clr_targets(base)}
+    head = nn.Linear(base.feature_dim, num_classes).to(device)
+    return Reprogrammed(base, clr, head)
+
+
+@torch.no_grad()
+def load_delta(model: Reprogrammed, tensors: dict[str, Tensor]) -> Reprogrammed:
+    for name, conv in model.clr.items():
+        conv.weight.copy_(tensors[f"clr.{name.replace('/', '.')}"])
+    model.head.weight.copy_(tensors["head.weight"])
+    model.head.bias.copy_(tensors["head.bias"])
+    return model

@@ -1,0 +1,116 @@
+"""Channel-wise Lightweight Reprogramming (CLR, ICCV 2023): SPEC section 3.3."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from zoo_store.archs import TapNet
+from zoo_store.archs.surgery import state_bytes
+from zoo_store.cards import Card
+from zoo_store.errors import InvalidInput
+from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, register_method
+from zoo_store.methods.reprogram.config import ReprogramConfig
+from zoo_store.methods.reprogram.layers import Reprogrammed, build_reprogrammed, clr_targets, load_delta
+from zoo_store.methods.spec import CompositionSpec
+from zoo_store.paths import BaseRef, PathArtifact
+from zoo_store.training import accuracy, fit
+
+
+@register_method
+class Reprogram(Method):
+    name = "reprogram"
+
+    def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
+        if not spec.base:
+            raise InvalidInput("method 'reprogram' needs 'base': the id of the zoo model to reprogram")
+        if spec.base not in cards:
+            raise InvalidInput(f"unknown base {spec.base!r}; the zoo has {sorted(cards)}")
+        if spec.task is None:
+            raise InvalidInput("method 'reprogram' needs 'task': {'dataset': id, 'labels': [...]}")
+        unused = [f for f in ("sources", "models") if getattr(spec, f)]
+        if unused:
+            raise InvalidInput(f"method 'reprogram' does not take {unused}")
+        return [spec.base]
+
+    def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
+        assert spec.base and spec.task
+        card, base = ctx.bases[spec.base]
+        data = ctx.load_task(spec.task, card)
+        torch.manual_seed(spec.train.seed)
+        model = build_reprogrammed(base, len(data.labels))
+        _init_head_from_base(model.head, base, card, data.labels)
+        epochs = spec.train.epochs
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            ctx.progress(fraction=(epoch + 1) / (epochs + 1), epoch=epoch + 1, loss=loss)
+
+        ctx.progress(fraction=0.0, epoch=0)
+        losses = fit(
+            model, model.parameters(), data.train_x, data.train_y, card.input,
+            epochs=epochs, lr=spec.train.lr, batch_size=spec.train.batch_size,
+            seed=spec.train.seed, device=ctx.device, on_epoch=on_epoch,
+        )  # fmt: skip
+        acc = accuracy(model, data.test_x, data.test_y, card.input, device=ctx.device)
+        delta = model.delta_state()
+        delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
+        dense = state_bytes(base) - state_bytes(base.head_layer) + delta_bytes
+        metrics = {
+            "accuracy": acc,
+            "train_loss": losses[-1],
+            "trainable_params": sum(t.numel() for t in delta.values()),
+            "clr_layers": len(model.clr),
+            "train_samples": len(data.train_x),
+            "test_samples": len(data.test_x),
+            "tensor_bytes": delta_bytes,
+            "dense_bytes": dense,
+        }
+        return PathArtifact(
+            method=self.name,
+            bases=[BaseRef(id=card.id, digest=card.digest)],
+            labels=data.labels,
+            input=card.input,
+            config=ReprogramConfig(base=card.id, num_classes=len(data.labels)).model_dump(),
+            tensors={k: v.to("cpu").contiguous() for k, v in delta.items()},
+            metrics=metrics,
+        )
+
+    def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
+        cfg = _config(config)
+        base = bases[cfg.base]
+        out: ExpectedTensors = {
+            f"clr.{path}": ("float32", (c, 1, cfg.kernel, cfg.kernel)) for path, c in clr_targets(base)
+        }
+        out["head.weight"] = ("float32", (cfg.num_classes, base.feature_dim))
+        out["head.bias"] = ("float32", (cfg.num_classes,))
+        return out
+
+    def materialize(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], bases: dict[str, TapNet]) -> nn.Module:
+        cfg = _config(config)
+        model = build_reprogrammed(bases[cfg.base], cfg.num_classes, cfg.kernel)
+        return load_delta(model, tensors).eval()
+
+    def base_ids(self, config: dict[str, Any]) -> list[str]:
+        return [_config(config).base]
+
+
+def _config(config: dict[str, Any]) -> ReprogramConfig:
+    try:
+        return ReprogramConfig.model_validate(config)
+    except Exception as e:  # noqa: BLE001
+        raise InvalidInput(f"bad reprogram config: {e}") from e
+
+
+@torch.no_grad()
+def _init_head_from_base(head: nn.Linear, base: TapNet, card: Card, labels: list[str]) -> None:
+    """Rows for labels the base already knows start from the base head's rows."""
+    for i, label in enumerate(labels):
+        if label in card.labels:
+            j = card.labels.index(label)
+            head.weight[i].copy_(base.head_layer.weight[j])
+            head.bias[i].copy_(base.head_layer.bias[j])
+
+
+__all__ = ["Reprogram", "Reprogrammed"]

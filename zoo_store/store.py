@@ -1,0 +1,246 @@
+"""The repository: zoo cards, datasets, jobs and paths over the database and the blob store."""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import select
+
+from zoo_store.archs import TapNet, build_arch
+from zoo_store.blobs import BlobStore
+from zoo_store.cards import Card, CardIn, TapInfo
+from zoo_store.datasets.builtin import BUILTINS, Arrays
+from zoo_store.db import BaseRow, Database, DatasetRow, JobRow, PathRow, new_id, page
+from zoo_store.errors import Conflict, IntegrityError, InvalidInput, NotFound
+from zoo_store.paths import Bundle
+from zoo_store.training import freeze
+from zoo_store.weights import canonical_bytes, load_into, read_weights
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def card_for(card_in: CardIn, net: TapNet, digest: str, nbytes: int) -> Card:
+    try:
+        card_in.input.check()
+    except ValueError as e:
+        raise InvalidInput(f"card input: {e}") from e
+    if net.num_classes != len(card_in.labels):
+        raise InvalidInput(f"card has {len(card_in.labels)} labels but the network's head has {net.num_classes} outputs")
+    return Card(
+        **card_in.model_dump(),
+        digest=digest,
+        num_params=sum(p.numel() for p in net.parameters()),
+        bytes=nbytes,
+        taps=tuple(TapInfo(**t.as_dict()) for t in net.taps),
+    )
+
+
+class Store:
+    def __init__(self, db: Database, blobs: BlobStore):
+        self.db = db
+        self.blobs = blobs
+
+    # -- zoo ----------------------------------------------------------------------------------
+    def add_base(self, card_in: CardIn, weights: bytes | dict[str, torch.Tensor]) -> tuple[Card, bool]:
+        """Register a base; returns (card, created). Same id with another digest is a Conflict."""
+        net = build_arch(card_in.arch, {**card_in.arch_config, "num_classes": len(card_in.labels)})
+        load_into(net, read_weights(weights) if isinstance(weights, bytes) else weights)
+        data = canonical_bytes(net)
+        from zoo_store.blobs import sha256
+
+        digest = sha256(data)
+        card = card_for(card_in, net, digest, len(data))
+        with self.db.session() as s:
+            row = s.get(BaseRow, card.id)
+            if row is not None:
+                if row.digest != digest:
+                    raise Conflict(f"base {card.id!r} exists with digest {row.digest}, not {digest}")
+                return Card.model_validate(row.card), False
+            self.blobs.put(data)
+            s.add(BaseRow(id=card.id, digest=digest, arch=card.arch, card=card.model_dump(mode="json")))
+        return card, True
+
+    def card(self, base_id: str) -> Card:
+        with self.db.session() as s:
+            row = s.get(BaseRow, base_id)
+            if row is None:
+                raise NotFound(f"no zoo model {base_id!r}")
+            return Card.model_validate(row.card)
+
+    def cards(self) -> dict[str, Card]:
+        with self.db.session() as s:
+            return {r.id: Card.model_validate(r.card) for r in s.scalars(select(BaseRow).order_by(BaseRow.id))}
+
+    def list_cards(self, cursor: str | None, limit: int) -> tuple[list[Card], str | None]:
+        with self.db.session() as s:
+            rows, nxt = page(s, BaseRow, cursor, limit)
+            return [Card.model_validate(r.card) for r in rows], nxt
+
+    def base_weights(self, base_id: str) -> bytes:
+        return self.blobs.get(self.card(base_id).digest)
+
+    def load_base(self, card: Card, device: str = "cpu") -> TapNet:
+        """Build and load a base from its verified blob: frozen, eval, on ``device``."""
+        from safetensors.torch import load as st_load
+
+        net = build_arch(card.arch, {**card.arch_config, "num_classes": len(card.labels)})
+        net.load_state_dict(st_load(self.blobs.get(card.digest)), strict=True)
+        return freeze(net.to(device))
+
+    # -- datasets -----------------------------------------------------------------------------
+    def ensure_builtin_datasets(self) -> None:
+        with self.db.session() as s:
+            have = set(s.scalars(select(DatasetRow.id).where(DatasetRow.source == "builtin")))
+        missing = [b for b in BUILTINS.values() if b.id not in have]
+        for b in missing:
+            a = b.make()
+            with self.db.session() as s:
+                s.merge(_dataset_row(b.id, b.name, "builtin", None, a))
+
+    def add_dataset(self, name: str, x: np.ndarray, y: np.ndarray, labels: list[str]) -> DatasetRow:
+        arrays = split_upload(x, y, labels)
+        buf = io.BytesIO()
+        np.savez(buf, x=x, y=y, labels=np.array(labels, dtype=np.str_))
+        digest = self.blobs.put(buf.getvalue())
+        with self.db.session() as s:
+            row = _dataset_row(new_id("ds"), name, "upload", digest, arrays)
+            s.add(row)
+        return row
+
+    def dataset(self, dataset_id: str) -> DatasetRow:
+        with self.db.session() as s:
+            row = s.get(DatasetRow, dataset_id)
+            if row is None:
+                raise NotFound(f"no dataset {dataset_id!r}")
+            return row
+
+    def list_datasets(self, cursor: str | None, limit: int) -> tuple[list[DatasetRow], str | None]:
+        with self.db.session() as s:
+            return page(s, DatasetRow, cursor, limit)
+
+    def arrays(self, dataset_id: str) -> Arrays:
+        row = self.dataset(dataset_id)
+        if row.source == "builtin":
+            return BUILTINS[row.id].make()
+        assert row.blob_digest
+        with np.load(io.BytesIO(self.blobs.get(row.blob_digest)), allow_pickle=False) as z:
+            return split_upload(z["x"], z["y"], [str(v) for v in z["labels"]])
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def create_job(self, spec: dict[str, Any]) -> JobRow:
+        with self.db.session() as s:
+            row = JobRow(
+                id=new_id("job"), method=spec["method"], spec=spec, state="queued",
+                progress={"fraction": 0.0}, metrics={},
+            )  # fmt: skip
+            s.add(row)
+        return row
+
+    def job(self, job_id: str) -> JobRow:
+        with self.db.session() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"no job {job_id!r}")
+            return row
+
+    def list_jobs(self, cursor: str | None, limit: int, state: str | None = None) -> tuple[list[JobRow], str | None]:
+        with self.db.session() as s:
+            return page(s, JobRow, cursor, limit, state=state)
+
+    def update_job(self, job_id: str, **fields: Any) -> JobRow:
+        """Update a job unless it already ended (a cancelled job stays cancelled)."""
+        with self.db.session() as s:
+            row = s.get(JobRow, job_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no job {job_id!r}")
+            if row.state not in TERMINAL:
+                for k, v in fields.items():
+                    setattr(row, k, v)
+            return row
+
+    def cancel_job(self, job_id: str) -> JobRow:
+        with self.db.session() as s:
+            row = s.get(JobRow, job_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no job {job_id!r}")
+            if row.state not in TERMINAL:
+                row.state, row.cancel_requested = "cancelled", True
+            return row
+
+    def finish_job(self, job_id: str, bundle: Bundle, metrics: dict[str, Any]) -> None:
+        """Store the path and mark the job succeeded in one transaction (or neither)."""
+        with self.db.session() as s:
+            row = s.get(JobRow, job_id, with_for_update=True)
+            if row is None or row.state in TERMINAL:
+                return  # cancelled meanwhile: keep nothing
+            if s.get(PathRow, bundle.id) is None:
+                s.add(_path_row(bundle))
+            row.state, row.path_id, row.metrics = "succeeded", bundle.id, metrics
+            row.progress = {**row.progress, "fraction": 1.0}
+
+    def fail_stale_jobs(self, reason: str) -> list[str]:
+        """Jobs left running by a server that died are failed; queued ones are returned to requeue."""
+        with self.db.session() as s:
+            for row in s.scalars(select(JobRow).where(JobRow.state == "running")):
+                row.state, row.error = "failed", reason
+            return list(s.scalars(select(JobRow.id).where(JobRow.state == "queued").order_by(JobRow.id)))
+
+    # -- paths --------------------------------------------------------------------------------
+    def save_path(self, bundle: Bundle) -> tuple[PathRow, bool]:
+        with self.db.session() as s:
+            row = s.get(PathRow, bundle.id)
+            if row is not None:
+                return row, False
+            row = _path_row(bundle)
+            s.add(row)
+            return row, True
+
+    def path(self, path_id: str) -> PathRow:
+        if not re.fullmatch(r"p_[0-9a-f]{32}", path_id):
+            raise NotFound(f"no path {path_id!r}")
+        with self.db.session() as s:
+            row = s.get(PathRow, path_id)
+            if row is None:
+                raise NotFound(f"no path {path_id!r}")
+            return row
+
+    def list_paths(self, cursor: str | None, limit: int) -> tuple[list[PathRow], str | None]:
+        with self.db.session() as s:
+            return page(s, PathRow, cursor, limit)
+
+    def delete_path(self, path_id: str) -> None:
+        with self.db.session() as s:
+            row = s.get(PathRow, path_id)
+            if row is None:
+                raise NotFound(f"no path {path_id!r}")
+            s.delete(row)
+
+
+def split_upload(x: np.ndarray, y: np.ndarray, labels: list[str]) -> Arrays:
+    """A fixed 80/20 split (seed 0) of an uploaded dataset into train and held-out test."""
+    order = np.random.default_rng(0).permutation(len(y))
+    cut = max(1, int(round(len(y) * 0.8)))
+    tr, te = np.sort(order[:cut]), np.sort(order[cut:])
+    return Arrays(x[tr], y[tr], x[te], y[te], tuple(labels))
+
+
+def _dataset_row(ds_id: str, name: str, source: str, digest: str | None, a: Arrays) -> DatasetRow:
+    return DatasetRow(
+        id=ds_id, name=name, source=source, blob_digest=digest, labels=list(a.labels),
+        num_samples=len(a.train_y) + len(a.test_y), shape=list(a.train_x.shape[1:]),
+        splits={"train": len(a.train_y), "test": len(a.test_y)},
+    )  # fmt: skip
+
+
+def _path_row(b: Bundle) -> PathRow:
+    return PathRow(
+        id=b.id, method=b.manifest.method, manifest=b.manifest.model_dump(mode="json"), bundle=b.data,
+        bytes=len(b.data), dense_bytes=int(b.metrics.get("dense_bytes", 0)), metrics=b.metrics,
+    )  # fmt: skip
+
+
+__all__ = ["Store", "TERMINAL", "IntegrityError"]

@@ -1,0 +1,74 @@
+"""Small training and evaluation loops shared by the methods and the experiments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo_store.cards import InputSpec
+
+
+def normalize(x: Tensor, spec: InputSpec) -> Tensor:
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std  # (B, C, H, W)
+
+
+def fit(
+    model: nn.Module,
+    params: Iterable[nn.Parameter],
+    x: Tensor,
+    y: Tensor,
+    spec: InputSpec,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: str = "cpu",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Adam on cross-entropy; returns the mean loss of each epoch. Seeded, so repeatable."""
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * -(-len(x) // batch_size)))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        total, count = 0.0, 0
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            xb = normalize(x[idx].to(device), spec)  # (B, C, H, W)
+            yb = y[idx].to(device)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        losses.append(total / count)
+        if on_epoch:
+            on_epoch(epoch, losses[-1])
+    return losses
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, spec: InputSpec, batch_size: int = 512, device: str = "cpu") -> Tensor:
+    outs = [model(normalize(x[i : i + batch_size].to(device), spec)).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs)  # (N, K)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, spec: InputSpec, device: str = "cpu") -> float:
+    return (predict_logits(model, x, spec, device=device).argmax(1) == y).float().mean().item()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
