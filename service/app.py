@@ -8,15 +8,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
-from service.errors import install_error_handlers, problem
+from service.errors import install_error_handlers
+from service.limits import BodyLimit
 from service.queues import JobQueue
 from service.routes import compositions, datasets, health, jobs, paths, zoo
 from service.state import Services
 from zoo_store.blobs import BlobStore
 from zoo_store.settings import Settings
-
-UPLOAD_ROUTES = ("/v1/datasets", "/v1/zoo/models")
-
 
 def create_app(settings: Settings | None = None, blobs: BlobStore | None = None, queue: JobQueue | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -32,15 +30,12 @@ def create_app(settings: Settings | None = None, blobs: BlobStore | None = None,
                   description="Compose new models out of a zoo of frozen networks; serve them lazily.")  # fmt: skip
     app.state.services = services
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, settings=settings)
     for r in (health, zoo, datasets, compositions, jobs, paths):
         app.include_router(r.router)
 
     @app.middleware("http")
     async def limits_and_metrics(request: Request, call_next) -> Response:  # noqa: ANN001
-        limit = settings.max_upload_bytes if request.url.path in UPLOAD_ROUTES else settings.max_body_bytes
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limit):
-            return problem(413, "Payload too large", f"request body is {size} bytes; the limit is {limit}")
         start = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from zoo_store.cards import InputSpec
 from zoo_store.db import DatasetRow, JobRow, PathRow
 from zoo_store.paths import BaseRef
 
 T = TypeVar("T")
+# SQLite drops the zone of stored timestamps; every timestamp the service writes is UTC.
+Utc = Annotated[dt.datetime, AfterValidator(lambda v: v if v.tzinfo else v.replace(tzinfo=dt.UTC))]
 
 
 class Page(BaseModel, Generic[T]):
@@ -27,8 +29,8 @@ class Job(BaseModel):
     metrics: dict[str, Any]
     path_id: str | None
     error: str | None
-    created_at: dt.datetime
-    updated_at: dt.datetime
+    created_at: Utc
+    updated_at: Utc
 
     @classmethod
     def of(cls, r: JobRow) -> Job:
@@ -46,7 +48,7 @@ class Path(BaseModel):
     bytes: int
     dense_bytes: int
     metrics: dict[str, Any]
-    created_at: dt.datetime
+    created_at: Utc
 
     @classmethod
     def of(cls, r: PathRow) -> Path:
@@ -63,7 +65,7 @@ class Dataset(BaseModel):
     num_samples: int
     shape: list[int]
     splits: dict[str, int]
-    created_at: dt.datetime
+    created_at: Utc
 
     @classmethod
     def of(cls, r: DatasetRow) -> Dataset:

@@ -107,3 +107,30 @@ def test_resident_digests_unchanged(app_client: TestClient) -> None:
     pid = compose(app_client, reprogram_spec(epochs=2))["path_id"]
     app_client.post(f"/v1/paths/{pid}/predict", json={"inputs": tensor_inputs(2)})
     assert svc.zoo.digests() == before
+
+
+def test_upload_dataset_and_compose_on_it(app_client: TestClient) -> None:
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for label, level in (("dark", 40), ("light", 215)):
+            for i in range(10):
+                img = np.clip(rng.normal(level, 20, (16, 16)), 0, 255).astype(np.uint8)
+                png = io.BytesIO()
+                Image.fromarray(img).save(png, format="PNG")
+                z.writestr(f"shades/{label}/{i}.png", png.getvalue())
+    r = app_client.post("/v1/datasets", files={"file": ("shades.zip", buf.getvalue(), "application/zip")})
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert ds["labels"] == ["dark", "light"] and ds["num_samples"] == 20 and ds["shape"] == [1, 16, 16]
+    assert app_client.get(f"/v1/datasets/{ds['id']}").json() == ds
+    job = compose(app_client, reprogram_spec(task={"dataset": ds["id"]}, epochs=3))
+    assert job["state"] == "succeeded", job
+    assert job["metrics"]["train_samples"] == 16 and job["metrics"]["test_samples"] == 4
+    assert app_client.get(f"/v1/paths/{job['path_id']}").json()["labels"] == ["dark", "light"]

@@ -189,3 +189,16 @@ def test_bad_model_registration(app_client: TestClient) -> None:
     assert r.status_code == 400
     assert _counts(app_client) == before
     assert st_load(app_client.get("/v1/zoo/models/res/weights").content)  # untouched
+
+
+def test_oversized_chunked_body(served) -> None:
+    client, pid, _ = served
+    limit = client.app.state.services.settings.max_body_bytes
+
+    def chunks():
+        for _ in range(limit // 65536 + 2):
+            yield b"x" * 65536
+
+    r = client.post(f"/v1/paths/{pid}/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
+    assert client.get("/healthz").status_code == 200

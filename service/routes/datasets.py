@@ -7,6 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import Cursor, Limit, Svc
 from service.schemas import Dataset, Page
+from zoo_store.datasets.upload import Limits, parse_upload
 from zoo_store.errors import PayloadTooLarge
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -29,8 +30,6 @@ async def upload_dataset(
     file: Annotated[UploadFile, File(description="an ImageFolder zip, or an .npz with x, y, labels")],
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> Dataset:
-    from zoo_store.datasets.upload import Limits, parse_upload
-
     limit = svc.settings.max_upload_bytes
     data = await file.read(limit + 1)
     if len(data) > limit:

@@ -1,0 +1,61 @@
+"""Request body limits as a pure ASGI middleware: Content-Length checked up front, and bodies
+sent without one (chunked) cut off at the same limit. Either way the answer is a 413 problem."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from zoo_store.settings import Settings
+
+UPLOAD_ROUTES = ("/v1/datasets", "/v1/zoo/models")
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, settings: Settings):
+        self.app, self.settings = app, settings
+
+    def limit_for(self, path: str) -> int:
+        return self.settings.max_upload_bytes if path in UPLOAD_ROUTES else self.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["path"])
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > limit):
+            return await _too_large(send, f"request body is {size.decode(errors='replace')} bytes; the limit is {limit}")
+        seen, exceeded, started = 0, False, False
+
+        async def limited_receive() -> Message:
+            nonlocal seen, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    exceeded = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # the app's own answer to the cut-off body is replaced by the 413 below
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await _too_large(send, f"request body exceeds the limit of {limit} bytes")
+
+
+async def _too_large(send: Send, detail: str) -> None:
+    body = json.dumps({"type": "about:blank", "title": "Payload too large", "status": 413, "detail": detail}).encode()
+    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
