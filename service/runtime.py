@@ -133,6 +133,7 @@ class PathCache:
 
 @dataclass
 class _Pending:
+    entry: Entry
     items: list[tuple[torch.Tensor, asyncio.Future]] = field(default_factory=list)
     count: int = 0
     timer: asyncio.TimerHandle | None = None
@@ -141,17 +142,17 @@ class _Pending:
 class Batcher:
     """Collects concurrent requests per path into one forward pass (max_batch_size, max_wait_ms)."""
 
-    def __init__(self, cache: PathCache, max_batch_size: int, max_wait_ms: float, metrics: Metrics):
-        self.cache, self.max_batch, self.max_wait = cache, max_batch_size, max_wait_ms / 1000
+    def __init__(self, device: str, max_batch_size: int, max_wait_ms: float, metrics: Metrics):
+        self.device, self.max_batch, self.max_wait = device, max_batch_size, max_wait_ms / 1000
         self.metrics = metrics
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoo-infer")
         self.pending: dict[str, _Pending] = {}
 
-    async def submit(self, path_id: str, x: torch.Tensor) -> torch.Tensor:
-        """x: (n, C, H, W) in [0, 1] -> probabilities (n, K)."""
+    async def submit(self, path_id: str, entry: Entry, x: torch.Tensor) -> torch.Tensor:
+        """x: (n, C, H, W) in [0, 1] -> probabilities (n, K), batched with other requests for the path."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
-        p = self.pending.setdefault(path_id, _Pending())
+        p = self.pending.setdefault(path_id, _Pending(entry))
         p.items.append((x, fut))
         p.count += len(x)
         if p.count >= self.max_batch:
@@ -167,7 +168,7 @@ class Batcher:
         if p.timer:
             p.timer.cancel()
         loop = asyncio.get_running_loop()
-        task = loop.run_in_executor(self.pool, self._forward, path_id, [x for x, _ in p.items])
+        task = loop.run_in_executor(self.pool, self._forward, p.entry, [x for x, _ in p.items])
         task.add_done_callback(lambda t: self._resolve(t, p.items))
 
     @staticmethod
@@ -182,9 +183,8 @@ class Batcher:
             if not fut.done():
                 fut.set_result(out)
 
-    def _forward(self, path_id: str, xs: list[torch.Tensor]) -> torch.Tensor:
-        entry = self.cache.get(path_id)
-        x = torch.cat(xs).to(self.cache.zoo.device)  # (B, C, H, W)
+    def _forward(self, entry: Entry, xs: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(xs).to(self.device)  # (B, C, H, W)
         self.metrics.batch_size.observe(len(x))
         with torch.inference_mode():
             logits = entry.module(normalize(x, entry.manifest.input))  # (B, K)

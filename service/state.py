@@ -40,7 +40,7 @@ class Services:
         store = Store(db, blobs or DirBlobStore(settings.blob_dir))
         zoo = ResidentZoo(store, settings.torch_device())
         cache = PathCache(store, zoo, settings.cache_bytes, metrics)
-        batcher = Batcher(cache, settings.max_batch_size, settings.max_wait_ms, metrics)
+        batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics)
         if queue is None:
             queue = RedisQueue(settings.redis_url) if settings.mode == "distributed" else MemoryQueue()
         runner = JobRunner(settings, store, queue, metrics, resident=lambda: zoo.bases)

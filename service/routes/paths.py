@@ -59,9 +59,10 @@ async def import_bundle(request: Request, response: Response, svc: ReadySvc) -> 
 @router.post("/{path_id}/predict")
 async def predict(path_id: str, request: Request, svc: ReadySvc) -> PredictResponse:
     """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, or multipart image files (field ``files``)."""
-    manifest = Manifest.model_validate(svc.store.path(path_id).manifest)
+    entry = await run_in_threadpool(svc.cache.get, path_id)  # materialized lazily on first use
+    manifest = entry.manifest
     x, top_k = await _read_inputs(request, manifest, svc)
-    probs = await svc.batcher.submit(path_id, x)  # (N, K)
+    probs = await svc.batcher.submit(path_id, entry, x)  # (N, K)
     k = min(top_k, len(manifest.labels))
     scores, idx = probs.topk(k, dim=1)
     preds = []
