@@ -111,6 +111,8 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
             t_comp = timeit(lambda: module(x))
         lines.append("\n## Composed forward / base forward (batch 64)\n")
         lines.append(f"reprogram path on resnet-mnist / resnet-mnist: **{t_comp / t_base:.2f}x** the base's time")
+        if svc.zoo.device.startswith("cuda"):
+            lines.append(f"(absolute, {torch.cuda.get_device_name(0)}: base {1e3 * t_base:.3f} ms, composed {1e3 * t_comp:.3f} ms)")
 
         # cold first predict vs warm predict, over several fresh materializations
         body = {"inputs": [{"tensor": torch.rand(1, 28, 28).tolist()}]}
@@ -127,6 +129,8 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
         lines.append("\n## Cold first predict / warm predict (one 28x28 image, over HTTP in-process)\n")
         lines.append(f"cold / warm = **{cold / warm:.2f}x**; cold costs {1000 * (cold - warm):.1f} ms more than warm "
                      f"(median of {len(colds)} fresh materializations)")  # fmt: skip
+        if svc.zoo.device.startswith("cuda"):
+            lines.append(f"(absolute: cold {1e3 * cold:.2f} ms, warm {1e3 * warm:.2f} ms)")
 
         # batched vs unbatched throughput through the micro-batcher
         n = 256 if quick else 1024
@@ -145,6 +149,8 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
         lines.append("\n## Batched throughput / batch-size-1 throughput\n")
         lines.append(f"{n} concurrent single-image requests to one path: max_batch_size 64 vs 1 = "
                      f"**{batched / unbatched:.1f}x** the throughput")  # fmt: skip
+        if svc.zoo.device.startswith("cuda"):
+            lines.append(f"(absolute: {batched:,.0f} vs {unbatched:,.0f} images/s)")
     return lines
 
 
