@@ -229,16 +229,30 @@ def _full_ft(card: Card, store, data, epochs: int) -> float:  # noqa: ANN001
     return accuracy(net, data.test_x, data.test_y, card.input)
 
 
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def write_block(target: Path, title: str, block: str) -> None:
+    """Replace the generated block of ``target`` (between the markers), keeping the prose around it."""
+    text = target.read_text() if target.exists() else f"# {title}\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        text = f"{text.rstrip()}\n\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(f"{head}{START}\n{block}\n{END}{tail}")
+
+
 def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
-    suites = {"serving": (serving_suite, out), "reprogram": (reprogram_suite, out.parent / "methods" / "reprogram.md")}
+    suites = {
+        "serving": (serving_suite, out, "Benchmarks"),
+        "reprogram": (reprogram_suite, out.parent / "methods" / "reprogram.md", "Reprogram (CLR)"),
+    }
     chosen = list(suites) if suite == "all" else [suite]
     for name in chosen:
-        fn, target = suites[name]
+        fn, target, title = suites[name]
         body = fn(say, quick)
         cmd = f"zoo bench --suite {name}{' --quick' if quick else ''}"
-        header = [f"<!-- written by `{cmd}`; rerun it to refresh -->",
-                  f"# {'Benchmarks' if name == 'serving' else 'Reprogram (CLR): accuracy and stored bytes'}\n",
-                  f"Command: `{cmd}`  ", f"Machine: {machine()}  ", f"Date: {dt.date.today()}\n"]  # fmt: skip
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("\n".join(header + body) + "\n")
+        header = [f"Command: `{cmd}`  ", f"Machine: {machine()}  ", f"Date: {dt.date.today()}\n"]
+        write_block(target, title, "\n".join(header + body))
         say(f"wrote {target}")

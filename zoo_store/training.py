@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 import torch
@@ -15,6 +16,14 @@ def normalize(x: Tensor, spec: InputSpec) -> Tensor:
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std  # (B, C, H, W)
+
+
+def deterministic() -> None:
+    """Seeded composition must repeat exactly on CUDA too: no autotuning, deterministic kernels."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def fit(
@@ -32,6 +41,7 @@ def fit(
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Adam on cross-entropy; returns the mean loss of each epoch. Seeded, so repeatable."""
+    deterministic()
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * -(-len(x) // batch_size)))

@@ -13,10 +13,14 @@ M = TypeVar("M", bound=nn.Module)
 def shared_copy(net: M) -> M:
     """A new module tree whose parameters and buffers ARE the original's (nothing copied).
 
-    Edits to the copy's structure (inserting layers) leave the original untouched.
+    Every module object and its child/parameter/buffer dicts are new, so edits to the copy's
+    structure (inserting layers, switching modes) leave the original untouched.
     """
-    memo = {id(t): t for t in list(net.parameters()) + list(net.buffers())}
-    return copy.deepcopy(net, memo)
+    new = copy.copy(net)
+    new._parameters = dict(net._parameters)
+    new._buffers = dict(net._buffers)
+    new._modules = {name: None if m is None else shared_copy(m) for name, m in net._modules.items()}
+    return new
 
 
 def conv_paths(net: nn.Module, min_kernel: int = 2) -> list[tuple[str, nn.Conv2d]]:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from zoo_store.archs import TapNet
 from zoo_store.archs.surgery import conv_paths, replace_module, shared_copy
 
 
-def clr_conv(channels: int, kernel: int = 3) -> nn.Conv2d:
-    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False)
-    nn.init.dirac_(conv.weight, groups=channels)  # (C, 1, k, k): identity per channel
+def clr_conv(channels: int, kernel: int = 3, device: torch.device | str = "cpu", identity: bool = True) -> nn.Conv2d:
+    """Depthwise k x k conv; identity-initialised (the same as ``nn.init.dirac_`` with groups=C)."""
+    conv = skip_init(nn.Conv2d, channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False, device=device)
+    if identity:
+        with torch.no_grad():
+            conv.weight.zero_()[:, 0, kernel // 2, kernel // 2] = 1.0  # (C, 1, k, k)
     return conv
 
 
@@ -48,10 +54,11 @@ class Reprogrammed(nn.Module):
         return out
 
 
-def build_reprogrammed(base: TapNet, num_classes: int, kernel: int = 3) -> Reprogrammed:
+def build_reprogrammed(base: TapNet, num_classes: int, kernel: int = 3, fresh: bool = True) -> Reprogrammed:
+    """CLR over ``base``; ``fresh=False`` skips initialisation (weights are loaded right after)."""
     device = next(base.parameters()).device
-    clr = {path: clr_conv(c, kernel).to(device) for path, c in clr_targets(base)}
-    head = nn.Linear(base.feature_dim, num_classes).to(device)
+    clr = {path: clr_conv(c, kernel, device, identity=fresh) for path, c in clr_targets(base)}
+    head = (nn.Linear if fresh else partial(skip_init, nn.Linear))(base.feature_dim, num_classes, device=device)
     return Reprogrammed(base, clr, head)
 
 

@@ -89,7 +89,7 @@ class Reprogram(Method):
 
     def materialize(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], bases: dict[str, TapNet]) -> nn.Module:
         cfg = _config(config)
-        model = build_reprogrammed(bases[cfg.base], cfg.num_classes, cfg.kernel)
+        model = build_reprogrammed(bases[cfg.base], cfg.num_classes, cfg.kernel, fresh=False)
         return load_delta(model, tensors).eval()
 
     def base_ids(self, config: dict[str, Any]) -> list[str]:
