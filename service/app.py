@@ -16,6 +16,7 @@ from service.state import Services
 from zoo_store.blobs import BlobStore
 from zoo_store.settings import Settings
 
+
 def create_app(settings: Settings | None = None, blobs: BlobStore | None = None, queue: JobQueue | None = None) -> FastAPI:
     settings = settings or Settings()
     services = Services.create(settings, blobs=blobs, queue=queue)
@@ -35,7 +36,7 @@ def create_app(settings: Settings | None = None, blobs: BlobStore | None = None,
         app.include_router(r.router)
 
     @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next) -> Response:  # noqa: ANN001
+    async def limits_and_metrics(request: Request, call_next) -> Response:
         start = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")

@@ -18,7 +18,6 @@ from torch import nn
 from zoo_store.archs import build_arch
 from zoo_store.archs.surgery import replace_module, state_bytes
 from zoo_store.cards import Card
-from zoo_store.demo import MNIST_INPUT
 from zoo_store.paths import BaseRef, PathArtifact, encode_bundle, make_manifest
 
 Say = Callable[[str], None]
@@ -103,7 +102,7 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
             lines.append(f"| {arch} (10-class reprogram path) | {b:,} | {d:,} | {b / d:.2%} |")
 
         # composed forward vs base forward, same batch, same run
-        card, base = svc.zoo.bases["resnet-mnist"]
+        _card, base = svc.zoo.bases["resnet-mnist"]
         module = svc.cache.get(pid).module
         x = torch.rand(64, 1, 28, 28, device=svc.zoo.device)
         with torch.inference_mode():
@@ -175,11 +174,11 @@ def reprogram_suite(say: Say, quick: bool) -> list[str]:
     epochs = 2 if quick else 5
     tasks = ["mnist-rotated", "mnist-inverted", "mnist-parity", "digits"]
     bases = ["resnet-mnist", "vgg-mnist", "mobilenet-mnist"]
-    lines = [f"Each task: {spl} training images per label, {epochs} epochs, Adam, seed 0; accuracy on the task's "
+    lines = [(f"Each task: {spl} training images per label, {epochs} epochs, Adam, seed 0; accuracy on the task's "
              "held-out test split. Head-only trains a new linear head on the frozen base; full fine-tuning trains a "
              "copy of the whole base (BatchNorm in train mode) plus the head; CLR trains the depthwise 3x3 "
              "reprogramming kernels plus the head, the base frozen. Stored % = bytes the method must keep per task / "
-             "dense bytes of the base.\n",
+             "dense bytes of the base.\n"),
              "| base | task | CLR acc | head-only acc | full FT acc | CLR stored % | head-only stored % | full FT stored % |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for base_id in bases:
@@ -204,7 +203,7 @@ def reprogram_suite(say: Say, quick: bool) -> list[str]:
     return lines
 
 
-def _head_only(base: nn.Module, data, card: Card, epochs: int) -> tuple[float, int]:  # noqa: ANN001
+def _head_only(base: nn.Module, data, card: Card, epochs: int) -> tuple[float, int]:
     from zoo_store.training import accuracy, fit
 
     torch.manual_seed(0)
@@ -215,7 +214,7 @@ def _head_only(base: nn.Module, data, card: Card, epochs: int) -> tuple[float, i
     return accuracy(model, data.test_x, data.test_y, card.input), state_bytes(head)
 
 
-def _full_ft(card: Card, store, data, epochs: int) -> float:  # noqa: ANN001
+def _full_ft(card: Card, store, data, epochs: int) -> float:
     from zoo_store.training import accuracy, fit
 
     net = store.load_base(card)

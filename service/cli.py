@@ -103,7 +103,9 @@ def models_add(card: Path, weights: Path, url: Url = DEFAULT_URL) -> None:
 
 
 @models_app.command("pull")
-def models_pull(source: str, model_ids: list[str] = typer.Argument(None), url: Url = DEFAULT_URL) -> None:
+def models_pull(
+    source: str, model_ids: Annotated[list[str] | None, typer.Argument()] = None, url: Url = DEFAULT_URL
+) -> None:
     """Copy bases (all, or the ones named) from another server's public zoo into this one."""
     src, dst = _client(source), _client(url)
     try:
@@ -145,9 +147,9 @@ def compose(spec: Path, url: Url = DEFAULT_URL) -> None:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                       console=console) as bar:  # fmt: skip
             task = bar.add_task(f"job {job['id']}", total=1.0, info="queued")
-            for job in client.events(job["id"]):
-                p = job["progress"]
-                info = f"{job['state']} epoch {p.get('epoch', '-')} loss {p.get('loss', float('nan')):.4f}"
+            for event in client.events(job["id"]):
+                p = event["progress"]
+                info = f"{event['state']} epoch {p.get('epoch', '-')} loss {p.get('loss', float('nan')):.4f}"
                 bar.update(task, completed=p.get("fraction", 0.0), info=info)
         job = client.job(job["id"])
     except ApiError as e:

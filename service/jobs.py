@@ -57,7 +57,7 @@ def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | N
         store.finish_job(job_id, bundle, metrics)
     except Cancelled:
         store.cancel_job(job_id)
-    except Exception as e:  # noqa: BLE001 - a failed build is recorded, never lost
+    except Exception as e:
         log.exception("job %s failed", job_id)
         store.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}", progress={"trace": traceback.format_exc()[-2000:]})
 
@@ -112,12 +112,25 @@ class JobRunner:
             if got is None:
                 continue
             tag, job_id = got
+            done = threading.Event()
+            beat = threading.Thread(target=self._heartbeat, args=(tag, done), daemon=True)
+            beat.start()
             try:
                 self._execute(job_id)
             finally:
+                done.set()
+                beat.join()
                 self.queue.ack(tag)
                 state = self.store.job(job_id).state
                 self.metrics.jobs.labels(state).inc()
+
+    def _heartbeat(self, tag: str, done: threading.Event) -> None:
+        """Keep the job ours on the queue while it runs, however long it takes."""
+        while not done.wait(self.queue.heartbeat_s):
+            try:
+                self.queue.touch(tag)
+            except Exception:
+                log.warning("could not renew the claim on %s", tag, exc_info=True)
 
     def _execute(self, job_id: str) -> None:
         if self.settings.job_executor == "thread":

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
 from typing import Protocol
 
 
 class JobQueue(Protocol):
+    heartbeat_s: float  # how often a worker holding a job must ``touch`` it
     def put(self, job_id: str) -> None: ...
     def get(self, timeout: float) -> tuple[str, str] | None: ...  # (delivery tag, job id)
     def ack(self, tag: str) -> None: ...
+    def touch(self, tag: str) -> None: ...  # "still working on it": a live holder keeps its job
 
 
 class MemoryQueue:
+    heartbeat_s = 60.0
+
     def __init__(self) -> None:
         self.q: queue.Queue[str] = queue.Queue()
         self.unacked: dict[str, str] = {}
@@ -34,17 +40,24 @@ class MemoryQueue:
     def ack(self, tag: str) -> None:
         self.unacked.pop(tag, None)
 
+    def touch(self, tag: str) -> None:
+        pass  # one process: nobody else could take the job over
+
 
 class RedisQueue:
     """Jobs on a Redis Stream read through a consumer group: acknowledged when done, and
-    re-delivered to another consumer when a worker died holding them (XAUTOCLAIM after idle_ms)."""
+    re-delivered to another consumer when a worker died holding them (XAUTOCLAIM after idle_ms).
+    A live worker calls ``touch`` more often than that (the job runner does, every idle_ms / 4),
+    so a long job is never taken from a worker that is still running it."""
 
-    def __init__(self, url: str, stream: str = "zoo:jobs", group: str = "workers", consumer: str = "w1",
+    def __init__(self, url: str, stream: str = "zoo:jobs", group: str = "workers", consumer: str | None = None,
                  idle_ms: int = 60_000):  # fmt: skip
         import redis
 
         self.r = redis.Redis.from_url(url, decode_responses=True)
-        self.stream, self.group, self.consumer, self.idle_ms = stream, group, consumer, idle_ms
+        self.stream, self.group, self.idle_ms = stream, group, idle_ms
+        self.heartbeat_s = idle_ms / 4000
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         try:
             self.r.xgroup_create(stream, group, id="0", mkstream=True)
         except redis.ResponseError as e:
@@ -69,3 +82,7 @@ class RedisQueue:
 
     def ack(self, tag: str) -> None:
         self.r.xack(self.stream, self.group, tag)
+
+    def touch(self, tag: str) -> None:
+        # XCLAIM to ourselves with min-idle 0 resets the entry's idle time (JUSTID: no re-delivery count)
+        self.r.xclaim(self.stream, self.group, self.consumer, 0, [tag], justid=True)

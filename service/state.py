@@ -62,7 +62,7 @@ class Services:
                 self.runner.start()
             self.ready.set()
             log.warning("zoo ready: %d bases resident on %s", len(self.zoo.bases), self.zoo.device)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.startup_error = f"{type(e).__name__}: {e}"
             log.exception("zoo failed to load")
 

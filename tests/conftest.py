@@ -75,7 +75,7 @@ def tiny_weights(arch: str, num_classes: int, seed: int = 0) -> dict[str, torch.
 
 def make_settings(tmp: Path, **kw) -> Settings:
     device = os.environ.get("ZOO_TEST_DEVICE", "cpu")  # the GPU machine runs the suite with cuda
-    base = dict(data_dir=tmp, demo_zoo=False, job_executor="thread", device=device, max_wait_ms=1.0)
+    base = {"data_dir": tmp, "demo_zoo": False, "job_executor": "thread", "device": device, "max_wait_ms": 1.0}
     return Settings(**{**base, **kw})
 
 

@@ -37,7 +37,7 @@ def test_taps_chain_to_forward(arch: str) -> None:
     [("tv_resnet18", torchvision.models.resnet18), ("tv_resnet50", torchvision.models.resnet50),
      ("tv_mobilenet_v3_small", torchvision.models.mobilenet_v3_small)],
 )  # fmt: skip
-def test_torchvision_keys_and_function(arch: str, ctor) -> None:  # noqa: ANN001
+def test_torchvision_keys_and_function(arch: str, ctor) -> None:
     ours = build_arch(arch, {"num_classes": 5}).eval()
     ref = ctor(num_classes=5).eval()
     assert list(ours.state_dict()) == list(ref.state_dict())

@@ -42,7 +42,7 @@ def test_concurrent_requests_share_forward_passes(app_client: TestClient) -> Non
     calls: list[int] = []
     forward = svc.batcher._forward
 
-    def counting(e, xs):  # noqa: ANN001
+    def counting(e, xs):
         calls.append(sum(len(x) for x in xs))
         return forward(e, xs)
 

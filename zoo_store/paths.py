@@ -152,7 +152,7 @@ def decode_bundle(data: bytes) -> Bundle:
         raise InvalidInput(f"unsupported bundle format {manifest.format!r}")
     try:
         tensors = st_load(data)
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types on bad bytes
+    except Exception as e:
         raise BadRequest(f"bundle tensors cannot be read: {e}") from e
     _check_index(manifest, tensors)
     if tensor_digest(tensors) != manifest.tensor_digest:

@@ -11,7 +11,7 @@ import torch
 from sqlalchemy import select
 
 from zoo_store.archs import TapNet, build_arch
-from zoo_store.blobs import BlobStore
+from zoo_store.blobs import BlobStore, sha256
 from zoo_store.cards import Card, CardIn, TapInfo
 from zoo_store.datasets.builtin import BUILTINS, Arrays
 from zoo_store.db import BaseRow, Database, DatasetRow, JobRow, PathRow, new_id, page
@@ -50,8 +50,6 @@ class Store:
         net = build_arch(card_in.arch, {**card_in.arch_config, "num_classes": len(card_in.labels)})
         load_into(net, read_weights(weights) if isinstance(weights, bytes) else weights)
         data = canonical_bytes(net)
-        from zoo_store.blobs import sha256
-
         digest = sha256(data)
         card = card_for(card_in, net, digest, len(data))
         with self.db.session() as s:
@@ -223,7 +221,7 @@ class Store:
 def split_upload(x: np.ndarray, y: np.ndarray, labels: list[str]) -> Arrays:
     """A fixed 80/20 split (seed 0) of an uploaded dataset into train and held-out test."""
     order = np.random.default_rng(0).permutation(len(y))
-    cut = max(1, int(round(len(y) * 0.8)))
+    cut = max(1, round(len(y) * 0.8))
     tr, te = np.sort(order[:cut]), np.sort(order[cut:])
     return Arrays(x[tr], y[tr], x[te], y[te], tuple(labels))
 
@@ -243,4 +241,4 @@ def _path_row(b: Bundle) -> PathRow:
     )  # fmt: skip
 
 
-__all__ = ["Store", "TERMINAL", "IntegrityError"]
+__all__ = ["TERMINAL", "IntegrityError", "Store"]

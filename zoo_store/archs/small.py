@@ -17,8 +17,16 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, a
     return nn.Sequential(*layers)
 
 
-def pool_stage() -> nn.Module:
-    return nn.AdaptiveAvgPool2d(1)
+class SmallNet(TapNet):
+    """The demo families end alike: global average pool (tap ``pool``), then a linear head."""
+
+    stages: nn.ModuleDict
+
+    def _finish(self, plan: list[Stage], cin: int, num_classes: int) -> None:
+        self.stages["pool"] = nn.AdaptiveAvgPool2d(1)
+        plan.append(Stage(Tap("pool", cin, 0), ("stages.pool", FLATTEN)))
+        self.head = nn.Linear(cin, num_classes)
+        self._set_plan(plan)
 
 
 class BasicBlock(nn.Module):
@@ -33,7 +41,7 @@ class BasicBlock(nn.Module):
         return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))  # (B, C', H', W')
 
 
-class SmallResNet(TapNet):
+class SmallResNet(SmallNet):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128),
                  blocks: Sequence[int] = (1, 1, 2)):  # fmt: skip
         super().__init__()
@@ -47,13 +55,10 @@ class SmallResNet(TapNet):
             self.stages[f"stage{i + 1}"] = nn.Sequential(*[BasicBlock(cin if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)])
             plan.append(Stage(Tap(f"stage{i + 1}", w, stride_total), (f"stages.stage{i + 1}",)))
             cin = w
-        self.stages["pool"] = pool_stage()
-        plan.append(Stage(Tap("pool", cin, 0), ("stages.pool", FLATTEN)))
-        self.head = nn.Linear(cin, num_classes)
-        self._set_plan(plan)
+        self._finish(plan, cin, num_classes)
 
 
-class SmallVGG(TapNet):
+class SmallVGG(SmallNet):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128)):
         super().__init__()
         self.stages = nn.ModuleDict()
@@ -62,10 +67,7 @@ class SmallVGG(TapNet):
             self.stages[f"block{i + 1}"] = nn.Sequential(conv_bn(cin, w), conv_bn(w, w), nn.MaxPool2d(2, ceil_mode=True))
             plan.append(Stage(Tap(f"block{i + 1}", w, 2 ** (i + 1)), (f"stages.block{i + 1}",)))
             cin = w
-        self.stages["pool"] = pool_stage()
-        plan.append(Stage(Tap("pool", cin, 0), ("stages.pool", FLATTEN)))
-        self.head = nn.Linear(cin, num_classes)
-        self._set_plan(plan)
+        self._finish(plan, cin, num_classes)
 
 
 class InvertedResidual(nn.Module):
@@ -84,7 +86,7 @@ class InvertedResidual(nn.Module):
         return x + y if self.residual else y
 
 
-class SmallMobileNet(TapNet):
+class SmallMobileNet(SmallNet):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (16, 32, 64),
                  last: int = 128):  # fmt: skip
         super().__init__()
@@ -102,22 +104,19 @@ class SmallMobileNet(TapNet):
             self.stages[f"stage{i + 1}"] = nn.Sequential(*blocks)
             plan.append(Stage(Tap(f"stage{i + 1}", w, stride_total), (f"stages.stage{i + 1}",)))
             cin = w
-        self.stages["pool"] = pool_stage()
-        plan.append(Stage(Tap("pool", cin, 0), ("stages.pool", FLATTEN)))
-        self.head = nn.Linear(cin, num_classes)
-        self._set_plan(plan)
+        self._finish(plan, cin, num_classes)
 
 
 @register_arch("resnet_s")
-def resnet_s(**cfg) -> TapNet:  # noqa: ANN003
+def resnet_s(**cfg) -> TapNet:
     return SmallResNet(**cfg)
 
 
 @register_arch("vgg_s")
-def vgg_s(**cfg) -> TapNet:  # noqa: ANN003
+def vgg_s(**cfg) -> TapNet:
     return SmallVGG(**cfg)
 
 
 @register_arch("mobilenet_s")
-def mobilenet_s(**cfg) -> TapNet:  # noqa: ANN003
+def mobilenet_s(**cfg) -> TapNet:
     return SmallMobileNet(**cfg)

@@ -92,14 +92,11 @@ class Reprogram(Method):
         model = build_reprogrammed(bases[cfg.base], cfg.num_classes, cfg.kernel, fresh=False)
         return load_delta(model, tensors).eval()
 
-    def base_ids(self, config: dict[str, Any]) -> list[str]:
-        return [_config(config).base]
-
 
 def _config(config: dict[str, Any]) -> ReprogramConfig:
     try:
         return ReprogramConfig.model_validate(config)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise InvalidInput(f"bad reprogram config: {e}") from e
 
 
