@@ -88,12 +88,15 @@ def delta_bytes(module: nn.Module, shared: set[int]) -> int:
 
 
 class PathCache:
-    """LRU of materialized paths bounded in bytes; lazily materialized on first use."""
+    """LRU of materialized paths bounded in bytes; lazily materialized on first use, once even when
+    many requests for a cold path arrive together. Pinned paths are never evicted."""
 
-    def __init__(self, store: Store, zoo: ResidentZoo, budget: int, metrics: Metrics):
+    def __init__(self, store: Store, zoo: ResidentZoo, budget: int, metrics: Metrics, pinned: frozenset[str] = frozenset()):
         self.store, self.zoo, self.budget, self.metrics = store, zoo, budget, metrics
+        self.pinned = pinned
         self.entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}  # one materialization per cold path at a time
 
     @property
     def nbytes(self) -> int:
@@ -101,19 +104,39 @@ class PathCache:
 
     def get(self, path_id: str) -> Entry:
         with self._lock:
-            if path_id in self.entries:
-                self.entries.move_to_end(path_id)
-                self.metrics.cache_hits.inc()
-                return self.entries[path_id]
-        self.metrics.cache_misses.inc()
-        entry = self._materialize(path_id)
-        with self._lock:
-            self.entries[path_id] = entry
+            if (hit := self._hit(path_id)) is not None:
+                return hit
+            building = self._building.setdefault(path_id, threading.Lock())
+        with building:
+            with self._lock:
+                if (hit := self._hit(path_id)) is not None:  # another request built it meanwhile
+                    return hit
+            self.metrics.cache_misses.inc()
+            try:
+                entry = self._materialize(path_id)
+            finally:
+                with self._lock:
+                    self._building.pop(path_id, None)
+            with self._lock:
+                self.entries[path_id] = entry
+                self._evict_over_budget()
+                self.metrics.cache_bytes.set(self.nbytes)
+            return entry
+
+    def _hit(self, path_id: str) -> Entry | None:
+        entry = self.entries.get(path_id)
+        if entry is not None:
             self.entries.move_to_end(path_id)
-            while self.nbytes > self.budget and len(self.entries) > 1:
-                self.entries.popitem(last=False)
-            self.metrics.cache_bytes.set(self.nbytes)
+            self.metrics.cache_hits.inc()
         return entry
+
+    def _evict_over_budget(self) -> None:
+        """Least recently used first, never a pinned path nor the one just used."""
+        newest = next(reversed(self.entries))
+        for path_id in [k for k in self.entries if k not in self.pinned and k != newest]:
+            if self.nbytes <= self.budget:
+                break
+            del self.entries[path_id]
 
     def _materialize(self, path_id: str) -> Entry:
         from zoo_store.paths import decode_bundle

@@ -13,6 +13,7 @@ from service.runtime import Batcher, PathCache, ResidentZoo
 from zoo_store.blobs import BlobStore, DirBlobStore
 from zoo_store.db import Database
 from zoo_store.demo import ensure_demo_zoo
+from zoo_store.errors import ZooError
 from zoo_store.settings import Settings
 from zoo_store.store import Store
 
@@ -31,6 +32,7 @@ class Services:
     metrics: Metrics
     ready: threading.Event = field(default_factory=threading.Event)
     startup_error: str | None = None
+    loading: str = "loading the zoo"  # what /readyz says until ready: the demo build's last step
 
     @classmethod
     def create(cls, settings: Settings, blobs: BlobStore | None = None, queue: JobQueue | None = None) -> Services:
@@ -39,7 +41,7 @@ class Services:
         db = Database(settings.db_url)
         store = Store(db, blobs or DirBlobStore(settings.blob_dir))
         zoo = ResidentZoo(store, settings.torch_device())
-        cache = PathCache(store, zoo, settings.cache_bytes, metrics)
+        cache = PathCache(store, zoo, settings.cache_bytes, metrics, frozenset(settings.pinned_paths))
         batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics)
         if queue is None:
             queue = RedisQueue(settings.redis_url) if settings.mode == "distributed" else MemoryQueue()
@@ -55,8 +57,10 @@ class Services:
     def _load_zoo(self) -> None:
         try:
             if self.settings.demo_zoo:
-                ensure_demo_zoo(self.store, self.settings.demo_samples, say=log.warning)
+                ensure_demo_zoo(self.store, self.settings.demo_samples, say=self._say)
+            self.loading = "loading the bases into memory"
             self.zoo.load_all()
+            self._warm_pinned()
             if self.settings.mode == "embedded":
                 self.runner.recover()
                 self.runner.start()
@@ -65,6 +69,17 @@ class Services:
         except Exception as e:
             self.startup_error = f"{type(e).__name__}: {e}"
             log.exception("zoo failed to load")
+
+    def _warm_pinned(self) -> None:
+        for path_id in sorted(self.cache.pinned):
+            try:
+                self.cache.get(path_id)
+            except ZooError as e:  # a pinned path that is gone or broken must not keep the zoo down
+                log.warning("pinned path %s not materialized: %s", path_id, e)
+
+    def _say(self, message: str) -> None:
+        self.loading = message
+        log.warning(message)
 
     def stop(self) -> None:
         self.runner.stop()

@@ -134,3 +134,30 @@ def test_upload_dataset_and_compose_on_it(app_client: TestClient) -> None:
     assert job["state"] == "succeeded", job
     assert job["metrics"]["train_samples"] == 16 and job["metrics"]["test_samples"] == 4
     assert app_client.get(f"/v1/paths/{job['path_id']}").json()["labels"] == ["dark", "light"]
+
+
+def test_not_ready_while_the_demo_zoo_builds(tmp_path, monkeypatch) -> None:
+    """Until the zoo is resident, /readyz is 503 naming the build step, and routes that need it are 503."""
+    import threading
+
+    import service.state
+    from tests.conftest import make_settings
+
+    release = threading.Event()
+
+    def slow_build(store, samples, say) -> None:  # noqa: ANN001
+        say("demo zoo: training resnet-mnist (resnet_s on mnist, 12000 samples) [1/5]")
+        release.wait(30)
+
+    monkeypatch.setattr(service.state, "ensure_demo_zoo", slow_build)
+    from service.app import create_app
+
+    with TestClient(create_app(make_settings(tmp_path, demo_zoo=True))) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "training resnet-mnist" in r.json()["detail"]
+        r = client.post("/v1/paths/p_" + "0" * 32 + "/predict", json={"inputs": []})
+        assert r.status_code == 503 and "still loading" in r.json()["detail"]
+        assert client.get("/healthz").status_code == 200
+        release.set()
+        assert client.app.state.services.ready.wait(10)
+        assert client.get("/readyz").json()["status"] == "ready"

@@ -58,3 +58,49 @@ def test_concurrent_requests_share_forward_passes(app_client: TestClient) -> Non
         alone = [forward(entry, [x]) for x in xs]
     for a, b in zip(outs, alone, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_pinned_paths_stay_and_cold_paths_build_once(app_client: TestClient) -> None:
+    import threading
+
+    svc = app_client.app.state.services
+    p1, p2, p3 = _paths(app_client, 3)
+    one = svc.cache.get(p1).nbytes
+    svc.cache.budget, svc.cache.pinned = one + one // 2, frozenset({p1})  # room for one path
+    svc.cache.get(p2)
+    svc.cache.get(p3)  # over budget: p2 goes, p1 is pinned although least recently used
+    assert list(svc.cache.entries) == [p1, p3]
+
+    svc.cache.entries.clear()
+    built: list[str] = []
+    materialize = svc.cache._materialize
+
+    def slow(path_id: str):
+        built.append(path_id)
+        threading.Event().wait(0.2)  # long enough for every request to arrive while it builds
+        return materialize(path_id)
+
+    svc.cache._materialize = slow
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(svc.cache.get(p2))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == [p2] and len(got) == 4 and all(e is got[0] for e in got)
+    assert svc.cache._building == {}
+
+
+def test_pinned_paths_are_materialized_at_start(tmp_path, app_client: TestClient) -> None:
+    from tests.conftest import make_settings, start_app
+
+    pid = _paths(app_client, 1)[0]
+    settings = app_client.app.state.services.settings
+    pinned = make_settings(tmp_path / "second", database_url=settings.db_url, pinned_paths=[pid, "p_" + "0" * 32])
+    pinned.data_dir.mkdir()
+    (pinned.data_dir / "blobs").symlink_to(settings.blob_dir.resolve())
+    client = start_app(pinned)  # the missing pinned path is logged, not fatal
+    try:
+        assert list(client.app.state.services.cache.entries) == [pid]
+    finally:
+        client.__exit__(None, None, None)

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # runtime
     cache_bytes: int = 256 * 2**20  # LRU budget for materialized paths (delta bytes)
+    pinned_paths: list[str] = []  # materialized at start and never evicted (JSON list in the env)
     max_batch_size: int = 64
     max_wait_ms: float = 2.0
     max_predict_inputs: int = 256
