@@ -32,14 +32,25 @@ def _client(url: str) -> ZooClient:
 
 
 def _fail(e: ApiError) -> None:
-    console.print(f"[red]error {e.status}[/red]: {e.problem.get('detail', e.problem)}")
+    console.print(f"[red]error{f' {e.status}' if e.status else ''}[/red]: {e.problem.get('detail', e.problem)}")
     raise typer.Exit(1)
 
 
+def _cell(value: object) -> str:
+    if isinstance(value, list | tuple):
+        text = ",".join(map(str, value))
+        return text if len(text) <= 24 else f"{len(value)} ({text[:18]}…)"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
 def _table(rows: list[dict], cols: list[str]) -> None:
-    t = Table(*cols)
+    t = Table()
+    for c in cols:  # ids are what users copy: never cut
+        t.add_column(c, no_wrap=c == "id", min_width=max((len(str(r[c])) for r in rows), default=2) if c == "id" else None)
     for r in rows:
-        t.add_row(*[str(r.get(c, "")) for c in cols])
+        t.add_row(*[_cell(r.get(c, "")) for c in cols])
     console.print(t)
 
 
@@ -79,7 +90,8 @@ def worker() -> None:
 @models_app.command("list")
 def models_list(url: Url = DEFAULT_URL) -> None:
     try:
-        _table(_client(url).models(), ["id", "arch", "num_params", "bytes", "labels", "metrics"])
+        rows = [{**m, "accuracy": m["metrics"].get("accuracy", "")} for m in _client(url).models()]
+        _table(rows, ["id", "arch", "num_params", "bytes", "labels", "accuracy"])
     except ApiError as e:
         _fail(e)
 
@@ -123,7 +135,7 @@ def models_pull(
 @datasets_app.command("list")
 def datasets_list(url: Url = DEFAULT_URL) -> None:
     try:
-        _table(_client(url).datasets(), ["id", "name", "source", "num_samples", "shape", "labels"])
+        _table(_client(url).datasets(), ["id", "source", "num_samples", "shape", "labels", "name"])
     except ApiError as e:
         _fail(e)
 
@@ -168,7 +180,8 @@ def predict(path_id: str, images: list[Path], top_k: int = 1, url: Url = DEFAULT
     except ApiError as e:
         _fail(e)
     for img, p in zip(images, out["predictions"], strict=True):
-        console.print(f"{img}: {p['label']} ({p['score']:.3f})")
+        ranked = "  ".join(f"{s['label']} ({s['score']:.3f})" for s in p["top_k"])
+        console.print(f"{img}: {ranked}")
 
 
 @bundle_app.command("export")

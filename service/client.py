@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,15 @@ class ApiError(Exception):
         super().__init__(f"{status} {problem.get('title', '')}: {problem.get('detail', '')}")
 
 
+@contextmanager
+def _reachable(base_url: object) -> Iterator[None]:
+    """A server that cannot be reached is an ApiError (status 0) with a one-line reason, not a trace."""
+    try:
+        yield
+    except httpx.TransportError as e:
+        raise ApiError(0, {"title": "Unreachable", "detail": f"cannot reach {base_url}: {e or type(e).__name__}"}) from e
+
+
 class ZooClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, transport: httpx.BaseTransport | None = None,
                  timeout: float = 60.0):  # fmt: skip
@@ -26,7 +36,8 @@ class ZooClient:
         self.http.close()
 
     def _call(self, method: str, url: str, **kw: Any) -> httpx.Response:
-        r = self.http.request(method, url, **kw)
+        with _reachable(self.http.base_url):
+            r = self.http.request(method, url, **kw)
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -78,7 +89,7 @@ class ZooClient:
 
     def events(self, job_id: str) -> Iterator[dict]:
         """The job's server-sent events, each a job dict, until it ends."""
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as r:
+        with _reachable(self.http.base_url), self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as r:
             if r.status_code >= 400:
                 r.read()
                 raise ApiError(r.status_code, r.json())

@@ -145,7 +145,7 @@ def test_not_ready_while_the_demo_zoo_builds(tmp_path, monkeypatch) -> None:
 
     release = threading.Event()
 
-    def slow_build(store, samples, say) -> None:  # noqa: ANN001
+    def slow_build(store, samples, say) -> None:
         say("demo zoo: training resnet-mnist (resnet_s on mnist, 12000 samples) [1/5]")
         release.wait(30)
 
