@@ -33,8 +33,17 @@ def _task(n: int = 24, labels=("0", "1", "2")) -> TaskData:
     return TaskData(x, y, x[:6], y[:6], list(labels))
 
 
+# what each method needs beyond base + task to run in a second on a tiny base
+METHOD_SPECS = {"resample": {"budget": {"width": 0.5}, "train": {"steps": 3, "batch_size": 8}}}
+
+
 def _spec(name: str) -> CompositionSpec:
-    return CompositionSpec(method=name, base="b", task={"dataset": "t"}, train={"epochs": 1, "batch_size": 8})
+    spec = {"method": name, "base": "b", "task": {"dataset": "t"}, "train": {"epochs": 1, "batch_size": 8}}
+    return CompositionSpec.model_validate({**spec, **METHOD_SPECS.get(name, {})})
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @pytest.mark.parametrize("arch", SMALL_ARCHS)
@@ -43,8 +52,10 @@ def test_build_materialize_roundtrip(name: str, arch: str) -> None:
     method = get_method(name)
     card, net = _base(arch)
     before = digest_of(net)
+    spec = _spec(name)
+    assert method.validate(spec, {"b": card}) == ["b"]
     ctx = BuildContext(bases={"b": (card, net)}, load_task=lambda t, c: _task())
-    art = method.build(_spec(name), ctx)
+    art = method.build(spec, ctx)
     manifest = make_manifest(art)
     check_expected(manifest, method.expected_tensors(art.config, {"b": net}))
     bundle = decode_bundle(encode_bundle(manifest, art.tensors, art.metrics))
@@ -52,11 +63,20 @@ def test_build_materialize_roundtrip(name: str, arch: str) -> None:
     x = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
         out = module(x)
-    assert out.shape == (5, 3)
-    base_ptrs = {p.data_ptr() for p in net.parameters()}
-    assert base_ptrs <= {p.data_ptr() for p in module.parameters()}, "materialized path must share base weights"
+    assert out.shape == (5, len(art.labels))
+    base_ptrs = {p.data_ptr() for p in list(net.parameters()) + list(net.buffers())}
+    own = [t for t in list(module.parameters()) + list(module.buffers()) if t.data_ptr() not in base_ptrs]
+    assert _bytes(own) < _bytes(net.parameters()), "a materialized path must not copy its base"
     assert digest_of(net) == before, "building or materializing must not write to the base"
-    assert art.metrics["tensor_bytes"] < art.metrics["dense_bytes"]
+    assert _bytes(art.tensors.values()) < art.metrics["dense_bytes"]
+
+
+def test_reprogram_shares_every_base_weight() -> None:
+    card, net = _base("resnet_s")
+    method = get_method("reprogram")
+    art = method.build(_spec("reprogram"), BuildContext(bases={"b": (card, net)}, load_task=lambda t, c: _task()))
+    module = method.materialize(art.config, art.tensors, {"b": net})
+    assert {p.data_ptr() for p in net.parameters()} <= {p.data_ptr() for p in module.parameters()}
 
 
 @pytest.mark.parametrize("arch", SMALL_ARCHS)

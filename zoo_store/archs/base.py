@@ -31,6 +31,22 @@ FLATTEN = "<flatten>"  # a stage step that flattens (B, C, 1, 1) -> (B, C)
 
 
 @dataclass(frozen=True)
+class ChannelGroup:
+    """One set of coupled channels: permuting or resampling it must touch every tensor listed.
+
+    ``producers`` write the channels (output rows of a conv or linear, each with the BatchNorm that
+    follows it, if any); ``depthwise`` convs carry them one to one (with their BatchNorm);
+    ``consumers`` read them (input columns of a conv or linear). Channels that meet a residual
+    addition are never in a group: only the internal channels of blocks are.
+    """
+
+    name: str
+    producers: tuple[tuple[str, str | None], ...]  # (conv/linear path, its BatchNorm path or None)
+    consumers: tuple[str, ...]
+    depthwise: tuple[tuple[str, str | None], ...] = ()
+
+
+@dataclass(frozen=True)
 class Stage:
     tap: Tap
     steps: tuple[str, ...]  # dotted module paths (or FLATTEN), applied in order
@@ -78,6 +94,10 @@ class TapNet(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.head_layer.out_features
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """The coupled channel groups that width resampling may shrink (none unless declared)."""
+        return []
 
     # -- forward ----------------------------------------------------------------------------
     def stage_fn(self, index: int) -> Callable[[Tensor], Tensor]:

@@ -27,6 +27,7 @@ class TrainSpec(_Strict):
     seed: int = 0
     lr: float = Field(1e-2, gt=0, le=1)
     batch_size: int = Field(64, ge=1, le=4096)
+    steps: int | None = Field(None, ge=0, le=100_000)  # for methods that tune on a few batches (resample)
 
 
 class CompositionSpec(_Strict):

@@ -1,0 +1,3 @@
+from zoo_store.methods.resample.method import Resample
+
+__all__ = ["Resample"]

@@ -1,0 +1,241 @@
+"""Integral Neural Networks (INN, CVPR 2023) as a composition method: SPEC section 3.4.
+
+A path is a base resampled to a smaller width without fine-tuning: per channel group, the
+permutation that orders its channels (int32), the number of channels kept, and, with partition
+tuning, the widths of the cells they sample (float32). Materializing recomputes the dense smaller
+network from the resident base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from zoo_store.archs import TapNet, build_arch
+from zoo_store.archs.base import ChannelGroup
+from zoo_store.archs.surgery import state_bytes
+from zoo_store.cards import Card
+from zoo_store.errors import InvalidInput
+from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, TaskData, register_method
+from zoo_store.methods.resample.config import ResampleBudget, ResampleConfig
+from zoo_store.methods.resample.layers import (
+    Fused,
+    assemble,
+    channel_features,
+    fused_layers,
+    group_sizes,
+    permute_and_resample,
+    resampled_params,
+    tour_length,
+    two_opt_order,
+    uniform_cells,
+)
+from zoo_store.methods.spec import CompositionSpec
+from zoo_store.paths import BaseRef, PathArtifact
+from zoo_store.training import normalize, predict_logits
+
+DEFAULT_STEPS = 100  # partition-tuning steps when a task is given and train.steps is not
+
+
+@register_method
+class Resample(Method):
+    name = "resample"
+
+    def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
+        if not spec.base:
+            raise InvalidInput("method 'resample' needs 'base': the id of the zoo model to resample")
+        if spec.base not in cards:
+            raise InvalidInput(f"unknown base {spec.base!r}; the zoo has {sorted(cards)}")
+        unused = [f for f in ("sources", "models") if getattr(spec, f)]
+        if unused:
+            raise InvalidInput(f"method 'resample' does not take {unused}")
+        card = cards[spec.base]
+        net = _skeleton(card)
+        widths_for(net, net.channel_groups(), _budget(spec.budget))  # a budget no resample meets is a 422 here
+        return [spec.base]
+
+    def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
+        assert spec.base
+        card, base = ctx.bases[spec.base]
+        groups = base.channel_groups()
+        widths = widths_for(base, groups, _budget(spec.budget))
+        layers = fused_layers(base, groups)
+        ctx.progress(fraction=0.0, step="ordering channels")
+        perms, gains = {}, []
+        for i, g in enumerate(groups):
+            x = channel_features(layers, g)
+            order = two_opt_order(x, seeds=4)
+            dist = torch.cdist(x.cpu(), x.cpu(), p=1).numpy()
+            gains.append(tour_length(dist, order) / max(tour_length(dist, torch.arange(len(order)).numpy()), 1e-12))
+            perms[g.name] = torch.as_tensor(order, dtype=torch.int32)
+            ctx.progress(fraction=0.5 * (i + 1) / len(groups), step=f"ordered {g.name}")
+        cells = {g.name: uniform_cells(widths[g.name]) for g in groups}
+        metrics: dict[str, Any] = {
+            "params": resampled_params(base, groups, widths),
+            "base_params": sum(p.numel() for p in base.parameters()),
+            "groups": len(groups),
+            "tour_length_ratio": sum(gains) / len(gains),  # tour length / identity order, mean over groups
+            "dense_bytes": state_bytes(base),  # the base it stands in for
+        }
+        metrics["params_removed"] = 1 - metrics["params"] / metrics["base_params"]
+        tuned = False
+        if spec.task is not None:
+            data = ctx.load_task(spec.task, card)
+            cols = _label_columns(card, data)
+            small = assemble(base, groups, permute_and_resample(layers, groups, perms, cells))
+            metrics["base_accuracy"] = _accuracy(base, data, cols, card, ctx.device)
+            metrics["uniform_accuracy"] = _accuracy(small, data, cols, card, ctx.device)
+            steps = DEFAULT_STEPS if spec.train.steps is None else spec.train.steps
+            if steps:
+                cells, loss = tune_partition(base, small, groups, layers, perms, cells, data.train_x, card, steps,
+                                             spec.train.lr, spec.train.batch_size, spec.train.seed, ctx)  # fmt: skip
+                tuned = True
+                metrics["tuning_loss"] = loss
+                small = assemble(base, groups, permute_and_resample(layers, groups, perms, cells))
+            metrics["accuracy"] = _accuracy(small, data, cols, card, ctx.device)
+            metrics["test_samples"] = len(data.test_x)
+        tensors = {f"perm.{k}": v for k, v in perms.items()}
+        if tuned:
+            tensors |= {f"grid.{k}": v.float().cpu().contiguous() for k, v in cells.items()}
+        ctx.progress(fraction=1.0)
+        return PathArtifact(
+            method=self.name,
+            bases=[BaseRef(id=card.id, digest=card.digest)],
+            labels=list(card.labels),
+            input=card.input,
+            config=ResampleConfig(base=card.id, widths=widths, tuned=tuned).model_dump(),
+            tensors=tensors,
+            metrics=metrics,
+        )
+
+    def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
+        cfg, base = _config(config, bases)
+        sizes = group_sizes(base, base.channel_groups())
+        out: ExpectedTensors = {f"perm.{g}": ("int32", (n,)) for g, n in sizes.items()}
+        if cfg.tuned:
+            out |= {f"grid.{g}": ("float32", (cfg.widths[g],)) for g in sizes}
+        return out
+
+    def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
+        cfg, base = _config(config, bases)
+        groups = base.channel_groups()
+        perms = {g.name: _checked_perm(tensors[f"perm.{g.name}"], g.name) for g in groups}
+        if cfg.tuned:
+            cells = {g.name: _checked_cells(tensors[f"grid.{g.name}"], g.name) for g in groups}
+        else:
+            cells = {g.name: uniform_cells(cfg.widths[g.name]) for g in groups}
+        return assemble(base, groups, permute_and_resample(fused_layers(base, groups), groups, perms, cells))
+
+
+def widths_for(net: TapNet, groups: list[ChannelGroup], budget: ResampleBudget) -> dict[str, int]:
+    """Channels kept per group: ``round(width * n)`` (at least 1), or the widest uniform fraction
+    whose network fits ``max_params``."""
+    if not groups:
+        raise InvalidInput(f"architecture {net.arch!r} declares no channel groups, so it cannot be resampled")
+    sizes = group_sizes(net, groups)
+
+    def at(fraction: float) -> dict[str, int]:
+        return {g: max(1, min(n, round(fraction * n))) for g, n in sizes.items()}
+
+    if budget.width is not None:
+        return at(budget.width)
+    assert budget.max_params is not None
+    smallest = resampled_params(net, groups, at(0.0))
+    if budget.max_params < smallest:
+        raise InvalidInput(f"budget.max_params {budget.max_params:,} is below the smallest resample of this base "
+                           f"(one channel per group): {smallest:,} parameters")  # fmt: skip
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # parameters grow with the fraction: bisect for the widest that fits
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if resampled_params(net, groups, at(mid)) <= budget.max_params else (lo, mid)
+    return at(lo)
+
+
+def tune_partition(
+    base: TapNet, small: nn.Module, groups: list[ChannelGroup], layers: dict[str, Fused],
+    perms: dict[str, Tensor], cells: dict[str, Tensor], images: Tensor, card: Card,
+    steps: int, lr: float, batch_size: int, seed: int, ctx: BuildContext,
+) -> tuple[dict[str, Tensor], float]:  # fmt: skip
+    """Learn ordered, non-uniform cells per group (softmax widths summing to 2) so the small network
+    matches the base's output distribution on a few batches; every weight stays frozen."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = {g: torch.log(c.float()).clone().requires_grad_(True) for g, c in cells.items()}  # uniform start
+    opt = torch.optim.Adam(logits.values(), lr=lr)
+    loss_value = float("nan")
+    for step in range(steps):
+        idx = torch.randint(len(images), (min(batch_size, len(images)),), generator=gen)
+        x = normalize(images[idx].to(ctx.device), card.input)  # (B, C, H, W)
+        with torch.no_grad():
+            target = F.log_softmax(base(x), 1)  # (B, K)
+        current = {g: 2 * torch.softmax(z, 0).double() for g, z in logits.items()}
+        fused = permute_and_resample(layers, groups, perms, current)
+        params = {f"{p}.{k}": getattr(f, k).float() for p, f in fused.items() for k in ("weight", "bias")}
+        out = F.log_softmax(functional_call(small, params, (x,)), 1)
+        loss = F.kl_div(out, target, log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss_value = loss.item()
+        ctx.progress(fraction=0.5 + 0.5 * (step + 1) / steps, step=f"partition tuning {step + 1}/{steps}", loss=loss_value)
+    return {g: (2 * torch.softmax(z.detach(), 0)).double() for g, z in logits.items()}, loss_value
+
+
+def _accuracy(net: nn.Module, data: TaskData, cols: list[int], card: Card, device: str) -> float:
+    logits = predict_logits(net, data.test_x, card.input, device=device)[:, cols]  # (M, task labels)
+    return (logits.argmax(1) == data.test_y).float().mean().item()
+
+
+def _label_columns(card: Card, data: TaskData) -> list[int]:
+    unknown = [label for label in data.labels if label not in card.labels]
+    if unknown:
+        raise InvalidInput(f"task labels {unknown} are not labels of base {card.id!r}: resampling keeps the base's head")
+    return [card.labels.index(label) for label in data.labels]
+
+
+def _skeleton(card: Card) -> TapNet:
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        return build_arch(card.arch, {**card.arch_config, "num_classes": len(card.labels)})
+
+
+def _budget(raw: dict[str, Any]) -> ResampleBudget:
+    try:
+        return ResampleBudget.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(["budget", *(str(x) for x in err["loc"])])
+        raise InvalidInput(f"bad resample {where}: {err['msg']}") from e
+
+
+def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ResampleConfig, TapNet]:
+    try:
+        cfg = ResampleConfig.model_validate(config)
+    except ValidationError as e:
+        raise InvalidInput(f"bad resample config: {e.errors()[0]['msg']}") from e
+    if cfg.base not in bases:
+        raise InvalidInput(f"resample config names base {cfg.base!r}, which the path does not reference")
+    base = bases[cfg.base]
+    sizes = group_sizes(base, base.channel_groups())
+    if set(cfg.widths) != set(sizes):
+        raise InvalidInput(f"resample widths name groups {sorted(cfg.widths)}, base {cfg.base!r} has {sorted(sizes)}")
+    bad = {g: w for g, w in cfg.widths.items() if not 1 <= w <= sizes[g]}
+    if bad:
+        raise InvalidInput(f"resample widths out of range (1..channels): {bad}")
+    return cfg, base
+
+
+def _checked_perm(t: Tensor, group: str) -> Tensor:
+    if not torch.equal(torch.sort(t.long()).values, torch.arange(len(t))):
+        raise InvalidInput(f"perm.{group} is not a permutation of 0..{len(t) - 1}")
+    return t
+
+
+def _checked_cells(t: Tensor, group: str) -> Tensor:
+    t = t.double()
+    if not bool((t > 0).all()) or abs(float(t.sum()) - 2.0) > 1e-4:
+        raise InvalidInput(f"grid.{group} must hold positive cell widths summing to 2 (sums to {float(t.sum()):.6f})")
+    return t
