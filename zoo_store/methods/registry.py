@@ -73,6 +73,18 @@ class Method(ABC):
         """A module over the resident bases (sharing their weights) mapping normalized input to logits."""
 
 
+def one_base(method: str, spec: CompositionSpec, cards: dict[str, Card]) -> Card:
+    """The card of ``spec.base`` for a method that composes one base (and takes no sources/models)."""
+    if not spec.base:
+        raise InvalidInput(f"method {method!r} needs 'base': the id of the zoo model it starts from")
+    if spec.base not in cards:
+        raise InvalidInput(f"unknown base {spec.base!r}; the zoo has {sorted(cards)}")
+    unused = [f for f in ("sources", "models") if getattr(spec, f)]
+    if unused:
+        raise InvalidInput(f"method {method!r} does not take {unused}")
+    return cards[spec.base]
+
+
 _METHODS: dict[str, Method] = {}
 
 

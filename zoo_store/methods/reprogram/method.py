@@ -11,7 +11,7 @@ from zoo_store.archs import TapNet
 from zoo_store.archs.surgery import state_bytes
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
-from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, register_method
+from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, one_base, register_method
 from zoo_store.methods.reprogram.config import ReprogramConfig
 from zoo_store.methods.reprogram.layers import Reprogrammed, build_reprogrammed, clr_targets, load_delta
 from zoo_store.methods.spec import CompositionSpec
@@ -24,15 +24,9 @@ class Reprogram(Method):
     name = "reprogram"
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
-        if not spec.base:
-            raise InvalidInput("method 'reprogram' needs 'base': the id of the zoo model to reprogram")
-        if spec.base not in cards:
-            raise InvalidInput(f"unknown base {spec.base!r}; the zoo has {sorted(cards)}")
+        one_base(self.name, spec, cards)
         if spec.task is None:
             raise InvalidInput("method 'reprogram' needs 'task': {'dataset': id, 'labels': [...]}")
-        unused = [f for f in ("sources", "models") if getattr(spec, f)]
-        if unused:
-            raise InvalidInput(f"method 'reprogram' does not take {unused}")
         return [spec.base]
 
     def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:

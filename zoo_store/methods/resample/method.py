@@ -21,7 +21,14 @@ from zoo_store.archs.base import ChannelGroup
 from zoo_store.archs.surgery import state_bytes
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
-from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, TaskData, register_method
+from zoo_store.methods.registry import (
+    BuildContext,
+    ExpectedTensors,
+    Method,
+    TaskData,
+    one_base,
+    register_method,
+)
 from zoo_store.methods.resample.config import ResampleBudget, ResampleConfig
 from zoo_store.methods.resample.layers import (
     Fused,
@@ -47,15 +54,7 @@ class Resample(Method):
     name = "resample"
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
-        if not spec.base:
-            raise InvalidInput("method 'resample' needs 'base': the id of the zoo model to resample")
-        if spec.base not in cards:
-            raise InvalidInput(f"unknown base {spec.base!r}; the zoo has {sorted(cards)}")
-        unused = [f for f in ("sources", "models") if getattr(spec, f)]
-        if unused:
-            raise InvalidInput(f"method 'resample' does not take {unused}")
-        card = cards[spec.base]
-        net = _skeleton(card)
+        net = _skeleton(one_base(self.name, spec, cards))
         widths_for(net, net.channel_groups(), _budget(spec.budget))  # a budget no resample meets is a 422 here
         return [spec.base]
 
