@@ -195,6 +195,18 @@ def bundle_export(path_id: str, out: Path | None = None, url: Url = DEFAULT_URL)
     console.print(f"wrote {out} ({len(data)} bytes)")
 
 
+@bundle_app.command("network")
+def bundle_network(path_id: str, out: Path | None = None, url: Url = DEFAULT_URL) -> None:
+    """Write a resample path as a standalone network (safetensors + card) for devices without the service."""
+    try:
+        data = _client(url).network(path_id)
+    except ApiError as e:
+        _fail(e)
+    out = out or Path(f"{path_id}.safetensors")
+    out.write_bytes(data)
+    console.print(f"wrote {out} ({len(data)} bytes); load it with zoo_store.archs.standalone.load_network")
+
+
 @bundle_app.command("import")
 def bundle_import(file: Path, url: Url = DEFAULT_URL) -> None:
     try:
@@ -207,7 +219,7 @@ def bundle_import(file: Path, url: Url = DEFAULT_URL) -> None:
 @app.command()
 def bench(
     out: Path = Path("docs/benchmarks.md"),
-    suite: Annotated[str, typer.Option(help="serving | reprogram | all")] = "serving",
+    suite: Annotated[str, typer.Option(help="serving | reprogram | resample | all")] = "serving",
     quick: bool = False,
 ) -> None:
     """Measure ratios side by side in one run and write them to docs/ with the machine."""

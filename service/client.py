@@ -113,6 +113,10 @@ class ZooClient:
     def bundle(self, path_id: str) -> bytes:
         return self._call("GET", f"/v1/paths/{path_id}/bundle").content
 
+    def network(self, path_id: str) -> bytes:
+        """A resample path as a standalone network (safetensors); load it with zoo_store.archs.standalone."""
+        return self._call("GET", f"/v1/paths/{path_id}/network").content
+
     def import_bundle(self, data: bytes) -> dict:
         return self._call("POST", "/v1/paths/import", content=data,
                           headers={"content-type": "application/octet-stream"}).json()  # fmt: skip

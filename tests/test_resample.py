@@ -202,3 +202,27 @@ def decode(bundle: bytes):
     from zoo_store.paths import decode_bundle
 
     return decode_bundle(bundle)
+
+
+def test_standalone_network_export(app_client) -> None:
+    """A resample path downloads as a plain network that rebuilds without the service, same outputs."""
+    from tests.helpers import compose, reprogram_spec, tensor_inputs
+    from zoo_store.archs.standalone import load_network
+    from zoo_store.training import normalize
+
+    pid = compose(app_client, _spec(width=0.6))["path_id"]
+    data = app_client.get(f"/v1/paths/{pid}/network")
+    assert data.status_code == 200
+    net, card = load_network(data.content)
+    svc = app_client.app.state.services
+    base_card, base = svc.zoo.bases["res"]
+    x = normalize(torch.rand(4, 1, 28, 28), base_card.input)
+    with torch.no_grad():
+        assert torch.equal(net(x), svc.cache.get(pid).module(x))
+    assert card["labels"] == list("0123456789") and card["from_path"] == pid
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in base.parameters())
+    probs = app_client.post(f"/v1/paths/{pid}/predict", json={"inputs": tensor_inputs(1)}).json()
+    assert probs["predictions"][0]["label"] in card["labels"]
+    other = compose(app_client, reprogram_spec())["path_id"]
+    r = app_client.get(f"/v1/paths/{other}/network")
+    assert r.status_code == 409 and "only resample paths" in r.json()["detail"]

@@ -8,7 +8,9 @@ from service.deps import Cursor, Limit, ReadySvc, Svc
 from service.inputs import image_bytes_input, image_input, tensor_input
 from service.runtime import validate_bundle
 from service.schemas import Page, Path, Prediction, PredictRequest, PredictResponse, Scored
-from zoo_store.errors import BadRequest, InvalidInput, PayloadTooLarge
+from zoo_store.archs.standalone import export_network
+from zoo_store.errors import BadRequest, Conflict, InvalidInput, PayloadTooLarge
+from zoo_store.methods.registry import get_method, method_names
 from zoo_store.paths import Manifest, decode_bundle
 
 router = APIRouter(prefix="/v1/paths", tags=["paths"])
@@ -40,6 +42,20 @@ def get_bundle(path_id: str, svc: Svc) -> Response:
         media_type="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{row.id}.zoopath"'},
     )
+
+
+@router.get("/{path_id}/network", response_class=Response)
+async def get_network(path_id: str, svc: ReadySvc) -> Response:
+    """The path as a standalone dense network (safetensors + card), for paths that are one (resample)."""
+    entry = await run_in_threadpool(svc.cache.get, path_id)
+    if not get_method(entry.manifest.method).standalone:
+        which = [n for n in method_names() if get_method(n).standalone]
+        raise Conflict(f"a {entry.manifest.method!r} path runs on its resident bases and is not a standalone network; "
+                       f"only {' and '.join(which)} paths are")  # fmt: skip
+    card = svc.zoo.bases[entry.manifest.bases[0].id][0]
+    data = await run_in_threadpool(export_network, entry.module, card, path_id)
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{path_id}.safetensors"'})  # fmt: skip
 
 
 @router.post("/import", status_code=201, openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})

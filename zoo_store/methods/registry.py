@@ -53,6 +53,7 @@ class BuildContext:
 
 class Method(ABC):
     name: ClassVar[str]
+    standalone: ClassVar[bool] = False  # its materialized paths are plain networks of the base's architecture
 
     @abstractmethod
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:

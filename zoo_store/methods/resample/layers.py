@@ -174,6 +174,18 @@ def permute_and_resample(
     return out
 
 
+def select_channels(layers: dict[str, Fused], groups: list[ChannelGroup], keep: dict[str, Tensor]) -> dict[str, Fused]:
+    """Plain structured pruning, the baseline: keep the listed channels of each group, unscaled."""
+    out = {p: Fused(f.weight, f.bias) for p, f in layers.items()}
+    for g in groups:
+        idx = keep[g.name].long().to(out[g.producers[0][0]].weight.device)
+        for p, _ in (*g.producers, *g.depthwise):
+            out[p] = Fused(out[p].weight[idx], out[p].bias[idx])
+        for c in g.consumers:
+            out[c] = Fused(out[c].weight[:, idx], out[c].bias)
+    return out
+
+
 def _rebuilt(old: Layer, f: Fused, depthwise: bool) -> Layer:
     w = f.weight.float()
     if isinstance(old, nn.Linear):

@@ -8,8 +8,10 @@ network from the resident base.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
@@ -52,6 +54,7 @@ DEFAULT_STEPS = 100  # partition-tuning steps when a task is given and train.ste
 @register_method
 class Resample(Method):
     name = "resample"
+    standalone = True
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
         net = _skeleton(one_base(self.name, spec, cards))
@@ -63,16 +66,9 @@ class Resample(Method):
         card, base = ctx.bases[spec.base]
         groups = base.channel_groups()
         widths = widths_for(base, groups, _budget(spec.budget))
-        layers = fused_layers(base, groups)
         ctx.progress(fraction=0.0, step="ordering channels")
-        perms, gains = {}, []
-        for i, g in enumerate(groups):
-            x = channel_features(layers, g)
-            order = two_opt_order(x, seeds=4)
-            dist = torch.cdist(x.cpu(), x.cpu(), p=1).numpy()
-            gains.append(tour_length(dist, order) / max(tour_length(dist, torch.arange(len(order)).numpy()), 1e-12))
-            perms[g.name] = torch.as_tensor(order, dtype=torch.int32)
-            ctx.progress(fraction=0.5 * (i + 1) / len(groups), step=f"ordered {g.name}")
+        layers, perms, gains = convert(base, groups, lambda i, g: ctx.progress(fraction=0.5 * (i + 1) / len(groups),
+                                                                               step=f"ordered {g}"))  # fmt: skip
         cells = {g.name: uniform_cells(widths[g.name]) for g in groups}
         metrics: dict[str, Any] = {
             "params": resampled_params(base, groups, widths),
@@ -129,6 +125,23 @@ class Resample(Method):
         else:
             cells = {g.name: uniform_cells(cfg.widths[g.name]) for g in groups}
         return assemble(base, groups, permute_and_resample(fused_layers(base, groups), groups, perms, cells))
+
+
+def convert(
+    base: TapNet, groups: list[ChannelGroup], on_group: Callable[[int, str], None] = lambda i, g: None
+) -> tuple[dict[str, Fused], dict[str, Tensor], list[float]]:
+    """Fold BatchNorms and order every group's channels along a 2-opt tour: (layers, permutations
+    (int32), tour length / identity-order length per group)."""
+    layers = fused_layers(base, groups)
+    perms, gains = {}, []
+    for i, g in enumerate(groups):
+        x = channel_features(layers, g).cpu()  # (n, d)
+        order = two_opt_order(x, seeds=4)
+        dist = torch.cdist(x, x, p=1).numpy()
+        gains.append(tour_length(dist, order) / max(tour_length(dist, np.arange(len(order))), 1e-12))
+        perms[g.name] = torch.as_tensor(order, dtype=torch.int32)
+        on_group(i, g.name)
+    return layers, perms, gains
 
 
 def widths_for(net: TapNet, groups: list[ChannelGroup], budget: ResampleBudget) -> dict[str, int]:
