@@ -161,7 +161,8 @@ def compose(spec: Path, url: Url = DEFAULT_URL) -> None:
             task = bar.add_task(f"job {job['id']}", total=1.0, info="queued")
             for event in client.events(job["id"]):
                 p = event["progress"]
-                info = f"{event['state']} epoch {p.get('epoch', '-')} loss {p.get('loss', float('nan')):.4f}"
+                info = " ".join([event["state"], str(p.get("step", f"epoch {p['epoch']}" if "epoch" in p else "")),
+                                 f"loss {p['loss']:.4f}" if "loss" in p else ""])  # fmt: skip
                 bar.update(task, completed=p.get("fraction", 0.0), info=info)
         job = client.job(job["id"])
     except ApiError as e:
