@@ -95,6 +95,12 @@ class TapNet(nn.Module):
     def num_classes(self) -> int:
         return self.head_layer.out_features
 
+    def prefix_convs(self, end: str) -> list[str]:
+        """Dotted paths of every Conv2d in the stages up to and including tap ``end``, in order."""
+        paths = [p for stage in self._stages[: self.tap_index(end) + 1] for p in stage.steps if p != FLATTEN]
+        return [f"{p}.{name}" if name else p
+                for p in paths for name, m in self.get_submodule(p).named_modules() if isinstance(m, nn.Conv2d)]  # fmt: skip
+
     def channel_groups(self) -> list[ChannelGroup]:
         """The coupled channel groups that width resampling may shrink (none unless declared)."""
         return []

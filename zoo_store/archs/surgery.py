@@ -19,6 +19,9 @@ def shared_copy(net: M) -> M:
     new = copy.copy(net)
     new._parameters = dict(net._parameters)
     new._buffers = dict(net._buffers)
+    for name, value in vars(net).items():  # hook registries too: a hook on the copy must not reach the original
+        if "hooks" in name and isinstance(value, dict):
+            setattr(new, name, type(value)(value))
     new._modules = {name: None if m is None else shared_copy(m) for name, m in net._modules.items()}
     return new
 

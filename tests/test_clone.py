@@ -1,0 +1,124 @@
+"""Cloning, step by step (issue 3): the plan a spec resolves to, and the localization of filters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import GRAY, tiny_card, tiny_weights
+from zoo_store.archs import build_arch
+from zoo_store.archs.surgery import replace_module, shared_copy
+from zoo_store.cards import Card
+from zoo_store.errors import InvalidInput
+from zoo_store.methods.clone.config import plan_clone
+from zoo_store.methods.clone.layers import KeptFilters, occlude, soft_masks
+from zoo_store.methods.clone.localize import localize
+from zoo_store.methods.spec import CompositionSpec
+from zoo_store.store import card_for
+from zoo_store.training import freeze
+from zoo_store.weights import digest_of
+
+LOW, HIGH, ALL = tuple("01234"), tuple("56789"), tuple("0123456789")
+
+
+def _base(base_id: str, labels: tuple[str, ...], arch: str = "resnet_s", seed: int = 0) -> tuple[Card, torch.nn.Module]:
+    net = build_arch(arch, {"num_classes": len(labels)})
+    net.load_state_dict(tiny_weights(arch, len(labels), seed))
+    freeze(net)
+    return card_for(tiny_card(base_id, arch, labels), net, digest_of(net), 0), net
+
+
+@pytest.fixture(scope="module")
+def cards() -> dict[str, Card]:
+    return {c.id: c for c in (_base("low", LOW)[0], _base("high", HIGH)[0], _base("all", ALL, "vgg_s")[0])}
+
+
+def _spec(**kw) -> CompositionSpec:
+    return CompositionSpec.model_validate({"method": "clone", "base": "low", "task": {"dataset": "mnist"}, **kw})
+
+
+def test_plan_with_named_sources(cards) -> None:
+    plan = plan_clone(_spec(sources=[{"model": "high", "labels": ["7", "9"]}]), cards)
+    assert plan.target == "low" and plan.sources[0].model == "high" and plan.sources[0].labels == ("7", "9")
+    assert plan.labels == (*LOW, "7", "9") and not plan.chosen
+
+
+def test_plan_picks_sources_by_label_coverage(cards) -> None:
+    plan = plan_clone(_spec(task={"dataset": "mnist", "labels": list(ALL)}), cards)
+    # 'high' and 'all' both cover 5-9; the narrower one (fewer labels) is the better-localized source
+    assert plan.chosen and [(s.model, s.labels) for s in plan.sources] == [("high", HIGH)]
+    assert plan.labels == ALL
+
+
+BAD = {
+    "source lacks a label": ({"sources": [{"model": "high", "labels": ["5", "1"]}]}, "does not know labels ['1']"),
+    "unknown source": ({"sources": [{"model": "nope", "labels": ["5"]}]}, "unknown source model 'nope'"),
+    "source is the target": ({"sources": [{"model": "low", "labels": ["1"]}]}, "is the target itself"),
+    "labels nobody knows": ({"task": {"dataset": "mnist", "labels": ["0", "x"]}}, "['x'] are known to no base"),
+    "labels the sources lack": ({"sources": [{"model": "high", "labels": ["5"]}],
+                                 "task": {"dataset": "mnist", "labels": ["0", "5", "y"]}}, "['y'] are known to neither"),
+    "nothing to clone": ({"task": {"dataset": "mnist", "labels": ["0", "1"]}}, "already knows every requested label"),
+    "no sources no labels": ({}, "nothing to clone"),
+    "models given": ({"models": ["high"]}, "does not take 'models'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_clone_specs(cards, case: str) -> None:
+    fields, needle = BAD[case]
+    with pytest.raises(InvalidInput, match=needle.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        plan_clone(_spec(**fields), cards)
+
+
+def test_plan_refuses_a_source_with_another_input(cards) -> None:
+    rgb = cards["high"].model_copy(update={"id": "rgb", "input": GRAY.model_copy(update={"channels": 3})})
+    with pytest.raises(InvalidInput, match="takes input"):
+        plan_clone(_spec(sources=[{"model": "rgb", "labels": ["5"]}]), {**cards, "rgb": rgb})
+
+
+def test_occlusion_zeroes_square_patches() -> None:
+    x = torch.ones(3, 1, 28, 28)
+    y = occlude(x, torch.Generator().manual_seed(0), patches=1, fraction=0.25)
+    assert y.shape == x.shape and torch.equal(x, torch.ones_like(x))  # input untouched
+    assert all(int((img == 0).sum()) == 7 * 7 for img in y)
+    assert torch.equal(y, occlude(x, torch.Generator().manual_seed(0), patches=1, fraction=0.25))
+
+
+def test_hard_masks_skip_filters_exactly() -> None:
+    """A conv computing only its kept filters equals the conv gated by the 0/1 mask."""
+    _, net = _base("high", HIGH)
+    path = net.prefix_convs("stage1")[1]
+    keep = torch.arange(net.get_submodule(path).out_channels) % 3 == 0
+    x = torch.rand(2, 1, 28, 28)
+    gated = shared_copy(net)
+    with torch.no_grad(), soft_masks(gated, {path: keep.float()}):
+        want = gated(x)
+    hard = shared_copy(net)
+    replace_module(hard, path, KeptFilters(net.get_submodule(path), keep))
+    with torch.no_grad():
+        assert torch.allclose(hard(x), want, atol=1e-6)
+    assert not net.get_submodule(path)._forward_hooks  # the gate never touched the resident conv
+
+
+def _images(n: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(n, 1, 28, 28, generator=g) > 0.7).float()  # sparse strokes, MNIST-like range
+
+
+def test_localize_without_sparsity_keeps_the_source() -> None:
+    _, src = _base("high", HIGH)
+    before = digest_of(src)
+    loc = localize(src, "stage2", [0, 2, 4], _images(32), GRAY, steps=5, sparsity=0.0, batch_size=16)
+    assert set(loc.masks) == set(src.prefix_convs("stage2"))
+    assert all(m.shape == (src.get_submodule(p).out_channels,) and m.dtype == torch.bool for p, m in loc.masks.items())
+    assert loc.kept_fraction == 1.0 and loc.fidelity == 1.0
+    assert digest_of(src) == before
+    assert not any(m._forward_hooks for m in src.modules())
+
+
+def test_sparsity_drops_filters_and_reports_fidelity() -> None:
+    _, src = _base("high", HIGH)
+    loose = localize(src, "stage1", [0, 2, 4], _images(32), GRAY, steps=25, sparsity=0.0, batch_size=16, lr=0.3)
+    tight = localize(src, "stage1", [0, 2, 4], _images(32), GRAY, steps=25, sparsity=5.0, batch_size=16, lr=0.3)
+    assert tight.kept_fraction < 0.8 * loose.kept_fraction
+    assert 0.0 <= tight.fidelity <= 1.0 and all(m.any() for m in tight.masks.values())
