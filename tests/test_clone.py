@@ -122,3 +122,58 @@ def test_sparsity_drops_filters_and_reports_fidelity() -> None:
     tight = localize(src, "stage1", [0, 2, 4], _images(32), GRAY, steps=25, sparsity=5.0, batch_size=16, lr=0.3)
     assert tight.kept_fraction < 0.8 * loose.kept_fraction
     assert 0.0 <= tight.fidelity <= 1.0 and all(m.any() for m in tight.masks.values())
+
+
+def test_pack_masks_round_trip() -> None:
+    import numpy as np
+
+    from zoo_store.methods.clone.layers import pack_mask, unpack_mask
+
+    keep = torch.rand(37, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = pack_mask(keep)
+    assert packed.dtype == torch.uint8 and packed.shape == (5,)
+    assert np.array_equal(packed.numpy(), np.packbits(keep.numpy()))
+    assert torch.equal(unpack_mask(packed, 37), keep)
+
+
+def test_a_fresh_connection_changes_nothing() -> None:
+    """Zero adapters: the composed network's logits on the target's labels are the target's own."""
+    from zoo_store.methods.clone.insert import Part, fresh_cloned
+
+    t_card, target = _base("low", LOW)
+    _, src = _base("high", HIGH, seed=1)
+    model = fresh_cloned(target, t_card, [Part(src, "stage2")], ["stage1"], [*LOW, "5"], seed=0)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[:, :5], target(x), atol=1e-6)
+
+
+def test_clone_builds_and_materializes_end_to_end() -> None:
+    """The whole build on tiny bases (not yet behind the registry): the path's tensors are what the
+    method expects, survive a bundle, and materialize to the network that was trained."""
+    from zoo_store.methods.clone.method import Clone
+    from zoo_store.methods.registry import BuildContext, TaskData
+    from zoo_store.paths import check_expected, decode_bundle, encode_bundle, make_manifest
+
+    t_card, target = _base("low", LOW)
+    s_card, src = _base("high", HIGH, seed=1)
+    digests = (digest_of(target), digest_of(src))
+    g = torch.Generator().manual_seed(0)
+    x, y = _images(40), torch.arange(40) % 7
+    labels = [*LOW, "5", "6"]
+    spec = CompositionSpec.model_validate({"method": "clone", "base": "low", "sources": [{"model": "high", "labels": ["5", "6"]}],
+                                           "task": {"dataset": "t"}, "train": {"epochs": 1, "batch_size": 16}})  # fmt: skip
+    ctx = BuildContext(bases={"low": (t_card, target), "high": (s_card, src)}, load_task=lambda t, c: TaskData(x, y, x[:10], y[:10], labels))
+    art = Clone().build(spec, ctx)
+    assert art.labels == labels and [b.id for b in art.bases] == ["low", "high"]
+    assert set(art.metrics["source0_insert_losses"]) == {"stem", "stage1", "stage2", "stage3"}
+    manifest = make_manifest(art)
+    nets = {"low": target, "high": src}
+    check_expected(manifest, Clone().expected_tensors(art.config, nets))
+    bundle = decode_bundle(encode_bundle(manifest, art.tensors, art.metrics))
+    module = Clone().materialize(manifest.config, bundle.tensors, nets)
+    probe = torch.rand(4, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        assert module(probe).shape == (4, len(labels))
+        assert torch.equal(module(probe), Clone().materialize(manifest.config, bundle.tensors, nets)(probe))
+    assert (digest_of(target), digest_of(src)) == digests

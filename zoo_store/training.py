@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,16 @@ def predict_logits(model: nn.Module, x: Tensor, spec: InputSpec, batch_size: int
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, spec: InputSpec, device: str = "cpu") -> float:
     return (predict_logits(model, x, spec, device=device).argmax(1) == y).float().mean().item()
+
+
+@torch.no_grad()
+def init_head_rows(head: nn.Linear, base_head: nn.Linear, base_labels: Sequence[str], labels: Sequence[str]) -> None:
+    """Rows of a new head for labels the base already knows start from the base head's rows."""
+    for i, label in enumerate(labels):
+        if label in base_labels:
+            j = list(base_labels).index(label)
+            head.weight[i].copy_(base_head.weight[j])
+            head.bias[i].copy_(base_head.bias[j])
 
 
 def freeze(module: nn.Module) -> nn.Module:

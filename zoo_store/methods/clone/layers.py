@@ -69,3 +69,73 @@ def occlude(x: Tensor, gen: torch.Generator, patches: int = 2, fraction: float =
                 & (cols >= left.view(b, 1, 1)) & (cols < (left + side).view(b, 1, 1)))  # (B, H, W)  # fmt: skip
         out = out.masked_fill(hole.unsqueeze(1).to(out.device), 0.0)
     return out
+
+
+class Adapter(nn.Module):
+    """``A``: a 1x1 conv from the source's channels to the target's, after resizing the source's
+    features to the target's resolution. Zero-initialised: a fresh connection changes nothing."""
+
+    def __init__(self, source_channels: int, target_channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(source_channels, target_channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, f: Tensor, size: tuple[int, int]) -> Tensor:
+        if tuple(f.shape[-2:]) != tuple(size):  # (B, C_s, H_s, W_s) -> (B, C_s, H_t, W_t)
+            bigger = f.shape[-2] > size[0]
+            f = F.adaptive_avg_pool2d(f, size) if bigger else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        return self.proj(f)  # (B, C_t, H_t, W_t)
+
+
+class Cloned(nn.Module):
+    """The composed network: the frozen target, run tap by tap; at each source's insertion tap
+    ``R`` the adapted features of that source's (masked) prefix are added; a new head ``F_c`` reads
+    the target's last tap."""
+
+    def __init__(self, target: TapNet, sources: list[TapNet], depths: list[str], inserts: list[str],
+                 adapters: list[Adapter], head: nn.Linear):  # fmt: skip
+        super().__init__()
+        self.target, self.sources = target, nn.ModuleList(sources)
+        self.depths, self.inserts = list(depths), list(inserts)
+        self.adapters, self.head = nn.ModuleList(adapters), head
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = [s.run(x, None, d) for s, d in zip(self.sources, self.depths, strict=True)]  # (B, C_s, H_s, W_s) each
+        h = x
+        for i, tap in enumerate(self.target.taps):
+            h = self.target.stage_fn(i)(h)
+            for f, r, a in zip(feats, self.inserts, self.adapters, strict=True):
+                if r == tap.name:
+                    h = h + a(f, tuple(h.shape[-2:]))  # (B, C_t, H_t, W_t)
+        return self.head(h)  # (B, K): the last tap is the flattened feature vector
+
+
+def spatial_taps(net: TapNet) -> list[str]:
+    """Taps with a feature map (not the flattened vector): where a source can be inserted or cut."""
+    return [t.name for t in net.taps if t.stride > 0]
+
+
+def masked_source(source: TapNet, masks: dict[str, Tensor]) -> TapNet:
+    """A structural copy of ``source`` whose masked convs compute only their kept filters."""
+    from zoo_store.archs.surgery import replace_module, shared_copy
+
+    net = shared_copy(source).eval()
+    for path, keep in masks.items():
+        if not bool(keep.all()):
+            replace_module(net, path, KeptFilters(source.get_submodule(path), keep.to(source.get_submodule(path).weight.device)))
+    return net
+
+
+def pack_mask(keep: Tensor) -> Tensor:
+    """(C,) bool -> ((C + 7) // 8,) uint8, bit-packed (big-endian within a byte, as numpy's packbits)."""
+    bits = torch.zeros((keep.numel() + 7) // 8 * 8, dtype=torch.uint8)
+    bits[: keep.numel()] = keep.cpu().to(torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (bits.view(-1, 8) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_mask(packed: Tensor, channels: int) -> Tensor:
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    bits = (packed.view(-1, 1) >> shifts) & 1  # (bytes, 8)
+    return bits.flatten()[:channels].bool()

@@ -16,7 +16,7 @@ from zoo_store.methods.reprogram.config import ReprogramConfig
 from zoo_store.methods.reprogram.layers import Reprogrammed, build_reprogrammed, clr_targets, load_delta
 from zoo_store.methods.spec import CompositionSpec
 from zoo_store.paths import BaseRef, PathArtifact
-from zoo_store.training import accuracy, fit
+from zoo_store.training import accuracy, fit, init_head_rows
 
 
 @register_method
@@ -35,7 +35,7 @@ class Reprogram(Method):
         data = ctx.load_task(spec.task, card)
         torch.manual_seed(spec.train.seed)
         model = build_reprogrammed(base, len(data.labels))
-        _init_head_from_base(model.head, base, card, data.labels)
+        init_head_rows(model.head, base.head_layer, card.labels, data.labels)
         epochs = spec.train.epochs
 
         def on_epoch(epoch: int, loss: float) -> None:
@@ -92,16 +92,6 @@ def _config(config: dict[str, Any]) -> ReprogramConfig:
         return ReprogramConfig.model_validate(config)
     except Exception as e:
         raise InvalidInput(f"bad reprogram config: {e}") from e
-
-
-@torch.no_grad()
-def _init_head_from_base(head: nn.Linear, base: TapNet, card: Card, labels: list[str]) -> None:
-    """Rows for labels the base already knows start from the base head's rows."""
-    for i, label in enumerate(labels):
-        if label in card.labels:
-            j = card.labels.index(label)
-            head.weight[i].copy_(base.head_layer.weight[j])
-            head.bias[i].copy_(base.head_layer.bias[j])
 
 
 __all__ = ["Reprogram", "Reprogrammed"]

@@ -1,0 +1,169 @@
+"""Partial Network Cloning (PNC, CVPR 2023) as a composition method: SPEC section 3.1.
+
+build: plan (target, sources, labels) -> per source, localize its filters on the labels it brings
+-> per source, search the insertion tap from deep to shallow -> train the adapters and the new head
+on the correction data. The path holds the bit-packed masks, the taps, the adapters and the head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+
+from zoo_store.archs import TapNet
+from zoo_store.cards import Card
+from zoo_store.errors import InvalidInput
+from zoo_store.methods.clone.config import plan_clone
+from zoo_store.methods.clone.insert import Part, build_cloned, fresh_cloned, search_insert, trainable
+from zoo_store.methods.clone.layers import masked_source, pack_mask, spatial_taps, unpack_mask
+from zoo_store.methods.clone.localize import localize
+from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, TaskData, register_method
+from zoo_store.methods.spec import CompositionSpec
+from zoo_store.paths import BaseRef, PathArtifact
+from zoo_store.training import fit, predict_logits
+
+LOCALIZE_STEPS = 150
+
+
+class SourceLink(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    labels: tuple[str, ...]
+    depth: str  # the source tap its masked prefix is cut at
+    insert: str  # the target tap R its adapted features are added to
+
+
+class CloneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str
+    sources: tuple[SourceLink, ...]
+    num_classes: int  # labels of the composed network (its head's rows)
+
+
+@register_method
+class Clone(Method):
+    name = "clone"
+
+    def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
+        plan = plan_clone(spec, cards)
+        return [plan.target, *dict.fromkeys(s.model for s in plan.sources)]
+
+    def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
+        assert spec.task
+        plan = plan_clone(spec, {k: c for k, (c, _) in ctx.bases.items()})
+        t_card, target = ctx.bases[plan.target]
+        task = spec.task.model_copy(update={"labels": list(plan.labels)})
+        data = ctx.load_task(task, t_card)
+        tr = spec.train
+        metrics: dict[str, Any] = {"sources": [s.model_dump() for s in plan.sources], "sources_chosen": plan.chosen}
+        parts, depths = [], []
+        for i, src in enumerate(plan.sources):  # step 2: localize each source on the labels it brings
+            s_card, s_net = ctx.bases[src.model]
+            depth = spatial_taps(s_net)[-1]
+            mine = torch.tensor([data.labels[int(k)] in src.labels for k in data.train_y])
+            cols = [s_card.labels.index(label) for label in src.labels]
+
+            def on_step(step: int, loss: float, i: int = i, name: str = src.model) -> None:
+                done = (i + (step + 1) / LOCALIZE_STEPS) / len(plan.sources)
+                ctx.progress(fraction=0.3 * done, step=f"localizing {name}", loss=loss)
+
+            loc = localize(s_net, depth, cols, data.train_x[mine], s_card.input, steps=LOCALIZE_STEPS, seed=tr.seed,
+                           device=ctx.device, on_step=on_step)  # fmt: skip
+            metrics[f"source{i}_kept_fraction"], metrics[f"source{i}_fidelity"] = loc.kept_fraction, loc.fidelity
+            parts.append(Part(masked_source(s_net, loc.masks), depth))
+            depths.append((depth, loc.masks))
+        inserts = [spatial_taps(target)[-1]] * len(parts)
+        for i in range(len(parts)):  # step 3: search R for each source, deep to shallow
+            best, losses = search_insert(
+                target, t_card, parts, i, inserts, data.labels, data.train_x, data.train_y, epochs=1, lr=tr.lr,
+                batch_size=tr.batch_size, seed=tr.seed, device=ctx.device,
+                on_candidate=lambda tap, loss, i=i: ctx.progress(fraction=0.3 + 0.4 * (i + 1) / len(parts),
+                                                                 step=f"insert {plan.sources[i].model} at {tap}", loss=loss),
+            )  # fmt: skip
+            inserts[i] = best
+            metrics[f"source{i}_insert_losses"] = losses
+        model = fresh_cloned(target, t_card, parts, inserts, data.labels, tr.seed)
+        fit(model, trainable(model), data.train_x, data.train_y, t_card.input, epochs=tr.epochs, lr=tr.lr,
+            batch_size=tr.batch_size, seed=tr.seed, device=ctx.device,
+            on_epoch=lambda e, loss: ctx.progress(fraction=0.7 + 0.3 * (e + 1) / tr.epochs, epoch=e + 1, loss=loss))  # fmt: skip
+        metrics |= _accuracies(model, target, t_card, data, ctx.device)
+        links = [SourceLink(model=s.model, labels=s.labels, depth=d, insert=r)
+                 for s, (d, _), r in zip(plan.sources, depths, inserts, strict=True)]  # fmt: skip
+        tensors = {f"mask.{i}.{p}": pack_mask(m) for i, (_, masks) in enumerate(depths) for p, m in masks.items()}
+        tensors |= {f"adapter.{i}.{k}": v.detach().cpu().contiguous() for i, a in enumerate(model.adapters)
+                    for k, v in a.proj.state_dict().items()}  # fmt: skip
+        tensors |= {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        dense = sum(_state_bytes(ctx.bases[k][1]) for k in dict.fromkeys([plan.target, *(s.model for s in plan.sources)]))
+        metrics |= {"dense_bytes": dense, "train_samples": len(data.train_x), "test_samples": len(data.test_x)}
+        refs = [BaseRef(id=k, digest=ctx.bases[k][0].digest) for k in dict.fromkeys([plan.target, *(s.model for s in plan.sources)])]
+        return PathArtifact(self.name, refs, data.labels, t_card.input,
+                            CloneConfig(target=plan.target, sources=tuple(links), num_classes=len(data.labels)).model_dump(mode="json"), tensors, metrics)  # fmt: skip
+
+    def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
+        cfg = _config(config, bases)
+        target = bases[cfg.target]
+        out: ExpectedTensors = {}
+        for i, s in enumerate(cfg.sources):
+            src = bases[s.model]
+            for p in src.prefix_convs(s.depth):
+                out[f"mask.{i}.{p}"] = ("uint8", ((src.get_submodule(p).out_channels + 7) // 8,))
+            cs, ct = src.tap(s.depth).channels, target.tap(s.insert).channels
+            out[f"adapter.{i}.weight"], out[f"adapter.{i}.bias"] = ("float32", (ct, cs, 1, 1)), ("float32", (ct,))
+        out["head.weight"], out["head.bias"] = ("float32", (cfg.num_classes, target.feature_dim)), ("float32", (cfg.num_classes,))
+        return out
+
+    def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
+        cfg = _config(config, bases)
+        target = bases[cfg.target]
+        parts = []
+        for i, s in enumerate(cfg.sources):
+            src = bases[s.model]
+            masks = {p: unpack_mask(tensors[f"mask.{i}.{p}"], src.get_submodule(p).out_channels) for p in src.prefix_convs(s.depth)}
+            if any(not m.any() for m in masks.values()):
+                raise InvalidInput(f"source {i} ({s.model}) has a conv with every filter masked out")
+            parts.append(Part(masked_source(src, masks), s.depth))
+        model = build_cloned(target, parts, [s.insert for s in cfg.sources], cfg.num_classes)
+        for i, a in enumerate(model.adapters):
+            a.proj.load_state_dict({"weight": tensors[f"adapter.{i}.weight"], "bias": tensors[f"adapter.{i}.bias"]})
+        model.head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
+        return model.requires_grad_(False).eval()
+
+
+def _accuracies(model: nn.Module, target: TapNet, t_card: Card, data: TaskData, device: str) -> dict[str, float]:
+    """Held-out accuracy on the union of labels, and on the target's own labels for the clone and
+    for the target alone (locality: the second must not drop)."""
+    logits = predict_logits(model, data.test_x, t_card.input, device=device)  # (M, K)
+    out = {"accuracy": (logits.argmax(1) == data.test_y).float().mean().item()}
+    own = torch.tensor([data.labels[int(k)] in t_card.labels for k in data.test_y])
+    if own.any():
+        out["accuracy_target_labels"] = (logits[own].argmax(1) == data.test_y[own]).float().mean().item()
+        t_logits = predict_logits(target, data.test_x[own], t_card.input, device=device)
+        t_pred = [t_card.labels[int(k)] for k in t_logits.argmax(1)]
+        truth = [data.labels[int(k)] for k in data.test_y[own]]
+        out["target_alone_accuracy"] = sum(p == t for p, t in zip(t_pred, truth, strict=True)) / len(truth)
+    return out
+
+
+def _state_bytes(net: nn.Module) -> int:
+    from zoo_store.archs.surgery import state_bytes
+
+    return state_bytes(net)
+
+
+def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> CloneConfig:
+    try:
+        cfg = CloneConfig.model_validate(config)
+    except ValidationError as e:
+        raise InvalidInput(f"bad clone config: {e.errors()[0]['msg']}") from e
+    for name in [cfg.target, *(s.model for s in cfg.sources)]:
+        if name not in bases:
+            raise InvalidInput(f"clone config names base {name!r}, which the path does not reference")
+    for s in cfg.sources:
+        if s.depth not in spatial_taps(bases[s.model]) or s.insert not in spatial_taps(bases[cfg.target]):
+            raise InvalidInput(f"clone source {s.model!r}: depth {s.depth!r} or insertion tap {s.insert!r} is not a spatial tap")
+    return cfg
