@@ -84,10 +84,11 @@ def test_occlusion_zeroes_square_patches() -> None:
     assert torch.equal(y, occlude(x, torch.Generator().manual_seed(0), patches=1, fraction=0.25))
 
 
-def test_hard_masks_skip_filters_exactly() -> None:
+@pytest.mark.parametrize(("arch", "which"), [("resnet_s", 1), ("mobilenet_s", 2)])  # a plain and a depthwise conv
+def test_hard_masks_skip_filters_exactly(arch: str, which: int) -> None:
     """A conv computing only its kept filters equals the conv gated by the 0/1 mask."""
-    _, net = _base("high", HIGH)
-    path = net.prefix_convs("stage1")[1]
+    _, net = _base("high", HIGH, arch)
+    path = net.prefix_convs("stage1")[which]
     keep = torch.arange(net.get_submodule(path).out_channels) % 3 == 0
     x = torch.rand(2, 1, 28, 28)
     gated = shared_copy(net)
@@ -162,7 +163,7 @@ def test_clone_builds_and_materializes_end_to_end() -> None:
     x, y = _images(40), torch.arange(40) % 7
     labels = [*LOW, "5", "6"]
     spec = CompositionSpec.model_validate({"method": "clone", "base": "low", "sources": [{"model": "high", "labels": ["5", "6"]}],
-                                           "task": {"dataset": "t"}, "train": {"epochs": 1, "batch_size": 16}})  # fmt: skip
+                                           "task": {"dataset": "t"}, "train": {"epochs": 1, "batch_size": 16, "steps": 20}})  # fmt: skip
     ctx = BuildContext(bases={"low": (t_card, target), "high": (s_card, src)}, load_task=lambda t, c: TaskData(x, y, x[:10], y[:10], labels))
     art = Clone().build(spec, ctx)
     assert art.labels == labels and [b.id for b in art.bases] == ["low", "high"]
@@ -177,3 +178,31 @@ def test_clone_builds_and_materializes_end_to_end() -> None:
         assert module(probe).shape == (4, len(labels))
         assert torch.equal(module(probe), Clone().materialize(manifest.config, bundle.tensors, nets)(probe))
     assert (digest_of(target), digest_of(src)) == digests
+
+
+def test_clone_through_the_api(app_client) -> None:
+    """Compose, predict, bundle export -> delete -> import: same id, same predictions; bases untouched."""
+    from tests.helpers import compose, tensor_inputs
+
+    svc = app_client.app.state.services
+    digests = svc.zoo.digests()
+    spec = {"method": "clone", "base": "res", "sources": [{"model": "vgg", "labels": ["1", "2"]}],
+            "task": {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8},
+            "train": {"epochs": 1, "steps": 10, "batch_size": 8}}  # fmt: skip
+    job = compose(app_client, spec)
+    assert job["state"] == "succeeded", job
+    assert {"accuracy", "source0_kept_fraction", "source0_fidelity", "source0_insert_losses"} <= set(job["metrics"])
+    pid = job["path_id"]
+    path = app_client.get(f"/v1/paths/{pid}").json()
+    assert [b["id"] for b in path["bases"]] == ["res", "vgg"] and path["labels"] == ["0", "1", "2"]
+    assert path["bytes"] < 0.05 * path["dense_bytes"]
+    body = {"inputs": tensor_inputs(2), "top_k": 2}
+    before = app_client.post(f"/v1/paths/{pid}/predict", json=body).json()
+    bundle = app_client.get(f"/v1/paths/{pid}/bundle").content
+    assert app_client.delete(f"/v1/paths/{pid}").status_code == 204
+    assert app_client.post("/v1/paths/import", content=bundle).json()["id"] == pid
+    assert app_client.post(f"/v1/paths/{pid}/predict", json=body).json() == before
+    assert svc.zoo.digests() == digests
+    bad = {**spec, "sources": [{"model": "vgg", "labels": ["1", "x"]}]}
+    r = app_client.post("/v1/compositions", json=bad)
+    assert r.status_code == 422 and "does not know labels ['x']" in r.json()["detail"]

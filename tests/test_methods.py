@@ -33,8 +33,11 @@ def _task(n: int = 24, labels=("0", "1", "2")) -> TaskData:
     return TaskData(x, y, x[:6], y[:6], list(labels))
 
 
-# what each method needs beyond base + task to run in a second on a tiny base
-METHOD_SPECS = {"resample": {"budget": {"width": 0.5}, "train": {"steps": 3, "batch_size": 8}}}
+# what each method needs beyond base + task to run in a second on a tiny base ("s" is a second base)
+METHOD_SPECS = {
+    "resample": {"budget": {"width": 0.5}, "train": {"steps": 3, "batch_size": 8}},
+    "clone": {"sources": [{"model": "s", "labels": ["1", "2"]}], "train": {"steps": 5, "batch_size": 8}},
+}
 
 
 def _spec(name: str) -> CompositionSpec:
@@ -51,20 +54,24 @@ def _bytes(tensors) -> int:
 def test_build_materialize_roundtrip(name: str, arch: str) -> None:
     method = get_method(name)
     card, net = _base(arch)
+    second = _base(arch)[0].model_copy(update={"id": "s"}), _base(arch)[1]
     before = digest_of(net)
     spec = _spec(name)
-    assert method.validate(spec, {"b": card}) == ["b"]
-    ctx = BuildContext(bases={"b": (card, net)}, load_task=lambda t, c: _task())
+    needed = method.validate(spec, {"b": card, "s": second[0]})
+    assert needed[0] == "b"
+    bases = {"b": (card, net), "s": second}
+    ctx = BuildContext(bases={k: bases[k] for k in needed}, load_task=lambda t, c: _task())
     art = method.build(spec, ctx)
     manifest = make_manifest(art)
-    check_expected(manifest, method.expected_tensors(art.config, {"b": net}))
+    nets = {k: bases[k][1] for k in needed}
+    check_expected(manifest, method.expected_tensors(art.config, nets))
     bundle = decode_bundle(encode_bundle(manifest, art.tensors, art.metrics))
-    module = method.materialize(manifest.config, bundle.tensors, {"b": net})
+    module = method.materialize(manifest.config, bundle.tensors, nets)
     x = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
         out = module(x)
     assert out.shape == (5, len(art.labels))
-    base_ptrs = {p.data_ptr() for p in list(net.parameters()) + list(net.buffers())}
+    base_ptrs = {p.data_ptr() for n in nets.values() for p in list(n.parameters()) + list(n.buffers())}
     own = [t for t in list(module.parameters()) + list(module.buffers()) if t.data_ptr() not in base_ptrs]
     assert _bytes(own) < _bytes(net.parameters()), "a materialized path must not copy its base"
     assert digest_of(net) == before, "building or materializing must not write to the base"

@@ -109,4 +109,4 @@ def method_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from zoo_store.methods import reprogram, resample  # noqa: F401
+    from zoo_store.methods import clone, reprogram, resample  # noqa: F401

@@ -35,22 +35,26 @@ def soft_masks(net: TapNet, gates: dict[str, Tensor]) -> Iterator[TapNet]:
 
 class KeptFilters(nn.Module):
     """A conv that computes only its kept filters and scatters them into a zero tensor of the full
-    width, so what follows sees exactly the masked conv's output."""
+    width, so what follows sees exactly the masked conv's output. It holds the resident conv itself
+    (its weights stay shared); the kept filters are gathered per call, never stored."""
 
     def __init__(self, conv: nn.Conv2d, keep: Tensor):
         super().__init__()
-        idx = torch.nonzero(keep).flatten()
-        self.register_buffer("index", idx, persistent=False)
-        self.weight = nn.Parameter(conv.weight.detach()[idx], requires_grad=False)  # (K, C_in / g, k, k)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach()[idx], requires_grad=False)
-        self.out_channels, self.conv = conv.out_channels, conv
-        if conv.groups != 1:
-            raise ValueError("KeptFilters handles ungrouped convs only")
+        self.depthwise = conv.groups == conv.in_channels == conv.out_channels
+        if conv.groups != 1 and not self.depthwise:
+            raise ValueError("KeptFilters handles plain and depthwise convs")
+        self.conv = conv
+        self.register_buffer("index", torch.nonzero(keep).flatten().to(conv.weight.device), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        c = self.conv
-        kept = F.conv2d(x, self.weight, self.bias, c.stride, c.padding, c.dilation)  # (B, K, H', W')
-        out = kept.new_zeros(kept.shape[0], self.out_channels, *kept.shape[2:])  # (B, C, H', W')
+        c, idx = self.conv, self.index
+        w = c.weight.index_select(0, idx)  # (K, C_in / groups, k, k), transient
+        b = None if c.bias is None else c.bias.index_select(0, idx)
+        if self.depthwise:  # a kept depthwise filter reads only its own channel
+            kept = F.conv2d(x.index_select(1, idx), w, b, c.stride, c.padding, c.dilation, groups=len(idx))
+        else:
+            kept = F.conv2d(x, w, b, c.stride, c.padding, c.dilation)  # (B, K, H', W')
+        out = kept.new_zeros(kept.shape[0], c.out_channels, *kept.shape[2:])  # (B, C, H', W')
         return out.index_copy(1, self.index, kept)
 
 
@@ -123,7 +127,7 @@ def masked_source(source: TapNet, masks: dict[str, Tensor]) -> TapNet:
     net = shared_copy(source).eval()
     for path, keep in masks.items():
         if not bool(keep.all()):
-            replace_module(net, path, KeptFilters(source.get_submodule(path), keep.to(source.get_submodule(path).weight.device)))
+            replace_module(net, path, KeptFilters(source.get_submodule(path), keep))
     return net
 
 

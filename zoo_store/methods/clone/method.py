@@ -25,7 +25,7 @@ from zoo_store.methods.spec import CompositionSpec
 from zoo_store.paths import BaseRef, PathArtifact
 from zoo_store.training import fit, predict_logits
 
-LOCALIZE_STEPS = 150
+LOCALIZE_STEPS = 150  # mask-fitting steps per source unless train.steps says otherwise
 
 
 class SourceLink(BaseModel):
@@ -61,6 +61,7 @@ class Clone(Method):
         data = ctx.load_task(task, t_card)
         tr = spec.train
         metrics: dict[str, Any] = {"sources": [s.model_dump() for s in plan.sources], "sources_chosen": plan.chosen}
+        steps = LOCALIZE_STEPS if tr.steps is None else max(1, tr.steps)
         parts, depths = [], []
         for i, src in enumerate(plan.sources):  # step 2: localize each source on the labels it brings
             s_card, s_net = ctx.bases[src.model]
@@ -69,10 +70,10 @@ class Clone(Method):
             cols = [s_card.labels.index(label) for label in src.labels]
 
             def on_step(step: int, loss: float, i: int = i, name: str = src.model) -> None:
-                done = (i + (step + 1) / LOCALIZE_STEPS) / len(plan.sources)
+                done = (i + (step + 1) / steps) / len(plan.sources)
                 ctx.progress(fraction=0.3 * done, step=f"localizing {name}", loss=loss)
 
-            loc = localize(s_net, depth, cols, data.train_x[mine], s_card.input, steps=LOCALIZE_STEPS, seed=tr.seed,
+            loc = localize(s_net, depth, cols, data.train_x[mine], s_card.input, steps=steps, seed=tr.seed,
                            device=ctx.device, on_step=on_step)  # fmt: skip
             metrics[f"source{i}_kept_fraction"], metrics[f"source{i}_fidelity"] = loc.kept_fraction, loc.fidelity
             parts.append(Part(masked_source(s_net, loc.masks), depth))
