@@ -13,7 +13,7 @@ from typing import Any
 from service.metrics import Metrics
 from service.queues import JobQueue
 from zoo_store.archs import TapNet
-from zoo_store.blobs import DirBlobStore
+from zoo_store.blobs import DirBlobStore, DirKeyStore
 from zoo_store.cards import Card
 from zoo_store.datasets.tasks import make_task
 from zoo_store.db import Database
@@ -49,7 +49,8 @@ def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | N
             j = store.job(job_id)
             return j.cancel_requested or j.state == "cancelled"
 
-        ctx = BuildContext(bases=bases, load_task=load_task, device=device, report=report, cancelled=cancelled)
+        ctx = BuildContext(bases=bases, load_task=load_task, device=device, report=report, cancelled=cancelled,
+                           cache=store.cache)
         art = method.build(spec, ctx)
         manifest = make_manifest(art)
         bundle = decode_bundle(encode_bundle(manifest, art.tensors, art.metrics))
@@ -66,7 +67,7 @@ def _child_main(settings_json: str, job_id: str) -> None:
     settings = Settings.model_validate_json(settings_json)
     db = Database(settings.db_url)
     try:
-        run_job(Store(db, DirBlobStore(settings.blob_dir)), job_id, None, settings.torch_device())
+        run_job(Store(db, DirBlobStore(settings.blob_dir), DirKeyStore(settings.cache_dir)), job_id, None, settings.torch_device())
     finally:
         db.dispose()
 

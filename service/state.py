@@ -10,7 +10,7 @@ from service.jobs import JobRunner
 from service.metrics import Metrics
 from service.queues import JobQueue, MemoryQueue, RedisQueue
 from service.runtime import Batcher, PathCache, ResidentZoo
-from zoo_store.blobs import BlobStore, DirBlobStore
+from zoo_store.blobs import BlobStore, DirBlobStore, DirKeyStore
 from zoo_store.db import Database
 from zoo_store.demo import ensure_demo_zoo
 from zoo_store.errors import ZooError
@@ -39,7 +39,8 @@ class Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         metrics = Metrics()
         db = Database(settings.db_url)
-        store = Store(db, blobs or DirBlobStore(settings.blob_dir))
+        # the in-memory twin of the blob store comes with an in-memory cache; otherwise both are directories
+        store = Store(db, blobs, None) if blobs else Store(db, DirBlobStore(settings.blob_dir), DirKeyStore(settings.cache_dir))
         zoo = ResidentZoo(store, settings.torch_device())
         cache = PathCache(store, zoo, settings.cache_bytes, metrics, frozenset(settings.pinned_paths))
         batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics)

@@ -37,6 +37,7 @@ def _task(n: int = 24, labels=("0", "1", "2")) -> TaskData:
 METHOD_SPECS = {
     "resample": {"budget": {"width": 0.5}, "train": {"steps": 3, "batch_size": 8}},
     "clone": {"sources": [{"model": "s", "labels": ["1", "2"]}], "train": {"steps": 5, "batch_size": 8}},
+    "reassemble": {"base": None, "models": ["b", "s"], "blocks": 2},
 }
 
 

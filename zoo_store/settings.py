@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
 
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
     def torch_device(self) -> str:
         if self.device != "auto":
             return self.device

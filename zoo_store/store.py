@@ -11,7 +11,7 @@ import torch
 from sqlalchemy import select
 
 from zoo_store.archs import TapNet, build_arch
-from zoo_store.blobs import BlobStore, sha256
+from zoo_store.blobs import BlobStore, KeyStore, MemoryKeyStore, sha256
 from zoo_store.cards import Card, CardIn, TapInfo
 from zoo_store.datasets.builtin import BUILTINS, Arrays
 from zoo_store.db import BaseRow, Database, DatasetRow, JobRow, PathRow, new_id, page
@@ -40,9 +40,10 @@ def card_for(card_in: CardIn, net: TapNet, digest: str, nbytes: int) -> Card:
 
 
 class Store:
-    def __init__(self, db: Database, blobs: BlobStore):
+    def __init__(self, db: Database, blobs: BlobStore, cache: KeyStore | None = None):
         self.db = db
         self.blobs = blobs
+        self.cache = cache if cache is not None else MemoryKeyStore()  # derived data methods may reuse
 
     # -- zoo ----------------------------------------------------------------------------------
     def add_base(self, card_in: CardIn, weights: bytes | dict[str, torch.Tensor]) -> tuple[Card, bool]:

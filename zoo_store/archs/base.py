@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -75,6 +76,16 @@ class TapNet(nn.Module):
             if s.tap.name == name:
                 return s.tap
         raise KeyError(f"unknown tap {name!r}; taps are {[t.name for t in self.taps]}")
+
+    def spatial_taps(self) -> list[str]:
+        """Taps with a feature map (not the flattened vector): where a network can be cut or joined."""
+        return [t.name for t in self.taps if t.stride > 0]
+
+    def tap_shapes(self, channels: int, size: int) -> dict[str, tuple[int, ...]]:
+        """Each tap's output shape (without the batch) for a ``channels`` x ``size`` x ``size`` input."""
+        with torch.no_grad():
+            x = torch.zeros(1, channels, size, size, device=self.head_layer.weight.device)
+            return {k: tuple(v.shape[1:]) for k, v in self.forward_intermediates(x).items()}
 
     def tap_index(self, name: str | None) -> int:
         """Index of the stage that ends at ``name``; -1 for the input (``None``)."""
@@ -141,3 +152,12 @@ class TapNet(nn.Module):
             x = self.stage_fn(i)(x)
             out[s.tap.name] = x
         return out
+
+
+def resize_to(f: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) -> (B, C, *size): average-pooled down, bilinear up, untouched when equal."""
+    if tuple(f.shape[-2:]) == tuple(size):
+        return f
+    if f.shape[-2] > size[0]:
+        return F.adaptive_avg_pool2d(f, size)
+    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)

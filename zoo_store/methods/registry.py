@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from zoo_store.archs import TapNet
+from zoo_store.blobs import KeyStore, MemoryKeyStore
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
 from zoo_store.methods.spec import CompositionSpec, TaskSpec
@@ -44,6 +45,7 @@ class BuildContext:
     report: Callable[..., None] = lambda **kw: None  # report(fraction=..., epoch=..., loss=...)
     cancelled: Callable[[], bool] = lambda: False
     log: list[str] = field(default_factory=list)
+    cache: KeyStore = field(default_factory=MemoryKeyStore)  # derived data (similarity matrices) jobs may reuse
 
     def progress(self, **info: Any) -> None:
         if self.cancelled():
@@ -109,4 +111,4 @@ def method_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from zoo_store.methods import clone, reprogram, resample  # noqa: F401
+    from zoo_store.methods import clone, reassemble, reprogram, resample  # noqa: F401

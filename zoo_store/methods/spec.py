@@ -37,4 +37,5 @@ class CompositionSpec(_Strict):
     models: list[str] | None = None
     task: TaskSpec | None = None
     budget: dict[str, Any] = Field(default_factory=dict)
+    blocks: int | None = Field(None, ge=2, le=8)  # K, for methods that cut networks into blocks (reassemble)
     train: TrainSpec = Field(default_factory=TrainSpec)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
 from zoo_store.cards import Card
-from zoo_store.methods.clone.layers import Adapter, Cloned, spatial_taps
+from zoo_store.methods.clone.layers import Adapter, Cloned
 from zoo_store.training import fit, init_head_rows
 
 
@@ -53,7 +53,7 @@ def search_insert(
     """The insertion tap of part ``which`` (the others at ``fixed``): candidates from deep to shallow,
     each trained for ``epochs``; returns the best tap and every candidate's converged loss."""
     losses: dict[str, float] = {}
-    for tap in reversed(spatial_taps(target)):
+    for tap in reversed(target.spatial_taps()):
         inserts = [tap if i == which else r for i, r in enumerate(fixed)]
         model = fresh_cloned(target, target_card, parts, inserts, labels, seed)
         history = fit(model, trainable(model), x, y, target_card.input, epochs=epochs, lr=lr,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
+from zoo_store.archs.base import resize_to
 
 
 @contextmanager
@@ -86,10 +87,7 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, f: Tensor, size: tuple[int, int]) -> Tensor:
-        if tuple(f.shape[-2:]) != tuple(size):  # (B, C_s, H_s, W_s) -> (B, C_s, H_t, W_t)
-            bigger = f.shape[-2] > size[0]
-            f = F.adaptive_avg_pool2d(f, size) if bigger else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-        return self.proj(f)  # (B, C_t, H_t, W_t)
+        return self.proj(resize_to(f, size))  # (B, C_t, H_t, W_t)
 
 
 class Cloned(nn.Module):
@@ -113,11 +111,6 @@ class Cloned(nn.Module):
                 if r == tap.name:
                     h = h + a(f, tuple(h.shape[-2:]))  # (B, C_t, H_t, W_t)
         return self.head(h)  # (B, K): the last tap is the flattened feature vector
-
-
-def spatial_taps(net: TapNet) -> list[str]:
-    """Taps with a feature map (not the flattened vector): where a source can be inserted or cut."""
-    return [t.name for t in net.taps if t.stride > 0]
 
 
 def masked_source(source: TapNet, masks: dict[str, Tensor]) -> TapNet:

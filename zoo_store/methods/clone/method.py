@@ -18,7 +18,7 @@ from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
 from zoo_store.methods.clone.config import plan_clone
 from zoo_store.methods.clone.insert import Part, build_cloned, fresh_cloned, search_insert, trainable
-from zoo_store.methods.clone.layers import masked_source, pack_mask, spatial_taps, unpack_mask
+from zoo_store.methods.clone.layers import masked_source, pack_mask, unpack_mask
 from zoo_store.methods.clone.localize import localize
 from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, TaskData, register_method
 from zoo_store.methods.spec import CompositionSpec
@@ -65,7 +65,7 @@ class Clone(Method):
         parts, depths = [], []
         for i, src in enumerate(plan.sources):  # step 2: localize each source on the labels it brings
             s_card, s_net = ctx.bases[src.model]
-            depth = spatial_taps(s_net)[-1]
+            depth = s_net.spatial_taps()[-1]
             mine = torch.tensor([data.labels[int(k)] in src.labels for k in data.train_y])
             cols = [s_card.labels.index(label) for label in src.labels]
 
@@ -78,7 +78,7 @@ class Clone(Method):
             metrics[f"source{i}_kept_fraction"], metrics[f"source{i}_fidelity"] = loc.kept_fraction, loc.fidelity
             parts.append(Part(masked_source(s_net, loc.masks), depth))
             depths.append((depth, loc.masks))
-        inserts = [spatial_taps(target)[-1]] * len(parts)
+        inserts = [target.spatial_taps()[-1]] * len(parts)
         for i in range(len(parts)):  # step 3: search R for each source, deep to shallow
             best, losses = search_insert(
                 target, t_card, parts, i, inserts, data.labels, data.train_x, data.train_y, epochs=1, lr=tr.lr,
@@ -165,6 +165,6 @@ def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> CloneConfig:
         if name not in bases:
             raise InvalidInput(f"clone config names base {name!r}, which the path does not reference")
     for s in cfg.sources:
-        if s.depth not in spatial_taps(bases[s.model]) or s.insert not in spatial_taps(bases[cfg.target]):
+        if s.depth not in bases[s.model].spatial_taps() or s.insert not in bases[cfg.target].spatial_taps():
             raise InvalidInput(f"clone source {s.model!r}: depth {s.depth!r} or insertion tap {s.insert!r} is not a spatial tap")
     return cfg

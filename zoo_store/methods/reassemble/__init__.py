@@ -1,0 +1,3 @@
+from zoo_store.methods.reassemble.method import Reassemble
+
+__all__ = ["Reassemble"]

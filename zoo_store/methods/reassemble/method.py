@@ -1,0 +1,226 @@
+"""Deep Model Reassembly (DeRy, NeurIPS 2022) as a composition method: SPEC section 3.2.
+
+build: plan (pool, K, budget) -> partition every pool model into K blocks by CKA (cached per pool
+and probe set) -> one block per set by NASWOT within the budget (exact, or a 0-1 program) ->
+least-squares stitches, then freeze-tuning of stitches and head. The path holds the block list,
+the stitches and the head.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from zoo_store.archs import FLATTEN, TapNet
+from zoo_store.archs.surgery import shared_copy
+from zoo_store.cards import Card
+from zoo_store.errors import InvalidInput
+from zoo_store.methods.reassemble.config import ReassembleConfig, parse_config, plan_reassemble
+from zoo_store.methods.reassemble.layers import (
+    Assembled,
+    Stitch,
+    build_assembled,
+    fit_stitches,
+    stitch_params,
+)
+from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot, relus
+from zoo_store.methods.reassemble.partition import (
+    SimilarityCache,
+    search_partition,
+    similarity_matrices,
+    tap_features,
+)
+from zoo_store.methods.reassemble.profile import Block, card_profile, needs_stitch
+from zoo_store.methods.reassemble.search import Candidate, exact, feasible, milp_top
+from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, TaskData, register_method
+from zoo_store.methods.spec import CompositionSpec
+from zoo_store.paths import BaseRef, PathArtifact
+from zoo_store.training import accuracy, fit, normalize
+
+PROBE_IMAGES = 256  # images the CKA partition and the stitch initialisation see
+NASWOT_IMAGES = 64  # the batch NASWOT scores on
+EXACT_SECONDS = 60.0  # enumerate exactly when scoring every candidate fits in this; else the 0-1 program
+MILP_TOP = 8  # candidates the 0-1 program proposes for re-ranking by true NASWOT
+STITCH_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "proj.weight", "proj.bias")
+
+
+@register_method
+class Reassemble(Method):
+    name = "reassemble"
+
+    def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
+        return list(plan_reassemble(spec, cards).pool)
+
+    def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
+        assert spec.task
+        cards = {k: c for k, (c, _) in ctx.bases.items()}
+        plan = plan_reassemble(spec, cards)
+        card = cards[plan.pool[0]]
+        data = ctx.load_task(spec.task, card)
+        plan = plan_reassemble(spec, cards, num_labels=len(data.labels))  # the budget, now with the head's size
+        nets = {m: ctx.bases[m][1] for m in plan.pool}
+        tr = spec.train
+        gen = torch.Generator().manual_seed(tr.seed)
+        order = torch.randperm(len(data.train_x), generator=gen)
+        dev = ctx.device
+        probe = normalize(data.train_x[order[:PROBE_IMAGES]].to(dev), card.input)  # (P, C, H, W)
+        batch = probe[:NASWOT_IMAGES]  # (N, C, H, W)
+
+        ctx.progress(fraction=0.0, step="partition: features and CKA")
+        cache = SimilarityCache(ctx.cache)
+        feats = {m: tap_features(nets[m], data.train_x[order[:PROBE_IMAGES]], cards[m]) for m in plan.pool}
+        sim = similarity_matrices(list(plan.pool), feats, {m: cards[m].digest for m in plan.pool},
+                                  SimilarityCache.probe_key(data.train_x[order[:PROBE_IMAGES]]), cache)  # fmt: skip
+        part = search_partition({m: len(feats[m]) for m in plan.pool}, sim, plan.blocks, seed=tr.seed)
+        taps = {m: nets[m].spatial_taps() for m in plan.pool}
+        sets = [[Block(model=m, start=s, end=e) for m in plan.pool for s, e in [part.blocks(m, taps[m])[k]]]
+                for k in range(plan.blocks)]  # fmt: skip
+        metrics: dict[str, Any] = {
+            "pool": list(plan.pool), "pool_chosen": plan.chosen, "blocks": plan.blocks,
+            "partition": [[b.label() for b in s] for s in sets], "partition_score": part.score,
+            "set_centres": list(part.centres), "cka_cache": {"hits": cache.hits, "misses": cache.misses},
+        }  # fmt: skip
+
+        ctx.progress(fraction=0.2, step="assemble: scoring candidates")
+        profiles = {m: card_profile(cards[m]) for m in plan.pool}
+        cands, smallest = feasible(sets, profiles, len(data.labels), plan.budget)
+        if not cands:
+            raise InvalidInput(f"no assembly of this partition meets the budget {plan.budget.model_dump(exclude_none=True)}; "
+                               f"the smallest takes max_params={smallest[0]}, max_flops={smallest[1]}")  # fmt: skip
+        scorer = Scorer(nets, card, probe, batch, len(data.labels))
+        t0 = time.perf_counter()
+        first = scorer(cands[0])
+        per = time.perf_counter() - t0
+        if per * len(cands) <= EXACT_SECONDS:
+            ranked = exact(cands, lambda c: first if c is cands[0] else scorer(c))
+            metrics["search"] = "exact"
+        else:
+            unary = [[block_naswot(nets[b.model], b, batch) for b in s] for s in sets]
+            proposed = milp_top(sets, unary, profiles, len(data.labels), plan.budget, MILP_TOP)
+            ranked = exact(proposed, scorer)
+            metrics["search"] = "milp"
+        metrics |= {"candidates_feasible": len(cands), "candidates_scored": len(ranked) if metrics["search"] == "milp" else len(cands),
+                    "top_candidates": [{"blocks": c.label(), "naswot": c.score, "params": c.params, "flops": c.flops} for c in ranked[:8]]}  # fmt: skip
+        best = ranked[0]
+
+        ctx.progress(fraction=0.5, step="stitch and tune", epoch=0)
+        model = train_assembly(best, nets, card, data, probe, tr.epochs, tr.lr, tr.batch_size, tr.seed, dev,
+                               on_epoch=lambda e, loss: ctx.progress(fraction=0.5 + 0.5 * (e + 1) / tr.epochs,
+                                                                     step="stitch and tune", epoch=e + 1, loss=loss))  # fmt: skip
+        metrics |= {"accuracy": accuracy(model, data.test_x, data.test_y, card.input, device=dev), "naswot": best.score,
+                    "params": best.params, "flops": best.flops, "dense_bytes": assembled_bytes(model),
+                    "train_samples": len(data.train_x), "test_samples": len(data.test_x)}  # fmt: skip
+        cfg = ReassembleConfig(blocks=best.blocks, num_classes=len(data.labels), channels=card.input.channels, size=card.input.size)
+        used = list(dict.fromkeys(b.model for b in best.blocks))
+        return PathArtifact(self.name, [BaseRef(id=m, digest=cards[m].digest) for m in used], data.labels, card.input,
+                            cfg.model_dump(mode="json"), path_tensors(model), metrics)  # fmt: skip
+
+    def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
+        cfg, shapes = _checked(config, bases)
+        out: ExpectedTensors = {}
+        for i, (prev, cur) in enumerate(zip(cfg.blocks, cfg.blocks[1:], strict=False), 1):
+            if needs_stitch(prev, cur):
+                assert cur.start is not None
+                cin, cout = shapes[prev.model][prev.end][0], shapes[cur.model][cur.start][0]
+                out |= {f"stitch.{i}.{k}": ("float32", (cin,)) for k in STITCH_KEYS[:4]}
+                out[f"stitch.{i}.proj.weight"], out[f"stitch.{i}.proj.bias"] = ("float32", (cout, cin, 1, 1)), ("float32", (cout,))
+        last = cfg.blocks[-1]
+        c = shapes[last.model][last.end][0]
+        out["head.weight"], out["head.bias"] = ("float32", (cfg.num_classes, c)), ("float32", (cfg.num_classes,))
+        return out
+
+    def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
+        cfg, _ = _checked(config, bases)
+        model = build_assembled(list(cfg.blocks), bases, cfg.channels, cfg.size, cfg.num_classes)
+        for i, s in enumerate(model.stitches):
+            if isinstance(s, Stitch):
+                s.load_state_dict({k: tensors[f"stitch.{i}.{k}"] for k in STITCH_KEYS}, strict=False)
+        model.head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
+        return model.requires_grad_(False).eval()
+
+
+class Scorer:
+    """True NASWOT of a candidate: its network with least-squares stitches, on the NASWOT batch.
+    Features of the probe at each (model, tap) are computed once for all candidates."""
+
+    def __init__(self, nets: dict[str, TapNet], card: Card, probe: Tensor, batch: Tensor, num_labels: int):
+        self.nets, self.card, self.probe, self.batch, self.num_labels = nets, card, probe, batch, num_labels
+        self.memo: dict[tuple[str, str], Tensor] = {}
+
+    def __call__(self, cand: Candidate) -> float:
+        model = build_assembled(list(cand.blocks), self.nets, self.card.input.channels, self.card.input.size, self.num_labels)
+        fit_stitches(model, list(cand.blocks), self.nets, self.probe, self.memo)
+        return naswot(model, self.batch)
+
+
+@torch.no_grad()
+def block_naswot(net: TapNet, block: Block, batch: Tensor) -> float:
+    """The surrogate's term: NASWOT of the ReLUs inside one block, run within its own model."""
+    copy = shared_copy(net).eval()
+    lo, hi = copy.tap_index(block.start) + 1, copy.tap_index(block.end)
+    mods = [copy.get_submodule(p) for st in copy._stages[lo : hi + 1] for p in st.steps if p != FLATTEN]
+    codes = ReluCodes([r for m in mods for r in relus(m)])
+    try:
+        copy.run(batch, None, block.end)
+    finally:
+        codes.close()
+    return logdet(codes.kernel)
+
+
+def train_assembly(cand: Candidate, nets: dict[str, TapNet], card: Card, data: TaskData, probe: Tensor, epochs: int,
+                   lr: float, batch_size: int, seed: int, device: str,
+                   on_epoch: Callable[[int, float], None] | None = None) -> Assembled:  # fmt: skip
+    """The candidate's network, stitches fitted by least squares, then stitches and head trained
+    (the blocks frozen and in eval mode)."""
+    torch.manual_seed(seed)
+    model = build_assembled(list(cand.blocks), nets, card.input.channels, card.input.size, len(data.labels))
+    fit_stitches(model, list(cand.blocks), nets, probe)
+    model.train()
+    fit(model, stitch_params(model), data.train_x, data.train_y, card.input, epochs=epochs, lr=lr,
+        batch_size=batch_size, seed=seed, device=device, on_epoch=on_epoch)  # fmt: skip
+    return model.eval()
+
+
+def path_tensors(model: Assembled) -> dict[str, Tensor]:
+    out = {f"stitch.{i}.{k}": v.detach().cpu().float().contiguous() for i, s in enumerate(model.stitches)
+           if isinstance(s, Stitch) for k, v in s.state_dict().items() if k in STITCH_KEYS}  # fmt: skip
+    return out | {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+
+
+def assembled_bytes(model: Assembled) -> int:
+    """Bytes of the tensors the assembled network computes with: its blocks' stages, stitches, head."""
+    seen: dict[int, int] = {}
+    for net, (start, end) in zip(model.nets, model.spans, strict=True):
+        for st in net._stages[net.tap_index(start) + 1 : net.tap_index(end) + 1]:
+            for p in st.steps:
+                if p != FLATTEN:
+                    m = net.get_submodule(p)
+                    seen |= {id(t): t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]}
+    for m in (model.stitches, model.head):
+        seen |= {id(t): t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]}
+    return sum(seen.values())
+
+
+def _checked(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ReassembleConfig, dict[str, dict[str, tuple[int, ...]]]]:
+    """The config, checked against the bases; and the tap shapes of every model it uses."""
+    cfg = parse_config(config)
+    for i, b in enumerate(cfg.blocks):
+        if b.model not in bases:
+            raise InvalidInput(f"reassemble block {i} names base {b.model!r}, which the path does not reference")
+        taps = bases[b.model].spatial_taps()
+        if b.end not in taps or (b.start is not None and b.start not in taps):
+            raise InvalidInput(f"reassemble block {i}: {b.label()} names a tap that is not a spatial tap of {b.model!r} ({taps})")
+        if (b.start is None) != (i == 0):
+            raise InvalidInput(f"reassemble block {i}: only the first block starts at the input")
+        if b.start is not None and taps.index(b.start) >= taps.index(b.end):
+            raise InvalidInput(f"reassemble block {i}: {b.label()} is empty (start is not before end)")
+    try:
+        shapes = {m: bases[m].tap_shapes(cfg.channels, cfg.size) for m in dict.fromkeys(b.model for b in cfg.blocks)}
+    except RuntimeError as e:
+        raise InvalidInput(f"reassemble config: the bases do not take a {cfg.channels}x{cfg.size}x{cfg.size} input") from e
+    return cfg, shapes
+

@@ -1,0 +1,48 @@
+"""NASWOT (Mellor et al. 2021), the training-free score of step 2: the log-determinant of the kernel
+``K = C Cᵀ + (1 − C)(1 − C)ᵀ`` over the binary codes ``C`` of every ReLU unit on a batch of images.
+Networks whose units split the images into more distinct activation patterns score higher."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class ReluCodes:
+    """Accumulates the NASWOT kernel (N, N) from forward hooks on every ReLU/ReLU6 of a module tree.
+    Hook only structural copies: a hook on a resident module would reach every request."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.kernel: Tensor | None = None
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, _m: nn.Module, _inp: tuple[Tensor, ...], out: Tensor) -> None:
+        c = (out.detach() > 0).flatten(1).double()  # (N, units)
+        k = c @ c.T + (1 - c) @ (1 - c).T  # (N, N): units on which two images agree
+        self.kernel = k if self.kernel is None else self.kernel + k
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def relus(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.ReLU | nn.ReLU6)]
+
+
+def logdet(kernel: Tensor | None) -> float:
+    if kernel is None:
+        return float("-inf")
+    sign, value = torch.linalg.slogdet(kernel)
+    return float(value) if sign > 0 else float("-inf")
+
+
+@torch.no_grad()
+def naswot(model: nn.Module, x: Tensor) -> float:
+    """The score of ``model`` (its own structural copy, eval mode) on normalized images (N, C, H, W)."""
+    codes = ReluCodes(relus(model))
+    try:
+        model(x)
+    finally:
+        codes.close()
+    return logdet(codes.kernel)
