@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import os
 import platform
 import statistics
@@ -306,6 +307,7 @@ def reprogram_suite(say: Say, quick: bool) -> list[str]:
     from zoo_store.datasets.tasks import make_task
     from zoo_store.methods.registry import BuildContext, get_method
     from zoo_store.methods.spec import CompositionSpec, TaskSpec
+    from zoo_store.training import accuracy
     from zoo_store.weights import digest_of
 
     store = demo_store(say, quick)
@@ -334,37 +336,181 @@ def reprogram_suite(say: Say, quick: bool) -> list[str]:
             art = get_method("reprogram").build(spec, ctx)
             clr_bytes = len(encode_bundle(make_manifest(art), art.tensors, art.metrics))
             dense = card.bytes
-            head_acc, head_bytes = _head_only(base, data, card, epochs)
-            ft_acc = _full_ft(card, store, data, epochs)
+            head_model, head_bytes = _head_only(base, data, card, epochs)
+            head_acc = accuracy(head_model, data.test_x, data.test_y, card.input)
+            ft_acc = accuracy(_full_ft(card, store, data, epochs), data.test_x, data.test_y, card.input)
             lines.append(f"| {base_id} | {task_id} | {art.metrics['accuracy']:.4f} | {head_acc:.4f} | {ft_acc:.4f} | "
                          f"{clr_bytes / dense:.2%} | {head_bytes / dense:.2%} | 100% |")  # fmt: skip
         assert digest_of(base) == digest, "the base changed during the experiment"
     return lines
 
 
-def _head_only(base: nn.Module, data, card: Card, epochs: int) -> tuple[float, int]:
-    from zoo_store.training import accuracy, fit
+def _head_only(base: nn.Module, data, card: Card, epochs: int, init_rows: bool = False) -> tuple[nn.Module, int]:
+    """A new linear head on the frozen base; returns the model and the head's bytes."""
+    from zoo_store.training import fit, init_head_rows
 
     torch.manual_seed(0)
     head = nn.Linear(base.feature_dim, len(data.labels))
+    if init_rows:
+        init_head_rows(head, base.head_layer, card.labels, data.labels)
     model = nn.Sequential()
     model.forward = lambda x: head(base.embed(x))  # type: ignore[method-assign]
     fit(model, head.parameters(), data.train_x, data.train_y, card.input, epochs=epochs, lr=1e-2, batch_size=64, seed=0)
-    return accuracy(model, data.test_x, data.test_y, card.input), state_bytes(head)
+    return model, state_bytes(head)
 
 
-def _full_ft(card: Card, store, data, epochs: int) -> float:
-    from zoo_store.training import accuracy, fit
+def _full_ft(card: Card, store, data, epochs: int, init_rows: bool = False) -> nn.Module:
+    """A copy of the whole base and a new head, all trained (BatchNorm in train mode)."""
+    from zoo_store.training import fit, init_head_rows
 
     net = store.load_base(card)
     torch.manual_seed(0)
-    replace_module(net, net.head_path, nn.Linear(net.feature_dim, len(data.labels)))
+    head = nn.Linear(net.feature_dim, len(data.labels))
+    if init_rows:
+        init_head_rows(head, net.head_layer, card.labels, data.labels)
+    replace_module(net, net.head_path, head)
     for p in net.parameters():
         p.requires_grad_(True)
     net.train()
     fit(net, net.parameters(), data.train_x, data.train_y, card.input, epochs=epochs, lr=1e-3, batch_size=64, seed=0)
-    net.eval()
-    return accuracy(net, data.test_x, data.test_y, card.input)
+    return net.eval()
+
+
+def clone_suite(say: Say, quick: bool) -> list[str]:
+    """Clone paths against head-only tuning and full fine-tuning of the target on the same correction
+    data, and the target alone on its own labels; stored bytes against target + sources."""
+    from zoo_store.datasets.builtin import BUILTINS
+    from zoo_store.datasets.tasks import make_task
+    from zoo_store.methods.clone.config import plan_clone
+    from zoo_store.methods.registry import BuildContext, get_method
+    from zoo_store.methods.spec import CompositionSpec, TaskSpec
+    from zoo_store.training import accuracy
+    from zoo_store.weights import digest_of
+
+    store = demo_store(say, quick)
+    spl, epochs = (30, 2) if quick else (200, 5)
+    cases = [
+        ("resnet-mnist-0-4", [("resnet-mnist-5-9", "56789")]),
+        ("resnet-mnist-5-9", [("resnet-mnist-0-4", "01234")]),
+        ("resnet-mnist-0-4", [("vgg-mnist", "56789")]),
+        ("resnet-mnist-0-4", [("resnet-mnist-5-9", "567"), ("vgg-mnist", "89")]),
+    ]
+    lines = [(f"Task: MNIST digits 0-9, correction data {spl} training images per label, {epochs} epochs, seed 0; "
+             "accuracy on the 10,000 held-out test images (union), and on those of the target's own labels. "
+             "Head-only: a new head on the frozen target; full FT: a copy of the whole target and a new head, "
+             "all trained; both heads start from the target's rows for its labels, as the clone's does. "
+             "Target alone: the target on its own labels (its own 5-way head). Stored: the clone bundle / "
+             "dense bytes of target + sources.\n"),
+             ("| target | cloned from | clone | head-only | full FT | clone, target's labels | head-only, target's labels "
+             "| full FT, target's labels | target alone | stored |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    method = get_method("clone")
+    mnist = BUILTINS["mnist"].make()
+    for target_id, sources in cases:
+        say(f"clone table: {target_id} <- {sources}")
+        spec = CompositionSpec.model_validate({
+            "method": "clone", "base": target_id, "sources": [{"model": m, "labels": list(ls)} for m, ls in sources],
+            "task": {"dataset": "mnist", "samples_per_label": spl}, "train": {"epochs": epochs, "seed": 0}})  # fmt: skip
+        cards = store.cards()
+        plan = plan_clone(spec, cards)
+        bases = {k: (cards[k], store.load_base(cards[k])) for k in method.validate(spec, cards)}
+        t_card, target = bases[target_id]
+        digests = {k: digest_of(n) for k, (_, n) in bases.items()}
+        data = make_task(mnist, TaskSpec(dataset="mnist", labels=list(plan.labels), samples_per_label=spl), t_card.input, 0)
+        art = method.build(spec, BuildContext(bases=bases, load_task=lambda t, c, d=data: d))
+        stored = len(encode_bundle(make_manifest(art), art.tensors, art.metrics)) / art.metrics["dense_bytes"]
+        own = torch.tensor([data.labels[int(k)] in t_card.labels for k in data.test_y])
+        head, _ = _head_only(target, data, t_card, epochs, init_rows=True)
+        full = _full_ft(t_card, store, data, epochs, init_rows=True)
+        accs = {name: (accuracy(m, data.test_x, data.test_y, t_card.input),
+                       accuracy(m, data.test_x[own], data.test_y[own], t_card.input)) for name, m in (("head", head), ("ft", full))}  # fmt: skip
+        m = art.metrics
+        src = " + ".join(f"{mid} ({','.join(ls)})" for mid, ls in sources)
+        lines.append(f"| {target_id} | {src} | {m['accuracy']:.4f} | {accs['head'][0]:.4f} | {accs['ft'][0]:.4f} | "
+                     f"{m['accuracy_target_labels']:.4f} | {accs['head'][1]:.4f} | {accs['ft'][1]:.4f} | "
+                     f"{m['target_alone_accuracy']:.4f} | {stored:.2%} |")  # fmt: skip
+        assert {k: digest_of(n) for k, (_, n) in bases.items()} == digests, "a base changed during the experiment"
+    return lines
+
+
+def reassemble_suite(say: Say, quick: bool) -> list[str]:
+    """Reassembled networks against every single pool model given head-only training under the same
+    budget, on tasks the pool was not trained on; Kendall's tau between NASWOT and trained accuracy."""
+    from scipy.stats import kendalltau
+
+    from zoo_store.datasets.builtin import BUILTINS
+    from zoo_store.datasets.tasks import make_task
+    from zoo_store.methods.reassemble.method import search, train_assembly
+    from zoo_store.methods.reassemble.profile import Block, assembly_cost, card_profile
+    from zoo_store.methods.registry import BuildContext
+    from zoo_store.methods.spec import CompositionSpec
+    from zoo_store.training import accuracy
+    from zoo_store.weights import digest_of
+
+    store = demo_store(say, quick)
+    spl, epochs, trained = (20, 2, 8) if quick else (100, 5, 12)
+    cards = store.cards()
+    pool = sorted(cards)
+    bases = {k: (cards[k], store.load_base(cards[k])) for k in pool}
+    digests = {k: digest_of(n) for k, (_, n) in bases.items()}
+    profiles = {k: card_profile(c) for k, c in cards.items()}
+    lines = [(f"Pool: the {len(pool)} demo bases ({', '.join(pool)}), K = 3 blocks, budget max_params = the largest "
+              f"single pool model with its new head. Each task: {spl} training images per label, {epochs} epochs, "
+              "seed 0; accuracy on the task's held-out split. Reassembled: the NASWOT-best assembly, stitches and "
+              "head trained (blocks frozen). Single models: a new head on the frozen model (its pooled last "
+              "feature map), same data and epochs. Params and FLOPs (one image) of the network as run, heads "
+              "included. Per-unit NASWOT (an analysis, not what the method picks by): the log-determinant of "
+              "the kernel divided by the number of ReLU units, which does not grow with the network's size. "
+              "tau: Kendall's tau between a score and trained accuracy over the candidates trained (the "
+              "NASWOT top 4, the per-unit best, and the rest spread evenly over the ranking).\n"),
+             "| task | network | blocks | params | MFLOPs | accuracy |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
+    taus = []
+    for task in ("digits", "mnist-rotated"):
+        arrays = BUILTINS[task].make()
+        say(f"reassemble table: {task}")
+
+        def load(t, c, a=arrays):
+            return make_task(a, t, c.input, 0)
+
+        probe_spec = CompositionSpec.model_validate({"method": "reassemble", "models": pool, "task": {"dataset": task, "samples_per_label": spl}})
+        num_labels = len(load(probe_spec.task, cards[pool[0]]).labels)
+        singles = {m: assembly_cost([Block(model=m, start=None, end=profiles[m].stages[-1].tap)], profiles, num_labels) for m in pool}
+        budget = max(p for p, _ in singles.values())
+        spec = CompositionSpec.model_validate({**probe_spec.model_dump(), "budget": {"max_params": budget}, "blocks": 3,
+                                               "train": {"epochs": epochs, "seed": 0}})  # fmt: skip
+        found = search(spec, BuildContext(bases=bases, load_task=load))
+        data, card = found.data, found.card
+        ranked = found.ranked
+        n_img = min(len(data.train_x), 64)
+        per_unit = [c.score - n_img * math.log(found.units[c.blocks]) for c in ranked]  # the unit-diagonal kernel's score
+        by_unit = max(range(len(ranked)), key=lambda i: (per_unit[i], -i))
+        picks = sorted({*range(min(4, len(ranked))), by_unit,
+                        *(round(i) for i in torch.linspace(4, len(ranked) - 1, max(0, trained - 5)).tolist())})  # fmt: skip
+        accs = {}
+        for n, i in enumerate(picks):
+            say(f"reassemble table: {task}, training candidate {n + 1}/{len(picks)} (NASWOT rank {i + 1})")
+            model = train_assembly(ranked[i], found.nets, card, data, found.probe, epochs, 1e-2, 64, 0, "cpu")
+            accs[i] = accuracy(model, data.test_x, data.test_y, card.input)
+        best = ranked[0]
+        lines.append(f"| {task} | reassembled (NASWOT best) | {best.label()} | {best.params:,} | {best.flops / 1e6:.1f} | {accs[0]:.4f} |")
+        c = ranked[by_unit]
+        lines.append(f"| {task} | per-unit NASWOT best (rank {by_unit + 1}) | {c.label()} | {c.params:,} | {c.flops / 1e6:.1f} | {accs[by_unit]:.4f} |")
+        top_trained = max(accs, key=lambda i: accs[i])
+        if top_trained not in (0, by_unit):
+            c = ranked[top_trained]
+            lines.append(f"| {task} | best trained candidate (rank {top_trained + 1}) | {c.label()} | {c.params:,} | {c.flops / 1e6:.1f} | {accs[top_trained]:.4f} |")
+        for m in pool:
+            head, _ = _head_only(bases[m][1], data, cards[m], epochs)
+            p, f = singles[m]
+            lines.append(f"| {task} | {m} (head-only) | whole | {p:,} | {f / 1e6:.1f} | {accuracy(head, data.test_x, data.test_y, card.input):.4f} |")
+        tau = kendalltau([ranked[i].score for i in picks], [accs[i] for i in picks])
+        tau_unit = kendalltau([per_unit[i] for i in picks], [accs[i] for i in picks])
+        taus.append(f"- {task}: tau = {tau.statistic:.3f} (p = {tau.pvalue:.3f}); per-unit NASWOT: tau = "
+                    f"{tau_unit.statistic:.3f} (p = {tau_unit.pvalue:.3f}); over {len(picks)} trained candidates of "
+                    f"{len(ranked)} within budget ({budget:,} params); search: {found.metrics['search']}; partition: "
+                    f"{'; '.join(' | '.join(s) for s in found.metrics['partition'])}")  # fmt: skip
+    assert {k: digest_of(n) for k, (_, n) in bases.items()} == digests, "a base changed during the experiment"
+    return [*lines, "\nNASWOT against trained accuracy:\n", *taus]
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -386,6 +532,8 @@ def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
         "serving": (serving_suite, out, "Benchmarks"),
         "reprogram": (reprogram_suite, out.parent / "methods" / "reprogram.md", "Reprogram (CLR)"),
         "resample": (resample_suite, out.parent / "methods" / "resample.md", "Resample (INN)"),
+        "clone": (clone_suite, out.parent / "methods" / "clone.md", "Clone (PNC)"),
+        "reassemble": (reassemble_suite, out.parent / "methods" / "reassemble.md", "Reassemble (DeRy)"),
     }
     if suite != "all" and suite not in suites:
         raise SystemExit(f"unknown suite {suite!r}; choose one of {[*suites, 'all']}")

@@ -220,7 +220,7 @@ def bundle_import(file: Path, url: Url = DEFAULT_URL) -> None:
 @app.command()
 def bench(
     out: Path = Path("docs/benchmarks.md"),
-    suite: Annotated[str, typer.Option(help="serving | reprogram | resample | all")] = "serving",
+    suite: Annotated[str, typer.Option(help="serving | reprogram | resample | clone | reassemble | all")] = "serving",
     quick: bool = False,
 ) -> None:
     """Measure ratios side by side in one run and write them to docs/ with the machine."""

@@ -43,6 +43,10 @@ class ResidentZoo:
     def nets(self) -> dict[str, TapNet]:
         return {k: net for k, (_, net) in self.bases.items()}
 
+    def nets_of(self, manifest: Manifest) -> dict[str, TapNet]:
+        """Only the bases a path references (and ``check_refs`` verified): its config may name no other."""
+        return {r.id: self.bases[r.id][1] for r in manifest.bases}
+
     def digests(self) -> dict[str, str]:
         """Recomputed from the resident tensors: proof that nothing wrote to them."""
         return {k: digest_of(net) for k, (_, net) in self.bases.items()}
@@ -61,11 +65,14 @@ def validate_bundle(bundle: Bundle, zoo: ResidentZoo) -> nn.Module:
     m = bundle.manifest
     method = get_method(m.method)
     zoo.check_refs(m)
-    card = zoo.bases[m.bases[0].id][0]
-    if m.input != card.input:
-        raise InvalidInput(f"path input spec {m.input.model_dump()} differs from base {card.id!r}'s {card.input.model_dump()}")
-    check_expected(m, method.expected_tensors(m.config, zoo.nets()))
-    module = method.materialize(m.config, bundle.tensors, zoo.nets())
+    for ref in m.bases:
+        card = zoo.bases[ref.id][0]
+        if m.input != card.input:
+            raise InvalidInput(f"path input spec {m.input.model_dump()} differs from base {card.id!r}'s {card.input.model_dump()}")
+    method.check_input(m.config, m.input)
+    nets = zoo.nets_of(m)
+    check_expected(m, method.expected_tensors(m.config, nets))
+    module = method.materialize(m.config, bundle.tensors, nets)
     with torch.inference_mode():
         x = torch.zeros(1, m.input.channels, m.input.size, m.input.size, device=zoo.device)
         out = module(x)
@@ -143,7 +150,7 @@ class PathCache:
 
         bundle = decode_bundle(self.store.path(path_id).bundle)
         self.zoo.check_refs(bundle.manifest)
-        module = get_method(bundle.manifest.method).materialize(bundle.manifest.config, bundle.tensors, self.zoo.nets())
+        module = get_method(bundle.manifest.method).materialize(bundle.manifest.config, bundle.tensors, self.zoo.nets_of(bundle.manifest))
         shared = {t.data_ptr() for net in self.zoo.nets().values() for t in list(net.parameters()) + list(net.buffers())}
         self.metrics.materializations.labels(bundle.manifest.method).inc()
         return Entry(module.eval(), bundle.manifest, delta_bytes(module, shared))

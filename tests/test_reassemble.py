@@ -190,6 +190,8 @@ def test_blocks_stay_frozen_and_shared(zoo) -> None:
 
 BAD = {
     "pool of one": ({"models": ["res"]}, "at least two compatible models"),
+    "empty pool": ({"models": []}, "'models' is empty"),
+    "boolean budget": ({"budget": {"max_params": True}}, "budget.max_params"),
     "unknown model": ({"models": ["res", "nope"]}, "unknown pool models ['nope']"),
     "too few taps": ({"models": ["res", "vgg"], "blocks": 4}, "fewer spatial taps than blocks=4"),
     "budget too small": ({"budget": {"max_params": 10}}, "the smallest takes max_params="),
@@ -215,6 +217,27 @@ def test_smallest_budget_is_feasible_and_exact(zoo) -> None:
         plan_reassemble(_spec(budget={"max_params": p - 1}), cards)
 
 
+def test_bound_when_too_many_to_enumerate(zoo, monkeypatch) -> None:
+    """Past the enumeration limit the POST-time check uses a lower bound, and says so."""
+    from zoo_store.methods.reassemble import config
+
+    cards = _cards(zoo)
+    profiles = {k: card_profile(c) for k, c in cards.items()}
+    bound, exact_min = config.cheapest_bound(profiles, 3, 2), smallest_assembly(profiles, 3, 2)
+    assert bound[0] <= exact_min[0] and bound[1] <= exact_min[1]
+    monkeypatch.setattr(config, "EXACT_COMBINATIONS", 0)
+    with pytest.raises(InvalidInput, match=f"every assembly takes at least max_params={bound[0]}"):
+        plan_reassemble(_spec(budget={"max_params": bound[0] - 1}), cards)
+
+
+def test_milp_survives_singular_scores(zoo) -> None:
+    """A block whose kernel is singular (NASWOT -inf) ranks last instead of breaking the program."""
+    sets, profiles = _sets(zoo)
+    unary = [[float("-inf") if j == 0 else float(j) for j in range(len(s))] for s in sets]
+    top = milp_top(sets, unary, profiles, 10, Budget(), 2)
+    assert next(tuple(b.model for b in c.blocks) for c in top) == tuple(s[-1].model for s in sets)
+
+
 def test_pool_with_another_input_is_refused(zoo) -> None:
     cards = _cards(zoo)
     other = cards["vgg"].model_copy(update={"id": "rgb", "input": cards["vgg"].input.model_copy(update={"size": 32})})
@@ -229,6 +252,15 @@ TAMPERED = {
     "empty block": ({2: {"start": "stage3"}}, "is empty"),
     "unreferenced base": ({1: {"model": "zzz"}}, "does not reference"),
 }
+
+
+def test_config_input_must_match_the_path() -> None:
+    from zoo_store.cards import InputSpec
+
+    config = {"blocks": [b.model_dump() for b in CROSS], "num_classes": 4, "channels": 1, "size": 28}
+    Reassemble().check_input(config, InputSpec(channels=1, size=28, mean=(0.5,), std=(0.5,)))
+    with pytest.raises(InvalidInput, match="differs from the path's 1x32x32"):
+        Reassemble().check_input(config, InputSpec(channels=1, size=32, mean=(0.5,), std=(0.5,)))
 
 
 @pytest.mark.parametrize("case", TAMPERED, ids=list(TAMPERED))
@@ -308,3 +340,7 @@ def test_cross_architecture_path_is_served_and_bundled(app_client) -> None:
     assert app_client.delete(f"/v1/paths/{pid}").status_code == 204
     assert app_client.post("/v1/paths/import", content=exported).json()["id"] == pid
     assert app_client.post(f"/v1/paths/{pid}/predict", json=body).json() == before
+    # the same blocks, but the bundle references only 'res': a resident base it does not name is refused
+    lone = PathArtifact("reassemble", art.bases[:1], art.labels, art.input, art.config, art.tensors, {})
+    r = app_client.post("/v1/paths/import", content=encode_bundle(make_manifest(lone), lone.tensors, {}))
+    assert r.status_code == 422 and "names base 'vgg', which the path does not reference" in r.json()["detail"]

@@ -12,7 +12,7 @@ from torch import nn
 
 from zoo_store.archs import TapNet
 from zoo_store.blobs import KeyStore, MemoryKeyStore
-from zoo_store.cards import Card
+from zoo_store.cards import Card, InputSpec
 from zoo_store.errors import InvalidInput
 from zoo_store.methods.spec import CompositionSpec, TaskSpec
 from zoo_store.paths import PathArtifact
@@ -68,6 +68,9 @@ class Method(ABC):
     @abstractmethod
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
         """Name -> (dtype, shape) of every tensor a path of this config must hold."""
+
+    def check_input(self, config: dict[str, Any], spec: InputSpec) -> None:
+        """Refuse a config that disagrees with the path's input spec (nothing to check unless overridden)."""
 
     @abstractmethod
     def materialize(

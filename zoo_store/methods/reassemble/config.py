@@ -4,23 +4,25 @@ stores in its JSON config."""
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
-from zoo_store.methods.reassemble.profile import Block, Profile, assembly_cost, card_profile
+from zoo_store.methods.reassemble.profile import Block, Profile, assembly_cost, card_profile, head_cost
 from zoo_store.methods.spec import CompositionSpec
 
 DEFAULT_BLOCKS = 3
+EXACT_COMBINATIONS = 20_000  # (choice, partitions) pairs the POST-time budget check enumerates at most
 
 
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_params: int | None = Field(None, ge=1)
-    max_flops: int | None = Field(None, ge=1)
+    max_params: int | None = Field(None, ge=1, strict=True)
+    max_flops: int | None = Field(None, ge=1, strict=True)
 
     def admits(self, params: int, flops: int) -> bool:
         return (self.max_params is None or params <= self.max_params) and (self.max_flops is None or flops <= self.max_flops)
@@ -67,14 +69,20 @@ def plan_reassemble(spec: CompositionSpec, cards: dict[str, Card], num_labels: i
                            f"spatial taps and the same input); found {list(pool)}")  # fmt: skip
     plan = ReassemblePlan(pool=pool, blocks=k, budget=budget, chosen=spec.models is None)
     if budget.max_params is not None or budget.max_flops is not None:
-        params, flops = smallest_assembly({m: card_profile(cards[m]) for m in pool}, k, num_labels or 2)
+        profiles = {m: card_profile(cards[m]) for m in pool}
+        if _combinations(profiles, k) <= EXACT_COMBINATIONS:
+            (params, flops), says = smallest_assembly(profiles, k, num_labels or 2), "the smallest takes"
+        else:  # too many to enumerate in a request: a bound here, the exact check in the job
+            (params, flops), says = cheapest_bound(profiles, k, num_labels or 2), "every assembly takes at least"
         if not budget.admits(params, flops):
             raise InvalidInput(f"no assembly of {k} blocks from {list(pool)} meets the budget {budget.model_dump(exclude_none=True)}; "
-                               f"the smallest takes max_params={params}, max_flops={flops}")  # fmt: skip
+                               f"{says} max_params={params}, max_flops={flops}")  # fmt: skip
     return plan
 
 
 def _checked_pool(models: list[str], k: int, cards: dict[str, Card]) -> tuple[str, ...]:
+    if not models:
+        raise InvalidInput("'models' is empty: name at least two pool models, or leave it out for every compatible base")
     unknown = [m for m in models if m not in cards]
     if unknown:
         raise InvalidInput(f"unknown pool models {unknown}; the zoo has {sorted(cards)}")
@@ -124,6 +132,22 @@ def smallest_assembly(profiles: dict[str, Profile], k: int, num_labels: int) -> 
             best_f = f if best_f is None else min(best_f, f)
     assert best_p is not None and best_f is not None
     return best_p, best_f
+
+
+def _combinations(profiles: dict[str, Profile], k: int) -> int:
+    """How many (choice of models, partition of each) pairs ``smallest_assembly`` would visit."""
+    parts = {m: len(partitions(p, k)) for m, p in profiles.items()}
+    return sum(math.prod(parts[m] for m in set(choice)) for choice in itertools.product(list(profiles), repeat=k))
+
+
+def cheapest_bound(profiles: dict[str, Profile], k: int, num_labels: int) -> tuple[int, int]:
+    """A lower bound on any assembly's (params, flops): the cheapest block any model can put at each
+    position, no stitches, the cheapest head."""
+    cuts = {m: partitions(p, k) for m, p in profiles.items()}
+    own = [[profiles[m].block(part[i].start, part[i].end) for m in profiles for part in cuts[m]] for i in range(k)]
+    heads = [head_cost(Block(model=m, start=None, end=profiles[m].stages[-1].tap), profiles, num_labels) for m in profiles]
+    return (sum(min(p for p, _ in row) for row in own) + min(p for p, _ in heads),
+            sum(min(f for _, f in row) for row in own) + min(f for _, f in heads))  # fmt: skip
 
 
 def parse_config(config: dict[str, Any]) -> ReassembleConfig:

@@ -30,20 +30,25 @@ class Stitch(nn.Module):
         return self.proj(self.bn(resize_to(h, self.size)))  # (B, C_in, H, W) -> (B, C_out, H', W')
 
     @torch.no_grad()
-    def fit(self, a: Tensor, b: Tensor, ridge: float = 1e-3) -> None:
+    def fit(self, a: Tensor, b: Tensor, ridge: float = 1e-3, max_rows: int = 100_000) -> None:
         """Least squares from features ``a`` (N, C_in, H, W) to ``b`` (N, C_out, H', W'): the BatchNorm
-        takes ``a``'s statistics, the conv the ridge solution on the normalized pixels."""
+        takes ``a``'s statistics, the conv the ridge solution on the normalized pixels (a fixed
+        evenly spaced subset of at most ``max_rows`` pixels, so large inputs stay cheap)."""
         a = resize_to(a, self.size)
-        rows = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).double()  # (N*H'*W', C_in)
-        target = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1]).double()  # (N*H'*W', C_out)
+        rows = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])  # (N*H'*W', C_in)
+        target = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1])  # (N*H'*W', C_out)
+        if len(rows) > max_rows:
+            pick = torch.linspace(0, len(rows) - 1, max_rows, device=rows.device).long()
+            rows, target = rows[pick], target[pick]
+        rows, target = rows.double(), target.double()
         mean, var = rows.mean(0), rows.var(0, unbiased=False)
         self.bn.running_mean.copy_(mean)
         self.bn.running_var.copy_(var)
         self.bn.weight.fill_(1.0)
         self.bn.bias.zero_()
         z = (rows - mean) / torch.sqrt(var + self.bn.eps)
-        z1 = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)  # (P, C_in + 1)
-        gram = z1.T @ z1 + ridge * len(z1) * torch.eye(z1.shape[1], dtype=z.dtype)
+        z1 = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1)  # (P, C_in + 1)
+        gram = z1.T @ z1 + ridge * len(z1) * torch.eye(z1.shape[1], dtype=z.dtype, device=z.device)
         w = torch.linalg.solve(gram, z1.T @ target)  # (C_in + 1, C_out)
         self.proj.weight.copy_(w[:-1].T.reshape(self.proj.weight.shape).float())
         self.proj.bias.copy_(w[-1].float())

@@ -8,8 +8,8 @@ the stitches and the head.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from zoo_store.archs import FLATTEN, TapNet
 from zoo_store.archs.surgery import shared_copy
-from zoo_store.cards import Card
+from zoo_store.cards import Card, InputSpec
 from zoo_store.errors import InvalidInput
 from zoo_store.methods.reassemble.config import ReassembleConfig, parse_config, plan_reassemble
 from zoo_store.methods.reassemble.layers import (
@@ -27,7 +27,7 @@ from zoo_store.methods.reassemble.layers import (
     fit_stitches,
     stitch_params,
 )
-from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot, relus
+from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot_units, relus
 from zoo_store.methods.reassemble.partition import (
     SimilarityCache,
     search_partition,
@@ -43,7 +43,7 @@ from zoo_store.training import accuracy, fit, normalize
 
 PROBE_IMAGES = 256  # images the CKA partition and the stitch initialisation see
 NASWOT_IMAGES = 64  # the batch NASWOT scores on
-EXACT_SECONDS = 60.0  # enumerate exactly when scoring every candidate fits in this; else the 0-1 program
+EXACT_MAX = 256  # enumerate exactly up to this many candidates (about a minute on 2 cores); else the 0-1 program
 MILP_TOP = 8  # candidates the 0-1 program proposes for re-ranking by true NASWOT
 STITCH_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "proj.weight", "proj.bias")
 
@@ -56,67 +56,19 @@ class Reassemble(Method):
         return list(plan_reassemble(spec, cards).pool)
 
     def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
-        assert spec.task
-        cards = {k: c for k, (c, _) in ctx.bases.items()}
-        plan = plan_reassemble(spec, cards)
-        card = cards[plan.pool[0]]
-        data = ctx.load_task(spec.task, card)
-        plan = plan_reassemble(spec, cards, num_labels=len(data.labels))  # the budget, now with the head's size
-        nets = {m: ctx.bases[m][1] for m in plan.pool}
-        tr = spec.train
-        gen = torch.Generator().manual_seed(tr.seed)
-        order = torch.randperm(len(data.train_x), generator=gen)
-        dev = ctx.device
-        probe = normalize(data.train_x[order[:PROBE_IMAGES]].to(dev), card.input)  # (P, C, H, W)
-        batch = probe[:NASWOT_IMAGES]  # (N, C, H, W)
-
-        ctx.progress(fraction=0.0, step="partition: features and CKA")
-        cache = SimilarityCache(ctx.cache)
-        feats = {m: tap_features(nets[m], data.train_x[order[:PROBE_IMAGES]], cards[m]) for m in plan.pool}
-        sim = similarity_matrices(list(plan.pool), feats, {m: cards[m].digest for m in plan.pool},
-                                  SimilarityCache.probe_key(data.train_x[order[:PROBE_IMAGES]]), cache)  # fmt: skip
-        part = search_partition({m: len(feats[m]) for m in plan.pool}, sim, plan.blocks, seed=tr.seed)
-        taps = {m: nets[m].spatial_taps() for m in plan.pool}
-        sets = [[Block(model=m, start=s, end=e) for m in plan.pool for s, e in [part.blocks(m, taps[m])[k]]]
-                for k in range(plan.blocks)]  # fmt: skip
-        metrics: dict[str, Any] = {
-            "pool": list(plan.pool), "pool_chosen": plan.chosen, "blocks": plan.blocks,
-            "partition": [[b.label() for b in s] for s in sets], "partition_score": part.score,
-            "set_centres": list(part.centres), "cka_cache": {"hits": cache.hits, "misses": cache.misses},
-        }  # fmt: skip
-
-        ctx.progress(fraction=0.2, step="assemble: scoring candidates")
-        profiles = {m: card_profile(cards[m]) for m in plan.pool}
-        cands, smallest = feasible(sets, profiles, len(data.labels), plan.budget)
-        if not cands:
-            raise InvalidInput(f"no assembly of this partition meets the budget {plan.budget.model_dump(exclude_none=True)}; "
-                               f"the smallest takes max_params={smallest[0]}, max_flops={smallest[1]}")  # fmt: skip
-        scorer = Scorer(nets, card, probe, batch, len(data.labels))
-        t0 = time.perf_counter()
-        first = scorer(cands[0])
-        per = time.perf_counter() - t0
-        if per * len(cands) <= EXACT_SECONDS:
-            ranked = exact(cands, lambda c: first if c is cands[0] else scorer(c))
-            metrics["search"] = "exact"
-        else:
-            unary = [[block_naswot(nets[b.model], b, batch) for b in s] for s in sets]
-            proposed = milp_top(sets, unary, profiles, len(data.labels), plan.budget, MILP_TOP)
-            ranked = exact(proposed, scorer)
-            metrics["search"] = "milp"
-        metrics |= {"candidates_feasible": len(cands), "candidates_scored": len(ranked) if metrics["search"] == "milp" else len(cands),
-                    "top_candidates": [{"blocks": c.label(), "naswot": c.score, "params": c.params, "flops": c.flops} for c in ranked[:8]]}  # fmt: skip
-        best = ranked[0]
-
+        found = search(spec, ctx)
+        best, card, data, tr = found.ranked[0], found.card, found.data, spec.train
         ctx.progress(fraction=0.5, step="stitch and tune", epoch=0)
-        model = train_assembly(best, nets, card, data, probe, tr.epochs, tr.lr, tr.batch_size, tr.seed, dev,
+        model = train_assembly(best, found.nets, card, data, found.probe, tr.epochs, tr.lr, tr.batch_size, tr.seed, ctx.device,
                                on_epoch=lambda e, loss: ctx.progress(fraction=0.5 + 0.5 * (e + 1) / tr.epochs,
                                                                      step="stitch and tune", epoch=e + 1, loss=loss))  # fmt: skip
-        metrics |= {"accuracy": accuracy(model, data.test_x, data.test_y, card.input, device=dev), "naswot": best.score,
-                    "params": best.params, "flops": best.flops, "dense_bytes": assembled_bytes(model),
-                    "train_samples": len(data.train_x), "test_samples": len(data.test_x)}  # fmt: skip
+        metrics = found.metrics | {
+            "accuracy": accuracy(model, data.test_x, data.test_y, card.input, device=ctx.device), "naswot": best.score,
+            "params": best.params, "flops": best.flops, "dense_bytes": assembled_bytes(model),
+            "train_samples": len(data.train_x), "test_samples": len(data.test_x)}  # fmt: skip
         cfg = ReassembleConfig(blocks=best.blocks, num_classes=len(data.labels), channels=card.input.channels, size=card.input.size)
         used = list(dict.fromkeys(b.model for b in best.blocks))
-        return PathArtifact(self.name, [BaseRef(id=m, digest=cards[m].digest) for m in used], data.labels, card.input,
+        return PathArtifact(self.name, [BaseRef(id=m, digest=found.cards[m].digest) for m in used], data.labels, card.input,
                             cfg.model_dump(mode="json"), path_tensors(model), metrics)  # fmt: skip
 
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
@@ -133,6 +85,12 @@ class Reassemble(Method):
         out["head.weight"], out["head.bias"] = ("float32", (cfg.num_classes, c)), ("float32", (cfg.num_classes,))
         return out
 
+    def check_input(self, config: dict[str, Any], spec: InputSpec) -> None:
+        cfg = parse_config(config)
+        if (cfg.channels, cfg.size) != (spec.channels, spec.size):
+            raise InvalidInput(f"reassemble config input {cfg.channels}x{cfg.size}x{cfg.size} differs from the path's "
+                               f"{spec.channels}x{spec.size}x{spec.size}")  # fmt: skip
+
     def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
         cfg, _ = _checked(config, bases)
         model = build_assembled(list(cfg.blocks), bases, cfg.channels, cfg.size, cfg.num_classes)
@@ -143,6 +101,67 @@ class Reassemble(Method):
         return model.requires_grad_(False).eval()
 
 
+@dataclass
+class Search:
+    """Steps 1-2 done: the partition's sets and the feasible candidates ranked by NASWOT, best first."""
+
+    cards: dict[str, Card]
+    nets: dict[str, TapNet]
+    card: Card  # the first pool model's: the input every pool model shares
+    data: TaskData
+    probe: Tensor  # (P, C, H, W) normalized
+    sets: list[list[Block]]
+    ranked: list[Candidate]
+    metrics: dict[str, Any]
+    units: dict[tuple[Block, ...], int]  # ReLU units per image of each scored candidate
+
+
+def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
+    """Partition the pool (step 1) and rank the assemblies within budget by NASWOT (step 2)."""
+    assert spec.task
+    cards = {k: c for k, (c, _) in ctx.bases.items()}
+    card = cards[plan_reassemble(spec, cards).pool[0]]
+    data = ctx.load_task(spec.task, card)
+    plan = plan_reassemble(spec, cards, num_labels=len(data.labels))  # the budget, now with the head's size
+    nets = {m: ctx.bases[m][1] for m in plan.pool}
+    order = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(spec.train.seed))
+    probe_raw = data.train_x[order[:PROBE_IMAGES]]  # (P, C, H, W) in [0, 1]
+    probe = normalize(probe_raw.to(ctx.device), card.input)
+    batch = probe[:NASWOT_IMAGES]  # (N, C, H, W)
+
+    ctx.progress(fraction=0.0, step="partition: features and CKA")
+    cache = SimilarityCache(ctx.cache)
+    feats = {m: tap_features(nets[m], probe_raw, cards[m]) for m in plan.pool}
+    sim = similarity_matrices(list(plan.pool), feats, {m: cards[m].digest for m in plan.pool},
+                              SimilarityCache.probe_key(probe_raw), cache)  # fmt: skip
+    part = search_partition({m: len(feats[m]) for m in plan.pool}, sim, plan.blocks, seed=spec.train.seed)
+    sets = [[Block(model=m, start=s, end=e) for m in plan.pool for s, e in [part.blocks(m, nets[m].spatial_taps())[k]]]
+            for k in range(plan.blocks)]  # fmt: skip
+    metrics: dict[str, Any] = {
+        "pool": list(plan.pool), "pool_chosen": plan.chosen, "blocks": plan.blocks,
+        "partition": [[b.label() for b in s] for s in sets], "partition_score": part.score,
+        "set_centres": list(part.centres), "cka_cache": {"hits": cache.hits, "misses": cache.misses},
+    }  # fmt: skip
+
+    ctx.progress(fraction=0.2, step="assemble: scoring candidates")
+    profiles = {m: card_profile(cards[m]) for m in plan.pool}
+    cands, smallest = feasible(sets, profiles, len(data.labels), plan.budget)
+    if not cands:
+        raise InvalidInput(f"no assembly of this partition meets the budget {plan.budget.model_dump(exclude_none=True)}; "
+                           f"the smallest takes max_params={smallest[0]}, max_flops={smallest[1]}")  # fmt: skip
+    scorer = Scorer(nets, card, probe, batch, len(data.labels))
+    if len(cands) <= EXACT_MAX:  # a count, not a clock: the same spec and seed always search alike
+        ranked = exact(cands, scorer)
+        metrics |= {"search": "exact", "candidates_scored": len(cands)}
+    else:
+        unary = [[block_naswot(nets[b.model], b, batch) for b in s] for s in sets]
+        ranked = exact(milp_top(sets, unary, profiles, len(data.labels), plan.budget, MILP_TOP), scorer)
+        metrics |= {"search": "milp", "candidates_scored": len(ranked)}
+    metrics |= {"candidates_feasible": len(cands),
+                "top_candidates": [{"blocks": c.label(), "naswot": c.score, "params": c.params, "flops": c.flops} for c in ranked[:8]]}  # fmt: skip
+    return Search(cards, nets, card, data, probe, sets, ranked, metrics, scorer.units)
+
+
 class Scorer:
     """True NASWOT of a candidate: its network with least-squares stitches, on the NASWOT batch.
     Features of the probe at each (model, tap) are computed once for all candidates."""
@@ -150,11 +169,13 @@ class Scorer:
     def __init__(self, nets: dict[str, TapNet], card: Card, probe: Tensor, batch: Tensor, num_labels: int):
         self.nets, self.card, self.probe, self.batch, self.num_labels = nets, card, probe, batch, num_labels
         self.memo: dict[tuple[str, str], Tensor] = {}
+        self.units: dict[tuple[Block, ...], int] = {}  # ReLU units per image of each scored candidate
 
     def __call__(self, cand: Candidate) -> float:
         model = build_assembled(list(cand.blocks), self.nets, self.card.input.channels, self.card.input.size, self.num_labels)
         fit_stitches(model, list(cand.blocks), self.nets, self.probe, self.memo)
-        return naswot(model, self.batch)
+        score, self.units[cand.blocks] = naswot_units(model, self.batch)
+        return score
 
 
 @torch.no_grad()

@@ -84,9 +84,11 @@ def milp_top(sets: list[list[Block]], unary: list[list[float]], profiles: dict[s
         for v, n in yi.items():
             r[n] = join_cost(sets[v[0]][v[1]], sets[v[0] + 1][v[2]], profiles)[which]
         rows.append(r), lo.append(-np.inf), hi.append(limit)
+    finite = [u for row in unary for u in row if np.isfinite(u)]
+    floor = min(finite, default=0.0) - 1.0  # a singular kernel (-inf) scores below every finite one
     c = np.zeros(nvar)
     for (k, j), n in xi.items():
-        c[n] = -unary[k][j]
+        c[n] = -(unary[k][j] if np.isfinite(unary[k][j]) else floor)
     found: list[Candidate] = []
     while len(found) < top:
         res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(nvar),
