@@ -440,7 +440,7 @@ def reassemble_suite(say: Say, quick: bool) -> list[str]:
 
     from zoo_store.datasets.builtin import BUILTINS
     from zoo_store.datasets.tasks import make_task
-    from zoo_store.methods.reassemble.method import search, train_assembly
+    from zoo_store.methods.reassemble.method import search, to_artifact, train_assembly
     from zoo_store.methods.reassemble.profile import Block, assembly_cost, card_profile
     from zoo_store.methods.registry import BuildContext
     from zoo_store.methods.spec import CompositionSpec
@@ -464,7 +464,7 @@ def reassemble_suite(say: Say, quick: bool) -> list[str]:
               "tau: Kendall's tau between a score and trained accuracy over the candidates trained (the "
               "NASWOT top 4, the per-unit best, and the rest spread evenly over the ranking).\n"),
              "| task | network | blocks | params | MFLOPs | accuracy |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
-    taus = []
+    taus, stores = [], []
     for task in ("digits", "mnist-rotated"):
         arrays = BUILTINS[task].make()
         say(f"reassemble table: {task}")
@@ -491,6 +491,9 @@ def reassemble_suite(say: Say, quick: bool) -> list[str]:
             say(f"reassemble table: {task}, training candidate {n + 1}/{len(picks)} (NASWOT rank {i + 1})")
             model = train_assembly(ranked[i], found.nets, card, data, found.probe, epochs, 1e-2, 64, 0, "cpu")
             accs[i] = accuracy(model, data.test_x, data.test_y, card.input)
+            if i == 0:
+                art = to_artifact(found, ranked[0], model)
+                stored = len(encode_bundle(make_manifest(art), art.tensors, art.metrics)) / art.metrics["dense_bytes"]
         best = ranked[0]
         lines.append(f"| {task} | reassembled (NASWOT best) | {best.label()} | {best.params:,} | {best.flops / 1e6:.1f} | {accs[0]:.4f} |")
         c = ranked[by_unit]
@@ -505,12 +508,13 @@ def reassemble_suite(say: Say, quick: bool) -> list[str]:
             lines.append(f"| {task} | {m} (head-only) | whole | {p:,} | {f / 1e6:.1f} | {accuracy(head, data.test_x, data.test_y, card.input):.4f} |")
         tau = kendalltau([ranked[i].score for i in picks], [accs[i] for i in picks])
         tau_unit = kendalltau([per_unit[i] for i in picks], [accs[i] for i in picks])
+        stores.append(f"- {task}: the NASWOT-best path's bundle is {stored:.2%} of the assembled network's dense bytes")
         taus.append(f"- {task}: tau = {tau.statistic:.3f} (p = {tau.pvalue:.3f}); per-unit NASWOT: tau = "
                     f"{tau_unit.statistic:.3f} (p = {tau_unit.pvalue:.3f}); over {len(picks)} trained candidates of "
                     f"{len(ranked)} within budget ({budget:,} params); search: {found.metrics['search']}; partition: "
                     f"{'; '.join(' | '.join(s) for s in found.metrics['partition'])}")  # fmt: skip
     assert {k: digest_of(n) for k, (_, n) in bases.items()} == digests, "a base changed during the experiment"
-    return [*lines, "\nNASWOT against trained accuracy:\n", *taus]
+    return [*lines, "\nNASWOT against trained accuracy:\n", *taus, "\nStored bytes:\n", *stores]
 
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

@@ -62,14 +62,7 @@ class Reassemble(Method):
         model = train_assembly(best, found.nets, card, data, found.probe, tr.epochs, tr.lr, tr.batch_size, tr.seed, ctx.device,
                                on_epoch=lambda e, loss: ctx.progress(fraction=0.5 + 0.5 * (e + 1) / tr.epochs,
                                                                      step="stitch and tune", epoch=e + 1, loss=loss))  # fmt: skip
-        metrics = found.metrics | {
-            "accuracy": accuracy(model, data.test_x, data.test_y, card.input, device=ctx.device), "naswot": best.score,
-            "params": best.params, "flops": best.flops, "dense_bytes": assembled_bytes(model),
-            "train_samples": len(data.train_x), "test_samples": len(data.test_x)}  # fmt: skip
-        cfg = ReassembleConfig(blocks=best.blocks, num_classes=len(data.labels), channels=card.input.channels, size=card.input.size)
-        used = list(dict.fromkeys(b.model for b in best.blocks))
-        return PathArtifact(self.name, [BaseRef(id=m, digest=found.cards[m].digest) for m in used], data.labels, card.input,
-                            cfg.model_dump(mode="json"), path_tensors(model), metrics)  # fmt: skip
+        return to_artifact(found, best, model, ctx.device)
 
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
         cfg, shapes = _checked(config, bases)
@@ -204,6 +197,19 @@ def train_assembly(cand: Candidate, nets: dict[str, TapNet], card: Card, data: T
     fit(model, stitch_params(model), data.train_x, data.train_y, card.input, epochs=epochs, lr=lr,
         batch_size=batch_size, seed=seed, device=device, on_epoch=on_epoch)  # fmt: skip
     return model.eval()
+
+
+def to_artifact(found: Search, cand: Candidate, model: Assembled, device: str = "cpu") -> PathArtifact:
+    """The path of a trained candidate: block list, stitches and head; its held-out accuracy in the metrics."""
+    card, data = found.card, found.data
+    metrics = found.metrics | {
+        "accuracy": accuracy(model, data.test_x, data.test_y, card.input, device=device), "naswot": cand.score,
+        "params": cand.params, "flops": cand.flops, "dense_bytes": assembled_bytes(model),
+        "train_samples": len(data.train_x), "test_samples": len(data.test_x)}  # fmt: skip
+    cfg = ReassembleConfig(blocks=cand.blocks, num_classes=len(data.labels), channels=card.input.channels, size=card.input.size)
+    used = list(dict.fromkeys(b.model for b in cand.blocks))
+    return PathArtifact(Reassemble.name, [BaseRef(id=m, digest=found.cards[m].digest) for m in used], data.labels,
+                        card.input, cfg.model_dump(mode="json"), path_tensors(model), metrics)  # fmt: skip
 
 
 def path_tensors(model: Assembled) -> dict[str, Tensor]:
