@@ -94,6 +94,7 @@ def test_bad_bundles(served, case: str) -> None:
     assert client.get("/healthz").status_code == 200
 
 
+REASSEMBLE = {"method": "reassemble", "models": ["res", "vgg"], "task": {"dataset": "digits"}}
 SPEC_CASES = {
     "unknown method": ({"method": "teleport", "base": "res"}, "unknown method"),
     "unknown base": (reprogram_spec(base="nope"), "unknown base"),
@@ -105,6 +106,11 @@ SPEC_CASES = {
     "epochs out of range": ({**reprogram_spec(), "train": {"epochs": 0}}, "train.epochs"),
     "missing method": ({"base": "res"}, "method"),
     "sources for reprogram": ({**reprogram_spec(), "sources": [{"model": "res", "labels": ["1"]}]}, "sources"),
+    "blocks for reprogram": ({**reprogram_spec(), "blocks": 3}, "does not take ['blocks']"),
+    "reassemble pool of one": (REASSEMBLE | {"models": ["res"]}, "at least two compatible models"),
+    "reassemble unknown model": (REASSEMBLE | {"models": ["res", "nope"]}, "unknown pool models ['nope']"),
+    "reassemble too many blocks": (REASSEMBLE | {"blocks": 4}, "fewer spatial taps than blocks=4"),
+    "reassemble budget too small": (REASSEMBLE | {"budget": {"max_params": 10}}, "the smallest takes max_params="),
 }
 
 

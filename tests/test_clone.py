@@ -60,6 +60,7 @@ BAD = {
     "nothing to clone": ({"task": {"dataset": "mnist", "labels": ["0", "1"]}}, "already knows every requested label"),
     "no sources no labels": ({}, "nothing to clone"),
     "models given": ({"models": ["high"]}, "does not take 'models'"),
+    "blocks given": ({"sources": [{"model": "high", "labels": ["5"]}], "blocks": 3}, "does not take 'blocks'"),
 }  # fmt: skip
 
 

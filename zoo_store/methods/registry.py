@@ -85,7 +85,7 @@ def one_base(method: str, spec: CompositionSpec, cards: dict[str, Card]) -> Card
         raise InvalidInput(f"method {method!r} needs 'base': the id of the zoo model it starts from")
     if spec.base not in cards:
         raise InvalidInput(f"unknown base {spec.base!r}; the zoo has {sorted(cards)}")
-    unused = [f for f in ("sources", "models") if getattr(spec, f)]
+    unused = [f for f in ("sources", "models", "blocks") if getattr(spec, f)]
     if unused:
         raise InvalidInput(f"method {method!r} does not take {unused}")
     return cards[spec.base]

@@ -35,6 +35,8 @@ def plan_clone(spec: CompositionSpec, cards: dict[str, Card]) -> ClonePlan:
         raise InvalidInput("method 'clone' needs 'task': {'dataset': id} with the correction data")
     if spec.models:
         raise InvalidInput("method 'clone' does not take 'models'; name sources as [{'model', 'labels'}]")
+    if spec.blocks:
+        raise InvalidInput("method 'clone' does not take 'blocks' (that is for 'reassemble')")
     target = cards[spec.base]
     if spec.sources:
         sources = tuple(_checked_source(s.model, s.labels, target, cards) for s in spec.sources)
