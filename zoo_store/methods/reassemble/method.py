@@ -124,10 +124,16 @@ def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
 
     ctx.progress(fraction=0.0, step="partition: features and CKA")
     cache = SimilarityCache(ctx.cache)
-    feats = {m: tap_features(nets[m], probe_raw, cards[m]) for m in plan.pool}
-    sim = similarity_matrices(list(plan.pool), feats, {m: cards[m].digest for m in plan.pool},
+    feats: dict[str, list[Tensor]] = {}
+
+    def features(m: str) -> list[Tensor]:  # run the probe through a model only when a matrix is not cached
+        if m not in feats:
+            feats[m] = tap_features(nets[m], probe_raw, cards[m])
+        return feats[m]
+
+    sim = similarity_matrices(list(plan.pool), features, {m: cards[m].digest for m in plan.pool},
                               SimilarityCache.probe_key(probe_raw), cache)  # fmt: skip
-    part = search_partition({m: len(feats[m]) for m in plan.pool}, sim, plan.blocks, seed=spec.train.seed)
+    part = search_partition({m: len(nets[m].spatial_taps()) for m in plan.pool}, sim, plan.blocks, seed=spec.train.seed)
     sets = [[Block(model=m, start=s, end=e) for m in plan.pool for s, e in [part.blocks(m, nets[m].spatial_taps())[k]]]
             for k in range(plan.blocks)]  # fmt: skip
     metrics: dict[str, Any] = {

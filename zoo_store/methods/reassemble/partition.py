@@ -85,13 +85,14 @@ class Partition:
         return [(s, taps[e]) for s, e in zip(starts, ends, strict=True)]
 
 
-def similarity_matrices(pool: list[str], feats: dict[str, list[Tensor]], digests: dict[str, str], probe: str,
+def similarity_matrices(pool: list[str], feats: Callable[[str], list[Tensor]], digests: dict[str, str], probe: str,
                         cache: SimilarityCache) -> dict[tuple[str, str], Tensor]:  # fmt: skip
-    """(T_m, T_n) CKA between the taps of every ordered pair of pool models."""
+    """(T_m, T_n) CKA between the taps of every ordered pair of pool models; ``feats(m)`` gives a
+    model's pooled tap features and is called only for pairs the cache does not hold."""
     out: dict[tuple[str, str], Tensor] = {}
     for m, n in itertools.combinations(pool, 2):
         mat = cache.matrix(digests[m], digests[n], probe, lambda m=m, n=n: torch.tensor(
-            [[linear_cka(a, b) for b in feats[n]] for a in feats[m]], dtype=torch.float64))  # fmt: skip
+            [[linear_cka(a, b) for b in feats(n)] for a in feats(m)], dtype=torch.float64))  # fmt: skip
         out[(m, n)], out[(n, m)] = mat, mat.T
     return out
 
