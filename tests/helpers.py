@@ -29,6 +29,17 @@ def wait_job(client: TestClient, job_id: str, timeout: float = 120) -> dict:
     raise AssertionError(f"job {job_id} did not end: {job}")
 
 
+def bundle_roundtrip(client: TestClient, pid: str, body: dict) -> dict:
+    """Predict, export the bundle, delete the path, import the bundle: the same id and identical
+    predictions. Returns the predictions."""
+    before = client.post(f"/v1/paths/{pid}/predict", json=body).json()
+    bundle = client.get(f"/v1/paths/{pid}/bundle").content
+    assert client.delete(f"/v1/paths/{pid}").status_code == 204
+    assert client.post("/v1/paths/import", content=bundle).json()["id"] == pid
+    assert client.post(f"/v1/paths/{pid}/predict", json=body).json() == before
+    return before
+
+
 def reprogram_spec(base: str = "res", task: dict | None = None, epochs: int = 1, seed: int = 0) -> dict:
     return {"method": "reprogram", "base": base, "task": task or SMALL_TASK, "train": {"epochs": epochs, "seed": seed}}
 

@@ -183,7 +183,7 @@ def test_clone_builds_and_materializes_end_to_end() -> None:
 
 def test_clone_through_the_api(app_client) -> None:
     """Compose, predict, bundle export -> delete -> import: same id, same predictions; bases untouched."""
-    from tests.helpers import compose, tensor_inputs
+    from tests.helpers import bundle_roundtrip, compose, tensor_inputs
 
     svc = app_client.app.state.services
     digests = svc.zoo.digests()
@@ -198,11 +198,7 @@ def test_clone_through_the_api(app_client) -> None:
     assert [b["id"] for b in path["bases"]] == ["res", "vgg"] and path["labels"] == ["0", "1", "2"]
     assert path["bytes"] < 0.05 * path["dense_bytes"]
     body = {"inputs": tensor_inputs(2), "top_k": 2}
-    before = app_client.post(f"/v1/paths/{pid}/predict", json=body).json()
-    bundle = app_client.get(f"/v1/paths/{pid}/bundle").content
-    assert app_client.delete(f"/v1/paths/{pid}").status_code == 204
-    assert app_client.post("/v1/paths/import", content=bundle).json()["id"] == pid
-    assert app_client.post(f"/v1/paths/{pid}/predict", json=body).json() == before
+    bundle_roundtrip(app_client, pid, body)
     assert svc.zoo.digests() == digests
     bad = {**spec, "sources": [{"model": "vgg", "labels": ["1", "x"]}]}
     r = app_client.post("/v1/compositions", json=bad)

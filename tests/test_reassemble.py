@@ -15,7 +15,13 @@ from zoo_store.archs import build_arch
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
 from zoo_store.methods.reassemble.config import Budget, partitions, plan_reassemble, smallest_assembly
-from zoo_store.methods.reassemble.layers import Stitch, build_assembled, fit_stitches, stitch_params
+from zoo_store.methods.reassemble.layers import (
+    Stitch,
+    build_assembled,
+    fit_stitches,
+    shapes_of,
+    stitch_params,
+)
 from zoo_store.methods.reassemble.method import Reassemble, assembled_bytes
 from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot
 from zoo_store.methods.reassemble.partition import SimilarityCache, linear_cka, search_partition
@@ -56,11 +62,10 @@ def test_costs_match_the_built_network(zoo) -> None:
     nets = {k: n for k, (_, n) in zoo.items()}
     profiles = {k: card_profile(c) for k, c in _cards(zoo).items()}
     params, flops = assembly_cost(CROSS, profiles, 4)
-    model = build_assembled(CROSS, nets, 1, 28, 4)
+    model = build_assembled(CROSS, nets, shapes_of(nets, list(nets), 1, 28), 4)
     assert assembled_bytes(model) > 4 * params  # the blocks' BatchNorm buffers come on top of the params
     counted = {id(p): p.numel() for net, (s, e) in zip(model.nets, model.spans, strict=True)
-               for st in net._stages[net.tap_index(s) + 1: net.tap_index(e) + 1] for step in st.steps if step != "<flatten>"
-               for p in net.get_submodule(step).parameters()}  # fmt: skip
+               for m in net.stage_modules(s, e) for p in m.parameters()}  # fmt: skip
     assert params == sum(counted.values()) + sum(p.numel() for p in stitch_params(model))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -174,7 +179,7 @@ def test_stitch_least_squares_recovers_a_linear_map() -> None:
 def test_blocks_stay_frozen_and_shared(zoo) -> None:
     nets = {k: n for k, (_, n) in zoo.items()}
     digests = {k: digest_of(n) for k, n in nets.items()}
-    model = build_assembled(CROSS, nets, 1, 28, 4)
+    model = build_assembled(CROSS, nets, shapes_of(nets, list(nets), 1, 28), 4)
     x = torch.rand(16, 1, 28, 28)
     fit_stitches(model, CROSS, nets, x)
     model.train()
@@ -206,15 +211,15 @@ BAD = {
 def test_bad_specs(zoo, case) -> None:
     extra, message = BAD[case]
     with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace("]", r"\]")):
-        plan_reassemble(_spec(**extra), _cards(zoo))
+        Reassemble().validate(_spec(**extra), _cards(zoo))
 
 
 def test_smallest_budget_is_feasible_and_exact(zoo) -> None:
     cards = _cards(zoo)
     p, _ = smallest_assembly({k: card_profile(c) for k, c in cards.items()}, 3, 2)
-    plan_reassemble(_spec(budget={"max_params": p}), cards)
+    Reassemble().validate(_spec(budget={"max_params": p}), cards)
     with pytest.raises(InvalidInput, match=f"max_params={p}"):
-        plan_reassemble(_spec(budget={"max_params": p - 1}), cards)
+        Reassemble().validate(_spec(budget={"max_params": p - 1}), cards)
 
 
 def test_bound_when_too_many_to_enumerate(zoo, monkeypatch) -> None:
@@ -227,7 +232,7 @@ def test_bound_when_too_many_to_enumerate(zoo, monkeypatch) -> None:
     assert bound[0] <= exact_min[0] and bound[1] <= exact_min[1]
     monkeypatch.setattr(config, "EXACT_COMBINATIONS", 0)
     with pytest.raises(InvalidInput, match=f"every assembly takes at least max_params={bound[0]}"):
-        plan_reassemble(_spec(budget={"max_params": bound[0] - 1}), cards)
+        Reassemble().validate(_spec(budget={"max_params": bound[0] - 1}), cards)
 
 
 def test_milp_survives_singular_scores(zoo) -> None:
@@ -276,7 +281,7 @@ def test_tampered_configs_are_refused(zoo, case) -> None:
 def test_reassemble_through_the_api(app_client) -> None:
     """Compose over the API (the second job reuses the cached CKA matrices), predict, bundle export ->
     delete -> import: same id, same predictions; bases untouched; a bad spec is a 422."""
-    from tests.helpers import compose, tensor_inputs
+    from tests.helpers import bundle_roundtrip, compose, tensor_inputs
 
     svc = app_client.app.state.services
     digests = svc.zoo.digests()
@@ -295,11 +300,7 @@ def test_reassemble_through_the_api(app_client) -> None:
     assert path["method"] == "reassemble" and path["labels"] == ["0", "1", "2"]
     assert path["bytes"] < 0.05 * path["dense_bytes"]
     body = {"inputs": tensor_inputs(3), "top_k": 2}
-    before = app_client.post(f"/v1/paths/{pid}/predict", json=body).json()
-    bundle = app_client.get(f"/v1/paths/{pid}/bundle").content
-    assert app_client.delete(f"/v1/paths/{pid}").status_code == 204
-    assert app_client.post("/v1/paths/import", content=bundle).json()["id"] == pid
-    assert app_client.post(f"/v1/paths/{pid}/predict", json=body).json() == before
+    bundle_roundtrip(app_client, pid, body)
     assert svc.zoo.digests() == digests
     r = app_client.post("/v1/compositions", json={**spec, "budget": {"max_params": 100}})
     assert r.status_code == 422 and "the smallest takes max_params=" in r.json()["detail"]
@@ -308,7 +309,7 @@ def test_reassemble_through_the_api(app_client) -> None:
 def test_cross_architecture_path_is_served_and_bundled(app_client) -> None:
     """Blocks of a ResNet and a VGG net, stitched and tuned, imported as a bundle, served, exported,
     deleted and imported again: the same id and the same predictions."""
-    from tests.helpers import tensor_inputs
+    from tests.helpers import bundle_roundtrip, tensor_inputs
     from zoo_store.methods.reassemble.method import path_tensors, train_assembly
     from zoo_store.methods.reassemble.search import Candidate
     from zoo_store.methods.registry import TaskData
@@ -336,10 +337,7 @@ def test_cross_architecture_path_is_served_and_bundled(app_client) -> None:
     x_in = torch.tensor([i["tensor"] for i in body["inputs"]])
     expected = predict_logits(model, x_in, card.input).softmax(1)
     assert [p["label"] for p in before["predictions"]] == [["a", "b", "c"][int(i)] for i in expected.argmax(1)]
-    exported = app_client.get(f"/v1/paths/{pid}/bundle").content
-    assert app_client.delete(f"/v1/paths/{pid}").status_code == 204
-    assert app_client.post("/v1/paths/import", content=exported).json()["id"] == pid
-    assert app_client.post(f"/v1/paths/{pid}/predict", json=body).json() == before
+    assert bundle_roundtrip(app_client, pid, body) == before
     # the same blocks, but the bundle references only 'res': a resident base it does not name is refused
     lone = PathArtifact("reassemble", art.bases[:1], art.labels, art.input, art.config, art.tensors, {})
     r = app_client.post("/v1/paths/import", content=encode_bundle(make_manifest(lone), lone.tensors, {}))

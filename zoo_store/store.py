@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from zoo_store.archs import TapNet, build_arch
+from zoo_store.archs import TapNet, build_for
 from zoo_store.blobs import BlobStore, KeyStore, MemoryKeyStore, sha256
 from zoo_store.cards import Card, CardIn, TapInfo
 from zoo_store.datasets.builtin import BUILTINS, Arrays
@@ -48,7 +48,7 @@ class Store:
     # -- zoo ----------------------------------------------------------------------------------
     def add_base(self, card_in: CardIn, weights: bytes | dict[str, torch.Tensor]) -> tuple[Card, bool]:
         """Register a base; returns (card, created). Same id with another digest is a Conflict."""
-        net = build_arch(card_in.arch, {**card_in.arch_config, "num_classes": len(card_in.labels)})
+        net = build_for(card_in)
         load_into(net, read_weights(weights) if isinstance(weights, bytes) else weights)
         data = canonical_bytes(net)
         digest = sha256(data)
@@ -86,7 +86,7 @@ class Store:
         """Build and load a base from its verified blob: frozen, eval, on ``device``."""
         from safetensors.torch import load as st_load
 
-        net = build_arch(card.arch, {**card.arch_config, "num_classes": len(card.labels)})
+        net = build_for(card)
         net.load_state_dict(st_load(self.blobs.get(card.digest)), strict=True)
         return freeze(net.to(device))
 

@@ -106,6 +106,11 @@ class TapNet(nn.Module):
     def num_classes(self) -> int:
         return self.head_layer.out_features
 
+    def stage_modules(self, start: str | None, end: str) -> list[nn.Module]:
+        """The modules of the stages after tap ``start`` (the input when None) through tap ``end``."""
+        stages = self._stages[self.tap_index(start) + 1 : self.tap_index(end) + 1]
+        return [self.get_submodule(p) for st in stages for p in st.steps if p != FLATTEN]
+
     def prefix_convs(self, end: str) -> list[str]:
         """Dotted paths of every Conv2d in the stages up to and including tap ``end``, in order."""
         paths = [p for stage in self._stages[: self.tap_index(end) + 1] for p in stage.steps if p != FLATTEN]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from zoo_store.archs.base import TapNet
+from zoo_store.cards import CardIn
 from zoo_store.errors import InvalidInput
 
 ArchBuilder = Callable[..., TapNet]
@@ -24,6 +28,13 @@ def register_arch(name: str) -> Callable[[ArchBuilder], ArchBuilder]:
 
 def arch_names() -> list[str]:
     return sorted(_ARCHS)
+
+
+def build_for(card: CardIn, meta: bool = False) -> TapNet:
+    """The untrained network a card describes (its labels size the head); on the meta device (shapes
+    only: no memory, no init cost) when ``meta``."""
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return build_arch(card.arch, {**card.arch_config, "num_classes": len(card.labels)})
 
 
 def build_arch(name: str, config: dict[str, Any] | None = None) -> TapNet:

@@ -17,7 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from zoo_store.archs import TapNet, build_arch
+from zoo_store.archs import TapNet, build_arch, build_for
 from zoo_store.archs.surgery import replace_module
 from zoo_store.cards import Card
 from zoo_store.errors import BadRequest
@@ -51,7 +51,7 @@ def _build_layer(spec: dict[str, Any]) -> nn.Module:
 def export_network(net: TapNet, card: Card, path_id: str) -> bytes:
     """The materialized network of a path, with what it takes to rebuild it from its architecture."""
     with torch.device("meta"):
-        fresh = build_arch(card.arch, {**card.arch_config, "num_classes": len(card.labels)})
+        fresh = build_for(card)
     fresh_specs = {p: _layer_spec(m) for p, m in fresh.named_modules()}
     changed = {p: s for p, m in net.named_modules() if (s := _layer_spec(m)) is not None and s != fresh_specs.get(p)}
     meta_card = {"arch": card.arch, "arch_config": card.arch_config, "labels": list(card.labels),

@@ -46,9 +46,9 @@ class ReassembleConfig(BaseModel):
     size: int = Field(ge=4, le=1024)
 
 
-def plan_reassemble(spec: CompositionSpec, cards: dict[str, Card], num_labels: int | None = None) -> ReassemblePlan:
-    """Resolve a reassemble spec against the zoo's cards; every inconsistency is an InvalidInput naming it.
-    With ``num_labels`` (else: the fewest any task has, 2), a budget no assembly meets is refused too."""
+def plan_reassemble(spec: CompositionSpec, cards: dict[str, Card]) -> ReassemblePlan:
+    """Resolve a reassemble spec against the zoo's cards; every inconsistency is an InvalidInput naming it
+    (the budget's feasibility is ``check_budget``'s)."""
     if spec.task is None:
         raise InvalidInput("method 'reassemble' needs 'task': {'dataset': id} to assemble a network for")
     unused = [f for f in ("base", "sources") if getattr(spec, f)]
@@ -67,17 +67,23 @@ def plan_reassemble(spec: CompositionSpec, cards: dict[str, Card], num_labels: i
     if len(pool) < 2:
         raise InvalidInput(f"a reassembly needs a pool of at least two compatible models (with at least {k} "
                            f"spatial taps and the same input); found {list(pool)}")  # fmt: skip
-    plan = ReassemblePlan(pool=pool, blocks=k, budget=budget, chosen=spec.models is None)
-    if budget.max_params is not None or budget.max_flops is not None:
-        profiles = {m: card_profile(cards[m]) for m in pool}
-        if _combinations(profiles, k) <= EXACT_COMBINATIONS:
-            (params, flops), says = smallest_assembly(profiles, k, num_labels or 2), "the smallest takes"
-        else:  # too many to enumerate in a request: a bound here, the exact check in the job
-            (params, flops), says = cheapest_bound(profiles, k, num_labels or 2), "every assembly takes at least"
-        if not budget.admits(params, flops):
-            raise InvalidInput(f"no assembly of {k} blocks from {list(pool)} meets the budget {budget.model_dump(exclude_none=True)}; "
-                               f"{says} max_params={params}, max_flops={flops}")  # fmt: skip
-    return plan
+    return ReassemblePlan(pool=pool, blocks=k, budget=budget, chosen=spec.models is None)
+
+
+def check_budget(plan: ReassemblePlan, cards: dict[str, Card], num_labels: int = 2) -> None:
+    """Refuse a budget that no assembly of any partition meets, naming the smallest that would do (for a
+    head over ``num_labels``; 2, the fewest a task has, before the task's labels are known)."""
+    budget, k = plan.budget, plan.blocks
+    if budget.max_params is None and budget.max_flops is None:
+        return
+    profiles = {m: card_profile(cards[m]) for m in plan.pool}
+    if _combinations(profiles, k) <= EXACT_COMBINATIONS:
+        (params, flops), says = smallest_assembly(profiles, k, num_labels), "the smallest takes"
+    else:  # too many to enumerate in a request: a bound here, the exact check in the job
+        (params, flops), says = cheapest_bound(profiles, k, num_labels), "every assembly takes at least"
+    if not budget.admits(params, flops):
+        raise InvalidInput(f"no assembly of {k} blocks from {list(plan.pool)} meets the budget {budget.model_dump(exclude_none=True)}; "
+                           f"{says} max_params={params}, max_flops={flops}")  # fmt: skip
 
 
 def _checked_pool(models: list[str], k: int, cards: dict[str, Card]) -> tuple[str, ...]:

@@ -81,10 +81,17 @@ class Assembled(nn.Module):
         return self.head(self.features(x).mean((2, 3)))  # (B, K)
 
 
-def build_assembled(blocks: list[Block], bases: dict[str, TapNet], channels: int, size: int, num_labels: int) -> Assembled:
+Shapes = dict[str, dict[str, tuple[int, ...]]]  # model -> tap -> (C, H, W) for the path's input
+
+
+def shapes_of(nets: dict[str, TapNet], models: list[str], channels: int, size: int) -> Shapes:
+    """Tap shapes of each of ``models`` (one dummy forward each): compute once, pass to ``build_assembled``."""
+    return {m: nets[m].tap_shapes(channels, size) for m in dict.fromkeys(models)}
+
+
+def build_assembled(blocks: list[Block], bases: dict[str, TapNet], shapes: Shapes, num_labels: int) -> Assembled:
     """The network of ``blocks`` with fresh stitches (identity BatchNorm, default conv) and head."""
-    shapes = {m: bases[m].tap_shapes(channels, size) for m in dict.fromkeys(b.model for b in blocks)}
-    copies = {m: shared_copy(bases[m]).eval() for m in shapes}
+    copies = {m: shared_copy(bases[m]).eval() for m in dict.fromkeys(b.model for b in blocks)}
     stitches: list[Stitch | None] = [None]
     for prev, cur in itertools.pairwise(blocks):
         if needs_stitch(prev, cur):

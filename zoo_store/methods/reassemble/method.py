@@ -15,16 +15,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zoo_store.archs import FLATTEN, TapNet
+from zoo_store.archs import TapNet
 from zoo_store.archs.surgery import shared_copy
 from zoo_store.cards import Card, InputSpec
 from zoo_store.errors import InvalidInput
-from zoo_store.methods.reassemble.config import ReassembleConfig, parse_config, plan_reassemble
+from zoo_store.methods.reassemble.config import ReassembleConfig, check_budget, parse_config, plan_reassemble
 from zoo_store.methods.reassemble.layers import (
     Assembled,
+    Shapes,
     Stitch,
     build_assembled,
     fit_stitches,
+    shapes_of,
     stitch_params,
 )
 from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot_units, relus
@@ -53,7 +55,9 @@ class Reassemble(Method):
     name = "reassemble"
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
-        return list(plan_reassemble(spec, cards).pool)
+        plan = plan_reassemble(spec, cards)
+        check_budget(plan, cards)
+        return list(plan.pool)
 
     def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
         found = search(spec, ctx)
@@ -85,8 +89,8 @@ class Reassemble(Method):
                                f"{spec.channels}x{spec.size}x{spec.size}")  # fmt: skip
 
     def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
-        cfg, _ = _checked(config, bases)
-        model = build_assembled(list(cfg.blocks), bases, cfg.channels, cfg.size, cfg.num_classes)
+        cfg, shapes = _checked(config, bases)
+        model = build_assembled(list(cfg.blocks), bases, shapes, cfg.num_classes)
         for i, s in enumerate(model.stitches):
             if isinstance(s, Stitch):
                 s.load_state_dict({k: tensors[f"stitch.{i}.{k}"] for k in STITCH_KEYS}, strict=False)
@@ -113,9 +117,10 @@ def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
     """Partition the pool (step 1) and rank the assemblies within budget by NASWOT (step 2)."""
     assert spec.task
     cards = {k: c for k, (c, _) in ctx.bases.items()}
-    card = cards[plan_reassemble(spec, cards).pool[0]]
+    plan = plan_reassemble(spec, cards)
+    card = cards[plan.pool[0]]
     data = ctx.load_task(spec.task, card)
-    plan = plan_reassemble(spec, cards, num_labels=len(data.labels))  # the budget, now with the head's size
+    check_budget(plan, cards, len(data.labels))  # now with the head's real size
     nets = {m: ctx.bases[m][1] for m in plan.pool}
     order = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(spec.train.seed))
     probe_raw = data.train_x[order[:PROBE_IMAGES]]  # (P, C, H, W) in [0, 1]
@@ -169,9 +174,10 @@ class Scorer:
         self.nets, self.card, self.probe, self.batch, self.num_labels = nets, card, probe, batch, num_labels
         self.memo: dict[tuple[str, str], Tensor] = {}
         self.units: dict[tuple[Block, ...], int] = {}  # ReLU units per image of each scored candidate
+        self.shapes = shapes_of(nets, list(nets), card.input.channels, card.input.size)
 
     def __call__(self, cand: Candidate) -> float:
-        model = build_assembled(list(cand.blocks), self.nets, self.card.input.channels, self.card.input.size, self.num_labels)
+        model = build_assembled(list(cand.blocks), self.nets, self.shapes, self.num_labels)
         fit_stitches(model, list(cand.blocks), self.nets, self.probe, self.memo)
         score, self.units[cand.blocks] = naswot_units(model, self.batch)
         return score
@@ -181,9 +187,7 @@ class Scorer:
 def block_naswot(net: TapNet, block: Block, batch: Tensor) -> float:
     """The surrogate's term: NASWOT of the ReLUs inside one block, run within its own model."""
     copy = shared_copy(net).eval()
-    lo, hi = copy.tap_index(block.start) + 1, copy.tap_index(block.end)
-    mods = [copy.get_submodule(p) for st in copy._stages[lo : hi + 1] for p in st.steps if p != FLATTEN]
-    codes = ReluCodes([r for m in mods for r in relus(m)])
+    codes = ReluCodes([r for m in copy.stage_modules(block.start, block.end) for r in relus(m)])
     try:
         copy.run(batch, None, block.end)
     finally:
@@ -197,7 +201,8 @@ def train_assembly(cand: Candidate, nets: dict[str, TapNet], card: Card, data: T
     """The candidate's network, stitches fitted by least squares, then stitches and head trained
     (the blocks frozen and in eval mode)."""
     torch.manual_seed(seed)
-    model = build_assembled(list(cand.blocks), nets, card.input.channels, card.input.size, len(data.labels))
+    shapes = shapes_of(nets, [b.model for b in cand.blocks], card.input.channels, card.input.size)
+    model = build_assembled(list(cand.blocks), nets, shapes, len(data.labels))
     fit_stitches(model, list(cand.blocks), nets, probe)
     model.train()
     fit(model, stitch_params(model), data.train_x, data.train_y, card.input, epochs=epochs, lr=lr,
@@ -227,18 +232,13 @@ def path_tensors(model: Assembled) -> dict[str, Tensor]:
 def assembled_bytes(model: Assembled) -> int:
     """Bytes of the tensors the assembled network computes with: its blocks' stages, stitches, head."""
     seen: dict[int, int] = {}
-    for net, (start, end) in zip(model.nets, model.spans, strict=True):
-        for st in net._stages[net.tap_index(start) + 1 : net.tap_index(end) + 1]:
-            for p in st.steps:
-                if p != FLATTEN:
-                    m = net.get_submodule(p)
-                    seen |= {id(t): t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]}
-    for m in (model.stitches, model.head):
+    blocks = [m for net, (start, end) in zip(model.nets, model.spans, strict=True) for m in net.stage_modules(start, end)]
+    for m in [*blocks, model.stitches, model.head]:
         seen |= {id(t): t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]}
     return sum(seen.values())
 
 
-def _checked(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ReassembleConfig, dict[str, dict[str, tuple[int, ...]]]]:
+def _checked(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ReassembleConfig, Shapes]:
     """The config, checked against the bases; and the tap shapes of every model it uses."""
     cfg = parse_config(config)
     for i, b in enumerate(cfg.blocks):
@@ -252,7 +252,7 @@ def _checked(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[Reassemb
         if b.start is not None and taps.index(b.start) >= taps.index(b.end):
             raise InvalidInput(f"reassemble block {i}: {b.label()} is empty (start is not before end)")
     try:
-        shapes = {m: bases[m].tap_shapes(cfg.channels, cfg.size) for m in dict.fromkeys(b.model for b in cfg.blocks)}
+        shapes = shapes_of(bases, [b.model for b in cfg.blocks], cfg.channels, cfg.size)
     except RuntimeError as e:
         raise InvalidInput(f"reassemble config: the bases do not take a {cfg.channels}x{cfg.size}x{cfg.size} input") from e
     return cfg, shapes

@@ -11,13 +11,12 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch.utils.flop_counter import FlopCounterMode
 
-from zoo_store.archs import TapNet, build_arch
+from zoo_store.archs import TapNet, build_for
 from zoo_store.cards import Card
 
 
@@ -68,8 +67,7 @@ def profile_of(net: TapNet, channels: int, size: int) -> Profile:
     out = []
     with torch.no_grad():
         for i, tap in enumerate(spatial):
-            stage = net._stages[i]
-            mods = {id(p): p.numel() for step in stage.steps for p in net.get_submodule(step).parameters()}
+            mods = {id(p): p.numel() for m in net.stage_modules(spatial[i - 1] if i else None, tap) for p in m.parameters()}
             counter = FlopCounterMode(display=False)
             with counter:
                 h = net.stage_fn(i)(h)  # (1, C, H, W)
@@ -77,16 +75,15 @@ def profile_of(net: TapNet, channels: int, size: int) -> Profile:
     return Profile(tuple(out))
 
 
-@lru_cache(maxsize=64)
-def _skeleton_profile(arch: str, config: str, num_classes: int, channels: int, size: int) -> Profile:
-    with torch.device("meta"):
-        net = build_arch(arch, {**json.loads(config), "num_classes": num_classes})
-    return profile_of(net, channels, size)
+_PROFILES: dict[str, Profile] = {}
 
 
 def card_profile(card: Card) -> Profile:
-    return _skeleton_profile(card.arch, json.dumps(card.arch_config, sort_keys=True), len(card.labels),
-                             card.input.channels, card.input.size)  # fmt: skip
+    """The profile of the architecture a card describes, at its input size (cached per architecture)."""
+    key = json.dumps([card.arch, card.arch_config, len(card.labels), card.input.channels, card.input.size], sort_keys=True)
+    if key not in _PROFILES:
+        _PROFILES[key] = profile_of(build_for(card, meta=True), card.input.channels, card.input.size)
+    return _PROFILES[key]
 
 
 def needs_stitch(prev: Block, cur: Block) -> bool:

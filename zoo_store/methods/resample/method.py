@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from zoo_store.archs import TapNet, build_arch
+from zoo_store.archs import TapNet, build_for
 from zoo_store.archs.base import ChannelGroup
 from zoo_store.archs.surgery import state_bytes
 from zoo_store.cards import Card
@@ -57,7 +57,7 @@ class Resample(Method):
     standalone = True
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
-        net = _skeleton(one_base(self.name, spec, cards))
+        net = build_for(one_base(self.name, spec, cards), meta=True)
         widths_for(net, net.channel_groups(), _budget(spec.budget))  # a budget no resample meets is a 422 here
         return [spec.base]
 
@@ -207,11 +207,6 @@ def _label_columns(card: Card, data: TaskData) -> list[int]:
     if unknown:
         raise InvalidInput(f"task labels {unknown} are not labels of base {card.id!r}: resampling keeps the base's head")
     return [card.labels.index(label) for label in data.labels]
-
-
-def _skeleton(card: Card) -> TapNet:
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        return build_arch(card.arch, {**card.arch_config, "num_classes": len(card.labels)})
 
 
 def _budget(raw: dict[str, Any]) -> ResampleBudget:
