@@ -29,6 +29,7 @@ class ResidentZoo:
         self.store = store
         self.device = device
         self.bases: dict[str, tuple[Card, TapNet]] = {}
+        self._ptrs: dict[str, frozenset[int]] = {}  # per base: the storage of its tensors (bases never change)
         self._lock = threading.Lock()
 
     def load_all(self) -> None:
@@ -46,6 +47,14 @@ class ResidentZoo:
     def nets_of(self, manifest: Manifest) -> dict[str, TapNet]:
         """Only the bases a path references (and ``check_refs`` verified): its config may name no other."""
         return {r.id: self.bases[r.id][1] for r in manifest.bases}
+
+    def shared_ptrs(self, manifest: Manifest) -> set[int]:
+        """Data pointers of the tensors of the bases a path references: what its module shares, not adds."""
+        for r in manifest.bases:
+            if r.id not in self._ptrs:
+                net = self.bases[r.id][1]
+                self._ptrs[r.id] = frozenset(t.data_ptr() for t in [*net.parameters(), *net.buffers()])
+        return set().union(*(self._ptrs[r.id] for r in manifest.bases))
 
     def digests(self) -> dict[str, str]:
         """Recomputed from the resident tensors: proof that nothing wrote to them."""
@@ -151,9 +160,8 @@ class PathCache:
         bundle = decode_bundle(self.store.path(path_id).bundle)
         self.zoo.check_refs(bundle.manifest)
         module = get_method(bundle.manifest.method).materialize(bundle.manifest.config, bundle.tensors, self.zoo.nets_of(bundle.manifest))
-        shared = {t.data_ptr() for net in self.zoo.nets().values() for t in list(net.parameters()) + list(net.buffers())}
         self.metrics.materializations.labels(bundle.manifest.method).inc()
-        return Entry(module.eval(), bundle.manifest, delta_bytes(module, shared))
+        return Entry(module.eval(), bundle.manifest, delta_bytes(module, self.zoo.shared_ptrs(bundle.manifest)))
 
     def evict(self, path_id: str) -> None:
         with self._lock:
