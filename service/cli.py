@@ -55,7 +55,7 @@ def _table(rows: list[dict], cols: list[str]) -> None:
 
 
 @app.command()
-def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> None:
     """Run the API (embedded mode: SQLite, in-process worker, jobs in child processes)."""
     import logging
 
@@ -64,7 +64,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     from service.app import create_app
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=access_log)
 
 
 @app.command()
@@ -220,7 +220,7 @@ def bundle_import(file: Path, url: Url = DEFAULT_URL) -> None:
 @app.command()
 def bench(
     out: Path = Path("docs/benchmarks.md"),
-    suite: Annotated[str, typer.Option(help="serving | reprogram | resample | clone | reassemble | all")] = "serving",
+    suite: Annotated[str, typer.Option(help="serving | scale | reprogram | resample | clone | reassemble | all")] = "serving",
     quick: bool = False,
 ) -> None:
     """Measure ratios side by side in one run and write them to docs/ with the machine."""

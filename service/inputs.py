@@ -1,4 +1,4 @@
-"""Decoding predict inputs (nested-list tensors, base64 or uploaded images) to (N, C, H, W)."""
+"""Decoding predict inputs (nested-list tensors, ``.npy`` bodies, base64 or uploaded images) to (N, C, H, W)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import io
 import math
 import warnings
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -59,3 +60,32 @@ def image_input(b64: str, spec: InputSpec, settings: Settings, i: int) -> torch.
     except (binascii.Error, ValueError) as e:
         raise InvalidInput(f"inputs[{i}].image is not valid base64: {e}") from e
     return image_bytes_input(data, spec, settings, f"inputs[{i}].image")
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def npy_input(data: bytes, spec: InputSpec, settings: Settings) -> torch.Tensor:
+    """One ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8 in [0, 255] -> (N, C, H, W) float32.
+    Read with ``allow_pickle=False``; anything but a plain numeric array is refused."""
+    if not data.startswith(NPY_MAGIC):
+        raise InvalidInput("application/octet-stream predict body must be one .npy array (it starts with "
+                           f"{NPY_MAGIC!r}); got {data[:8]!r}")  # fmt: skip
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InvalidInput(f"the .npy body cannot be read: {e}") from e
+    want = (spec.channels, spec.size, spec.size)
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != want:
+        raise InvalidInput(f"the .npy array has shape {list(arr.shape)}, expected [N, {', '.join(map(str, want))}]")
+    if not 1 <= len(arr) <= settings.max_predict_inputs:
+        raise InvalidInput(f"the .npy array holds {len(arr)} inputs; send 1 to {settings.max_predict_inputs}")
+    kind = (arr.dtype.kind, arr.dtype.itemsize)
+    if kind == ("u", 1):
+        return torch.from_numpy(arr.astype(np.float32)) / 255.0  # (N, C, H, W)
+    if kind != ("f", 4):
+        raise InvalidInput(f"the .npy array is {arr.dtype}; send float32 in [0, 1] or uint8 in [0, 255]")
+    t = torch.from_numpy(arr.astype(np.float32, copy=False))  # native byte order
+    if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+        raise InvalidInput("the .npy float32 values must be finite and in [0, 1]")
+    return t  # (N, C, H, W)

@@ -1,12 +1,23 @@
-"""Serving runtime: the resident zoo, the LRU of materialized paths and the micro-batcher."""
+"""Serving runtime: the resident zoo, the path memory (slots, host tier, modules) and the batcher.
+
+A path is served one of two ways. If its method has a bank (reprogram), its decoded tensors sit in
+a host-memory tier and, when a batch needs it, in a slot of its base's bank: one forward serves a
+batch that mixes many such paths. Otherwise it is materialized as its own module (kept in an LRU)
+and batched with requests for the same path only. Both share the cache's byte budget; the
+database is beneath both.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
 import threading
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -15,8 +26,9 @@ from service.metrics import Metrics
 from zoo_store.archs import TapNet
 from zoo_store.cards import Card
 from zoo_store.errors import Conflict, InvalidInput
+from zoo_store.methods.bank import PathBank
 from zoo_store.methods.registry import get_method
-from zoo_store.paths import Bundle, Manifest, check_expected
+from zoo_store.paths import Bundle, Manifest, check_expected, decode_bundle
 from zoo_store.store import Store
 from zoo_store.training import normalize
 from zoo_store.weights import digest_of
@@ -90,11 +102,24 @@ def validate_bundle(bundle: Bundle, zoo: ResidentZoo) -> nn.Module:
     return module
 
 
+log = logging.getLogger("zoo")
+
+
 @dataclass
 class Entry:
-    module: nn.Module
+    """A path ready to serve: its own module, or its decoded tensors for a slot of bank ``bank_key``."""
+
+    path_id: str
     manifest: Manifest
-    nbytes: int
+    nbytes: int  # what it holds: the module's delta over the bases, or its decoded tensors
+    module: nn.Module | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+    bank_key: str | None = None
+
+    @property
+    def group(self) -> str:
+        """What its requests are batched with: every path of its bank, or only itself."""
+        return self.bank_key or self.path_id
 
 
 def delta_bytes(module: nn.Module, shared: set[int]) -> int:
@@ -103,20 +128,138 @@ def delta_bytes(module: nn.Module, shared: set[int]) -> int:
     return sum(t.numel() * t.element_size() for k, t in tensors.items() if t.data_ptr() not in shared)
 
 
-class PathCache:
-    """LRU of materialized paths bounded in bytes; lazily materialized on first use, once even when
-    many requests for a cold path arrive together. Pinned paths are never evicted."""
+class ByteLRU:
+    """Entries by path id, least recently used first, with their byte total. Not thread-safe."""
 
-    def __init__(self, store: Store, zoo: ResidentZoo, budget: int, metrics: Metrics, pinned: frozenset[str] = frozenset()):
-        self.store, self.zoo, self.budget, self.metrics = store, zoo, budget, metrics
-        self.pinned = pinned
+    def __init__(self) -> None:
         self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, path_id: str) -> Entry | None:
+        entry = self.entries.get(path_id)
+        if entry is not None:
+            self.entries.move_to_end(path_id)
+        return entry
+
+    def put(self, entry: Entry) -> None:
+        self.pop(entry.path_id)
+        self.entries[entry.path_id] = entry
+        self.nbytes += entry.nbytes
+
+    def pop(self, path_id: str) -> Entry | None:
+        entry = self.entries.pop(path_id, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        return entry
+
+    def evict_over(self, budget: int, keep: frozenset[str], extra: int = 0) -> None:
+        """Least recently used first until ``nbytes + extra <= budget``; never ``keep`` nor the newest."""
+        newest = next(reversed(self.entries), None)
+        for path_id in [k for k in self.entries if k not in keep and k != newest]:
+            if self.nbytes + extra <= budget:
+                break
+            self.pop(path_id)
+
+
+class SlotTable:
+    """Which path sits in which slot of one bank. A path missing from the table is copied into a
+    free slot; with none free the table grows (doubling) while the budget has room, else the least
+    recently used slot that the batch at hand does not need and that holds no pinned path is reused."""
+
+    def __init__(self, key: str, bank: PathBank, room: Callable[[], int], pinned: frozenset[str], metrics: Metrics,
+                 min_slots: int):  # fmt: skip
+        self.key, self.bank, self.room, self.pinned, self.metrics = key, bank, room, pinned, metrics
+        self.min_slots = min_slots
+        self.where: OrderedDict[str, int] = OrderedDict()  # path id -> slot, least recently used first
+        self.free: list[int] = []  # descending, so pop() gives the lowest
+        self.lock = threading.Lock()
+
+    def assign(self, entries: list[Entry]) -> list[int]:
+        """The slot of each entry's path, loading the missing ones (called by the inference thread)."""
+        with self.lock:
+            needed = {e.path_id: e for e in entries}
+            for path_id, entry in needed.items():
+                if path_id in self.where:
+                    self.where.move_to_end(path_id)
+                    continue
+                slot = self._take(frozenset(needed), entry)
+                self.bank.load(slot, entry.manifest.config, entry.tensors or {})
+                self.where[path_id] = slot
+                self.metrics.slot_loads.labels(self.key).inc()
+            self.metrics.slots_in_use.labels(self.key).set(len(self.where))
+            return [self.where[e.path_id] for e in entries]
+
+    def _take(self, protect: frozenset[str], entry: Entry) -> int:
+        if not self.free:
+            self._grow(entry, forced=False)
+        if not self.free:
+            victim = next((p for p in self.where if p not in protect and p not in self.pinned), None)
+            if victim is not None:
+                self.metrics.slot_evictions.labels(self.key).inc()
+                return self.where.pop(victim)
+            self._grow(entry, forced=True)  # every slot is needed by this batch or pinned
+        return self.free.pop()
+
+    def _grow(self, entry: Entry, forced: bool) -> None:
+        old = self.bank.capacity
+        per_slot = self.bank.slot_bytes(entry.manifest.config)
+        wanted = max(self.min_slots, 2 * old) - old
+        extra = wanted if forced else min(wanted, max(0, self.room()) // per_slot)
+        if extra <= 0:
+            return
+        if forced:
+            log.warning("bank %s grows past the cache budget: %d slots needed at once", self.key, old + 1)
+        self.bank.grow(old + extra)
+        trim_heap()  # the smaller tables the bank just dropped
+        self.free = sorted([*self.free, *range(old, old + extra)], reverse=True)
+
+    def drop(self, path_id: str) -> None:
+        with self.lock:
+            slot = self.where.pop(path_id, None)
+            if slot is not None:
+                self.free = sorted([*self.free, slot], reverse=True)
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim): without it, the tables a bank
+    drops when it grows stay in the process's resident memory. A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PathCache:
+    """The path memory of one worker, bounded in bytes: bank slots and materialized modules share
+    ``budget`` (device memory); decoded tensors of slot-served paths share ``host_budget``. A cold
+    path is read from the store once even when many requests for it arrive together. Pinned paths
+    are never evicted."""
+
+    def __init__(self, store: Store, zoo: ResidentZoo, budget: int, metrics: Metrics,
+                 pinned: frozenset[str] = frozenset(), host_budget: int = 512 * 2**20,
+                 batching: Literal["base", "path"] = "base", min_slots: int = 64):  # fmt: skip
+        self.store, self.zoo, self.budget, self.metrics = store, zoo, budget, metrics
+        self.pinned, self.host_budget, self.batching, self.min_slots = pinned, host_budget, batching, min_slots
+        self.modules = ByteLRU()  # materialized paths
+        self.host = ByteLRU()  # decoded tensors of paths served from bank slots
+        self.tables: dict[str, SlotTable] = {}
         self._lock = threading.Lock()
-        self._building: dict[str, threading.Lock] = {}  # one materialization per cold path at a time
+        self._building: dict[str, threading.Lock] = {}  # one load per cold path at a time
+
+    @property
+    def entries(self) -> OrderedDict[str, Entry]:
+        """Materialized modules, least recently used first."""
+        return self.modules.entries
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+        """Device bytes: materialized modules plus every bank's slots."""
+        return self.modules.nbytes + sum(t.bank.nbytes() for t in list(self.tables.values()))
+
+    def lookup(self, path_id: str) -> Entry | None:
+        """The entry if it is loaded already (never blocks on the store): the request path's fast way."""
+        with self._lock:
+            return self._hit(path_id)
 
     def get(self, path_id: str) -> Entry:
         with self._lock:
@@ -125,7 +268,7 @@ class PathCache:
             building = self._building.setdefault(path_id, threading.Lock())
         with building:
             with self._lock:
-                if (hit := self._hit(path_id)) is not None:  # another request built it meanwhile
+                if (hit := self._hit(path_id)) is not None:  # another request loaded it meanwhile
                     return hit
             self.metrics.cache_misses.inc()
             try:
@@ -134,99 +277,184 @@ class PathCache:
                 with self._lock:
                     self._building.pop(path_id, None)
             with self._lock:
-                self.entries[path_id] = entry
-                self._evict_over_budget()
-                self.metrics.cache_bytes.set(self.nbytes)
+                self._keep(entry)
             return entry
 
     def _hit(self, path_id: str) -> Entry | None:
-        entry = self.entries.get(path_id)
+        entry = self.modules.get(path_id) or self.host.get(path_id)
         if entry is not None:
-            self.entries.move_to_end(path_id)
             self.metrics.cache_hits.inc()
         return entry
 
-    def _evict_over_budget(self) -> None:
-        """Least recently used first, never a pinned path nor the one just used."""
-        newest = next(reversed(self.entries))
-        for path_id in [k for k in self.entries if k not in self.pinned and k != newest]:
-            if self.nbytes <= self.budget:
-                break
-            del self.entries[path_id]
+    def _keep(self, entry: Entry) -> None:
+        if entry.bank_key is not None:
+            self.host.put(entry)
+            self.host.evict_over(self.host_budget, self.pinned)
+            self.metrics.host_bytes.set(self.host.nbytes)
+        else:
+            self.modules.put(entry)
+            self.modules.evict_over(self.budget, self.pinned, extra=self.nbytes - self.modules.nbytes)
+        self.metrics.cache_bytes.set(self.nbytes)
 
     def _materialize(self, path_id: str) -> Entry:
-        from zoo_store.paths import decode_bundle
+        bundle = decode_bundle(self.store.path_bundle(path_id))
+        m = bundle.manifest
+        self.zoo.check_refs(m)
+        method = get_method(m.method)
+        key = method.bank_key(m.config) if self.batching == "base" else None
+        if key is not None:
+            nbytes = sum(t.numel() * t.element_size() for t in bundle.tensors.values())
+            return Entry(path_id, m, nbytes, tensors=bundle.tensors, bank_key=key)
+        module = method.materialize(m.config, bundle.tensors, self.zoo.nets_of(m)).eval()
+        self.metrics.materializations.labels(m.method).inc()
+        return Entry(path_id, m, delta_bytes(module, self.zoo.shared_ptrs(m)), module=module)
 
-        bundle = decode_bundle(self.store.path(path_id).bundle)
-        self.zoo.check_refs(bundle.manifest)
-        module = get_method(bundle.manifest.method).materialize(bundle.manifest.config, bundle.tensors, self.zoo.nets_of(bundle.manifest))
-        self.metrics.materializations.labels(bundle.manifest.method).inc()
-        return Entry(module.eval(), bundle.manifest, delta_bytes(module, self.zoo.shared_ptrs(bundle.manifest)))
+    def table(self, entry: Entry) -> SlotTable:
+        """The slot table of an entry's bank, made (empty) on first use."""
+        key = entry.bank_key
+        assert key is not None
+        with self._lock:
+            if key not in self.tables:
+                method = get_method(entry.manifest.method)
+                bank = method.bank(entry.manifest.config, self.zoo.nets_of(entry.manifest))
+                self.tables[key] = SlotTable(key, bank, self._room, self.pinned, self.metrics, self.min_slots)
+            return self.tables[key]
+
+    def _room(self) -> int:
+        """Device bytes left in the budget, after freeing what the module LRU may give up."""
+        with self._lock:
+            banks = self.nbytes - self.modules.nbytes
+            self.modules.evict_over(self.budget, self.pinned, extra=banks)
+            return self.budget - self.nbytes
 
     def evict(self, path_id: str) -> None:
         with self._lock:
-            self.entries.pop(path_id, None)
-            self.metrics.cache_bytes.set(self.nbytes)
+            self.modules.pop(path_id)
+            self.host.pop(path_id)
+            tables = list(self.tables.values())
+        for t in tables:
+            t.drop(path_id)
+        self.metrics.cache_bytes.set(self.nbytes)
+        self.metrics.host_bytes.set(self.host.nbytes)
 
 
 @dataclass
-class _Pending:
+class _Request:
     entry: Entry
-    items: list[tuple[torch.Tensor, asyncio.Future]] = field(default_factory=list)
-    count: int = 0
-    timer: asyncio.TimerHandle | None = None
+    x: torch.Tensor  # (n, C, H, W) in [0, 1]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    arrived: float
+
+
+@dataclass
+class _Group:
+    requests: deque[_Request] = field(default_factory=deque)
+    count: int = 0  # inputs pending
 
 
 class Batcher:
-    """Collects concurrent requests per path into one forward pass (max_batch_size, max_wait_ms)."""
+    """The inference loop: one thread owns the device and runs every forward pass.
 
-    def __init__(self, device: str, max_batch_size: int, max_wait_ms: float, metrics: Metrics):
+    Pending requests are grouped by bank (a batch then mixes every path of one base) or, for
+    methods without one, by path. The group holding the oldest request goes next, as soon as it
+    has ``max_batch_size`` inputs or that request has waited ``max_wait_ms``; under load a batch
+    takes whatever arrived while the previous one ran, so no group starves."""
+
+    def __init__(self, device: str, max_batch_size: int, max_wait_ms: float, metrics: Metrics, cache: PathCache):
         self.device, self.max_batch, self.max_wait = device, max_batch_size, max_wait_ms / 1000
-        self.metrics = metrics
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoo-infer")
-        self.pending: dict[str, _Pending] = {}
+        self.metrics, self.cache = metrics, cache
+        self.groups: dict[str, _Group] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
-    async def submit(self, path_id: str, entry: Entry, x: torch.Tensor) -> torch.Tensor:
-        """x: (n, C, H, W) in [0, 1] -> probabilities (n, K), batched with other requests for the path."""
+    async def submit(self, entry: Entry, x: torch.Tensor) -> torch.Tensor:
+        """x: (n, C, H, W) in [0, 1] -> probabilities (n, K), batched with other requests."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
-        p = self.pending.setdefault(path_id, _Pending(entry))
-        p.items.append((x, fut))
-        p.count += len(x)
-        if p.count >= self.max_batch:
-            self._flush(path_id)
-        elif p.timer is None:
-            p.timer = loop.call_later(self.max_wait, self._flush, path_id)
-        return await fut
+        request = _Request(entry, x, loop, loop.create_future(), time.monotonic())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="zoo-infer", daemon=True)
+                self._thread.start()
+            group = self.groups.setdefault(entry.group, _Group())
+            group.requests.append(request)
+            group.count += len(x)
+            self._cond.notify()
+        return await request.future
 
-    def _flush(self, path_id: str) -> None:
-        p = self.pending.pop(path_id, None)
-        if p is None:
-            return
-        if p.timer:
-            p.timer.cancel()
-        loop = asyncio.get_running_loop()
-        task = loop.run_in_executor(self.pool, self._forward, p.entry, [x for x, _ in p.items])
-        task.add_done_callback(lambda t: self._resolve(t, p.items))
+    def _next_batch(self) -> list[_Request] | None:
+        with self._cond:
+            while not self._closed:
+                if not self.groups:
+                    self._cond.wait()
+                    continue
+                key, group = min(self.groups.items(), key=lambda kv: kv[1].requests[0].arrived)
+                wait = group.requests[0].arrived + self.max_wait - time.monotonic()
+                if group.count >= self.max_batch or wait <= 0:
+                    return self._take(key, group)
+                self._cond.wait(wait)
+            return None
 
-    @staticmethod
-    def _resolve(task: asyncio.Future, items: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
-        if task.exception() is not None:
-            for _, fut in items:
-                if not fut.done():
-                    fut.set_exception(task.exception())
-            return
-        outs = torch.split(task.result(), [len(x) for x, _ in items])
-        for (_, fut), out in zip(items, outs, strict=True):
-            if not fut.done():
-                fut.set_result(out)
+    def _take(self, key: str, group: _Group) -> list[_Request]:
+        """Whole requests up to max_batch_size inputs (at least one request)."""
+        batch, n = [], 0
+        while group.requests and (not batch or n + len(group.requests[0].x) <= self.max_batch):
+            request = group.requests.popleft()
+            batch.append(request)
+            n += len(request.x)
+        group.count -= n
+        if not group.requests:
+            del self.groups[key]
+        return batch
 
-    def _forward(self, entry: Entry, xs: list[torch.Tensor]) -> torch.Tensor:
-        x = torch.cat(xs).to(self.device)  # (B, C, H, W)
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                with torch.inference_mode():
+                    outs = self._forward(batch)
+            except Exception as e:  # noqa: BLE001  (reaches every waiter of the batch)
+                for r in batch:
+                    r.loop.call_soon_threadsafe(_settle, r.future, None, e)
+                continue
+            for r, out in zip(batch, outs, strict=True):
+                r.loop.call_soon_threadsafe(_settle, r.future, out, None)
+
+    def _forward(self, batch: list[_Request]) -> list[torch.Tensor]:
+        """One forward pass for a batch of one group -> each request's probabilities (n, K)."""
+        first = batch[0].entry
+        x = torch.cat([r.x for r in batch]).to(self.device)  # (B, C, H, W)
+        x = normalize(x, first.manifest.input)  # every path of a bank has its base's input spec
         self.metrics.batch_size.observe(len(x))
-        with torch.inference_mode():
-            logits = entry.module(normalize(x, entry.manifest.input))  # (B, K)
-        return logits.softmax(-1).float().cpu()
+        self.metrics.paths_per_batch.observe(len({r.entry.path_id for r in batch}))
+        if first.bank_key is None:
+            assert first.module is not None
+            probs = first.module(x).softmax(-1).float().cpu()  # (B, K)
+        else:
+            table = self.cache.table(first)
+            slots = table.assign([r.entry for r in batch])
+            per_input = torch.tensor([s for r, s in zip(batch, slots, strict=True) for _ in range(len(r.x))],
+                                     device=x.device)  # (B,)  # fmt: skip
+            probs = table.bank.forward(x, per_input).softmax(-1).float().cpu()  # (B, K_max)
+        outs = torch.split(probs, [len(r.x) for r in batch])
+        return [out[:, : len(r.entry.manifest.labels)] for r, out in zip(batch, outs, strict=True)]
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            pending = [r for g in self.groups.values() for r in g.requests]
+            self.groups.clear()
+        for r in pending:
+            r.loop.call_soon_threadsafe(_settle, r.future, None, RuntimeError("the server is shutting down"))
+
+
+def _settle(future: asyncio.Future, result: torch.Tensor | None, error: BaseException | None) -> None:
+    if future.done():  # the request was cancelled (its client went away)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

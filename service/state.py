@@ -42,8 +42,10 @@ class Services:
         # the in-memory twin of the blob store comes with an in-memory cache; otherwise both are directories
         store = Store(db, blobs, None) if blobs else Store(db, DirBlobStore(settings.blob_dir), DirKeyStore(settings.cache_dir))
         zoo = ResidentZoo(store, settings.torch_device())
-        cache = PathCache(store, zoo, settings.cache_bytes, metrics, frozenset(settings.pinned_paths))
-        batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics)
+        cache = PathCache(store, zoo, settings.cache_bytes, metrics, frozenset(settings.pinned_paths),
+                          host_budget=settings.host_cache_bytes, batching=settings.batching,
+                          min_slots=settings.max_batch_size)  # fmt: skip
+        batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics, cache)
         if queue is None:
             queue = RedisQueue(settings.redis_url) if settings.mode == "distributed" else MemoryQueue()
         runner = JobRunner(settings, store, queue, metrics, resident=lambda: zoo.bases)

@@ -77,6 +77,29 @@ def test_multipart_predict(app_client: TestClient) -> None:
     assert len(r.json()["predictions"]) == 2 and len(r.json()["predictions"][0]["top_k"]) == 3
 
 
+def test_npy_predict_matches_json(app_client: TestClient) -> None:
+    """A .npy body (float32 or uint8) scores exactly as the same values sent as JSON tensors."""
+    import io
+
+    import numpy as np
+
+    pid = compose(app_client, reprogram_spec())["path_id"]
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 1, 28, 28), dtype=np.uint8)
+    as_json = {"inputs": [{"tensor": (p / 255.0).tolist()} for p in pixels.astype(np.float32)], "top_k": 3}
+    want = app_client.post(f"/v1/paths/{pid}/predict", json=as_json).json()
+    for arr in (pixels, pixels.astype(np.float32) / np.float32(255)):
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        r = app_client.post(f"/v1/paths/{pid}/predict?top_k=3", content=buf.getvalue(),
+                            headers={"content-type": "application/octet-stream"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["predictions"]]
+        for a, b in zip(got["predictions"], want["predictions"], strict=True):
+            assert len(a["top_k"]) == 3
+            assert abs(a["score"] - b["score"]) < 1e-6
+
+
 def test_job_events_stream(app_client: TestClient) -> None:
     job_id = app_client.post("/v1/compositions", json=reprogram_spec()).json()["id"]
     events = []

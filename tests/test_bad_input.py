@@ -158,6 +158,44 @@ def test_bad_predict(served, case: str) -> None:
     assert client.post(f"/v1/paths/{pid}/predict", json={"inputs": [{"image": png_b64()}]}).status_code == 200
 
 
+def _npy(arr) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _npy_cases() -> dict[str, tuple[bytes, str]]:
+    import numpy as np
+
+    ok = np.zeros((1, 1, 28, 28), np.float32)
+    zipped = io.BytesIO()
+    np.savez(zipped, x=ok)
+    return {
+        "not npy": (b"plain bytes", "one .npy array"),
+        "npz archive": (zipped.getvalue(), "one .npy array"),
+        "pickled objects": (_npy(np.array([{"a": 1}], dtype=object)), "cannot be read"),
+        "truncated": (_npy(ok)[:-10], "cannot be read"),
+        "no batch axis": (_npy(ok[0]), "expected [N, 1, 28, 28]"),
+        "wrong size": (_npy(np.zeros((1, 1, 27, 28), np.float32)), "expected [N, 1, 28, 28]"),
+        "empty batch": (_npy(np.zeros((0, 1, 28, 28), np.float32)), "holds 0 inputs"),
+        "float64": (_npy(ok.astype(np.float64)), "float64"),
+        "int32": (_npy(ok.astype(np.int32)), "int32"),
+        "out of range": (_npy(ok + 2), "[0, 1]"),
+        "nan": (_npy(ok * np.nan), "finite"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_npy_cases()))
+def test_bad_npy_predict(served, case: str) -> None:
+    client, pid, _ = served
+    body, needle = _npy_cases()[case]
+    r = client.post(f"/v1/paths/{pid}/predict", content=body, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["detail"]
+
+
 def test_oversized_body(served) -> None:
     client, pid, _ = served
     limit = client.app.state.services.settings.max_body_bytes

@@ -18,6 +18,11 @@ def test_write_block_keeps_the_prose(tmp_path: Path) -> None:
     write_block(doc, "Benchmarks", "second")
     text = doc.read_text()
     assert "Prose above." in text and "Prose below." in text and "second" in text and "first" not in text
+    write_block(doc, "Benchmarks", "scale figures", name="scale")  # a second block, after the first
+    write_block(doc, "Benchmarks", "third")
+    text = doc.read_text()
+    assert "scale figures" in text and "third" in text and "second" not in text
+    assert text.index("third") < text.index("<!-- bench:scale:start -->") < text.index("scale figures")
 
 
 def test_path_variants_are_distinct_imports_of_the_same_cost(app_client: TestClient) -> None:

@@ -21,11 +21,15 @@ class Settings(BaseSettings):
     demo_samples: int = Field(12_000, ge=500)  # MNIST images per demo base (train split)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # runtime
-    cache_bytes: int = 256 * 2**20  # LRU budget for materialized paths (delta bytes)
+    cache_bytes: int = Field(256 * 2**20, gt=0)  # device budget: path slots + materialized paths (delta bytes)
+    host_cache_bytes: int = Field(512 * 2**20, gt=0)  # host tier: decoded tensors of slot-served paths
     pinned_paths: list[str] = []  # materialized at start and never evicted (JSON list in the env)
-    max_batch_size: int = 64
-    max_wait_ms: float = 2.0
-    max_predict_inputs: int = 256
+    # "base": one forward serves a batch mixing the paths of one base where the method allows it
+    # (reprogram), each sample with its own path's slot; "path": every path its own module and batches
+    batching: Literal["base", "path"] = "base"
+    max_batch_size: int = Field(64, gt=0)
+    max_wait_ms: float = Field(2.0, ge=0)
+    max_predict_inputs: int = Field(256, gt=0)
     # limits on what users send
     max_body_bytes: int = 16 * 2**20
     max_upload_bytes: int = 64 * 2**20

@@ -207,6 +207,16 @@ class Store:
                 raise NotFound(f"no path {path_id!r}")
             return row
 
+    def path_bundle(self, path_id: str) -> bytes:
+        """Only the ``.zoopath`` bytes of a path (what serving needs; one column, no JSON decoding)."""
+        if not re.fullmatch(r"p_[0-9a-f]{32}", path_id):
+            raise NotFound(f"no path {path_id!r}")
+        with self.db.engine.connect() as c:
+            data = c.execute(select(PathRow.bundle).where(PathRow.id == path_id)).scalar_one_or_none()
+        if data is None:
+            raise NotFound(f"no path {path_id!r}")
+        return data
+
     def list_paths(self, cursor: str | None, limit: int) -> tuple[list[PathRow], str | None]:
         with self.db.session() as s:
             return page(s, PathRow, cursor, limit)

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import Cursor, Limit, ReadySvc, Svc
-from service.inputs import image_bytes_input, image_input, tensor_input
+from service.inputs import image_bytes_input, image_input, npy_input, tensor_input
 from service.runtime import validate_bundle
 from service.schemas import Page, Path, Prediction, PredictRequest, PredictResponse, Scored
 from zoo_store.archs.standalone import export_network
@@ -72,13 +72,18 @@ async def import_bundle(request: Request, response: Response, svc: ReadySvc) -> 
     return Path.of(row)
 
 
-@router.post("/{path_id}/predict")
+NPY_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+@router.post("/{path_id}/predict", openapi_extra={"requestBody": {"content": NPY_BODY}})
 async def predict(path_id: str, request: Request, svc: ReadySvc) -> PredictResponse:
-    """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, or multipart image files (field ``files``)."""
-    entry = await run_in_threadpool(svc.cache.get, path_id)  # materialized lazily on first use
+    """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, multipart image files (field ``files``),
+    or ``application/octet-stream``: one ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8
+    (``?top_k=`` in the query)."""
+    entry = svc.cache.lookup(path_id) or await run_in_threadpool(svc.cache.get, path_id)  # loaded on first use
     manifest = entry.manifest
     x, top_k = await _read_inputs(request, manifest, svc)
-    probs = await svc.batcher.submit(path_id, entry, x)  # (N, K)
+    probs = await svc.batcher.submit(entry, x)  # (N, K)
     k = min(top_k, len(manifest.labels))
     scores, idx = probs.topk(k, dim=1)
     preds = []
@@ -91,6 +96,9 @@ async def predict(path_id: str, request: Request, svc: ReadySvc) -> PredictRespo
 async def _read_inputs(request: Request, manifest: Manifest, svc: ReadySvc) -> tuple[torch.Tensor, int]:
     spec, settings = manifest.input, svc.settings
     ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/octet-stream"):
+        top_k = _int_field(request.query_params.get("top_k"), 1)
+        return npy_input(await request.body(), spec, settings), top_k
     if ctype.startswith("multipart/form-data"):
         form = await request.form()
         files = [v for _, v in form.multi_items() if hasattr(v, "read")]

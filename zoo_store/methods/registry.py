@@ -14,6 +14,7 @@ from zoo_store.archs import TapNet
 from zoo_store.blobs import KeyStore, MemoryKeyStore
 from zoo_store.cards import Card, InputSpec
 from zoo_store.errors import InvalidInput
+from zoo_store.methods.bank import PathBank
 from zoo_store.methods.spec import CompositionSpec, TaskSpec
 from zoo_store.paths import PathArtifact
 
@@ -77,6 +78,15 @@ class Method(ABC):
         self, config: dict[str, Any], tensors: dict[str, torch.Tensor], bases: dict[str, TapNet]
     ) -> nn.Module:
         """A module over the resident bases (sharing their weights) mapping normalized input to logits."""
+
+    def bank_key(self, config: dict[str, Any]) -> str | None:
+        """The key of the ``PathBank`` that serves paths of this config in mixed-path batches, or None
+        when each path is served by its own module (the default)."""
+        return None
+
+    def bank(self, config: dict[str, Any], bases: dict[str, TapNet]) -> PathBank:
+        """A new, empty bank for ``bank_key(config)`` over the resident bases (only if that is not None)."""
+        raise NotImplementedError(f"method {self.name!r} serves each path with its own module")
 
 
 def one_base(method: str, spec: CompositionSpec, cards: dict[str, Card]) -> Card:

@@ -12,6 +12,7 @@ from zoo_store.archs.surgery import state_bytes
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
 from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, one_base, register_method
+from zoo_store.methods.reprogram.bank import ReprogramBank
 from zoo_store.methods.reprogram.config import ReprogramConfig
 from zoo_store.methods.reprogram.layers import Reprogrammed, build_reprogrammed, clr_targets, load_delta
 from zoo_store.methods.spec import CompositionSpec
@@ -85,6 +86,14 @@ class Reprogram(Method):
         cfg = _config(config)
         model = build_reprogrammed(bases[cfg.base], cfg.num_classes, cfg.kernel, fresh=False)
         return load_delta(model, tensors).eval()
+
+    def bank_key(self, config: dict[str, Any]) -> str | None:
+        cfg = _config(config)
+        return f"reprogram:{cfg.base}:k{cfg.kernel}"
+
+    def bank(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ReprogramBank:
+        cfg = _config(config)
+        return ReprogramBank(bases[cfg.base], cfg.kernel)
 
 
 def _config(config: dict[str, Any]) -> ReprogramConfig:

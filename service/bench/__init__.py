@@ -1,0 +1,40 @@
+"""``zoo bench``: ratios measured side by side in one run, written to docs/ with the machine.
+One module per suite; ``run_bench`` runs one (or all) and rewrites its block in docs/."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from service.bench.common import END, START, Say, machine, path_variants, reprogram_bytes, write_block
+
+__all__ = ["END", "START", "machine", "path_variants", "reprogram_bytes", "run_bench", "write_block"]
+
+
+def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
+    from service.bench.clone import clone_suite
+    from service.bench.reassemble import reassemble_suite
+    from service.bench.reprogram import reprogram_suite
+    from service.bench.resample import resample_suite
+    from service.bench.scale import scale_suite
+    from service.bench.serving import serving_suite
+
+    suites = {
+        # name: (suite, file, its title, the block within the file)
+        "serving": (serving_suite, out, "Benchmarks", ""),
+        "scale": (scale_suite, out, "Benchmarks", "scale"),
+        "reprogram": (reprogram_suite, out.parent / "methods" / "reprogram.md", "Reprogram (CLR)", ""),
+        "resample": (resample_suite, out.parent / "methods" / "resample.md", "Resample (INN)", ""),
+        "clone": (clone_suite, out.parent / "methods" / "clone.md", "Clone (PNC)", ""),
+        "reassemble": (reassemble_suite, out.parent / "methods" / "reassemble.md", "Reassemble (DeRy)", ""),
+    }
+    if suite != "all" and suite not in suites:
+        raise SystemExit(f"unknown suite {suite!r}; choose one of {[*suites, 'all']}")
+    chosen = list(suites) if suite == "all" else [suite]
+    for name in chosen:
+        fn, target, title, block = suites[name]
+        body = fn(say, quick)
+        cmd = f"zoo bench --suite {name}{' --quick' if quick else ''}"
+        header = [f"Command: `{cmd}`  ", f"Machine: {machine()}  ", f"Date: {dt.date.today()}\n"]
+        write_block(target, title, "\n".join(header + body), name=block)
+        say(f"wrote {target}")

@@ -1,0 +1,364 @@
+"""The scale suite: N reprogram paths of one base under uniform and Zipf(1.1) traffic, through the
+inference loop alone and through the real HTTP server (uvicorn on a loopback port, ``.npy``
+bodies, a load generator in its own process); the mixed-path executor (``batching=base``) beside
+the per-path one (``batching=path``), in the same run. Then memory per registered path and per
+resident slot, and cold against warm predicts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from service.bench.common import Say, bench_data_dir, demo_store, dir_store
+from zoo_store.archs import build_arch
+from zoo_store.cards import CardIn, InputSpec
+from zoo_store.methods.reprogram.layers import build_reprogrammed
+from zoo_store.paths import PathArtifact, decode_bundle, encode_bundle, make_manifest
+
+TV_BASE = "tv-resnet18-64"  # torchvision resnet18, random weights, 64 x 64 RGB inputs
+IMAGENET = InputSpec(channels=3, size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Plan:
+    sizes: tuple[int, ...]
+    requests: int
+    concurrency: int
+    imported: int  # paths registered through HTTP (memory per registered path); the rest written directly
+    cold: int  # fresh paths for cold / warm predicts
+
+
+FULL = Plan(sizes=(1, 16, 256, 1024, 4096), requests=4096, concurrency=256, imported=512, cold=50)
+QUICK = Plan(sizes=(1, 16, 256), requests=1024, concurrency=64, imported=64, cold=10)
+
+
+@dataclass
+class Point:
+    base: str
+    executor: str  # "mixed" (batching=base) or "per-path" (batching=path)
+    via: str  # "batcher" or "http"
+    n: int
+    traffic: str
+    per_second: float
+    p50_ms: float
+    p99_ms: float
+
+
+def add_tv_base(store) -> None:
+    """torchvision resnet18 with seeded random weights at 64 x 64 (the same digest every run)."""
+    torch.manual_seed(0)
+    weights = build_arch("tv_resnet18", {"num_classes": 1000}).state_dict()
+    card = CardIn(id=TV_BASE, arch="tv_resnet18", arch_config={"num_classes": 1000}, input=IMAGENET,
+                  labels=tuple(str(i) for i in range(1000)), description="torchvision resnet18, random weights")  # fmt: skip
+    store.add_base(card, weights)
+
+
+def make_paths(store, base_id: str, n: int) -> list[bytes]:
+    """n distinct 10-class reprogram paths on ``base_id`` (kernels near identity, random heads):
+    each costs the same per forward as a trained one."""
+    card = store.card(base_id)
+    base = store.load_base(card)
+    template = build_reprogrammed(base, 10).delta_state()
+    gen = torch.Generator().manual_seed(0)
+    bundles = []
+    for _ in range(n):
+        tensors = {k: (v + 0.05 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in template.items()}
+        art = PathArtifact("reprogram", [{"id": card.id, "digest": card.digest}], [str(i) for i in range(10)],
+                           card.input, {"base": card.id, "num_classes": 10, "kernel": 3}, tensors)  # fmt: skip
+        bundles.append(encode_bundle(make_manifest(art), tensors, {}))
+    return bundles
+
+
+def schedule(n: int, requests: int, traffic: str, seed: int = 0) -> list[int]:
+    """Path indices, one per request: uniform, or Zipf(1.1) over the n paths (ranks shuffled)."""
+    rng = np.random.default_rng(seed)
+    if traffic == "uniform":
+        return rng.integers(0, n, requests).tolist()
+    p = np.arange(1, n + 1, dtype=np.float64) ** -1.1
+    ranks = rng.permutation(n)
+    return ranks[rng.choice(n, requests, p=p / p.sum())].tolist()
+
+
+def one_image(spec: InputSpec) -> tuple[torch.Tensor, bytes]:
+    """One random image as a tensor (1, C, H, W) in [0, 1] and as the uint8 ``.npy`` body."""
+    pixels = np.random.default_rng(0).integers(0, 256, (1, spec.channels, spec.size, spec.size), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.save(buf, pixels)
+    return torch.from_numpy(pixels.astype(np.float32) / 255), buf.getvalue()
+
+
+def rss() -> int:
+    return _rss_of(os.getpid())
+
+
+def _rss_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# -- through the inference loop, in process ---------------------------------------------------
+
+
+def settings_for(data_dir: Path, executor: str):
+    from zoo_store.settings import Settings
+
+    return Settings(data_dir=data_dir, demo_zoo=False, job_executor="thread", cache_bytes=2 * GiB,
+                    host_cache_bytes=2 * GiB, batching="base" if executor == "mixed" else "path")  # fmt: skip
+
+
+async def closed_loop(svc, ids: list[str], order: list[int], concurrency: int, x: torch.Tensor) -> tuple[float, list[float]]:
+    """``concurrency`` clients, each sending its next request when the last one is answered."""
+    todo = list(reversed(order))
+    latencies: list[float] = []
+
+    async def client() -> None:
+        while todo:
+            path_id = ids[todo.pop()]
+            t = time.perf_counter()
+            await svc.batcher.submit(svc.cache.get(path_id), x)
+            latencies.append(time.perf_counter() - t)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return len(order) / (time.perf_counter() - t), latencies
+
+
+def batcher_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan: Plan, executor: str) -> list[Point]:
+    from service.state import Services
+
+    svc = Services.create(settings_for(data_dir, executor))
+    svc.db.migrate()
+    svc.zoo.add(svc.store.card(base_id))
+    spec = svc.store.card(base_id).input
+    x, _ = one_image(spec)
+    points = []
+    try:
+        for n in plan.sizes:
+            say(f"scale: {base_id}, {executor} executor, inference loop, {n} paths")
+            for p in ids[:n]:
+                svc.cache.get(p)  # host tier (mixed) or materialized modules (per-path)
+            asyncio.run(closed_loop(svc, ids, list(range(n)), plan.concurrency, x))  # warm: every path once
+            for traffic in ("uniform", "zipf"):
+                rate, lat = asyncio.run(closed_loop(svc, ids, schedule(n, plan.requests, traffic), plan.concurrency, x))
+                q = statistics.quantiles(lat, n=100)
+                points.append(Point(base_id, executor, "batcher", n, traffic, rate, 1e3 * q[49], 1e3 * q[98]))
+    finally:
+        svc.stop()
+    return points
+
+
+def slot_memory(data_dir: Path, base_id: str, ids: list[str], max_batch: int) -> dict:
+    """RSS per path of the host tier (decoded tensors) and per loaded slot, in a fresh process state:
+    every path's tensors read into the host tier, then loaded into slots a batch at a time."""
+    from service.state import Services
+
+    svc = Services.create(settings_for(data_dir, "mixed"))
+    try:
+        svc.zoo.add(svc.store.card(base_id))
+        entries = [svc.cache.get(ids[0])]
+        table = svc.cache.table(entries[0])
+        table.assign(entries)  # the bank exists before the first reading
+        gc.collect()
+        start = rss()
+        entries += [svc.cache.get(p) for p in ids[1:]]
+        gc.collect()
+        hosted = rss()
+        for i in range(1, len(entries), max_batch):
+            table.assign(entries[i : i + max_batch])
+        gc.collect()
+        loaded, n = rss(), len(ids) - 1
+        return {"tensor_bytes": entries[0].nbytes, "slot_bytes": table.bank.nbytes() / table.bank.capacity,
+                "rss_per_slot": (loaded - hosted) / n, "rss_per_host_entry": (hosted - start) / n, "n": n,
+                "capacity": table.bank.capacity}  # fmt: skip
+    finally:
+        svc.stop()
+
+
+# -- through the real server --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``zoo serve`` in a child process on a loopback port, with the bench's settings."""
+
+    def __init__(self, data_dir: Path, executor: str):
+        self.port = free_port()
+        env = {**os.environ, "ZOO_DATA_DIR": str(data_dir), "ZOO_DEMO_ZOO": "false", "ZOO_CACHE_BYTES": str(2 * GiB),
+               "ZOO_HOST_CACHE_BYTES": str(2 * GiB), "ZOO_BATCHING": "base" if executor == "mixed" else "path"}  # fmt: skip
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--no-access-log"]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            try:
+                if self.client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.3)
+        raise RuntimeError("the server was not ready within 300 s")
+
+    def rss(self) -> int:
+        return _rss_of(self.proc.pid)
+
+    def load(self, ids: list[str], order: list[int], body: bytes, concurrency: int) -> dict:
+        job = {"host": "127.0.0.1", "port": self.port, "paths": ids, "schedule": order, "concurrency": concurrency,
+               "body_b64": base64.b64encode(body).decode(), "content_type": "application/octet-stream"}  # fmt: skip
+        out = subprocess.run([sys.executable, "-m", "service.bench.loadgen"], input=json.dumps(job), text=True,
+                             capture_output=True, check=True, timeout=900)  # fmt: skip
+        result = json.loads(out.stdout)
+        if result["errors"]:
+            raise RuntimeError(f"{result['errors']} requests failed, first: {result['first_error']}")
+        return result
+
+    def predict_ms(self, path_id: str, body: bytes) -> float:
+        t = time.perf_counter()
+        r = self.client.post(f"/v1/paths/{path_id}/predict", content=body, headers={"content-type": "application/octet-stream"})
+        elapsed = time.perf_counter() - t
+        r.raise_for_status()
+        return 1e3 * elapsed
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def http_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan: Plan, executor: str) -> list[Point]:
+    _, body = one_image(dir_store(data_dir).card(base_id).input)
+    server = Server(data_dir, executor)
+    points = []
+    try:
+        for n in plan.sizes:
+            say(f"scale: {base_id}, {executor} executor, HTTP, {n} paths")
+            server.load(ids, list(range(n)), body, plan.concurrency)  # warm: every path once
+            for traffic in ("uniform", "zipf"):
+                r = server.load(ids, schedule(n, plan.requests, traffic), body, plan.concurrency)
+                points.append(Point(base_id, executor, "http", n, traffic, r["per_second"], r["p50_ms"], r["p99_ms"]))
+    finally:
+        server.close()
+    return points
+
+
+def registered_memory(say: Say, data_dir: Path, base_id: str, bundles: list[bytes], plan: Plan) -> dict:
+    """Server RSS growth per path imported over HTTP and left idle; then cold / warm predicts."""
+    server = Server(data_dir, "mixed")
+    try:
+        say(f"scale: {base_id}, importing {plan.imported} paths over HTTP")
+        warmup = plan.imported // 8  # the first imports grow the server's allocator pools; not counted
+        for b in bundles[:warmup]:
+            server.client.post("/v1/paths/import", content=b).raise_for_status()
+        before = server.rss()
+        for b in bundles[warmup : plan.imported]:
+            server.client.post("/v1/paths/import", content=b).raise_for_status()
+        grown = (server.rss() - before) / (plan.imported - warmup)
+        _, body = one_image(dir_store(data_dir).card(base_id).input)
+        fresh = [decode_bundle(b).id for b in bundles[plan.imported - plan.cold : plan.imported]]
+        server.predict_ms(decode_bundle(bundles[0]).id, body)  # the base's bank exists before the clock
+        colds, warms = [], []
+        for pid in fresh:  # each path's first predict, then its second
+            colds.append(server.predict_ms(pid, body))
+            warms.append(server.predict_ms(pid, body))
+        extra = statistics.median(c - w for c, w in zip(colds, warms, strict=True))
+        return {"per_path": grown, "bundle": statistics.mean(len(b) for b in bundles[: plan.imported]),
+                "cold_ms": statistics.median(colds), "warm_ms": statistics.median(warms), "cold_extra_ms": extra,
+                "cold_n": len(colds)}  # fmt: skip
+    finally:
+        server.close()
+
+
+# -- the suite ----------------------------------------------------------------------------------
+
+
+def scale_suite(say: Say, quick: bool) -> list[str]:
+    plan = QUICK if quick else FULL
+    store = demo_store(say, quick)
+    add_tv_base(store)
+    lines = _intro(plan)
+    for base_id in ("resnet-mnist", TV_BASE):
+        say(f"scale: making {max(plan.sizes)} reprogram paths on {base_id}")
+        bundles = make_paths(store, base_id, max(plan.sizes))
+        ids = [decode_bundle(b).id for b in bundles]
+        fresh = _fresh_dir(store, base_id)
+        memory = registered_memory(say, fresh, base_id, bundles, plan)
+        target = dir_store(fresh)
+        for b in bundles[plan.imported :]:  # the rest written directly (importing validates each: slow)
+            target.save_path(decode_bundle(b))
+        say(f"scale: {base_id}, memory per slot")
+        memory["slot"] = slot_memory(fresh, base_id, ids, 64)
+        points = []
+        for executor in ("mixed", "per-path"):
+            points += batcher_points(say, fresh, base_id, ids, plan, executor)
+            points += http_points(say, fresh, base_id, ids, plan, executor)
+        lines += _tables(base_id, points, memory, plan)
+    return lines
+
+
+def _fresh_dir(src, base_id: str) -> Path:
+    """A data dir holding only ``base_id`` (its card and weights): the servers load that base alone."""
+    card = src.card(base_id)
+    fresh = Path(tempfile.mkdtemp(prefix=f"zoo-scale-{base_id}-", dir=bench_data_dir()))
+    dir_store(fresh).add_base(CardIn(**card.model_dump(include=set(CardIn.model_fields))), src.blobs.get(card.digest))
+    return fresh
+
+
+def _intro(plan: Plan) -> list[str]:
+    return [(f"N reprogram paths (10 labels each, distinct tensors) of one base; a closed loop of {plan.requests:,} "
+             f"single-image requests at concurrency {plan.concurrency}, after a warm-up pass that touches every "
+             f"path once; uniform or Zipf(1.1) choice of path per request. *Batcher*: the inference loop in "
+             f"process (no HTTP). *HTTP*: `zoo serve` on a loopback port, a uint8 `.npy` body per request, the "
+             f"load generator (`service/bench/loadgen.py`) in its own process. *mixed*: `ZOO_BATCHING=base` "
+             f"(one forward per batch mixing paths, slots); *per-path*: `ZOO_BATCHING=path` (a module and a "
+             f"batch per path). Ratios are against the same executor and route with one path, in this run.\n")]
+
+
+def _tables(base_id: str, points: list[Point], memory: dict, plan: Plan) -> list[str]:
+    lines = [f"\n### {base_id}\n",
+             "| route | executor | paths | traffic | throughput / one path | p50 / one path's | p99 / one path's |",
+             "|---|---|---:|---|---:|---:|---:|"]  # fmt: skip
+    ref = {(p.via, p.executor, p.traffic): p for p in points if p.n == 1}
+    for p in points:
+        r = ref[(p.via, p.executor, p.traffic)]
+        lines.append(f"| {p.via} | {p.executor} | {p.n:,} | {p.traffic} | **{p.per_second / r.per_second:.2f}x** | "
+                     f"{p.p50_ms / r.p50_ms:.2f}x | {p.p99_ms / r.p99_ms:.2f}x |")  # fmt: skip
+    one = {(p.via, p.executor): p for p in points if p.n == 1 and p.traffic == "uniform"}
+    lines.append("\nOne path, this CPU (for scale only; absolute figures belong to a GPU run): " + "; ".join(
+        f"{via} {ex}: {p.per_second:,.0f} images/s" for (via, ex), p in one.items()))  # fmt: skip
+    m = memory
+    lines.append(f"\nMemory: a registered, idle path costs the server {m['per_path']:,.0f} bytes of RSS "
+                 f"({m['per_path'] / m['bundle']:.2f}x its {m['bundle']:,.0f}-byte bundle; {plan.imported} imported "
+                 f"over HTTP after {plan.imported // 8} uncounted ones). A resident slot: {m['slot']['slot_bytes']:,.0f} bytes allocated per slot and "
+                 f"{m['slot']['rss_per_slot']:,.0f} bytes of RSS per slot loaded ({m['slot']['rss_per_slot'] / m['slot']['tensor_bytes']:.2f}x "
+                 f"the path's {m['slot']['tensor_bytes']:,} tensor bytes; {m['slot']['n']:,} slots, capacity "
+                 f"{m['slot']['capacity']:,}); its decoded tensors in the host tier: {m['slot']['rss_per_host_entry']:,.0f} bytes.")  # fmt: skip
+    lines.append(f"\nCold / warm predict over HTTP ({m['cold_n']} paths never served before, one image each, then the "
+                 f"same image again): a cold predict costs **{m['cold_extra_ms']:.2f} ms** more than the warm one after "
+                 f"it (median of the differences; medians {m['cold_ms'] / m['warm_ms']:.2f}x).")  # fmt: skip
+    return lines

@@ -1,0 +1,122 @@
+"""Mixed-path batches for CLR: one forward of the frozen base serves samples of many paths.
+
+Per base, the bank keeps every resident path's tensors stacked in *slots*: for each CLR layer a
+table ``(S, C, 1, k, k)`` of depthwise kernels, and for the head ``(S, K_max, D)`` weights and
+``(S, K_max)`` biases (paths with fewer labels padded and masked). A batch carries one slot index
+per sample; each CLR layer gathers the samples' kernels and applies them in one grouped
+convolution over ``(1, B*C, H, W)`` with ``B*C`` groups, which computes exactly what each path's
+own depthwise conv computes on its sample. The head is a gathered batched matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo_store.archs import TapNet
+from zoo_store.archs.surgery import replace_module, shared_copy
+from zoo_store.methods.bank import PathBank
+from zoo_store.methods.reprogram.config import ReprogramConfig
+from zoo_store.methods.reprogram.layers import clr_targets
+
+
+class _SlotCLR(nn.Module):
+    """The CLR layer after one conv: each sample convolved with its own slot's kernels."""
+
+    def __init__(self, bank: ReprogramBank, name: str):
+        super().__init__()
+        self.bank_ref = [bank]  # a list, so the bank is not registered as a submodule
+        self.name = name
+
+    def forward(self, h: Tensor) -> Tensor:
+        bank = self.bank_ref[0]
+        b, c, height, width = h.shape  # (B, C, H, W)
+        k = bank.kernel
+        w = bank.kernels[self.name].index_select(0, bank.batch_slots)  # (B, C, 1, k, k)
+        out = F.conv2d(h.reshape(1, b * c, height, width), w.reshape(b * c, 1, k, k), padding=k // 2, groups=b * c)
+        return out.view(b, c, height, width)  # (B, C, H, W)
+
+
+class ReprogramBank(PathBank):
+    """The slots of every resident reprogram path of one base (and one kernel size)."""
+
+    def __init__(self, base: TapNet, kernel: int):
+        self.kernel = kernel
+        self.targets = clr_targets(base)  # [(conv path, channels)]
+        self.device = base.head_layer.weight.device
+        self.feature_dim = base.feature_dim
+        body = shared_copy(base)
+        for path, _ in self.targets:
+            replace_module(body, path, nn.Sequential(body.get_submodule(path), _SlotCLR(self, path)))
+        self.body = body.eval()
+        self.capacity = 0
+        self.used = 0  # slots below this have been written (rows above it were never touched)
+        self.kernels = {p: self._empty(0, c, 1, kernel, kernel) for p, c in self.targets}  # (S, C, 1, k, k)
+        self.head_w = self._empty(0, 0, self.feature_dim)  # (S, K_max, D)
+        self.head_b = self._empty(0, 0)  # (S, K_max)
+        self.widths = torch.zeros(0, dtype=torch.long, device=self.device)  # (S,) each slot's label count
+        self.batch_slots = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) set for one forward
+
+    def _empty(self, *shape: int) -> Tensor:
+        return torch.empty(*shape, dtype=torch.float32, device=self.device)
+
+    @property
+    def max_classes(self) -> int:
+        return self.head_w.shape[1]
+
+    def slot_bytes(self, config: dict) -> int:
+        cfg = ReprogramConfig.model_validate(config)
+        width = max(cfg.num_classes, self.max_classes)
+        kernels = sum(c * self.kernel * self.kernel for _, c in self.targets)
+        return 4 * (kernels + width * (self.feature_dim + 1))
+
+    def nbytes(self) -> int:
+        tables = [*self.kernels.values(), self.head_w, self.head_b]
+        return sum(t.numel() * t.element_size() for t in tables)
+
+    def grow(self, capacity: int) -> None:
+        """More slots; the new rows stay untouched (on the CPU, their pages are not committed until used)."""
+        self.kernels = {p: _grown(t, capacity, self.used) for p, t in self.kernels.items()}
+        self.head_w, self.head_b = _grown(self.head_w, capacity, self.used), _grown(self.head_b, capacity, self.used)
+        widths = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        widths[: self.capacity] = self.widths
+        self.widths, self.capacity = widths, capacity
+
+    @torch.no_grad()
+    def load(self, slot: int, config: dict, tensors: dict[str, Tensor]) -> None:
+        num_classes = ReprogramConfig.model_validate(config).num_classes
+        if num_classes > self.max_classes:
+            self._widen(num_classes)
+        for path, table in self.kernels.items():
+            table[slot].copy_(tensors[f"clr.{path}"])  # (C, 1, k, k)
+        self.head_w[slot].zero_()[:num_classes].copy_(tensors["head.weight"])  # (K, D)
+        self.head_b[slot].zero_()[:num_classes].copy_(tensors["head.bias"])  # (K,)
+        self.widths[slot] = num_classes
+        self.used = max(self.used, slot + 1)
+
+    def _widen(self, num_classes: int) -> None:
+        """Pad every slot's head to ``num_classes`` rows (the extra rows are masked per slot)."""
+        n, k = self.used, self.max_classes
+        w, b = self._empty(self.capacity, num_classes, self.feature_dim), self._empty(self.capacity, num_classes)
+        w[:n, :k], b[:n, :k] = self.head_w[:n], self.head_b[:n]
+        self.head_w, self.head_b = w, b
+
+    def forward(self, x: Tensor, slots: Tensor) -> Tensor:
+        """x: (B, C, H, W) normalized, slots: (B,) -> logits (B, K_max), -inf past each slot's labels."""
+        self.batch_slots = slots
+        try:
+            z = self.body.embed(x)  # (B, D)
+        finally:
+            self.batch_slots = self.batch_slots[:0]
+        w, b = self.head_w.index_select(0, slots), self.head_b.index_select(0, slots)  # (B, K, D), (B, K)
+        logits = torch.baddbmm(b.unsqueeze(2), w, z.unsqueeze(2)).squeeze(2)  # (B, K)
+        cols = torch.arange(self.max_classes, device=x.device)  # (K,)
+        return logits.masked_fill(cols >= self.widths.index_select(0, slots).unsqueeze(1), float("-inf"))
+
+
+def _grown(t: Tensor, capacity: int, used: int) -> Tensor:
+    """A table of ``capacity`` slots holding the first ``used`` rows of ``t``."""
+    new = torch.empty(capacity, *t.shape[1:], dtype=t.dtype, device=t.device)
+    new[:used] = t[:used]
+    return new
