@@ -14,9 +14,9 @@ from zoo_store.errors import ZooError
 log = logging.getLogger("zoo.errors")
 
 
-def problem(status: int, title: str, detail: str) -> JSONResponse:
+def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 
 def _loc(err: dict) -> str:
@@ -26,7 +26,8 @@ def _loc(err: dict) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ZooError)
     async def _zoo(_: Request, e: ZooError) -> JSONResponse:
-        return problem(e.status, e.title, e.detail)
+        retry = getattr(e, "retry_after", None)
+        return problem(e.status, e.title, e.detail, {"Retry-After": str(retry)} if retry is not None else None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:

@@ -25,4 +25,5 @@ class Metrics:
         self.slot_loads = Counter("zoo_path_slot_loads", "Paths copied into a slot", ["bank"], registry=r)
         self.slot_evictions = Counter("zoo_path_slot_evictions", "Paths evicted from a slot for another", ["bank"], registry=r)
         self.host_bytes = Gauge("zoo_path_host_bytes", "Bytes of decoded path tensors in the host tier", registry=r)
+        self.overloaded = Counter("zoo_predicts_refused_overloaded", "Predicts refused with 503: the queue was full", registry=r)
         self.jobs = Counter("zoo_jobs", "Composition jobs by final state", ["state"], registry=r)

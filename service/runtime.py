@@ -25,7 +25,7 @@ from torch import nn
 from service.metrics import Metrics
 from zoo_store.archs import TapNet
 from zoo_store.cards import Card
-from zoo_store.errors import Conflict, InvalidInput
+from zoo_store.errors import Conflict, InvalidInput, Overloaded
 from zoo_store.methods.bank import PathBank
 from zoo_store.methods.registry import get_method
 from zoo_store.paths import Bundle, Manifest, check_expected, decode_bundle
@@ -361,13 +361,22 @@ class Batcher:
     has ``max_batch_size`` inputs or that request has waited ``max_wait_ms``; under load a batch
     takes whatever arrived while the previous one ran, so no group starves."""
 
-    def __init__(self, device: str, max_batch_size: int, max_wait_ms: float, metrics: Metrics, cache: PathCache):
+    def __init__(self, device: str, max_batch_size: int, max_wait_ms: float, metrics: Metrics, cache: PathCache,
+                 max_queue: int = 2048):  # fmt: skip
         self.device, self.max_batch, self.max_wait = device, max_batch_size, max_wait_ms / 1000
-        self.metrics, self.cache = metrics, cache
+        self.metrics, self.cache, self.max_queue = metrics, cache, max_queue
         self.groups: dict[str, _Group] = {}
+        self.queued = 0  # inputs waiting for a batch
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+
+    def check_room(self, n: int = 1) -> None:
+        """Refuse at once (503 with Retry-After) when ``n`` more inputs would overfill the queue."""
+        if self.queued + n > self.max_queue:
+            self.metrics.overloaded.inc()
+            raise Overloaded(f"{self.queued} inputs are waiting for the device and {n} more would pass the limit of "
+                             f"{self.max_queue} (ZOO_MAX_QUEUE_INPUTS); retry shortly", retry_after=1)  # fmt: skip
 
     async def submit(self, entry: Entry, x: torch.Tensor) -> torch.Tensor:
         """x: (n, C, H, W) in [0, 1] -> probabilities (n, K), batched with other requests."""
@@ -376,6 +385,8 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
+            self.check_room(len(x))
+            self.queued += len(x)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="zoo-infer", daemon=True)
                 self._thread.start()
@@ -406,6 +417,7 @@ class Batcher:
             batch.append(request)
             n += len(request.x)
         group.count -= n
+        self.queued -= n
         if not group.requests:
             del self.groups[key]
         return batch
@@ -447,6 +459,7 @@ class Batcher:
             self._cond.notify_all()
             pending = [r for g in self.groups.values() for r in g.requests]
             self.groups.clear()
+            self.queued = 0
         for r in pending:
             r.loop.call_soon_threadsafe(_settle, r.future, None, RuntimeError("the server is shutting down"))
 

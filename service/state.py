@@ -45,7 +45,8 @@ class Services:
         cache = PathCache(store, zoo, settings.cache_bytes, metrics, frozenset(settings.pinned_paths),
                           host_budget=settings.host_cache_bytes, batching=settings.batching,
                           min_slots=settings.max_batch_size)  # fmt: skip
-        batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics, cache)
+        batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics, cache,
+                          settings.max_queue_inputs)  # fmt: skip
         if queue is None:
             queue = RedisQueue(settings.redis_url) if settings.mode == "distributed" else MemoryQueue()
         runner = JobRunner(settings, store, queue, metrics, resident=lambda: zoo.bases)

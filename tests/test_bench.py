@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from service.bench import END, START, path_variants, reprogram_bytes, write_block
+from service.bench.common import END, START, path_variants, reprogram_bytes, write_block
 from tests.helpers import compose, reprogram_spec, tensor_inputs
 
 

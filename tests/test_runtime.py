@@ -238,3 +238,49 @@ def test_an_error_reaches_every_waiter_and_groups_take_turns() -> None:
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(batcher.submit(good, torch.ones(1, 1, 4, 4)))
+
+
+def test_a_full_queue_is_refused_at_once_and_recovers(app_client: TestClient) -> None:
+    """Past ZOO_MAX_QUEUE_INPUTS a predict is a 503 with Retry-After, answered within 50 ms; once
+    the queue drains, predicts succeed again."""
+    svc = app_client.app.state.services
+    pid = _paths(app_client, 1)[0]
+    entry = svc.cache.get(pid)
+    svc.batcher.max_queue, svc.batcher.max_batch = 4, 1
+    started, gate = threading.Event(), threading.Event()
+    forward = svc.batcher._forward
+
+    def stuck(batch):  # the device is stuck until the gate opens
+        started.set()
+        gate.wait(30)
+        return forward(batch)
+
+    svc.batcher._forward = stuck
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    def submit(i: int):
+        return asyncio.run_coroutine_threadsafe(svc.batcher.submit(entry, _x(i)), loop)
+
+    def queued(n: int) -> None:
+        end = time.monotonic() + 5
+        while svc.batcher.queued != n and time.monotonic() < end:
+            time.sleep(0.01)
+        assert svc.batcher.queued == n
+
+    waiting = [submit(0)]
+    assert started.wait(5)  # the first request is in the stuck forward
+    waiting += [submit(i) for i in range(1, 5)]
+    queued(4)
+    body = {"inputs": [{"tensor": torch.zeros(1, 28, 28).tolist()}]}
+    t = time.monotonic()
+    r = app_client.post(f"/v1/paths/{pid}/predict", json=body)
+    assert time.monotonic() - t < 0.05
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert "ZOO_MAX_QUEUE_INPUTS" in r.json()["detail"]
+    gate.set()  # the load drops
+    assert all(f.result(10).shape == (1, 3) for f in waiting)
+    assert app_client.post(f"/v1/paths/{pid}/predict", json=body).status_code == 200
+    loop.call_soon_threadsafe(loop.stop)

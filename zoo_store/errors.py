@@ -46,6 +46,16 @@ class Unavailable(ZooError):
     title = "Service unavailable"
 
 
+class Overloaded(Unavailable):
+    """Too much work is waiting for the device: the answer carries ``Retry-After``."""
+
+    title = "Overloaded"
+
+    def __init__(self, detail: str, retry_after: int = 1):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class IntegrityError(ZooError):
     """Stored data does not match its digest (a base file changed on disk, say)."""
 

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, gt=0)
     max_wait_ms: float = Field(2.0, ge=0)
     max_predict_inputs: int = Field(256, gt=0)
+    # inputs waiting for the device beyond which predicts are refused at once (503 + Retry-After)
+    max_queue_inputs: int = Field(2048, gt=0)
     # limits on what users send
     max_body_bytes: int = 16 * 2**20
     max_upload_bytes: int = 64 * 2**20

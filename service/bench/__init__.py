@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from service.bench.common import END, START, Say, machine, path_variants, reprogram_bytes, write_block
-
-__all__ = ["END", "START", "machine", "path_variants", "reprogram_bytes", "run_bench", "write_block"]
+if TYPE_CHECKING:  # the suites import torch; the load generator in this package must not
+    from service.bench.common import Say
 
 
 def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
     from service.bench.clone import clone_suite
+    from service.bench.common import machine, write_block
     from service.bench.reassemble import reassemble_suite
     from service.bench.reprogram import reprogram_suite
     from service.bench.resample import resample_suite

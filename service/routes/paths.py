@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import orjson
 import torch
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -7,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import Cursor, Limit, ReadySvc, Svc
 from service.inputs import image_bytes_input, image_input, npy_input, tensor_input
 from service.runtime import validate_bundle
-from service.schemas import Page, Path, Prediction, PredictRequest, PredictResponse, Scored
+from service.schemas import Page, Path, PredictRequest, PredictResponse
 from zoo_store.archs.standalone import export_network
 from zoo_store.errors import BadRequest, Conflict, InvalidInput, PayloadTooLarge
 from zoo_store.methods.registry import get_method, method_names
@@ -75,22 +76,27 @@ async def import_bundle(request: Request, response: Response, svc: ReadySvc) -> 
 NPY_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
 
-@router.post("/{path_id}/predict", openapi_extra={"requestBody": {"content": NPY_BODY}})
-async def predict(path_id: str, request: Request, svc: ReadySvc) -> PredictResponse:
+@router.post("/{path_id}/predict", response_model=PredictResponse, openapi_extra={"requestBody": {"content": NPY_BODY}})
+async def predict(path_id: str, request: Request, svc: ReadySvc) -> Response:
     """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, multipart image files (field ``files``),
     or ``application/octet-stream``: one ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8
     (``?top_k=`` in the query)."""
+    svc.batcher.check_room()  # a full queue is refused before any work is done
     entry = svc.cache.lookup(path_id) or await run_in_threadpool(svc.cache.get, path_id)  # loaded on first use
     manifest = entry.manifest
     x, top_k = await _read_inputs(request, manifest, svc)
     probs = await svc.batcher.submit(entry, x)  # (N, K)
-    k = min(top_k, len(manifest.labels))
-    scores, idx = probs.topk(k, dim=1)
+    return Response(orjson.dumps(predictions(path_id, manifest.labels, probs, top_k)), media_type="application/json")
+
+
+def predictions(path_id: str, labels: tuple[str, ...], probs: torch.Tensor, top_k: int) -> dict:
+    """The ``PredictResponse`` body as plain data (encoded once, no model round trip on the hot path)."""
+    scores, idx = probs.topk(min(top_k, len(labels)), dim=1)  # (N, k), (N, k)
     preds = []
     for s_row, i_row in zip(scores.tolist(), idx.tolist(), strict=True):
-        top = [Scored(label=manifest.labels[i], score=s) for s, i in zip(s_row, i_row, strict=True)]
-        preds.append(Prediction(label=top[0].label, score=top[0].score, top_k=top))
-    return PredictResponse(path_id=path_id, predictions=preds)
+        top = [{"label": labels[i], "score": s} for s, i in zip(s_row, i_row, strict=True)]
+        preds.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+    return {"path_id": path_id, "predictions": preds}
 
 
 async def _read_inputs(request: Request, manifest: Manifest, svc: ReadySvc) -> tuple[torch.Tensor, int]:
