@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
+from service.channel import DeviceServer
 from service.errors import install_error_handlers
 from service.limits import BodyLimit
+from service.metrics import RequestMetrics
 from service.queues import JobQueue
 from service.routes import compositions, datasets, health, jobs, paths, zoo
 from service.state import Services
+
+FRONT_HEADER = "x-zoo-front"  # set by the HTTP workers of `zoo serve` on what they pass through
 from zoo_store.blobs import BlobStore
 from zoo_store.settings import Settings
 
@@ -24,25 +27,23 @@ def create_app(settings: Settings | None = None, blobs: BlobStore | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.start()
-        yield
-        services.stop()
+        device = DeviceServer(services, settings.ipc_dir / "device.sock") if settings.ipc_dir else None
+        if device:  # the inference process of `zoo serve`: HTTP workers hand it their tensors
+            await device.start()
+        try:
+            yield
+        finally:
+            if device:
+                await device.stop()
+            services.stop()
 
     app = FastAPI(title="zoo", version="0.1.0", lifespan=lifespan,
                   description="Compose new models out of a zoo of frozen networks; serve them lazily.")  # fmt: skip
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestMetrics, metrics=services.metrics, skip_header=FRONT_HEADER)
     for r in (health, zoo, datasets, compositions, jobs, paths):
         app.include_router(r.router)
-
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        services.metrics.requests.labels(request.method, name, str(response.status_code)).inc()
-        services.metrics.latency.labels(name).observe(time.perf_counter() - start)
-        return response
 
     return app

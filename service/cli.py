@@ -55,16 +55,23 @@ def _table(rows: list[dict], cols: list[str]) -> None:
 
 
 @app.command()
-def serve(host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> None:
-    """Run the API (embedded mode: SQLite, in-process worker, jobs in child processes)."""
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    access_log: bool = True,
+    workers: Annotated[int | None, typer.Option(help="HTTP worker processes (ZOO_HTTP_WORKERS; default: cores; "
+                                                     "0: one process for everything)")] = None,
+) -> None:
+    """Run the API (embedded mode: SQLite, HTTP workers in front of one inference process, jobs in
+    child processes). Stops everything it started on Ctrl-C or SIGTERM."""
     import logging
 
-    import uvicorn
+    from service.supervisor import serve as run
 
-    from service.app import create_app
-
+    if workers is not None:
+        os.environ["ZOO_HTTP_WORKERS"] = str(workers)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(create_app(), host=host, port=port, log_level="info", access_log=access_log)
+    run(host, port, access_log)
 
 
 @app.command()
@@ -220,7 +227,7 @@ def bundle_import(file: Path, url: Url = DEFAULT_URL) -> None:
 @app.command()
 def bench(
     out: Path = Path("docs/benchmarks.md"),
-    suite: Annotated[str, typer.Option(help="serving | scale | reprogram | resample | clone | reassemble | all")] = "serving",
+    suite: Annotated[str, typer.Option(help="serving | scale | http | reprogram | resample | clone | reassemble | all")] = "serving",
     quick: bool = False,
 ) -> None:
     """Measure ratios side by side in one run and write them to docs/ with the machine."""

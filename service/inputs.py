@@ -11,7 +11,9 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from starlette.requests import Request
 
+from service.schemas import PredictRequest
 from zoo_store.cards import InputSpec
 from zoo_store.errors import InvalidInput, PayloadTooLarge
 from zoo_store.settings import Settings
@@ -89,3 +91,52 @@ def npy_input(data: bytes, spec: InputSpec, settings: Settings) -> torch.Tensor:
     if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
         raise InvalidInput("the .npy float32 values must be finite and in [0, 1]")
     return t  # (N, C, H, W)
+
+
+async def read_inputs(request: Request, spec: InputSpec, settings: Settings) -> tuple[torch.Tensor, int]:
+    """A predict body, whatever its content type, as (N, C, H, W) in [0, 1] and top_k."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/octet-stream"):
+        top_k = _int_field(request.query_params.get("top_k"), 1)
+        return npy_input(await request.body(), spec, settings), top_k
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        if not files:
+            raise InvalidInput("multipart predict needs at least one image file")
+        top_k = _int_field(form.get("top_k"), 1)
+        xs = [image_bytes_input(await f.read(settings.max_image_bytes + 1), spec, settings, f"file {f.filename!r}")
+              for f in files]  # fmt: skip
+    else:
+        try:
+            req = PredictRequest.model_validate_json(await request.body())
+        except ValueError as e:
+            raise InvalidInput(f"predict body: {_short(e)}") from e
+        top_k = req.top_k
+        xs = [
+            tensor_input(item.tensor, spec, i) if item.tensor is not None else image_input(item.image or "", spec, settings, i)
+            for i, item in enumerate(req.inputs)
+        ]
+    if len(xs) > settings.max_predict_inputs:
+        raise PayloadTooLarge(f"{len(xs)} inputs in one request; the limit is {settings.max_predict_inputs}")
+    return torch.stack(xs), top_k  # (N, C, H, W)
+
+
+def _int_field(value: object, default: int) -> int:
+    if value is None:
+        return default
+    try:
+        v = int(str(value))
+    except ValueError as e:
+        raise InvalidInput(f"top_k must be an integer, got {value!r}") from e
+    if v < 1:
+        raise InvalidInput("top_k must be at least 1")
+    return v
+
+
+def _short(e: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:3])
+    return str(e)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 import traceback
@@ -63,7 +64,10 @@ def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | N
         store.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}", progress={"trace": traceback.format_exc()[-2000:]})
 
 
-def _child_main(settings_json: str, job_id: str) -> None:
+def _child_main(settings_json: str, job_id: str, parent: int) -> None:
+    from service.procs import die_with_parent
+
+    die_with_parent(parent)  # a job never outlives the process that runs the zoo
     settings = Settings.model_validate_json(settings_json)
     db = Database(settings.db_url)
     try:
@@ -138,7 +142,7 @@ class JobRunner:
             run_job(self.store, job_id, self.resident() if self.resident else None, self.settings.torch_device())
             return
         ctx = mp.get_context("spawn")
-        proc = ctx.Process(target=_child_main, args=(self.settings.model_dump_json(), job_id), daemon=True)
+        proc = ctx.Process(target=_child_main, args=(self.settings.model_dump_json(), job_id, os.getpid()), daemon=True)
         self.procs[job_id] = proc
         proc.start()
         while proc.is_alive() and not self._stop.is_set():

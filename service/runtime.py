@@ -28,10 +28,12 @@ from zoo_store.cards import Card
 from zoo_store.errors import Conflict, InvalidInput, Overloaded
 from zoo_store.methods.bank import PathBank
 from zoo_store.methods.registry import get_method
-from zoo_store.paths import Bundle, Manifest, check_expected, decode_bundle
+from zoo_store.paths import Bundle, Manifest, check_expected, decode_stored
 from zoo_store.store import Store
 from zoo_store.training import normalize
 from zoo_store.weights import digest_of
+
+log = logging.getLogger("zoo")
 
 
 class ResidentZoo:
@@ -102,9 +104,6 @@ def validate_bundle(bundle: Bundle, zoo: ResidentZoo) -> nn.Module:
     return module
 
 
-log = logging.getLogger("zoo")
-
-
 @dataclass
 class Entry:
     """A path ready to serve: its own module, or its decoded tensors for a slot of bank ``bank_key``."""
@@ -154,6 +153,8 @@ class ByteLRU:
 
     def evict_over(self, budget: int, keep: frozenset[str], extra: int = 0) -> None:
         """Least recently used first until ``nbytes + extra <= budget``; never ``keep`` nor the newest."""
+        if self.nbytes + extra <= budget:
+            return
         newest = next(reversed(self.entries), None)
         for path_id in [k for k in self.entries if k not in keep and k != newest]:
             if self.nbytes + extra <= budget:
@@ -256,6 +257,11 @@ class PathCache:
         """Device bytes: materialized modules plus every bank's slots."""
         return self.modules.nbytes + sum(t.bank.nbytes() for t in list(self.tables.values()))
 
+    def peek(self, path_id: str) -> Entry | None:
+        """The entry if it is loaded, without counting a use (for questions about a path, not predicts)."""
+        with self._lock:
+            return self.modules.entries.get(path_id) or self.host.entries.get(path_id)
+
     def lookup(self, path_id: str) -> Entry | None:
         """The entry if it is loaded already (never blocks on the store): the request path's fast way."""
         with self._lock:
@@ -297,7 +303,7 @@ class PathCache:
         self.metrics.cache_bytes.set(self.nbytes)
 
     def _materialize(self, path_id: str) -> Entry:
-        bundle = decode_bundle(self.store.path_bundle(path_id))
+        bundle = decode_stored(self.store.path_bundle(path_id), path_id)
         m = bundle.manifest
         self.zoo.check_refs(m)
         method = get_method(m.method)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
@@ -20,6 +27,8 @@ from zoo_store.settings import Settings
 PG_URL = os.environ.get("ZOO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ZOO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# worker counts the API tests run through (0: in process); CI runs all three
+HTTP_WORKERS = [int(w) for w in os.environ.get("ZOO_TEST_HTTP_WORKERS", "0,1,2" if IN_CI else "0").split(",")]
 GRAY = InputSpec(channels=1, size=28, mean=(0.5,), std=(0.5,))
 
 
@@ -104,10 +113,87 @@ def start_app(settings: Settings) -> TestClient:
     return client
 
 
+class Front:
+    """HTTP worker processes (``python -m service.front``) on a loopback port, for a whole session:
+    each test's app serves them from this process through the sockets in ``ipc``."""
+
+    def __init__(self, ipc: Path, workers: int):
+        self.ipc, self.workers = ipc, workers
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {**os.environ, "ZOO_IPC_DIR": str(ipc), "ZOO_DEMO_ZOO": "false"}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.front", str(self.port), str(workers)], env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+class FrontClient(httpx.Client):
+    """Talks to the HTTP workers like a user; ``app`` is the app behind them, served from this
+    process on the front's sockets (so tests can still reach its services)."""
+
+    def __init__(self, settings: Settings, front: Front):
+        super().__init__(base_url=front.url, timeout=120)
+        self.app = create_app(settings)
+        (front.ipc / "app.sock").unlink(missing_ok=True)
+        config = uvicorn.Config(self.app, uds=str(front.ipc / "app.sock"), log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        end = time.monotonic() + 60
+        while not self.server.started and time.monotonic() < end:
+            time.sleep(0.01)
+        svc = self.app.state.services
+        assert svc.ready.wait(120), svc.startup_error
+        while time.monotonic() < end:  # the workers answer (they start once per session)
+            try:
+                if self.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        super().close()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@pytest.fixture(scope="session")
+def fronts(tmp_path_factory) -> Iterator[dict[int, Front]]:
+    started: dict[int, Front] = {}
+
+    class Lazy(dict):
+        def __missing__(self, workers: int) -> Front:
+            started[workers] = self[workers] = Front(tmp_path_factory.mktemp(f"ipc{workers}"), workers)
+            return started[workers]
+
+    yield Lazy()
+    for front in started.values():
+        front.close()
+
+
+@pytest.fixture(params=HTTP_WORKERS, ids=[f"workers{w}" for w in HTTP_WORKERS])
+def http_workers(request) -> int:
+    """0: the app in process (TestClient); 1 or 2: HTTP worker processes in front of it."""
+    return request.param
+
+
 @pytest.fixture
-def app_client(tmp_path: Path, db_url: str) -> Iterator[TestClient]:
-    """An app with two tiny random-weight bases, on SQLite and on PostgreSQL."""
-    client = start_app(make_settings(tmp_path, database_url=db_url))
+def app_client(tmp_path: Path, db_url: str, http_workers: int, request) -> Iterator[TestClient]:
+    """An app with two tiny random-weight bases, on SQLite and on PostgreSQL, reached directly or
+    through ``ZOO_TEST_HTTP_WORKERS`` HTTP worker processes (each count a parameter)."""
+    if http_workers:
+        front = request.getfixturevalue("fronts")[http_workers]
+        client = FrontClient(make_settings(tmp_path, database_url=db_url, ipc_dir=front.ipc), front)
+    else:
+        client = start_app(make_settings(tmp_path, database_url=db_url))
     store = client.app.state.services.store
     for base_id, arch in (("res", "resnet_s"), ("vgg", "vgg_s")):
         card, _ = store.add_base(tiny_card(base_id, arch), tiny_weights(arch, 10))

@@ -20,14 +20,31 @@ def test_schedules_are_seeded_and_zipf_is_skewed() -> None:
     assert set(uniform) <= set(range(256)) and set(zipf) <= set(range(256))
 
 
-def test_load_through_a_real_server(tmp_path: Path) -> None:
+def _served(tmp_path: Path) -> tuple[list[str], bytes]:
     store = dir_store(tmp_path)
     store.add_base(tiny_card("res"), tiny_weights("resnet_s", 10))
-    bundles = make_paths(store, "res", 3)
-    for b in bundles:
-        store.save_path(decode_bundle(b))
-    ids = [decode_bundle(b).id for b in bundles]
-    _, body = one_image(store.card("res").input)
+    ids = [store.save_path(decode_bundle(b))[0].id for b in make_paths(store, "res", 3)]
+    return ids, one_image(store.card("res").input)[1]
+
+
+def test_wrk_drives_a_real_server(tmp_path: Path) -> None:
+    """The http suite's load generator (wrk and its Lua script) against `zoo serve`, one second."""
+    from service.bench.http import bodies, serve_process, wrk
+
+    ids, _ = _served(tmp_path)
+    proc, url = serve_process(tmp_path, workers=2)
+    try:
+        spec = dir_store(tmp_path).card("res").input
+        for body, ctype in bodies(spec).values():
+            r = wrk(url, ids, body, ctype, connections=4, seconds=1, work=tmp_path)
+            assert r["requests"] > 0 and r["errors"] == 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_load_through_a_real_server(tmp_path: Path) -> None:
+    ids, body = _served(tmp_path)
     server = Server(tmp_path, "mixed")
     try:
         result = server.load(ids, [i % 3 for i in range(60)], body, concurrency=6)

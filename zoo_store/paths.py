@@ -136,6 +136,20 @@ def _header(data: bytes) -> dict[str, Any]:
 
 def decode_bundle(data: bytes) -> Bundle:
     """Parse and self-check a bundle: format, manifest schema, tensor index and digest."""
+    manifest, tensors, metrics = _parse(data)
+    if tensor_digest(tensors) != manifest.tensor_digest:
+        raise InvalidInput("bundle tensor bytes do not match the manifest's tensor_digest (altered or corrupted)")
+    return Bundle(path_id_of(manifest), manifest, tensors, metrics, data)
+
+
+def decode_stored(data: bytes, path_id: str) -> Bundle:
+    """A bundle read back from this server's own store, where ``decode_bundle`` checked it before it
+    was saved: parsed and its index checked, the digests not recomputed (the cold predict's path)."""
+    manifest, tensors, metrics = _parse(data)
+    return Bundle(path_id, manifest, tensors, metrics, data)
+
+
+def _parse(data: bytes) -> tuple[Manifest, dict[str, torch.Tensor], dict[str, Any]]:
     meta = _header(data).get("__metadata__") or {}
     if meta.get("zoopath") != FORMAT_VERSION:
         raise BadRequest(f"not a .zoopath bundle of format {FORMAT_VERSION} (metadata zoopath={meta.get('zoopath')!r})")
@@ -155,11 +169,9 @@ def decode_bundle(data: bytes) -> Bundle:
     except Exception as e:
         raise BadRequest(f"bundle tensors cannot be read: {e}") from e
     _check_index(manifest, tensors)
-    if tensor_digest(tensors) != manifest.tensor_digest:
-        raise InvalidInput("bundle tensor bytes do not match the manifest's tensor_digest (altered or corrupted)")
     if not isinstance(metrics, dict):
         raise BadRequest("bundle metrics must be a JSON object")
-    return Bundle(path_id_of(manifest), manifest, tensors, metrics, data)
+    return manifest, tensors, metrics
 
 
 def _check_index(m: Manifest, tensors: dict[str, torch.Tensor]) -> None:

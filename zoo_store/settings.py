@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, gt=0)
     max_wait_ms: float = Field(2.0, ge=0)
     max_predict_inputs: int = Field(256, gt=0)
+    # `zoo serve`: HTTP worker processes that parse and decode requests in front of the one inference
+    # process that owns the device (0: everything in one process)
+    http_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0)
+    ipc_dir: Path | None = None  # set by `zoo serve` for its processes: where their sockets live
+    shm_slot_bytes: int = Field(2**20, gt=0)  # per request in flight: tensors up to this go through shared memory
+    shm_slots: int = Field(16, gt=0)  # per HTTP worker (larger or extra requests travel inline on the socket)
     # inputs waiting for the device beyond which predicts are refused at once (503 + Retry-After)
     max_queue_inputs: int = Field(2048, gt=0)
     # limits on what users send

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the suites import torch; the load generator in this package
 def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
     from service.bench.clone import clone_suite
     from service.bench.common import machine, write_block
+    from service.bench.http import http_suite
     from service.bench.reassemble import reassemble_suite
     from service.bench.reprogram import reprogram_suite
     from service.bench.resample import resample_suite
@@ -24,6 +25,7 @@ def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
         # name: (suite, file, its title, the block within the file)
         "serving": (serving_suite, out, "Benchmarks", ""),
         "scale": (scale_suite, out, "Benchmarks", "scale"),
+        "http": (http_suite, out, "Benchmarks", "http"),
         "reprogram": (reprogram_suite, out.parent / "methods" / "reprogram.md", "Reprogram (CLR)", ""),
         "resample": (resample_suite, out.parent / "methods" / "resample.md", "Resample (INN)", ""),
         "clone": (clone_suite, out.parent / "methods" / "clone.md", "Clone (PNC)", ""),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from service.bench.common import Say, bench_data_dir, demo_store, dir_store
+from service.procs import descendants
 from zoo_store.archs import build_arch
 from zoo_store.cards import CardIn, InputSpec
 from zoo_store.methods.reprogram.layers import build_reprogrammed
@@ -109,10 +110,11 @@ def rss() -> int:
 
 
 def _rss_of(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:  # it ended meanwhile
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:")), 0)
 
 
 # -- through the inference loop, in process ---------------------------------------------------
@@ -152,6 +154,8 @@ def batcher_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan:
     x, _ = one_image(spec)
     points = []
     try:
+        say(f"scale: {base_id}, {executor} executor, inference loop, warming up")
+        asyncio.run(closed_loop(svc, ids, [0] * (plan.requests // 4), plan.concurrency, x))  # untimed
         for n in plan.sizes:
             say(f"scale: {base_id}, {executor} executor, inference loop, {n} paths")
             for p in ids[:n]:
@@ -226,7 +230,8 @@ class Server:
         raise RuntimeError("the server was not ready within 300 s")
 
     def rss(self) -> int:
-        return _rss_of(self.proc.pid)
+        """The whole server's: the supervisor, its HTTP workers and the inference process."""
+        return sum(_rss_of(p) for p in [self.proc.pid, *descendants(self.proc.pid)])
 
     def load(self, ids: list[str], order: list[int], body: bytes, concurrency: int) -> dict:
         job = {"host": "127.0.0.1", "port": self.port, "paths": ids, "schedule": order, "concurrency": concurrency,
@@ -256,6 +261,8 @@ def http_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan: Pl
     server = Server(data_dir, executor)
     points = []
     try:
+        say(f"scale: {base_id}, {executor} executor, HTTP, warming up")
+        server.load(ids, [0] * (plan.requests // 4), body, plan.concurrency)  # untimed
         for n in plan.sizes:
             say(f"scale: {base_id}, {executor} executor, HTTP, {n} paths")
             server.load(ids, list(range(n)), body, plan.concurrency)  # warm: every path once
@@ -336,21 +343,34 @@ def _intro(plan: Plan) -> list[str]:
              f"process (no HTTP). *HTTP*: `zoo serve` on a loopback port, a uint8 `.npy` body per request, the "
              f"load generator (`service/bench/loadgen.py`) in its own process. *mixed*: `ZOO_BATCHING=base` "
              f"(one forward per batch mixing paths, slots); *per-path*: `ZOO_BATCHING=path` (a module and a "
-             f"batch per path). Ratios are against the same executor and route with one path, in this run.\n")]
+             f"batch per path). Ratios are against the same executor and route with one path (the mean of its "
+             f"uniform and Zipf runs, which are the same workload there), in this run; an untimed closed loop "
+             f"warms each executor and route up first.\n")]
+
+
+def _mean_point(runs: list[Point]) -> Point:
+    """One path's reference: uniform and Zipf traffic are the same workload there; their mean."""
+    r = runs[0]
+    return Point(r.base, r.executor, r.via, 1, "both", statistics.mean(p.per_second for p in runs),
+                 statistics.mean(p.p50_ms for p in runs), statistics.mean(p.p99_ms for p in runs))  # fmt: skip
 
 
 def _tables(base_id: str, points: list[Point], memory: dict, plan: Plan) -> list[str]:
     lines = [f"\n### {base_id}\n",
              "| route | executor | paths | traffic | throughput / one path | p50 / one path's | p99 / one path's |",
              "|---|---|---:|---|---:|---:|---:|"]  # fmt: skip
-    ref = {(p.via, p.executor, p.traffic): p for p in points if p.n == 1}
+    ref = {key: _mean_point([p for p in points if p.n == 1 and (p.via, p.executor) == key])
+           for key in {(p.via, p.executor) for p in points}}  # fmt: skip
     for p in points:
-        r = ref[(p.via, p.executor, p.traffic)]
+        r = ref[(p.via, p.executor)]
         lines.append(f"| {p.via} | {p.executor} | {p.n:,} | {p.traffic} | **{p.per_second / r.per_second:.2f}x** | "
                      f"{p.p50_ms / r.p50_ms:.2f}x | {p.p99_ms / r.p99_ms:.2f}x |")  # fmt: skip
-    one = {(p.via, p.executor): p for p in points if p.n == 1 and p.traffic == "uniform"}
-    lines.append("\nOne path, this CPU (for scale only; absolute figures belong to a GPU run): " + "; ".join(
-        f"{via} {ex}: {p.per_second:,.0f} images/s" for (via, ex), p in one.items()))  # fmt: skip
+    lines.append("\nOne path (the mean of its two runs, the reference of each ratio above), this CPU, for scale only "
+                 "(absolute figures belong to a GPU run): " + "; ".join(
+                     f"{via} {ex}: {r.per_second:,.0f} images/s" for (via, ex), r in sorted(ref.items())) +
+                 ". The mixed executor on one path against the per-path one: " + ", ".join(
+                     f"{via} {ref[(via, 'mixed')].per_second / ref[(via, 'per-path')].per_second:.2f}x"
+                     for via in sorted({v for v, _ in ref})) + ".")  # fmt: skip
     m = memory
     lines.append(f"\nMemory: a registered, idle path costs the server {m['per_path']:,.0f} bytes of RSS "
                  f"({m['per_path'] / m['bundle']:.2f}x its {m['bundle']:,.0f}-byte bundle; {plan.imported} imported "

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import Svc
 from service.errors import problem
+from service.metrics import render_metrics
 
 router = APIRouter(tags=["health"])
 
@@ -25,4 +25,4 @@ def readyz(svc: Svc) -> object:
 
 @router.get("/metrics")
 def metrics(svc: Svc) -> Response:
-    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return render_metrics(svc.metrics)

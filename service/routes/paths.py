@@ -6,13 +6,13 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import Cursor, Limit, ReadySvc, Svc
-from service.inputs import image_bytes_input, image_input, npy_input, tensor_input
+from service.inputs import read_inputs
 from service.runtime import validate_bundle
-from service.schemas import Page, Path, PredictRequest, PredictResponse
+from service.schemas import Page, Path, PredictResponse
 from zoo_store.archs.standalone import export_network
-from zoo_store.errors import BadRequest, Conflict, InvalidInput, PayloadTooLarge
+from zoo_store.errors import BadRequest, Conflict
 from zoo_store.methods.registry import get_method, method_names
-from zoo_store.paths import Manifest, decode_bundle
+from zoo_store.paths import decode_bundle
 
 router = APIRouter(prefix="/v1/paths", tags=["paths"])
 
@@ -84,7 +84,7 @@ async def predict(path_id: str, request: Request, svc: ReadySvc) -> Response:
     svc.batcher.check_room()  # a full queue is refused before any work is done
     entry = svc.cache.lookup(path_id) or await run_in_threadpool(svc.cache.get, path_id)  # loaded on first use
     manifest = entry.manifest
-    x, top_k = await _read_inputs(request, manifest, svc)
+    x, top_k = await read_inputs(request, manifest.input, svc.settings)
     probs = await svc.batcher.submit(entry, x)  # (N, K)
     return Response(orjson.dumps(predictions(path_id, manifest.labels, probs, top_k)), media_type="application/json")
 
@@ -97,51 +97,3 @@ def predictions(path_id: str, labels: tuple[str, ...], probs: torch.Tensor, top_
         top = [{"label": labels[i], "score": s} for s, i in zip(s_row, i_row, strict=True)]
         preds.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top})
     return {"path_id": path_id, "predictions": preds}
-
-
-async def _read_inputs(request: Request, manifest: Manifest, svc: ReadySvc) -> tuple[torch.Tensor, int]:
-    spec, settings = manifest.input, svc.settings
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("application/octet-stream"):
-        top_k = _int_field(request.query_params.get("top_k"), 1)
-        return npy_input(await request.body(), spec, settings), top_k
-    if ctype.startswith("multipart/form-data"):
-        form = await request.form()
-        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
-        if not files:
-            raise InvalidInput("multipart predict needs at least one image file")
-        top_k = _int_field(form.get("top_k"), 1)
-        xs = [image_bytes_input(await f.read(settings.max_image_bytes + 1), spec, settings, f"file {f.filename!r}") for f in files]
-    else:
-        try:
-            req = PredictRequest.model_validate_json(await request.body())
-        except ValueError as e:
-            raise InvalidInput(f"predict body: {_short(e)}") from e
-        top_k = req.top_k
-        xs = [
-            tensor_input(item.tensor, spec, i) if item.tensor is not None else image_input(item.image or "", spec, settings, i)
-            for i, item in enumerate(req.inputs)
-        ]
-    if len(xs) > settings.max_predict_inputs:
-        raise PayloadTooLarge(f"{len(xs)} inputs in one request; the limit is {settings.max_predict_inputs}")
-    return torch.stack(xs), top_k  # (N, C, H, W)
-
-
-def _int_field(value: object, default: int) -> int:
-    if value is None:
-        return default
-    try:
-        v = int(str(value))
-    except ValueError as e:
-        raise InvalidInput(f"top_k must be an integer, got {value!r}") from e
-    if v < 1:
-        raise InvalidInput("top_k must be at least 1")
-    return v
-
-
-def _short(e: Exception) -> str:
-    from pydantic import ValidationError
-
-    if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:3])
-    return str(e)

@@ -1,0 +1,132 @@
+"""An HTTP worker process of `zoo serve`: it parses, validates and decodes predict requests itself
+and hands the tensors to the inference process over the device channel; every other route is
+passed through to the inference process's app (on a Unix socket) unchanged.
+
+`zoo serve` runs ``ZOO_HTTP_WORKERS`` of these (uvicorn's worker processes, one listening port);
+``create_front_app`` is their factory."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from service.app import FRONT_HEADER
+from service.channel import Arena, DeviceClient
+from service.errors import install_error_handlers
+from service.inputs import read_inputs
+from service.limits import BodyLimit
+from service.metrics import Metrics, RequestMetrics, render_metrics
+from service.procs import die_with_supervisor
+from service.routes.paths import predictions
+from zoo_store.cards import InputSpec
+from zoo_store.errors import Unavailable
+from zoo_store.settings import Settings
+
+HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection", b"host"}
+
+
+class PathInfo:
+    """What a worker needs to decode and answer a path's predicts (immutable: paths never change)."""
+
+    def __init__(self, described: dict):
+        self.input = InputSpec.model_validate(described["input"])
+        self.labels = tuple(described["labels"])
+
+
+def create_front_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if settings.ipc_dir is None:
+        raise RuntimeError("the front needs ZOO_IPC_DIR: it is started by `zoo serve`")
+    die_with_supervisor()
+    metrics = Metrics()
+    described: OrderedDict[str, PathInfo] = OrderedDict()
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        arena = Arena(settings.shm_slot_bytes, settings.shm_slots)
+        state["device"] = DeviceClient(settings.ipc_dir / "device.sock", arena)
+        no_pool = httpx.Limits(max_keepalive_connections=0)  # a connection per request: survives restarts
+        transport = httpx.AsyncHTTPTransport(uds=str(settings.ipc_dir / "app.sock"), limits=no_pool)
+        state["app"] = httpx.AsyncClient(transport=transport, base_url="http://zoo", timeout=None)
+        try:
+            yield
+        finally:
+            await state["app"].aclose()
+            arena.close()
+
+    app = FastAPI(title="zoo", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
+    async def path_info(path_id: str) -> PathInfo:
+        info = described.get(path_id)
+        if info is None:
+            info = described[path_id] = PathInfo(await state["device"].describe(path_id))
+            if len(described) > 65_536:
+                described.popitem(last=False)
+        return info
+
+    @app.post("/v1/paths/{path_id}/predict")
+    async def predict(path_id: str, request: Request) -> Response:
+        info = await path_info(path_id)
+        x, top_k = await read_inputs(request, info.input, settings)  # (N, C, H, W) in [0, 1]
+        probs = await state["device"].predict(path_id, x.numpy())  # (N, K)
+        body = predictions(path_id, info.labels, probs, top_k)
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request) -> Response:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # under `zoo serve`: every process's metrics together
+            return render_metrics(metrics)
+        return await _pass(state["app"], request)  # workers started by hand: the inference process's
+
+    @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                   include_in_schema=False)  # fmt: skip
+    async def passthrough(request: Request) -> Response:
+        if request.url.path.startswith("/v1/paths/") and request.method == "DELETE":
+            described.pop(request.url.path.rsplit("/", 1)[-1], None)
+        return await _pass(state["app"], request)
+
+    return app
+
+
+async def _pass(client: httpx.AsyncClient, request: Request) -> Response:
+    """The request to the inference process's app, and its answer streamed back (server-sent events too)."""
+    headers = [(k, v) for k, v in request.headers.raw if k.lower() not in HOP_BY_HOP]
+    headers.append((FRONT_HEADER.encode(), b"1"))
+    url = httpx.URL(path=request.url.path, query=request.url.query.encode())
+    body = await request.body()
+    try:
+        answer = await client.send(client.build_request(request.method, url, headers=headers, content=body), stream=True)
+    except httpx.TransportError as e:
+        raise Unavailable(f"the inference process is not answering (restarting?): {type(e).__name__}") from e
+    response = StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose))
+    response.raw_headers = [(k.lower(), v) for k, v in answer.headers.raw if k.lower() not in HOP_BY_HOP]
+    return response
+
+
+def run_workers(host: str, port: int, workers: int, access_log: bool = False, log_level: str = "info") -> None:
+    """``workers`` HTTP worker processes on one port (in this process when 1); returns when stopped."""
+    import uvicorn
+
+    uvicorn.run("service.front:create_front_app", factory=True, host=host, port=port, log_level=log_level,
+                access_log=access_log, workers=workers if workers > 1 else None)  # fmt: skip
+
+
+if __name__ == "__main__":  # by hand or from tests, with ZOO_IPC_DIR set: python -m service.front PORT WORKERS
+    run_workers("127.0.0.1", int(sys.argv[1]), int(sys.argv[2]), log_level="warning")
