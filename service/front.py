@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 import orjson
+import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
@@ -47,6 +48,7 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     if settings.ipc_dir is None:
         raise RuntimeError("the front needs ZOO_IPC_DIR: it is started by `zoo serve`")
     die_with_supervisor()
+    torch.set_num_threads(1)  # a worker's tensor work is small; the cores belong to the inference process
     metrics = Metrics()
     described: OrderedDict[str, PathInfo] = OrderedDict()
     state: dict = {}

@@ -98,6 +98,7 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=10000")
         cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA mmap_size=1073741824")  # read bundles (many overflow pages) from the page cache directly
         cur.close()
 
 

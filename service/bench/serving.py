@@ -63,6 +63,7 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
                      f"module, **{t_bank / t_base:.2f}x** through its base's bank (per-sample kernels from slots)")  # fmt: skip
         if svc.zoo.device.startswith("cuda"):
             lines.append(f"(absolute, {torch.cuda.get_device_name(0)}: base {1e3 * t_base:.3f} ms, composed {1e3 * t_comp:.3f} ms)")
+        lines += ["", *per_sample_kernels(svc.zoo.device)]
 
         # cold first predict vs warm predict, over several fresh materializations
         body = {"inputs": [{"tensor": torch.rand(1, 28, 28).tolist()}]}
@@ -113,4 +114,26 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
                      f"{tensors / path['dense_bytes']:.2%} of its dense bytes) and, while it is served, one slot of its "
                      f"base's bank ({slot:,.0f} bytes); the base's weights are shared, never copied. `zoo bench --suite "
                      f"scale` measures both as RSS.")  # fmt: skip
+    return lines
+
+
+def per_sample_kernels(device: str) -> list[str]:
+    """How a bank applies each sample's own depthwise kernels: one grouped convolution over
+    (1, B*C, H, W) against ``torch.func.vmap`` of the per-sample conv, at two layer shapes."""
+    import torch.nn.functional as F
+
+    lines = [("Per-sample CLR kernels, one layer, batch 64: `torch.func.vmap` of the per-sample depthwise conv "
+             "/ one grouped convolution with B*C groups (what the bank runs):\n"),
+             "| layer (C x H x W) | vmap / grouped |", "|---|---:|"]  # fmt: skip
+    for c, size in ((32, 14), (64, 32)):  # resnet-mnist's first stage; resnet18's stem at 64 x 64
+        h = torch.randn(64, c, size, size, device=device)  # (B, C, H, W)
+        w = torch.randn(64, c, 1, 3, 3, device=device)  # (B, C, 1, k, k)
+
+        def grouped(h=h, w=w, c=c, size=size) -> torch.Tensor:
+            return F.conv2d(h.reshape(1, -1, size, size), w.reshape(-1, 1, 3, 3), padding=1, groups=64 * c)
+
+        mapped = torch.func.vmap(lambda hh, ww, c=c: F.conv2d(hh[None], ww, padding=1, groups=c)[0])
+        with torch.inference_mode():
+            t_vmap = timeit(lambda m=mapped, h=h, w=w: m(h, w))
+            lines.append(f"| {c} x {size} x {size} | {t_vmap / timeit(grouped):.2f}x |")
     return lines
