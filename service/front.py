@@ -7,6 +7,7 @@ passed through to the inference process's app (on a Unix socket) unchanged.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections import OrderedDict
@@ -60,6 +61,8 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
         no_pool = httpx.Limits(max_keepalive_connections=0)  # a connection per request: survives restarts
         transport = httpx.AsyncHTTPTransport(uds=str(settings.ipc_dir / "app.sock"), limits=no_pool)
         state["app"] = httpx.AsyncClient(transport=transport, base_url="http://zoo", timeout=None)
+        gc.collect()
+        gc.freeze()  # what a worker loaded at start is never scanned by the collector again
         try:
             yield
         finally:

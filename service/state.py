@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class Services:
             if self.settings.mode == "embedded":
                 self.runner.recover()
                 self.runner.start()
+            gc.collect()
+            gc.freeze()  # the resident zoo and everything loaded so far: never scanned by the collector again
             self.ready.set()
             log.warning("zoo ready: %d bases resident on %s", len(self.zoo.bases), self.zoo.device)
         except Exception as e:
