@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 import torch
+from starlette.concurrency import run_in_threadpool
 
 from zoo_store import errors
 from zoo_store.errors import Unavailable, ZooError
@@ -218,8 +219,6 @@ class DeviceServer:
 
     async def _op(self, header: dict, payload: bytes, arena, slot_bytes: int) -> tuple[dict, bytes]:
         import torch
-        from starlette.concurrency import run_in_threadpool
-
         svc = self.svc
         if not svc.ready.is_set():
             raise Unavailable(svc.startup_error or "the zoo is still loading; see /readyz")

@@ -29,18 +29,17 @@ def _served(tmp_path: Path) -> tuple[list[str], bytes]:
 
 def test_wrk_drives_a_real_server(tmp_path: Path) -> None:
     """The http suite's load generator (wrk and its Lua script) against `zoo serve`, one second."""
-    from service.bench.http import bodies, serve_process, wrk
+    from service.bench.http import bodies, wrk
 
     ids, _ = _served(tmp_path)
-    proc, url = serve_process(tmp_path, workers=2)
+    server = Server(tmp_path, workers=2)
     try:
         spec = dir_store(tmp_path).card("res").input
         for body, ctype in bodies(spec).values():
-            r = wrk(url, ids, body, ctype, connections=4, seconds=1, work=tmp_path)
+            r = wrk(server.url, ids, body, ctype, connections=4, seconds=1, work=tmp_path)
             assert r["requests"] > 0 and r["errors"] == 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.close()
 
 
 def test_load_through_a_real_server(tmp_path: Path) -> None:

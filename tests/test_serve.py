@@ -7,9 +7,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import numpy as np
 import pytest
 
 from service.bench.common import dir_store
-from service.bench.scale import make_paths
+from service.bench.scale import Server, make_paths
 from service.procs import descendants
 from tests.conftest import tiny_card, tiny_weights
 from zoo_store.paths import decode_bundle
@@ -48,32 +45,12 @@ def _npy(n: int = 1) -> bytes:
     return buf.getvalue()
 
 
-class Serve:
-    def __init__(self, data_dir: Path, workers: int):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        env = {**os.environ, "ZOO_DATA_DIR": str(data_dir), "ZOO_DEMO_ZOO": "false", "ZOO_JOB_EXECUTOR": "thread"}
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--workers", str(workers),
-               "--no-access-log"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
-        assert self.wait_ready(120), "zoo serve did not become ready"
-
-    def wait_ready(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                if self.http.get("/readyz").status_code == 200:
-                    return True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        return False
+class Serve(Server):
+    """The bench's `zoo serve` child process, with what these tests ask of it."""
 
     def predict(self, path_id: str) -> httpx.Response:
-        return self.http.post(f"/v1/paths/{path_id}/predict?top_k=2", content=_npy(),
-                              headers={"content-type": "application/octet-stream"})  # fmt: skip
+        return self.client.post(f"/v1/paths/{path_id}/predict?top_k=2", content=_npy(),
+                                headers={"content-type": "application/octet-stream"})  # fmt: skip
 
     def inference_pid(self) -> int:
         return next(p for p, cmd in descendants(self.proc.pid).items() if "service.infer" in cmd)
@@ -94,7 +71,7 @@ def zoo_dir(tmp_path: Path) -> tuple[Path, list[str]]:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_workers_restart_and_clean_stop(zoo_dir, workers: int) -> None:
     data_dir, ids = zoo_dir
-    serve = Serve(data_dir, workers)
+    serve = Serve(data_dir, workers=workers)
     try:
         tree = descendants(serve.proc.pid)
         assert sum("service.infer" in c for c in tree.values()) == 1
@@ -103,7 +80,7 @@ def test_workers_restart_and_clean_stop(zoo_dir, workers: int) -> None:
             r = serve.predict(pid)
             assert r.status_code == 200, r.text
             assert len(r.json()["predictions"][0]["top_k"]) == 2
-        metrics = serve.http.get("/metrics").text  # the workers' request counts and the inference loop's batches
+        metrics = serve.client.get("/metrics").text  # the workers' request counts and the inference loop's batches
         assert 'route="/v1/paths/{path_id}/predict"' in metrics
         batches = [ln for ln in metrics.splitlines() if ln.startswith("zoo_batch_size_count")]
         assert batches and float(batches[0].split()[-1]) >= len(ids)
@@ -118,13 +95,13 @@ def test_workers_restart_and_clean_stop(zoo_dir, workers: int) -> None:
     finally:
         serve.proc.send_signal(signal.SIGTERM)
         serve.proc.wait(30)
-        serve.http.close()
+        serve.client.close()
     assert _gone(tree), f"left behind: {[c for p, c in tree.items() if _state(p) != 'Z']}"
 
 
 def test_killing_zoo_serve_leaves_nothing_behind(zoo_dir) -> None:
     data_dir, ids = zoo_dir
-    serve = Serve(data_dir, 2)
+    serve = Serve(data_dir, workers=2)
     try:
         assert serve.predict(ids[0]).status_code == 200
         tree = descendants(serve.proc.pid)
@@ -132,5 +109,5 @@ def test_killing_zoo_serve_leaves_nothing_behind(zoo_dir) -> None:
         serve.proc.kill()  # SIGKILL: no chance to clean up; the children die with it
         serve.proc.wait(10)
     finally:
-        serve.http.close()
+        serve.client.close()
     assert _gone(tree), f"left behind: {[c for p, c in tree.items() if _state(p) != 'Z']}"

@@ -9,18 +9,14 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import torch
 
 from service.bench.common import Say, demo_store, dir_store, timeit
-from service.bench.scale import closed_loop, make_paths, one_image, settings_for
+from service.bench.scale import Server, closed_loop, fresh_dir, make_paths, one_image, settings_for
 from zoo_store.paths import decode_bundle
 
 WRK_SCRIPT = """
@@ -51,26 +47,6 @@ def wrk_path() -> str:
     return found
 
 
-def serve_process(data_dir: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "ZOO_DATA_DIR": str(data_dir), "ZOO_DEMO_ZOO": "false", "ZOO_HTTP_WORKERS": str(workers)}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--no-access-log"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 300
-    while time.monotonic() < end:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("zoo serve was not ready within 300 s")
-
-
 def wrk(url: str, ids: list[str], body: bytes, ctype: str, connections: int, seconds: int, work: Path) -> dict:
     (work / "paths.txt").write_text("\n".join(ids) + "\n")
     (work / "body").write_bytes(body)
@@ -91,13 +67,11 @@ def bodies(spec) -> dict[str, tuple[bytes, str]]:
 
 
 def http_suite(say: Say, quick: bool) -> list[str]:
-    from service.bench.scale import _fresh_dir
-
     conns, seconds, many = ((16, 64), 5, 64) if quick else ((16, 64, 256), 12, 1024)
     workers = os.cpu_count() or 1
     store = demo_store(say, quick)
     base_id = "resnet-mnist"
-    fresh = _fresh_dir(store, base_id)
+    fresh = fresh_dir(store, base_id)
     target = dir_store(fresh)
     bundles = make_paths(store, base_id, many)
     ids = [target.save_path(decode_bundle(b))[0].id for b in bundles]
@@ -111,7 +85,8 @@ def http_suite(say: Say, quick: bool) -> list[str]:
               f"over that.\n"),
              "| body | paths | connections | requests/s | HTTP / loop | p50 ms | p99 ms |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    proc, url = serve_process(fresh, workers)
+    server = Server(fresh, workers=workers)
+    url = server.url
     work = Path(tempfile.mkdtemp(prefix="zoo-wrk-"))
     try:
         for name, (body, ctype) in bodies(spec).items():
@@ -124,8 +99,7 @@ def http_suite(say: Say, quick: bool) -> list[str]:
                     lines.append(f"| {name} | {n:,} | {c} | {r['per_second']:,.0f}{errors} | **{r['per_second'] / loop_rate:.2f}x** | "
                                  f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")  # fmt: skip
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.close()
         shutil.rmtree(work, ignore_errors=True)
     lines.append("\n(Latencies on this 2-core CPU, where wrk, the workers and the inference process share the cores.)")
     return [*lines, "", *parse_profile(spec, loop_rate)]

@@ -209,25 +209,34 @@ def free_port() -> int:
 class Server:
     """``zoo serve`` in a child process on a loopback port, with the bench's settings."""
 
-    def __init__(self, data_dir: Path, executor: str):
+    def __init__(self, data_dir: Path, executor: str = "mixed", workers: int | None = None):
         self.port = free_port()
         env = {**os.environ, "ZOO_DATA_DIR": str(data_dir), "ZOO_DEMO_ZOO": "false", "ZOO_CACHE_BYTES": str(2 * GiB),
                "ZOO_HOST_CACHE_BYTES": str(2 * GiB), "ZOO_BATCHING": "base" if executor == "mixed" else "path"}  # fmt: skip
+        if workers is not None:
+            env["ZOO_HTTP_WORKERS"] = str(workers)
         cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--no-access-log"]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = data_dir / f"serve-{self.port}.log"  # a file, not a pipe nobody drains: the server never blocks on it
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, timeout=120)
-        end = time.monotonic() + 300
+        if not self.wait_ready(300):
+            raise RuntimeError("the server was not ready within 300 s")
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Until /readyz answers 200 (False after ``timeout``); raises if the server exited."""
+        end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
                 if self.client.get("/readyz").status_code == 200:
-                    return
+                    return True
             except httpx.TransportError:
                 pass
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.3)
-        raise RuntimeError("the server was not ready within 300 s")
+                raise RuntimeError(f"the server exited: {self.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.1)
+        return False
 
     def rss(self) -> int:
         """The whole server's: the supervisor, its HTTP workers and the inference process."""
@@ -313,7 +322,7 @@ def scale_suite(say: Say, quick: bool) -> list[str]:
         say(f"scale: making {max(plan.sizes)} reprogram paths on {base_id}")
         bundles = make_paths(store, base_id, max(plan.sizes))
         ids = [decode_bundle(b).id for b in bundles]
-        fresh = _fresh_dir(store, base_id)
+        fresh = fresh_dir(store, base_id)
         memory = registered_memory(say, fresh, base_id, bundles, plan)
         target = dir_store(fresh)
         for b in bundles[plan.imported :]:  # the rest written directly (importing validates each: slow)
@@ -328,7 +337,7 @@ def scale_suite(say: Say, quick: bool) -> list[str]:
     return lines
 
 
-def _fresh_dir(src, base_id: str) -> Path:
+def fresh_dir(src, base_id: str) -> Path:
     """A data dir holding only ``base_id`` (its card and weights): the servers load that base alone."""
     card = src.card(base_id)
     fresh = Path(tempfile.mkdtemp(prefix=f"zoo-scale-{base_id}-", dir=bench_data_dir()))
