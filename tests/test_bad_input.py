@@ -196,6 +196,16 @@ def test_bad_npy_predict(served, case: str) -> None:
     assert needle in r.json()["detail"]
 
 
+@pytest.mark.parametrize(("query", "needle"), [("?top_k=0", "at least 1"), ("?top_k=many", "must be an integer")])
+def test_bad_npy_top_k(served, query: str, needle: str) -> None:
+    import numpy as np
+
+    client, pid, _ = served
+    body = _npy(np.zeros((1, 1, 28, 28), np.float32))
+    r = client.post(f"/v1/paths/{pid}/predict{query}", content=body, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 422 and needle in r.json()["detail"], r.text
+
+
 def test_oversized_body(served) -> None:
     client, pid, _ = served
     limit = client.app.state.services.settings.max_body_bytes
