@@ -11,7 +11,14 @@ from zoo_store.cards import Card
 from zoo_store.methods.registry import BuildContext, TaskData, get_method, method_names, register_method
 from zoo_store.methods.reprogram import Reprogram
 from zoo_store.methods.spec import CompositionSpec
-from zoo_store.paths import check_expected, decode_bundle, encode_bundle, make_manifest
+from zoo_store.paths import (
+    PathArtifact,
+    check_expected,
+    decode_bundle,
+    decode_stored,
+    encode_bundle,
+    make_manifest,
+)
 from zoo_store.store import card_for
 from zoo_store.training import freeze
 from zoo_store.weights import digest_of
@@ -67,6 +74,7 @@ def test_build_materialize_roundtrip(name: str, arch: str) -> None:
     nets = {k: bases[k][1] for k in needed}
     check_expected(manifest, method.expected_tensors(art.config, nets))
     bundle = decode_bundle(encode_bundle(manifest, art.tensors, art.metrics))
+    _same_as_stored(bundle)
     module = method.materialize(manifest.config, bundle.tensors, nets)
     x = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
@@ -77,6 +85,27 @@ def test_build_materialize_roundtrip(name: str, arch: str) -> None:
     assert _bytes(own) < _bytes(net.parameters()), "a materialized path must not copy its base"
     assert digest_of(net) == before, "building or materializing must not write to the base"
     assert _bytes(art.tensors.values()) < art.metrics["dense_bytes"]
+
+
+def _same_as_stored(bundle) -> None:
+    """The store's fast read (views of one copy, no digest) gives what the checked decode gives."""
+    stored = decode_stored(bundle.data, bundle.id)
+    assert stored.manifest == bundle.manifest and stored.metrics == bundle.metrics
+    assert stored.tensors.keys() == bundle.tensors.keys()
+    for name, t in bundle.tensors.items():
+        assert stored.tensors[name].dtype == t.dtype and torch.equal(stored.tensors[name], t), name
+
+
+def test_stored_read_of_every_dtype_and_empty_tensors() -> None:
+    card, _ = _base(SMALL_ARCHS[0])
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).half(), "c": torch.arange(7, dtype=torch.uint8),
+               "d": torch.arange(-3, 3, dtype=torch.int32).view(2, 3), "e": torch.zeros(0, 4)}  # fmt: skip
+    art = PathArtifact("reprogram", [{"id": card.id, "digest": card.digest}], ["x"], card.input, {}, tensors)
+    bundle = decode_bundle(encode_bundle(make_manifest(art), tensors, {"m": 1}))
+    _same_as_stored(bundle)
+    stored = decode_stored(bundle.data, bundle.id).tensors["a"]
+    stored.add_(1)  # writable, and not the stored bytes
+    assert torch.equal(decode_stored(bundle.data, bundle.id).tensors["a"], tensors["a"])
 
 
 def test_reprogram_shares_every_base_weight() -> None:

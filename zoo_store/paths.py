@@ -144,9 +144,31 @@ def decode_bundle(data: bytes) -> Bundle:
 
 def decode_stored(data: bytes, path_id: str) -> Bundle:
     """A bundle read back from this server's own store, where ``decode_bundle`` checked it before it
-    was saved: parsed and its index checked, the digests not recomputed (the cold predict's path)."""
-    manifest, tensors, metrics = _parse(data)
+    was saved: the header parsed once, the tensors views of one copy of its bytes, the index checked,
+    the digests not recomputed (the cold predict's path)."""
+    header = _header(data)
+    meta = header.pop("__metadata__", None) or {}
+    try:
+        manifest = Manifest.model_validate_json(meta["manifest"])
+        metrics = json.loads(meta.get("metrics", "{}"))
+        payload = bytearray(data[8 + int.from_bytes(data[:8], "little") :])  # one copy: the tensors are views of it
+        tensors = {name: _view(payload, info) for name, info in header.items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadRequest(f"stored bundle {path_id} cannot be read: {type(e).__name__}: {e}") from e
+    _check_index(manifest, tensors)
     return Bundle(path_id, manifest, tensors, metrics, data)
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "U8": torch.uint8, "I32": torch.int32}
+
+
+def _view(payload: bytearray, info: dict[str, Any]) -> torch.Tensor:
+    """One tensor of a safetensors payload, from its header entry: {"dtype", "shape", "data_offsets"}."""
+    dtype = _ST_DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    count = (end - begin) // dtype.itemsize
+    flat = torch.frombuffer(payload, dtype=dtype, count=count, offset=begin) if count else torch.empty(0, dtype=dtype)
+    return flat.view(info["shape"])
 
 
 def _parse(data: bytes) -> tuple[Manifest, dict[str, torch.Tensor], dict[str, Any]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from zoo_store.archs import TapNet, build_for
 from zoo_store.blobs import BlobStore, KeyStore, MemoryKeyStore, sha256
@@ -21,6 +21,7 @@ from zoo_store.training import freeze
 from zoo_store.weights import canonical_bytes, load_into, read_weights
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+_BUNDLE_OF = text("SELECT bundle FROM paths WHERE id = :id")
 
 
 def card_for(card_in: CardIn, net: TapNet, digest: str, nbytes: int) -> Card:
@@ -211,8 +212,8 @@ class Store:
         """Only the ``.zoopath`` bytes of a path (what serving needs; one column, no JSON decoding)."""
         if not re.fullmatch(r"p_[0-9a-f]{32}", path_id):
             raise NotFound(f"no path {path_id!r}")
-        with self.db.engine.connect() as c:
-            data = c.execute(select(PathRow.bundle).where(PathRow.id == path_id)).scalar_one_or_none()
+        with self.db.engine.connect() as c:  # text(): a fraction of select()'s cost, on the cold predict's path
+            data = c.execute(_BUNDLE_OF, {"id": path_id}).scalar()
         if data is None:
             raise NotFound(f"no path {path_id!r}")
         return data

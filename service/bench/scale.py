@@ -46,7 +46,7 @@ class Plan:
     cold: int  # fresh paths for cold / warm predicts
 
 
-FULL = Plan(sizes=(1, 16, 256, 1024, 4096), requests=4096, concurrency=256, imported=512, cold=50)
+FULL = Plan(sizes=(1, 16, 256, 1024, 4096), requests=4096, concurrency=256, imported=512, cold=200)
 QUICK = Plan(sizes=(1, 16, 256), requests=1024, concurrency=64, imported=64, cold=10)
 
 
@@ -109,6 +109,18 @@ def rss() -> int:
     return _rss_of(os.getpid())
 
 
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def slot_memory_now() -> int:
+    """Where the slots live: CUDA memory allocated on a GPU, this process's RSS on the CPU."""
+    if on_gpu():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return rss()
+
+
 def _rss_of(pid: int) -> int:
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -165,6 +177,7 @@ def batcher_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan:
                 rate, lat = asyncio.run(closed_loop(svc, ids, schedule(n, plan.requests, traffic), plan.concurrency, x))
                 q = statistics.quantiles(lat, n=100)
                 points.append(Point(base_id, executor, "batcher", n, traffic, rate, 1e3 * q[49], 1e3 * q[98]))
+                say(f"scale: {points[-1]}")  # the raw figure, kept in the log if the run is cut short
     finally:
         svc.stop()
     return points
@@ -185,13 +198,13 @@ def slot_memory(data_dir: Path, base_id: str, ids: list[str], max_batch: int) ->
         start = rss()
         entries += [svc.cache.get(p) for p in ids[1:]]
         gc.collect()
-        hosted = rss()
+        hosted, hosted_slots = rss(), slot_memory_now()
         for i in range(1, len(entries), max_batch):
             table.assign(entries[i : i + max_batch])
         gc.collect()
-        loaded, n = rss(), len(ids) - 1
+        loaded, n = slot_memory_now(), len(ids) - 1
         return {"tensor_bytes": entries[0].nbytes, "slot_bytes": table.bank.nbytes() / table.bank.capacity,
-                "rss_per_slot": (loaded - hosted) / n, "rss_per_host_entry": (hosted - start) / n, "n": n,
+                "rss_per_slot": (loaded - hosted_slots) / n, "rss_per_host_entry": (hosted - start) / n, "n": n,
                 "capacity": table.bank.capacity}  # fmt: skip
     finally:
         svc.stop()
@@ -278,6 +291,7 @@ def http_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan: Pl
             for traffic in ("uniform", "zipf"):
                 r = server.load(ids, schedule(n, plan.requests, traffic), body, plan.concurrency)
                 points.append(Point(base_id, executor, "http", n, traffic, r["per_second"], r["p50_ms"], r["p99_ms"]))
+                say(f"scale: {points[-1]}")
     finally:
         server.close()
     return points
@@ -313,12 +327,19 @@ def registered_memory(say: Say, data_dir: Path, base_id: str, bundles: list[byte
 # -- the suite ----------------------------------------------------------------------------------
 
 
+BASES = ("resnet-mnist", TV_BASE)
+
+
 def scale_suite(say: Say, quick: bool) -> list[str]:
+    """Both bases, or those named in ZOO_BENCH_SCALE_BASES (comma-separated: a GPU lease runs one per call)."""
     plan = QUICK if quick else FULL
+    chosen = [b for b in os.environ.get("ZOO_BENCH_SCALE_BASES", ",".join(BASES)).split(",") if b]
+    if unknown := set(chosen) - set(BASES):
+        raise SystemExit(f"ZOO_BENCH_SCALE_BASES names {sorted(unknown)}; choose among {list(BASES)}")
     store = demo_store(say, quick)
     add_tv_base(store)
     lines = _intro(plan)
-    for base_id in ("resnet-mnist", TV_BASE):
+    for base_id in chosen:
         say(f"scale: making {max(plan.sizes)} reprogram paths on {base_id}")
         bundles = make_paths(store, base_id, max(plan.sizes))
         ids = [decode_bundle(b).id for b in bundles]
@@ -365,29 +386,35 @@ def _mean_point(runs: list[Point]) -> Point:
 
 
 def _tables(base_id: str, points: list[Point], memory: dict, plan: Plan) -> list[str]:
+    gpu = on_gpu()  # absolute figures only from a GPU
     lines = [f"\n### {base_id}\n",
-             "| route | executor | paths | traffic | throughput / one path | p50 / one path's | p99 / one path's |",
-             "|---|---|---:|---|---:|---:|---:|"]  # fmt: skip
+             "| route | executor | paths | traffic | throughput / one path | p50 / one path's | p99 / one path's |"
+             + (" images/s | p50 ms | p99 ms |" if gpu else ""),
+             "|---|---|---:|---|---:|---:|---:|" + ("---:|---:|---:|" if gpu else "")]  # fmt: skip
     ref = {key: _mean_point([p for p in points if p.n == 1 and (p.via, p.executor) == key])
            for key in {(p.via, p.executor) for p in points}}  # fmt: skip
     for p in points:
         r = ref[(p.via, p.executor)]
+        absolute = f" {p.per_second:,.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} |" if gpu else ""
         lines.append(f"| {p.via} | {p.executor} | {p.n:,} | {p.traffic} | **{p.per_second / r.per_second:.2f}x** | "
-                     f"{p.p50_ms / r.p50_ms:.2f}x | {p.p99_ms / r.p99_ms:.2f}x |")  # fmt: skip
-    lines.append("\nOne path (the mean of its two runs, the reference of each ratio above), this CPU, for scale only "
-                 "(absolute figures belong to a GPU run): " + "; ".join(
+                     f"{p.p50_ms / r.p50_ms:.2f}x | {p.p99_ms / r.p99_ms:.2f}x |{absolute}")  # fmt: skip
+    where = "this GPU" if gpu else "this CPU, for scale only (absolute figures belong to a GPU run)"
+    lines.append(f"\nOne path (the mean of its two runs, the reference of each ratio above), {where}: " + "; ".join(
                      f"{via} {ex}: {r.per_second:,.0f} images/s" for (via, ex), r in sorted(ref.items())) +
                  ". The mixed executor on one path against the per-path one: " + ", ".join(
                      f"{via} {ref[(via, 'mixed')].per_second / ref[(via, 'per-path')].per_second:.2f}x"
                      for via in sorted({v for v, _ in ref})) + ".")  # fmt: skip
-    m = memory
+    m, slot = memory, memory["slot"]
+    held = "bytes of CUDA memory" if gpu else "bytes of RSS"
     lines.append(f"\nMemory: a registered, idle path costs the server {m['per_path']:,.0f} bytes of RSS "
                  f"({m['per_path'] / m['bundle']:.2f}x its {m['bundle']:,.0f}-byte bundle; {plan.imported} imported "
-                 f"over HTTP after {plan.imported // 8} uncounted ones). A resident slot: {m['slot']['slot_bytes']:,.0f} bytes allocated per slot and "
-                 f"{m['slot']['rss_per_slot']:,.0f} bytes of RSS per slot loaded ({m['slot']['rss_per_slot'] / m['slot']['tensor_bytes']:.2f}x "
-                 f"the path's {m['slot']['tensor_bytes']:,} tensor bytes; {m['slot']['n']:,} slots, capacity "
-                 f"{m['slot']['capacity']:,}); its decoded tensors in the host tier: {m['slot']['rss_per_host_entry']:,.0f} bytes.")  # fmt: skip
+                 f"over HTTP after {plan.imported // 8} uncounted ones). A resident slot: {slot['slot_bytes']:,.0f} bytes "
+                 f"allocated per slot and {slot['rss_per_slot']:,.0f} {held} per slot loaded "
+                 f"({slot['rss_per_slot'] / slot['tensor_bytes']:.2f}x the path's {slot['tensor_bytes']:,} tensor bytes; "
+                 f"{slot['n']:,} slots, capacity {slot['capacity']:,}); its decoded tensors in the host tier: "
+                 f"{slot['rss_per_host_entry']:,.0f} bytes.")  # fmt: skip
+    absolute = f" (medians: cold {m['cold_ms']:.2f} ms, warm {m['warm_ms']:.2f} ms)" if gpu else ""
     lines.append(f"\nCold / warm predict over HTTP ({m['cold_n']} paths never served before, one image each, then the "
                  f"same image again): a cold predict costs **{m['cold_extra_ms']:.2f} ms** more than the warm one after "
-                 f"it (median of the differences; medians {m['cold_ms'] / m['warm_ms']:.2f}x).")  # fmt: skip
+                 f"it (median of the differences; medians {m['cold_ms'] / m['warm_ms']:.2f}x){absolute}.")  # fmt: skip
     return lines
