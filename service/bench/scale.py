@@ -234,8 +234,8 @@ class Server:
             self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, timeout=120)
-        if not self.wait_ready(300):
-            raise RuntimeError("the server was not ready within 300 s")
+        if not self.wait_ready(120):
+            raise RuntimeError(f"the server was not ready within 120 s: {self.log.read_text(errors='replace')[-2000:]}")
 
     def wait_ready(self, timeout: float) -> bool:
         """Until /readyz answers 200 (False after ``timeout``); raises if the server exited."""
