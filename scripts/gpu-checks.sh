@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
 case "${1:-}" in
   tests)
-    ZOO_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_mixed_batches.py \
+    ZOO_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -m "not postgres and not redis" tests/test_mixed_batches.py \
       tests/test_runtime.py tests/test_channel.py tests/test_methods.py ;;
   scale)
     work=$(mktemp -d) && cp -r "$3"/. "$work"/ || exit 1

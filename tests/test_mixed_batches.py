@@ -3,6 +3,8 @@ scored exactly as its own path's module scores it, whatever else shares the batc
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ BASES = [
     ("tv_resnet18", 3, 64),
     ("tv_mobilenet_v3_small", 3, 64),
 ]
+DEVICE = os.environ.get("ZOO_TEST_DEVICE", "cpu")  # the GPU lease runs these with cuda
 
 
 def random_base(arch: str, channels: int) -> torch.nn.Module:
@@ -31,7 +34,7 @@ def random_base(arch: str, channels: int) -> torch.nn.Module:
                 m.running_var.uniform_(0.5, 1.5)
     for p in net.parameters():
         p.requires_grad_(False)
-    return net
+    return net.to(DEVICE)
 
 
 def random_path(base: torch.nn.Module, num_classes: int, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -40,7 +43,7 @@ def random_path(base: torch.nn.Module, num_classes: int, seed: int) -> tuple[dic
     model = build_reprogrammed(base, num_classes)
     tensors = {}
     for name, t in model.delta_state().items():
-        tensors[name] = (t + 0.2 * torch.randn(t.shape, generator=gen)).contiguous()
+        tensors[name] = (t + 0.2 * torch.randn(t.shape, generator=gen).to(t.device)).contiguous()
     return {"base": "b", "num_classes": num_classes, "kernel": 3}, tensors
 
 
@@ -55,8 +58,8 @@ def test_mixed_batch_equals_each_paths_module(arch: str, channels: int, size: in
         bank.load(slot, config, tensors)
     modules = [method.materialize(c, t, {"b": base}) for c, t in paths]
     torch.manual_seed(1)
-    x = torch.randn(9, channels, size, size)  # (B, C, H, W)
-    slots = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2, 1])
+    x = torch.randn(9, channels, size, size).to(DEVICE)  # (B, C, H, W)
+    slots = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2, 1], device=DEVICE)
     with torch.inference_mode():
         mixed = bank.forward(x, slots)  # (B, K_max)
         for i, s in enumerate(slots.tolist()):

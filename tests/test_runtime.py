@@ -127,7 +127,7 @@ def test_mixed_batches_share_forward_passes(app_client: TestClient) -> None:
     modules = [_own_module(app_client, p) for p in pids]
     for i, (x, out) in enumerate(zip(xs, outs, strict=True)):
         with torch.inference_mode():
-            own = modules[i % 4](normalize(x, entries[0].manifest.input)).softmax(-1)
+            own = modules[i % 4](normalize(x, entries[0].manifest.input).to(svc.zoo.device)).softmax(-1).cpu()
         torch.testing.assert_close(out, own, atol=1e-5, rtol=0)
         alone = asyncio.run(svc.batcher.submit(entries[i % 4], x))
         torch.testing.assert_close(out, alone, atol=1e-6, rtol=0)

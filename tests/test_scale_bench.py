@@ -56,3 +56,15 @@ def test_load_through_a_real_server(tmp_path: Path) -> None:
     finally:
         server.close()
     assert server.proc.poll() is not None
+
+
+def test_a_cut_short_logs_figures_become_a_table() -> None:
+    from service.bench.scale import Point, log_table, points_from_log
+
+    one = Point("b", "mixed", "batcher", 1, "uniform", 100.0, 2.0, 4.0)
+    many = Point("b", "mixed", "batcher", 16, "zipf", 90.0, 3.0, 8.0)
+    head, tail = str(many).split(" n=")
+    wrapped = f"scale: {one}\nnoise\nscale: {head}\n   n={tail}\n"  # the console wraps long lines at spaces
+    assert points_from_log(wrapped) == [one, many]
+    rows = log_table(wrapped)
+    assert rows[-1] == "| batcher | mixed | 16 | zipf | **0.90x** | 1.50x | 2.00x | 90 | 3.00 | 8.00 |"

@@ -12,6 +12,7 @@ import gc
 import io
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -418,3 +419,31 @@ def _tables(base_id: str, points: list[Point], memory: dict, plan: Plan) -> list
                  f"same image again): a cold predict costs **{m['cold_extra_ms']:.2f} ms** more than the warm one after "
                  f"it (median of the differences; medians {m['cold_ms'] / m['warm_ms']:.2f}x){absolute}.")  # fmt: skip
     return lines
+
+
+def points_from_log(text: str) -> list[Point]:
+    """The figures a run printed (``scale: Point(...)`` lines, wrapped or not): what is left of a run
+    that a GPU lease cut short."""
+    flat = " ".join(text.split())
+    fields = r"base='([^']+)', executor='([^']+)', via='([^']+)', n=(\d+), traffic='([^']+)', per_second=([\d.e+-]+), p50_ms=([\d.e+-]+), p99_ms=([\d.e+-]+)"
+    return [Point(b, e, v, int(n), t, float(r), float(p50), float(p99))
+            for b, e, v, n, t, r, p50, p99 in re.findall(r"Point\(" + fields + r"\)", flat)]  # fmt: skip
+
+
+def log_table(text: str) -> list[str]:
+    """The ratio and absolute table of a cut-short run's log (no memory or cold figures: those print last)."""
+    points = points_from_log(text)
+    ref = {key: _mean_point([p for p in points if p.n == 1 and (p.via, p.executor) == key])
+           for key in {(p.via, p.executor) for p in points}}  # fmt: skip
+    header = "| route | executor | paths | traffic | throughput / one path | p50 / one path's | p99 / one path's |"
+    lines = [header + " images/s | p50 ms | p99 ms |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        r = ref[(p.via, p.executor)]
+        lines.append(f"| {p.via} | {p.executor} | {p.n:,} | {p.traffic} | **{p.per_second / r.per_second:.2f}x** | "
+                     f"{p.p50_ms / r.p50_ms:.2f}x | {p.p99_ms / r.p99_ms:.2f}x | {p.per_second:,.0f} | "
+                     f"{p.p50_ms:.2f} | {p.p99_ms:.2f} |")  # fmt: skip
+    return lines
+
+
+if __name__ == "__main__":  # python -m service.bench.scale LOG: the table of a cut-short run's log
+    print("\n".join(log_table(Path(sys.argv[1]).read_text())))
