@@ -2,63 +2,127 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
-from rich.table import Table
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column, Table
 
 from service.client import ApiError, ZooClient
 
-app = typer.Typer(help="zoo: compose new models out of a zoo of frozen networks", no_args_is_help=True)
-models_app = typer.Typer(help="zoo models", no_args_is_help=True)
-datasets_app = typer.Typer(help="datasets", no_args_is_help=True)
-bundle_app = typer.Typer(help="portable .zoopath bundles", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-app.add_typer(datasets_app, name="datasets")
-app.add_typer(bundle_app, name="bundle")
+app = typer.Typer(help="zoo: compose new models out of a zoo of frozen networks", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)  # fmt: skip
+models_app = typer.Typer(help="The zoo's base networks: list, show, add, pull from another server.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Datasets to compose on: list, add (ImageFolder zip or .npz).", no_args_is_help=True)
+paths_app = typer.Typer(help="Composed paths: list, show, delete.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Composition jobs: list, show, watch, cancel.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Portable .zoopath bundles: export, import, standalone networks.", no_args_is_help=True)
+for name, sub in (("models", models_app), ("datasets", datasets_app), ("paths", paths_app), ("jobs", jobs_app),
+                  ("bundle", bundle_app)):  # fmt: skip
+    app.add_typer(sub, name=name)
 console = Console()
-Url = Annotated[str, typer.Option("--url", envvar="ZOO_URL", help="the server")]
+Url = Annotated[str, typer.Option("--url", envvar="ZOO_URL", help="The server to talk to (or ZOO_URL).")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")]
 DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class LocalMistake(Exception):
+    """A mistake on this side (a missing file, a spec that is not JSON): one line, exit code 2."""
 
 
 def _client(url: str) -> ZooClient:
     return ZooClient(url)
 
 
-def _fail(e: ApiError) -> None:
-    console.print(f"[red]error{f' {e.status}' if e.status else ''}[/red]: {e.problem.get('detail', e.problem)}")
-    raise typer.Exit(1)
+def command(typer_app: typer.Typer, name: str | None = None) -> Callable[[Callable], Callable]:
+    """Register a client command: server errors print one line (exit 1), local mistakes one line (exit 2)."""
+
+    def register(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ApiError as e:
+                console.print(f"[red]error{f' {e.status}' if e.status else ''}[/red]: {e.problem.get('detail', e.problem)}",
+                              soft_wrap=True)  # fmt: skip
+                raise typer.Exit(1) from None
+            except (LocalMistake, OSError) as e:
+                console.print(f"[red]error[/red]: {_local_reason(e)}", soft_wrap=True)
+                raise typer.Exit(2) from None
+
+        return typer_app.command(name)(run)
+
+    return register
+
+
+def _local_reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LocalMistake(f"{path} is not JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+    except UnicodeDecodeError as e:
+        raise LocalMistake(f"{path} is not a text file: {e.reason}") from e
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    console.print(f"wrote {path} ({_size(len(data))})")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
 
 
 def _cell(value: object) -> str:
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple):  # short enough for an 80-column table
         text = ",".join(map(str, value))
-        return text if len(text) <= 24 else f"{len(value)} ({text[:18]}…)"
+        return text if len(text) <= 12 else f"{len(value)}: {text[:8]}…"
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
 
 
-def _table(rows: list[dict], cols: list[str]) -> None:
+def _show(items: list[dict], cols: list[str], as_json: bool, fmt: Callable[[dict], dict] = dict) -> None:
+    """The items as JSON (as the server sent them), or a table of ``fmt(item)`` for people: ids never
+    cut, the other columns folded to fit the terminal."""
+    if as_json:
+        console.print_json(data=items)
+        return
+    rows = [fmt(i) for i in items]
     t = Table()
     for c in cols:  # ids are what users copy: never cut
-        t.add_column(c, no_wrap=c == "id", min_width=max((len(str(r[c])) for r in rows), default=2) if c == "id" else None)
+        t.add_column(c, no_wrap=c == "id", overflow="fold", min_width=max((len(str(r[c])) for r in rows), default=2) if c == "id" else None)  # fmt: skip
     for r in rows:
         t.add_row(*[_cell(r.get(c, "")) for c in cols])
     console.print(t)
 
 
+def _percent(x: object) -> str:
+    return f"{x:.2%}" if isinstance(x, float) else "-"
+
+
 @app.command()
 def serve(
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    access_log: bool = True,
+    host: Annotated[str, typer.Option(help="The address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8000,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     workers: Annotated[int | None, typer.Option(help="HTTP worker processes (ZOO_HTTP_WORKERS; default: cores; "
                                                      "0: one process for everything)")] = None,
 ) -> None:
@@ -94,141 +158,178 @@ def worker() -> None:
     svc.stop()
 
 
-@models_app.command("list")
-def models_list(url: Url = DEFAULT_URL) -> None:
-    try:
-        rows = [{**m, "accuracy": m["metrics"].get("accuracy", "")} for m in _client(url).models()]
-        _table(rows, ["id", "arch", "num_params", "bytes", "labels", "accuracy"])
-    except ApiError as e:
-        _fail(e)
+@command(models_app, "list")
+def models_list(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
+    """The bases every path is composed from."""
+    _show(_client(url).models(), ["id", "arch", "num_params", "bytes", "labels", "accuracy"], as_json,
+          lambda m: {**m, "bytes": _size(m["bytes"]), "accuracy": _percent(m["metrics"].get("accuracy"))})
 
 
-@models_app.command("show")
-def models_show(model_id: str, url: Url = DEFAULT_URL) -> None:
-    try:
-        console.print_json(data=_client(url).model(model_id))
-    except ApiError as e:
-        _fail(e)
+@command(models_app, "show")
+def models_show(model_id: Annotated[str, typer.Argument(help="A base's id.")], url: Url = DEFAULT_URL) -> None:
+    """One base's card (architecture, labels, input, metrics, digest) as JSON."""
+    console.print_json(data=_client(url).model(model_id))
 
 
-@models_app.command("add")
-def models_add(card: Path, weights: Path, url: Url = DEFAULT_URL) -> None:
-    """Register a base from a card JSON file and a weights file (.safetensors or .pth)."""
-    try:
-        out = _client(url).add_model(json.loads(card.read_text()), weights.read_bytes(), weights.name)
-        console.print(f"added {out['id']} digest {out['digest']}")
-    except ApiError as e:
-        _fail(e)
+@command(models_app, "add")
+def models_add(card: Annotated[Path, typer.Argument(help="The card: a JSON file (id, arch, labels, input, ...).")],
+               weights: Annotated[Path, typer.Argument(help="The weights: .safetensors or .pth (weights only).")],
+               url: Url = DEFAULT_URL) -> None:  # fmt: skip
+    """Register a base from a card JSON file and a weights file."""
+    out, created = _client(url).add_model(_read_json(card), weights.read_bytes(), weights.name)
+    console.print(f"{'added' if created else 'already there (same weights)'}: {out['id']} digest {out['digest'][:12]}")
 
 
-@models_app.command("pull")
-def models_pull(
-    source: str, model_ids: Annotated[list[str] | None, typer.Argument()] = None, url: Url = DEFAULT_URL
-) -> None:
-    """Copy bases (all, or the ones named) from another server's public zoo into this one."""
+@command(models_app, "pull")
+def models_pull(source: Annotated[str, typer.Argument(help="The other server's URL.")],
+                model_ids: Annotated[list[str] | None, typer.Argument(help="Bases to copy (default: all).")] = None,
+                url: Url = DEFAULT_URL) -> None:  # fmt: skip
+    """Copy bases from another server's zoo into this one (the weights travel; digests are checked)."""
     src, dst = _client(source), _client(url)
-    try:
-        for card in src.models():
-            if model_ids and card["id"] not in model_ids:
-                continue
-            keys = ("id", "arch", "arch_config", "labels", "input", "metrics", "description")
-            out = dst.add_model({k: card[k] for k in keys}, src.model_weights(card["id"]))
-            status = "same digest" if out["digest"] == card["digest"] else "DIGEST DIFFERS"
-            console.print(f"{out['id']}: {status}")
-    except ApiError as e:
-        _fail(e)
+    for card in src.models():
+        if model_ids and card["id"] not in model_ids:
+            continue
+        keys = ("id", "arch", "arch_config", "labels", "input", "metrics", "description")
+        out, created = dst.add_model({k: card[k] for k in keys}, src.model_weights(card["id"]))
+        digest = "same digest" if out["digest"] == card["digest"] else "[red]DIGEST DIFFERS[/red]"
+        console.print(f"{out['id']}: {'copied' if created else 'already there'}, {digest}")
 
 
-@datasets_app.command("list")
-def datasets_list(url: Url = DEFAULT_URL) -> None:
-    try:
-        _table(_client(url).datasets(), ["id", "source", "num_samples", "shape", "labels", "name"])
-    except ApiError as e:
-        _fail(e)
+@command(datasets_app, "list")
+def datasets_list(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
+    """Built-in and uploaded datasets a task spec can name."""
+    _show(_client(url).datasets(), ["id", "source", "num_samples", "shape", "labels", "name"], as_json)
 
 
-@datasets_app.command("add")
-def datasets_add(file: Path, name: str | None = None, url: Url = DEFAULT_URL) -> None:
-    """Upload an ImageFolder zip or an .npz (x, y, labels)."""
-    try:
-        out = _client(url).add_dataset(file, name)
-        console.print(f"added dataset {out['id']}: {out['num_samples']} samples, labels {out['labels']}")
-    except ApiError as e:
-        _fail(e)
+@command(datasets_app, "add")
+def datasets_add(file: Annotated[Path, typer.Argument(help="An ImageFolder zip, or an .npz with x, y, labels.")],
+                 name: Annotated[str | None, typer.Option(help="A name to show in lists.")] = None,
+                 url: Url = DEFAULT_URL) -> None:  # fmt: skip
+    """Upload a dataset; its id goes into a task spec's "dataset"."""
+    out = _client(url).add_dataset(file, name)
+    console.print(f"added dataset {out['id']}: {out['num_samples']:,} samples, labels {_cell(out['labels'])}")
 
 
-@app.command()
-def compose(spec: Path, url: Url = DEFAULT_URL) -> None:
-    """Submit a task spec (JSON file) and show progress until the job ends."""
+@command(app)
+def compose(spec: Annotated[Path, typer.Argument(help="The task spec, a JSON file (see README).")],
+            url: Url = DEFAULT_URL) -> None:  # fmt: skip
+    """Submit a task spec and follow the job until it ends; prints the new path's id."""
     client = _client(url)
-    try:
-        job = client.compose(json.loads(spec.read_text()))
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                      console=console) as bar:  # fmt: skip
-            task = bar.add_task(f"job {job['id']}", total=1.0, info="queued")
-            for event in client.events(job["id"]):
-                p = event["progress"]
-                info = " ".join([event["state"], str(p.get("step", f"epoch {p['epoch']}" if "epoch" in p else "")),
-                                 f"loss {p['loss']:.4f}" if "loss" in p else ""])  # fmt: skip
-                bar.update(task, completed=p.get("fraction", 0.0), info=info)
-        job = client.job(job["id"])
-    except ApiError as e:
-        _fail(e)
-    if job["state"] != "succeeded":
-        console.print(f"[red]job {job['state']}[/red]: {job.get('error')}")
-        raise typer.Exit(1)
-    console.print(f"path [bold]{job['path_id']}[/bold] accuracy {job['metrics'].get('accuracy')}")
+    job = client.compose(_read_json(spec))
+    console.print(f"job {job['id']} submitted")
+    _follow(client, job["id"])
 
 
-@app.command()
-def predict(path_id: str, images: list[Path], top_k: int = 1, url: Url = DEFAULT_URL) -> None:
-    """Predict PNG/JPEG images with a path."""
-    try:
-        out = _client(url).predict_images(path_id, images, top_k)
-    except ApiError as e:
-        _fail(e)
+@command(app)
+def predict(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
+            images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.")],
+            top_k: Annotated[int, typer.Option(help="How many labels to show per image.")] = 1,
+            url: Url = DEFAULT_URL) -> None:  # fmt: skip
+    """Predict images with a path."""
+    out = _client(url).predict_images(path_id, images, top_k)
     for img, p in zip(images, out["predictions"], strict=True):
         ranked = "  ".join(f"{s['label']} ({s['score']:.3f})" for s in p["top_k"])
         console.print(f"{img}: {ranked}")
 
 
-@bundle_app.command("export")
-def bundle_export(path_id: str, out: Path | None = None, url: Url = DEFAULT_URL) -> None:
-    try:
-        data = _client(url).bundle(path_id)
-    except ApiError as e:
-        _fail(e)
-    out = out or Path(f"{path_id}.zoopath")
-    out.write_bytes(data)
-    console.print(f"wrote {out} ({len(data)} bytes)")
+@command(paths_app, "list")
+def paths_list(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
+    """Every path this server holds."""
+    _show(_client(url).paths(), ["id", "method", "bases", "labels", "bytes", "accuracy"], as_json,
+          lambda p: {**p, "bases": [b["id"] for b in p["bases"]], "bytes": _size(p["bytes"]),
+                     "accuracy": _percent(p["metrics"].get("accuracy"))})  # fmt: skip
 
 
-@bundle_app.command("network")
-def bundle_network(path_id: str, out: Path | None = None, url: Url = DEFAULT_URL) -> None:
-    """Write a resample path as a standalone network (safetensors + card) for devices without the service."""
-    try:
-        data = _client(url).network(path_id)
-    except ApiError as e:
-        _fail(e)
-    out = out or Path(f"{path_id}.safetensors")
-    out.write_bytes(data)
-    console.print(f"wrote {out} ({len(data)} bytes); load it with zoo_store.archs.standalone.load_network")
+@command(paths_app, "show")
+def paths_show(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")], url: Url = DEFAULT_URL) -> None:
+    """One path's record (method, bases, labels, input, sizes, metrics) as JSON."""
+    console.print_json(data=_client(url).path(path_id))
 
 
-@bundle_app.command("import")
-def bundle_import(file: Path, url: Url = DEFAULT_URL) -> None:
-    try:
-        out = _client(url).import_bundle(file.read_bytes())
-    except ApiError as e:
-        _fail(e)
-    console.print(f"imported path {out['id']} ({out['method']}, {out['bytes']} bytes)")
+@command(paths_app, "delete")
+def paths_delete(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")], url: Url = DEFAULT_URL) -> None:
+    """Delete a path (its bundle too; export it first to keep it)."""
+    _client(url).delete_path(path_id)
+    console.print(f"deleted {path_id}")
+
+
+@command(jobs_app, "list")
+def jobs_list(state: Annotated[str | None, typer.Option(help="Only jobs in this state (queued, running, "
+                                                             "succeeded, failed, cancelled).")] = None,
+              url: Url = DEFAULT_URL, as_json: Json = False) -> None:  # fmt: skip
+    """Composition jobs, newest last."""
+    _show(_client(url).jobs(state), ["id", "method", "state", "progress", "path_id", "created_at"], as_json,
+          lambda j: {**j, "progress": _percent(j["progress"].get("fraction")), "path_id": j["path_id"] or "-"})
+
+
+@command(jobs_app, "show")
+def jobs_show(job_id: Annotated[str, typer.Argument(help="A job's id.")], url: Url = DEFAULT_URL) -> None:
+    """One job (state, progress, metrics, path id, error) as JSON."""
+    console.print_json(data=_client(url).job(job_id))
+
+
+@command(jobs_app, "watch")
+def jobs_watch(job_id: Annotated[str, typer.Argument(help="A job's id.")], url: Url = DEFAULT_URL) -> None:
+    """Follow a job's progress until it ends (as compose does)."""
+    _follow(_client(url), job_id)
+
+
+@command(jobs_app, "cancel")
+def jobs_cancel(job_id: Annotated[str, typer.Argument(help="A job's id.")], url: Url = DEFAULT_URL) -> None:
+    """Ask a queued or running job to stop."""
+    job = _client(url).cancel(job_id)
+    console.print(f"job {job_id}: {job['state']}{' (cancel requested)' if job.get('cancel_requested') else ''}")
+
+
+def _follow(client: ZooClient, job_id: str) -> None:
+    """Progress (step, percentage, elapsed, ETA) until the job ends; exit 1 unless it succeeded."""
+    columns = [TextColumn("{task.percentage:>3.0f}%"), BarColumn(bar_width=20), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1))]  # fmt: skip
+    with Progress(*columns, console=console, expand=True) as bar:
+        task = bar.add_task(job_id, total=1.0, info="queued")
+        for event in client.events(job_id):
+            p = event["progress"]
+            step = p.get("step") or (f"epoch {p['epoch']}" if "epoch" in p else "")
+            info = " ".join(x for x in (event["state"], str(step), f"loss {p['loss']:.4f}" if "loss" in p else "") if x)
+            bar.update(task, completed=p.get("fraction", 0.0), info=info)
+    job = client.job(job_id)
+    if job["state"] != "succeeded":
+        console.print(f"[red]job {job['state']}[/red]: {job.get('error')}", soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"path {job['path_id']}  accuracy {_percent(job['metrics'].get('accuracy'))}", soft_wrap=True)
+
+
+@command(bundle_app, "export")
+def bundle_export(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
+                  out: Annotated[Path | None, typer.Option(help="Where to write (default: ID.zoopath).")] = None,
+                  url: Url = DEFAULT_URL) -> None:  # fmt: skip
+    """Write a path's portable bundle; any server with the same bases imports and serves it identically."""
+    _write(out or Path(f"{path_id}.zoopath"), _client(url).bundle(path_id))
+
+
+@command(bundle_app, "network")
+def bundle_network(path_id: Annotated[str, typer.Argument(help="A resample path's id (p_...).")],
+                   out: Annotated[Path | None, typer.Option(help="Where to write (default: ID.safetensors).")] = None,
+                   url: Url = DEFAULT_URL) -> None:  # fmt: skip
+    """Write a resample path as a standalone network (safetensors + card), for devices without the service.
+    Load it with zoo_store.archs.standalone.load_network. Other methods' paths are not networks (409)."""
+    _write(out or Path(f"{path_id}.safetensors"), _client(url).network(path_id))
+
+
+@command(bundle_app, "import")
+def bundle_import(file: Annotated[Path, typer.Argument(help="A .zoopath file.")], url: Url = DEFAULT_URL) -> None:
+    """Import a bundle exported by any server holding the same bases (it keeps its id)."""
+    out, created = _client(url).import_bundle(file.read_bytes())
+    verb = "imported" if created else "already here"
+    console.print(f"{verb}: path {out['id']} ({out['method']}, {_size(out['bytes'])})")
 
 
 @app.command()
 def bench(
-    out: Path = Path("docs/benchmarks.md"),
+    out: Annotated[Path, typer.Option(help="The doc whose generated block is rewritten.")] = Path("docs/benchmarks.md"),
     suite: Annotated[str, typer.Option(help="serving | scale | http | reprogram | resample | clone | reassemble | all")] = "serving",
-    quick: bool = False,
+    quick: Annotated[bool, typer.Option(help="A smaller run (for a first look; not for docs).")] = False,
 ) -> None:
     """Measure ratios side by side in one run and write them to docs/ with the machine."""
     from service.bench import run_bench

@@ -46,10 +46,10 @@ class ZooClient:
             raise ApiError(r.status_code, body)
         return r
 
-    def _items(self, url: str) -> list[dict]:
+    def _items(self, url: str, params: dict[str, str] | None = None) -> list[dict]:
         items, cursor = [], None
         while True:
-            page = self._call("GET", url, params={"cursor": cursor} if cursor else {}).json()
+            page = self._call("GET", url, params={**(params or {}), **({"cursor": cursor} if cursor else {})}).json()
             items += page["items"]
             cursor = page["next_cursor"]
             if not cursor:
@@ -65,9 +65,11 @@ class ZooClient:
     def model_weights(self, model_id: str) -> bytes:
         return self._call("GET", f"/v1/zoo/models/{model_id}/weights").content
 
-    def add_model(self, card: dict, weights: bytes, filename: str = "weights.safetensors") -> dict:
+    def add_model(self, card: dict, weights: bytes, filename: str = "weights.safetensors") -> tuple[dict, bool]:
+        """The base, and whether the server created it (False: it held these exact weights already)."""
         files = {"weights": (filename, weights, "application/octet-stream")}
-        return self._call("POST", "/v1/zoo/models", data={"card": json.dumps(card)}, files=files).json()
+        r = self._call("POST", "/v1/zoo/models", data={"card": json.dumps(card)}, files=files)
+        return r.json(), r.status_code == 201
 
     # datasets
     def datasets(self) -> list[dict]:
@@ -80,6 +82,9 @@ class ZooClient:
     # compositions and jobs
     def compose(self, spec: dict) -> dict:
         return self._call("POST", "/v1/compositions", json=spec).json()
+
+    def jobs(self, state: str | None = None) -> list[dict]:
+        return self._items("/v1/jobs", {"state": state} if state else None)
 
     def job(self, job_id: str) -> dict:
         return self._call("GET", f"/v1/jobs/{job_id}").json()
@@ -117,9 +122,10 @@ class ZooClient:
         """A resample path as a standalone network (safetensors); load it with zoo_store.archs.standalone."""
         return self._call("GET", f"/v1/paths/{path_id}/network").content
 
-    def import_bundle(self, data: bytes) -> dict:
-        return self._call("POST", "/v1/paths/import", content=data,
-                          headers={"content-type": "application/octet-stream"}).json()  # fmt: skip
+    def import_bundle(self, data: bytes) -> tuple[dict, bool]:
+        """The path, and whether the server created it (False: it held this path already)."""
+        r = self._call("POST", "/v1/paths/import", content=data, headers={"content-type": "application/octet-stream"})
+        return r.json(), r.status_code == 201
 
     def predict(self, path_id: str, inputs: list[dict], top_k: int = 1) -> dict:
         return self._call("POST", f"/v1/paths/{path_id}/predict", json={"inputs": inputs, "top_k": top_k}).json()

@@ -55,10 +55,21 @@ def test_compose_predict_and_bundle_round_trip(zoo: TestClient, tmp_path: Path) 
     assert before.startswith(f"{image}: ") and before.count("(") == 2
 
     bundle = tmp_path / "p.zoopath"
-    assert "bytes" in _run("bundle", "export", path_id, "--out", str(bundle))
-    assert zoo.delete(f"/v1/paths/{path_id}").status_code == 204
-    assert path_id in _run("bundle", "import", str(bundle))
+    assert "KB)" in _run("bundle", "export", path_id, "--out", str(bundle))
+    assert "No such file or directory" in _mistake("bundle", "export", path_id, "--out", str(tmp_path / "no" / "x"))
+    assert path_id in _run("paths", "list") and json.loads(_run("paths", "list", "--json"))[0]["id"] == path_id
+    assert json.loads(_run("paths", "show", path_id))["method"] == "reprogram"
+    assert _run("paths", "delete", path_id) == f"deleted {path_id}\n"
+    assert _run("paths", "list", "--json").strip() == "[]"
+    assert _run("bundle", "import", str(bundle)).startswith(f"imported: path {path_id} (reprogram, ")
+    assert _run("bundle", "import", str(bundle)).startswith(f"already here: path {path_id}")  # the server's 200
     assert _run("predict", path_id, str(image), "--top-k", "2") == before
+
+    jobs = json.loads(_run("jobs", "list", "--json"))
+    assert [j["path_id"] for j in jobs] == [path_id] and "100.00%" in _run("jobs", "list", "--state", "succeeded")
+    assert json.loads(_run("jobs", "show", jobs[0]["id"]))["state"] == "succeeded"
+    assert f"path {path_id}  accuracy " in _run("jobs", "watch", jobs[0]["id"])  # an ended job: its result at once
+    assert "%" in out.splitlines()[-1]  # accuracy for people, not 0.9244999885559082
 
 
 def test_errors_are_one_line(zoo: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,3 +82,45 @@ def test_errors_are_one_line(zoo: TestClient, tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(cli, "_client", ZooClient)  # a real client, nothing listening
     r = runner.invoke(cli.app, ["models", "list", "--url", "http://127.0.0.1:9"])
     assert r.exit_code == 1 and "cannot reach http://127.0.0.1:9" in r.output and "Traceback" not in r.output
+
+
+def _mistake(*args: str) -> str:
+    r = runner.invoke(cli.app, list(args), env={"COLUMNS": "80"})
+    assert r.exit_code == 2, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    return r.output
+
+
+def test_local_mistakes_are_one_line_and_exit_2(zoo: TestClient, tmp_path: Path) -> None:
+    assert "nope.png: No such file or directory" in _mistake("predict", "p_" + "0" * 32, str(tmp_path / "nope.png"))
+    assert "nope.json: No such file or directory" in _mistake("compose", str(tmp_path / "nope.json"))
+    bad = tmp_path / "spec.json"
+    bad.write_text('{"method": "reprogram",')
+    assert "spec.json is not JSON: Expecting property name" in _mistake("compose", str(bad))
+    binary = tmp_path / "card.json"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert "card.json is not a text file" in _mistake("models", "add", str(binary), str(tmp_path / "w.safetensors"))
+    assert "Is a directory" in _mistake("bundle", "import", str(tmp_path))
+    r = runner.invoke(cli.app, ["bundle", "export", "p_" + "0" * 32])
+    assert r.exit_code == 1 and "error 404" in r.output  # a server-side mistake: exit 1
+
+
+def test_every_command_and_option_has_help(db_url: str) -> None:  # db_url: the module's parametrization
+    import typer.main
+
+    group = typer.main.get_command(cli.app)
+    missing = []
+
+    def walk(cmd, name: str) -> None:
+        if not (cmd.help or "").strip() or (cmd.help or "").strip() in {name.split()[-1], f"zoo {name.split()[-1]}"}:
+            missing.append(name)
+        for p in cmd.params:
+            if getattr(p, "help", None) is not None and not p.help.strip():
+                missing.append(f"{name} {p.name}")
+            if p.param_type_name in ("option", "argument") and not getattr(p, "help", None) and p.name != "help":
+                missing.append(f"{name} {p.name}")
+        for sub_name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{name} {sub_name}")
+
+    walk(group, "zoo")
+    assert missing == []

@@ -84,7 +84,7 @@ def _digits() -> Arrays:
 BUILTINS: dict[str, Builtin] = {
     b.id: b
     for b in [
-        Builtin("mnist", "MNIST digits 0-9 (50k train / 10k test)", _mnist),
+        Builtin("mnist", "MNIST digits 0-9 (50,000 train + 10,000 test; the package's 10,000 validation images unused)", _mnist),
         Builtin("mnist-0-4", "MNIST, digits 0-4 only", lambda: _subset(_mnist(), [0, 1, 2, 3, 4])),
         Builtin("mnist-5-9", "MNIST, digits 5-9 only", lambda: _subset(_mnist(), [5, 6, 7, 8, 9])),
         Builtin("mnist-inverted", "MNIST with inverted intensities", lambda: _map_x(_mnist(), lambda x: 255 - x)),
