@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service.channel import DeviceServer
 from service.errors import install_error_handlers
@@ -37,8 +38,8 @@ def create_app(settings: Settings | None = None, blobs: BlobStore | None = None,
                 await device.stop()
             services.stop()
 
-    app = FastAPI(title="zoo", version="0.1.0", lifespan=lifespan,
-                  description="Compose new models out of a zoo of frozen networks; serve them lazily.")  # fmt: skip
+    app = FastAPIOffline(title="zoo", version="0.1.0", lifespan=lifespan,  # /docs, /redoc: packaged files, no CDN
+                         description="Compose new models out of a zoo of frozen networks; serve them lazily.")  # fmt: skip
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from fastapi.testclient import TestClient
 
@@ -184,3 +185,14 @@ def test_not_ready_while_the_demo_zoo_builds(tmp_path, monkeypatch) -> None:
         release.set()
         assert client.app.state.services.ready.wait(10)
         assert client.get("/readyz").json()["status"] == "ready"
+
+
+def test_docs_and_redoc_need_no_cdn(app_client: TestClient) -> None:
+    """Swagger UI and ReDoc load their scripts from files installed with the package."""
+    for page in ("/docs", "/redoc"):
+        html = app_client.get(page).text
+        scripts = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
+        assert scripts and all(s.startswith("/") for s in scripts), scripts  # this server, not a CDN
+        for s in scripts:
+            r = app_client.get(s)
+            assert r.status_code == 200 and len(r.content) > 10_000, s
