@@ -13,7 +13,7 @@ from service.errors import install_error_handlers
 from service.limits import BodyLimit
 from service.metrics import RequestMetrics
 from service.queues import JobQueue
-from service.routes import compositions, datasets, health, jobs, paths, zoo
+from service.routes import compositions, datasets, health, jobs, oip, paths, zoo
 from service.state import Services
 
 FRONT_HEADER = "x-zoo-front"  # set by the HTTP workers of `zoo serve` on what they pass through
@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, blobs: BlobStore | None = None,
     install_error_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestMetrics, metrics=services.metrics, skip_header=FRONT_HEADER)
-    for r in (health, zoo, datasets, compositions, jobs, paths):
+    for r in (health, zoo, datasets, compositions, jobs, paths, oip):
         app.include_router(r.router)
 
     return app

@@ -23,23 +23,34 @@ def _loc(err: dict) -> str:
     return ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
 
 
+def is_oip(path: str) -> bool:
+    """The Open Inference Protocol surface, whose errors are ``{"error": ...}`` bodies."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def answer(request: Request, status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if is_oip(request.url.path):
+        return JSONResponse({"error": detail}, status_code=status, headers=headers)
+    return problem(status, title, detail, headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ZooError)
-    async def _zoo(_: Request, e: ZooError) -> JSONResponse:
+    async def _zoo(request: Request, e: ZooError) -> JSONResponse:
         retry = getattr(e, "retry_after", None)
-        return problem(e.status, e.title, e.detail, {"Retry-After": str(retry)} if retry is not None else None)
+        return answer(request, e.status, e.title, e.detail, {"Retry-After": str(retry)} if retry is not None else None)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
         errs = e.errors()
         detail = "; ".join(f"{_loc(err)}: {err.get('msg')}" for err in errs[:5])
-        return problem(422, "Invalid input", detail or "request does not match the schema")
+        return answer(request, 422, "Invalid input", detail or "request does not match the schema")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return problem(e.status_code, str(e.detail), str(e.detail))
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return answer(request, e.status_code, str(e.detail), str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _other(_: Request, e: Exception) -> JSONResponse:
+    async def _other(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return problem(500, "Internal error", f"{type(e).__name__}: {e}")
+        return answer(request, 500, "Internal error", f"{type(e).__name__}: {e}")

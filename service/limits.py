@@ -7,6 +7,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import is_oip
 from zoo_store.settings import Settings
 
 UPLOAD_ROUTES = ("/v1/datasets", "/v1/zoo/models")
@@ -25,7 +26,8 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         size = dict(scope["headers"]).get(b"content-length")
         if size is not None and (not size.isdigit() or int(size) > limit):
-            return await _too_large(send, f"request body is {size.decode(errors='replace')} bytes; the limit is {limit}")
+            return await _too_large(send, f"request body is {size.decode(errors='replace')} bytes; the limit is {limit}",
+                                    scope["path"])  # fmt: skip
         seen, exceeded, started = 0, False, False
 
         async def limited_receive() -> Message:
@@ -51,11 +53,15 @@ class BodyLimit:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await _too_large(send, f"request body exceeds the limit of {limit} bytes")
+            await _too_large(send, f"request body exceeds the limit of {limit} bytes", scope["path"])
 
 
-async def _too_large(send: Send, detail: str) -> None:
-    body = json.dumps({"type": "about:blank", "title": "Payload too large", "status": 413, "detail": detail}).encode()
-    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+async def _too_large(send: Send, detail: str, path: str) -> None:
+    if is_oip(path):
+        body, ctype = json.dumps({"error": detail}).encode(), b"application/json"
+    else:
+        problem = {"type": "about:blank", "title": "Payload too large", "status": 413, "detail": detail}
+        body, ctype = json.dumps(problem).encode(), b"application/problem+json"
+    headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,55 @@
+"""The Open Inference Protocol (KServe v2) REST surface: each path is a model named by its id.
+Same runtime, batching and limits as ``/v1/paths/{id}/predict``; errors as ``{"error": ...}``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import ReadySvc, Svc
+from service.oip import HEADER, infer_response, model_metadata, parse_infer
+from zoo_store.errors import Unavailable
+from zoo_store.paths import Manifest
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+
+
+@router.get("")
+def server_metadata() -> dict:
+    return {"name": "zoo", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live")
+def live() -> dict:
+    return {}
+
+
+@router.get("/health/ready")
+def ready(svc: Svc) -> dict:
+    if not svc.ready.is_set():
+        raise Unavailable(svc.startup_error or "the zoo is still loading")
+    return {}
+
+
+@router.get("/models/{path_id}")
+def metadata(path_id: str, svc: Svc) -> dict:
+    """Inputs and outputs of a path: ``input`` [-1, C, H, W]; ``probabilities`` [-1, K], ``label`` [-1]."""
+    return model_metadata(path_id, Manifest.model_validate(svc.store.path(path_id).manifest))
+
+
+@router.get("/models/{path_id}/ready")
+def model_ready(path_id: str, svc: ReadySvc) -> dict:
+    svc.store.path(path_id)  # 404 when there is no such path
+    return {}
+
+
+@router.post("/models/{path_id}/infer")
+async def infer(path_id: str, request: Request, svc: ReadySvc) -> Response:
+    """JSON tensors, or the binary tensor data extension (``Inference-Header-Content-Length``)."""
+    svc.batcher.check_room()
+    entry = svc.cache.lookup(path_id) or await run_in_threadpool(svc.cache.get, path_id)
+    m = entry.manifest
+    req = parse_infer(await request.body(), request.headers.get(HEADER), m.input, svc.settings.max_predict_inputs)
+    probs = await svc.batcher.submit(entry, req.x)  # (N, K)
+    body, headers = infer_response(path_id, m.labels, probs, req)
+    return Response(body, headers=headers)
