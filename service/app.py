@@ -12,6 +12,7 @@ from service.channel import DeviceServer
 from service.errors import install_error_handlers
 from service.limits import BodyLimit
 from service.metrics import RequestMetrics
+from service.openapi import install_openapi
 from service.queues import JobQueue
 from service.routes import compositions, datasets, health, jobs, oip, paths, zoo
 from service.state import Services
@@ -46,5 +47,6 @@ def create_app(settings: Settings | None = None, blobs: BlobStore | None = None,
     app.add_middleware(RequestMetrics, metrics=services.metrics, skip_header=FRONT_HEADER)
     for r in (health, zoo, datasets, compositions, jobs, paths, oip):
         app.include_router(r.router)
+    install_openapi(app)
 
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +35,20 @@ def answer(request: Request, status: int, title: str, detail: str, headers: dict
     return problem(status, title, detail, headers)
 
 
+def _allowed(request: Request) -> str:
+    """Every method some route takes at this path (Starlette's 405 names only the first route's)."""
+    from service.openapi import api_routes
+
+    path, routes = request.url.path, api_routes(request.app)
+    exact = [r for r in routes if r.path_format == path]  # a fixed path (/v1/paths/import) is not an id
+    matching = exact or [r for r in routes if _path_regex(r.path_format).fullmatch(path)]
+    return ", ".join(sorted({m for r in matching for m in r.methods}))
+
+
+def _path_regex(path_format: str) -> re.Pattern:
+    return re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path_format)))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ZooError)
     async def _zoo(request: Request, e: ZooError) -> JSONResponse:
@@ -48,7 +63,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return answer(request, e.status_code, str(e.detail), str(e.detail), getattr(e, "headers", None))
+        headers = {"Allow": _allowed(request)} if e.status_code == 405 else getattr(e, "headers", None)
+        return answer(request, e.status_code, str(e.detail), str(e.detail), headers)
 
     @app.exception_handler(Exception)
     async def _other(request: Request, e: Exception) -> JSONResponse:

@@ -196,3 +196,22 @@ def test_docs_and_redoc_need_no_cdn(app_client: TestClient) -> None:
         for s in scripts:
             r = app_client.get(s)
             assert r.status_code == 200 and len(r.content) > 10_000, s
+
+
+def test_405_names_every_method_of_the_path(app_client: TestClient) -> None:
+    r = app_client.request("OPTIONS", "/v1/jobs/job_1")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"  # Starlette's own names the first route's only
+    assert app_client.request("PUT", "/v1/paths/import").headers["allow"] == "POST"  # not /v1/paths/{path_id}'s
+
+
+def test_the_openapi_document_declares_each_operations_errors(app_client: TestClient) -> None:
+    doc = app_client.get("/openapi.json").json()
+    predict = doc["paths"]["/v1/paths/{path_id}/predict"]["post"]["responses"]
+    assert {"400", "404", "413", "422", "503"} <= set(predict)
+    assert set(predict["422"]["content"]) == {"application/problem+json"}
+    infer = doc["paths"]["/v2/models/{path_id}/infer"]["post"]["responses"]
+    assert infer["404"]["content"]["application/json"]["schema"]["required"] == ["error"]
+    assert "409" in doc["paths"]["/v1/paths/{path_id}/network"]["get"]["responses"]
+    assert set(doc["paths"]["/healthz"]["get"]["responses"]) == {"200"}  # nothing to refuse
+    assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "HTTPValidationError" not in doc.get("components", {}).get("schemas", {})

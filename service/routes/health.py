@@ -5,6 +5,7 @@ from fastapi import APIRouter, Response
 from service.deps import Svc
 from service.errors import problem
 from service.metrics import render_metrics
+from service.openapi import UNAVAILABLE
 
 router = APIRouter(tags=["health"])
 
@@ -14,7 +15,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=UNAVAILABLE)
 def readyz(svc: Svc) -> object:
     db_ok = svc.db.ping()
     if db_ok and svc.ready.is_set():
@@ -23,6 +24,7 @@ def readyz(svc: Svc) -> object:
     return problem(503, "Not ready", why)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})  # fmt: skip
 def metrics(svc: Svc) -> Response:
     return render_metrics(svc.metrics)

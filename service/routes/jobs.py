@@ -27,6 +27,8 @@ def get_job(job_id: str, svc: Svc) -> Job:
 
 @router.delete("/{job_id}")
 def cancel_job(job_id: str, svc: Svc) -> Job:
+    """Cancel: a queued job stops at once, a running one at its next step. The job stays readable
+    (``GET`` answers it, with state ``cancelled`` once it stopped); an ended job is answered as it is."""
     svc.runner.cancel(job_id)
     return Job.of(svc.store.job(job_id))
 

@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import ReadySvc, Svc
 from service.oip import HEADER, infer_response, model_metadata, parse_infer
+from service.openapi import UNAVAILABLE
 from zoo_store.errors import Unavailable
 from zoo_store.paths import Manifest
 
@@ -24,7 +25,7 @@ def live() -> dict:
     return {}
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses=UNAVAILABLE)
 def ready(svc: Svc) -> dict:
     if not svc.ready.is_set():
         raise Unavailable(svc.startup_error or "the zoo is still loading")
@@ -43,7 +44,14 @@ def model_ready(path_id: str, svc: ReadySvc) -> dict:
     return {}
 
 
-@router.post("/models/{path_id}/infer")
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "inputs": {"type": "array", "items": {"type": "object"}},
+        "outputs": {"type": "array", "items": {"type": "object"}}, "parameters": {"type": "object"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
+
+
+@router.post("/models/{path_id}/infer", openapi_extra=INFER_BODY)
 async def infer(path_id: str, request: Request, svc: ReadySvc) -> Response:
     """JSON tensors, or the binary tensor data extension (``Inference-Header-Content-Length``)."""
     svc.batcher.check_room()

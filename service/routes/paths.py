@@ -7,6 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import Cursor, Limit, ReadySvc, Svc
 from service.inputs import read_inputs
+from service.openapi import CONFLICT
 from service.runtime import validate_bundle
 from service.schemas import Page, Path, PredictResponse
 from zoo_store.archs.standalone import export_network
@@ -45,7 +46,7 @@ def get_bundle(path_id: str, svc: Svc) -> Response:
     )
 
 
-@router.get("/{path_id}/network", response_class=Response)
+@router.get("/{path_id}/network", response_class=Response, responses=CONFLICT)
 async def get_network(path_id: str, svc: ReadySvc) -> Response:
     """The path as a standalone dense network (safetensors + card), for paths that are one (resample)."""
     entry = await run_in_threadpool(svc.cache.get, path_id)

@@ -1,0 +1,86 @@
+"""The OpenAPI document, exact about errors: each operation lists the error statuses it can answer
+with, and their bodies (``application/problem+json``; ``{"error": ...}`` on the Open Inference
+Protocol surface). Which ones follow from the route itself, in one place:
+
+- 400: a body the route parses itself (uploads, bundles, ``.npy`` and OIP bodies);
+- 404: an id in the path;
+- 409: routes that declare it (``CONFLICT``), and 503 as well (``UNAVAILABLE``);
+- 413: a request body (limits);
+- 422: parameters or a body;
+- 503: routes that need the zoo loaded, and predicts refused when the queue is full."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute, iter_route_contexts
+
+from service.deps import get_ready_services
+from service.errors import is_oip
+
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": "Conflict"}}  # a route's ``responses=``
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"description": "Unavailable"}}
+PROBLEM = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                   "detail": {"type": "string"}},
+}  # fmt: skip
+OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+REASONS = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Payload too large", 422: "Invalid input",
+           503: "Unavailable (loading, or too many inputs waiting: see Retry-After)"}  # fmt: skip
+PARSES_BODY = {"/v1/zoo/models", "/v1/datasets", "/v1/paths/import", "/v1/paths/{path_id}/predict",
+               "/v2/models/{path_id}/infer"}  # fmt: skip
+
+
+def install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for route in api_routes(app):
+                if route.include_in_schema:
+                    for method in route.methods:
+                        _declare_errors(doc["paths"][route.path_format][method.lower()], route)
+            doc.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+            doc.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def api_routes(app: FastAPI) -> list[Any]:
+    """Every API route with its effective path (routers included with a prefix included)."""
+    return [ctx for ctx in iter_route_contexts(app.routes) if isinstance(ctx.original_route, APIRoute)]
+
+
+def _declare_errors(op: dict, route: Any) -> None:
+    has_body = route.body_field is not None or "requestBody" in (route.openapi_extra or {})
+    codes = set()
+    if route.path_format in PARSES_BODY:
+        codes.add(400)
+    if route.dependant.path_params:
+        codes.add(404)
+    codes |= {c for c in (409, 503) if c in route.responses}
+    if has_body:
+        codes.add(413)
+    if has_body or route.dependant.query_params or route.dependant.path_params:
+        codes.add(422)
+    if _needs_ready(route):
+        codes.add(503)
+    oip = is_oip(route.path_format)
+    media, schema = ("application/json", OIP_ERROR) if oip else ("application/problem+json", PROBLEM)
+    for code in sorted(codes):
+        op["responses"][str(code)] = {"description": REASONS[code], "content": {media: {"schema": schema}}}
+
+
+def _needs_ready(route: Any) -> bool:
+    stack = [route.dependant]
+    while stack:
+        d = stack.pop()
+        if d.call is get_ready_services:
+            return True
+        stack.extend(d.dependencies)
+    return False
