@@ -114,7 +114,8 @@ async def _pass(client: httpx.AsyncClient, request: Request) -> Response:
     """The request to the inference process's app, and its answer streamed back (server-sent events too)."""
     headers = [(k, v) for k, v in request.headers.raw if k.lower() not in HOP_BY_HOP]
     headers.append((FRONT_HEADER.encode(), b"1"))
-    url = httpx.URL(path=request.url.path, query=request.url.query.encode())
+    raw = request.scope.get("raw_path") or request.url.path.encode()  # as sent: still percent-encoded
+    url = httpx.URL(raw_path=raw + (b"?" + request.scope["query_string"] if request.scope.get("query_string") else b""))
     body = await request.body()
     try:
         answer = await client.send(client.build_request(request.method, url, headers=headers, content=body), stream=True)

@@ -2,7 +2,7 @@
 with, and their bodies (``application/problem+json``; ``{"error": ...}`` on the Open Inference
 Protocol surface). Which ones follow from the route itself, in one place:
 
-- 400: a body the route parses itself (uploads, bundles, ``.npy`` and OIP bodies);
+- 400: a request body that does not parse (JSON, multipart, bundles, ``.npy`` and OIP bodies);
 - 404: an id in the path;
 - 409: routes that declare it (``CONFLICT``), and 503 as well (``UNAVAILABLE``);
 - 413: a request body (limits);
@@ -43,8 +43,10 @@ def install_openapi(app: FastAPI) -> None:
                 if route.include_in_schema:
                     for method in route.methods:
                         _declare_errors(doc["paths"][route.path_format][method.lower()], route)
-            doc.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
-            doc.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+            schemas = doc.get("components", {}).get("schemas", {})
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            _composition_union(doc)
             app.openapi_schema = doc
         return app.openapi_schema
 
@@ -59,7 +61,7 @@ def api_routes(app: FastAPI) -> list[Any]:
 def _declare_errors(op: dict, route: Any) -> None:
     has_body = route.body_field is not None or "requestBody" in (route.openapi_extra or {})
     codes = set()
-    if route.path_format in PARSES_BODY:
+    if route.path_format in PARSES_BODY or has_body:  # a body that does not parse (JSON, multipart, bytes)
         codes.add(400)
     if route.dependant.path_params:
         codes.add(404)
@@ -84,3 +86,30 @@ def _needs_ready(route: Any) -> bool:
             return True
         stack.extend(d.dependencies)
     return False
+
+
+def _composition_union(doc: dict) -> None:
+    """The task spec as a union discriminated by ``method``: each member the spec's fields, with the
+    ones that method needs required (the server checks the rest against the zoo: a 422 that says why)."""
+    from zoo_store.methods.registry import get_method, method_names
+
+    schemas = doc["components"]["schemas"]
+    spec = schemas.pop("CompositionSpec")
+    mapping = {}
+    for name in method_names():
+        required = get_method(name).required
+        props = {k: _not_null(v) if k in required else v for k, v in spec["properties"].items()}
+        member = {**spec, "title": f"{name} spec", "properties": {**props, "method": {"const": name}},
+                  "required": ["method", *required]}  # fmt: skip
+        schemas[f"{name.capitalize()}Spec"] = member
+        mapping[name] = f"#/components/schemas/{name.capitalize()}Spec"
+    schemas["CompositionSpec"] = {"oneOf": [{"$ref": ref} for ref in mapping.values()],
+                                  "discriminator": {"propertyName": "method", "mapping": mapping}}  # fmt: skip
+
+
+def _not_null(prop: dict) -> dict:
+    """A required field's schema without its ``null`` alternative."""
+    options = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
+    if len(options) == 1:
+        return {**{k: v for k, v in prop.items() if k not in ("anyOf", "default")}, **options[0]}
+    return prop

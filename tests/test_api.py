@@ -215,3 +215,10 @@ def test_the_openapi_document_declares_each_operations_errors(app_client: TestCl
     assert set(doc["paths"]["/healthz"]["get"]["responses"]) == {"200"}  # nothing to refuse
     assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert "HTTPValidationError" not in doc.get("components", {}).get("schemas", {})
+
+
+def test_an_id_with_any_bytes_is_a_404_not_a_500(app_client: TestClient) -> None:
+    """Through an HTTP worker too: the pass-through keeps the path as sent (percent-encoded)."""
+    for url in ("/v1/jobs/V%F3%AF%83%B5%7F", "/v1/datasets/%1B%5B0m", "/v1/paths/a%20b?x=%00"):
+        r = app_client.get(url)
+        assert r.status_code == 404, (url, r.text)

@@ -57,6 +57,7 @@ class BuildContext:
 class Method(ABC):
     name: ClassVar[str]
     standalone: ClassVar[bool] = False  # its materialized paths are plain networks of the base's architecture
+    required: ClassVar[tuple[str, ...]] = ()  # spec fields it cannot do without (the OpenAPI union says so)
 
     @abstractmethod
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:

@@ -48,6 +48,7 @@ class CloneConfig(BaseModel):
 @register_method
 class Clone(Method):
     name = "clone"
+    required = ("base", "task")
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
         plan = plan_clone(spec, cards)

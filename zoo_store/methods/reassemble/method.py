@@ -53,6 +53,7 @@ STITCH_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "pro
 @register_method
 class Reassemble(Method):
     name = "reassemble"
+    required = ("task",)
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
         plan = plan_reassemble(spec, cards)

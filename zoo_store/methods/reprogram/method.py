@@ -23,6 +23,7 @@ from zoo_store.training import accuracy, fit, init_head_rows
 @register_method
 class Reprogram(Method):
     name = "reprogram"
+    required = ("base", "task")
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
         one_base(self.name, spec, cards)

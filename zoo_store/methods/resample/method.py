@@ -54,6 +54,7 @@ DEFAULT_STEPS = 100  # partition-tuning steps when a task is given and train.ste
 @register_method
 class Resample(Method):
     name = "resample"
+    required = ("base", "budget")
     standalone = True
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
