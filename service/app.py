@@ -14,7 +14,7 @@ from service.limits import BodyLimit
 from service.metrics import RequestMetrics
 from service.openapi import install_openapi
 from service.queues import JobQueue
-from service.routes import compositions, datasets, health, jobs, oip, paths, zoo
+from service.routes import compositions, datasets, health, jobs, oip, paths, ui, zoo
 from service.state import Services
 
 FRONT_HEADER = "x-zoo-front"  # set by the HTTP workers of `zoo serve` on what they pass through
@@ -45,8 +45,9 @@ def create_app(settings: Settings | None = None, blobs: BlobStore | None = None,
     install_error_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestMetrics, metrics=services.metrics, skip_header=FRONT_HEADER)
-    for r in (health, zoo, datasets, compositions, jobs, paths, oip):
+    for r in (health, zoo, datasets, compositions, jobs, paths, oip, ui):
         app.include_router(r.router)
+    app.mount("/ui", ui.static_files(), name="ui")
     install_openapi(app)
 
     return app

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import io
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+import numpy as np
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import Cursor, Limit, Svc
@@ -22,6 +25,18 @@ def list_datasets(svc: Svc, cursor: Cursor = None, limit: Limit = 100) -> Page[D
 @router.get("/{dataset_id}")
 def get_dataset(dataset_id: str, svc: Svc) -> Dataset:
     return Dataset.of(svc.store.dataset(dataset_id))
+
+
+@router.get("/{dataset_id}/samples.png", response_class=Response,
+            responses={200: {"description": "a strip of held-out images", "content": {"image/png": {}}}})  # fmt: skip
+def dataset_samples(dataset_id: str, svc: Svc, n: Annotated[int, Query(ge=1, le=32)] = 8) -> Response:
+    """The first ``n`` held-out images side by side, as one PNG (the dashboard shows it)."""
+    x = svc.store.arrays(dataset_id).test_x[:n]  # (n, C, H, W) uint8
+    strip = np.concatenate(list(x), axis=2).transpose(1, 2, 0)  # (H, n*W, C)
+    img = Image.fromarray(strip[:, :, 0] if strip.shape[2] == 1 else strip)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png")
 
 
 @router.post("", status_code=201)
