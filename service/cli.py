@@ -189,8 +189,7 @@ def models_pull(source: Annotated[str, typer.Argument(help="The other server's U
     for card in src.models():
         if model_ids and card["id"] not in model_ids:
             continue
-        keys = ("id", "arch", "arch_config", "labels", "input", "metrics", "description")
-        out, created = dst.add_model({k: card[k] for k in keys}, src.model_weights(card["id"]))
+        out, created = dst.add_model(card, src.model_weights(card["id"]))  # the card as GET returns it
         digest = "same digest" if out["digest"] == card["digest"] else "[red]DIGEST DIFFERS[/red]"
         console.print(f"{out['id']}: {'copied' if created else 'already there'}, {digest}")
 

@@ -222,3 +222,17 @@ def test_an_id_with_any_bytes_is_a_404_not_a_500(app_client: TestClient) -> None
     for url in ("/v1/jobs/V%F3%AF%83%B5%7F", "/v1/datasets/%1B%5B0m", "/v1/paths/a%20b?x=%00"):
         r = app_client.get(url)
         assert r.status_code == 404, (url, r.text)
+
+
+def test_a_card_as_get_returns_it_registers_elsewhere(app_client: TestClient) -> None:
+    """Server-computed fields are checked against the weights, not refused as extra fields."""
+    card = app_client.get("/v1/zoo/models/res").json()
+    weights = app_client.get("/v1/zoo/models/res/weights").content
+    files = {"weights": ("w.safetensors", weights, "application/octet-stream")}
+    copy = {**card, "id": "res-copy"}
+    r = app_client.post("/v1/zoo/models", data={"card": json.dumps(copy)}, files=files)
+    assert r.status_code == 201 and r.json()["digest"] == card["digest"], r.text
+    forged = {**card, "id": "res-forged", "digest": "0" * 64}
+    r = app_client.post("/v1/zoo/models", data={"card": json.dumps(forged)}, files=files)
+    assert r.status_code == 409 and "0" * 64 in r.json()["detail"] and card["digest"] in r.json()["detail"]
+    assert app_client.get("/v1/zoo/models/res-forged").status_code == 404  # nothing written

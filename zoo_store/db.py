@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import secrets
 import time
@@ -22,6 +23,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -102,6 +104,9 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cur.close()
 
 
+MIGRATION_LOCK_KEY = 0x5A00_0001  # pg_advisory_xact_lock: one migrating process at a time
+
+
 class Database:
     def __init__(self, url: str):
         self.url = url
@@ -121,9 +126,24 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         cfg.attributes["connection_url"] = self.url
-        with self.engine.begin() as conn:
+        with self._migration_lock(), self.engine.begin() as conn:  # processes starting together take turns
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """A SQLite file's migrations, one process at a time (PostgreSQL's take an advisory lock)."""
+        if not self.url.startswith("sqlite:///"):
+            yield
+            return
+        with open(self.url.removeprefix("sqlite:///") + ".migrate.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

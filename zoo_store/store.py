@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
 from zoo_store.archs import TapNet, build_for
 from zoo_store.blobs import BlobStore, KeyStore, MemoryKeyStore, sha256
@@ -47,13 +48,20 @@ class Store:
         self.cache = cache if cache is not None else MemoryKeyStore()  # derived data methods may reuse
 
     # -- zoo ----------------------------------------------------------------------------------
-    def add_base(self, card_in: CardIn, weights: bytes | dict[str, torch.Tensor]) -> tuple[Card, bool]:
-        """Register a base; returns (card, created). Same id with another digest is a Conflict."""
+    def add_base(self, card_in: CardIn, weights: bytes | dict[str, torch.Tensor],
+                 claimed: dict[str, Any] | None = None) -> tuple[Card, bool]:  # fmt: skip
+        """Register a base; returns (card, created). Same id with another digest is a Conflict, and so
+        is a ``claimed`` server-computed field (a card as another server returned it) that these
+        weights do not give: checked before anything is written."""
         net = build_for(card_in)
         load_into(net, read_weights(weights) if isinstance(weights, bytes) else weights)
         data = canonical_bytes(net)
         digest = sha256(data)
         card = card_for(card_in, net, digest, len(data))
+        computed = card.model_dump(mode="json")
+        for field, value in (claimed or {}).items():
+            if value != computed[field]:
+                raise Conflict(f"card.{field} is {value!r} but these weights give {computed[field]!r}")
         with self.db.session() as s:
             row = s.get(BaseRow, card.id)
             if row is not None:
@@ -98,8 +106,11 @@ class Store:
         missing = [b for b in BUILTINS.values() if b.id not in have]
         for b in missing:
             a = b.make()
-            with self.db.session() as s:
-                s.merge(_dataset_row(b.id, b.name, "builtin", None, a))
+            try:
+                with self.db.session() as s:
+                    s.merge(_dataset_row(b.id, b.name, "builtin", None, a))
+            except SAIntegrityError:  # another process starting at the same time inserted the same row
+                pass
 
     def add_dataset(self, name: str, x: np.ndarray, y: np.ndarray, labels: list[str]) -> DatasetRow:
         arrays = split_upload(x, y, labels)

@@ -7,10 +7,12 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import ValidationError
 
 from service.deps import Cursor, Limit, ReadySvc, Svc
+from service.openapi import CONFLICT
 from service.schemas import Page
 from zoo_store.cards import Card, CardIn
 from zoo_store.errors import BadRequest, InvalidInput
 
+COMPUTED = sorted(set(Card.model_fields) - set(CardIn.model_fields))  # digest, num_params, bytes, taps
 router = APIRouter(prefix="/v1/zoo/models", tags=["zoo"])
 
 
@@ -36,7 +38,7 @@ def get_weights(model_id: str, svc: Svc) -> Response:
     )
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=CONFLICT)
 async def add_model(
     svc: ReadySvc,
     response: Response,
@@ -44,14 +46,19 @@ async def add_model(
     weights: Annotated[UploadFile, File(description="safetensors, or a weights-only torch .pth")],
 ) -> Card:
     try:
-        card_in = CardIn.model_validate(json.loads(card))
+        raw = json.loads(card)
     except json.JSONDecodeError as e:
         raise BadRequest(f"card is not JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise InvalidInput("card must be a JSON object")
+    computed = {k: raw.pop(k) for k in COMPUTED if k in raw}  # a card as GET returns it: checked, not refused
+    try:
+        card_in = CardIn.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         raise InvalidInput(f"card.{'.'.join(map(str, err['loc']))}: {err['msg']}") from e
     data = await weights.read()
-    stored, created = svc.store.add_base(card_in, data)
+    stored, created = svc.store.add_base(card_in, data, claimed=computed)
     svc.zoo.add(stored)
     if not created:
         response.status_code = 200
