@@ -25,7 +25,7 @@ from torch import nn
 from service.metrics import Metrics
 from zoo_store.archs import TapNet
 from zoo_store.cards import Card
-from zoo_store.errors import Conflict, InvalidInput, Overloaded
+from zoo_store.errors import Conflict, InvalidInput, NotFound, Overloaded
 from zoo_store.methods.bank import PathBank
 from zoo_store.methods.registry import get_method
 from zoo_store.paths import Bundle, Manifest, check_expected, decode_stored
@@ -75,9 +75,14 @@ class ResidentZoo:
         return {k: digest_of(net) for k, (_, net) in self.bases.items()}
 
     def check_refs(self, manifest: Manifest) -> None:
+        """Every base a path needs is resident with its digest; one registered since this process
+        started (through another replica) is loaded from the store first."""
         for ref in manifest.bases:
             if ref.id not in self.bases:
-                raise Conflict(f"path needs base {ref.id!r} (digest {ref.digest[:12]}…), which this server's zoo lacks")
+                try:
+                    self.add(self.store.card(ref.id))
+                except NotFound:
+                    raise Conflict(f"path needs base {ref.id!r} (digest {ref.digest[:12]}…), which this zoo lacks") from None
             have = self.bases[ref.id][0].digest
             if have != ref.digest:
                 raise Conflict(f"path needs base {ref.id!r} with digest {ref.digest[:12]}…; this zoo has {have[:12]}…")

@@ -12,11 +12,10 @@ from tests.helpers import compose, png_b64, reprogram_spec, tensor_inputs
 
 
 def _pull_bases(src: TestClient, dst: TestClient) -> None:
-    """What `zoo models pull` does: fetch the public zoo's cards and weights from the first server."""
-    keys = ("id", "arch", "arch_config", "labels", "input", "metrics", "description")
+    """What `zoo models pull` does: each card as the first server returns it, and its weights."""
     for card in src.get("/v1/zoo/models").json()["items"]:
         weights = src.get(f"/v1/zoo/models/{card['id']}/weights").content
-        r = dst.post("/v1/zoo/models", data={"card": json.dumps({k: card[k] for k in keys})},
+        r = dst.post("/v1/zoo/models", data={"card": json.dumps(card)},
                      files={"weights": ("w.safetensors", weights)})  # fmt: skip
         assert r.status_code == 201 and r.json()["digest"] == card["digest"]
 
@@ -40,3 +39,29 @@ def test_bundle_moves_between_servers(app_client: TestClient, tmp_path: Path) ->
         assert second.get(f"/v1/paths/{pid}/bundle").content == bundle
     finally:
         second.__exit__(None, None, None)
+
+
+def test_a_replica_loads_a_base_registered_through_another(tmp_path: Path) -> None:
+    """Two servers on one database and blob store, both started before the base existed: a path
+    composed through one predicts through the other, which loads the base on first need."""
+    from safetensors.torch import save
+
+    from tests.conftest import tiny_card, tiny_weights
+
+    a = start_app(make_settings(tmp_path))
+    b = start_app(make_settings(tmp_path))
+    try:
+        card = tiny_card("late").model_dump(mode="json")
+        weights = save(tiny_weights("resnet_s", 10))
+        r = a.post("/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.safetensors", weights)})
+        assert r.status_code == 201, r.text
+        assert b.get("/readyz").json()["bases"] == 0
+        pid = compose(a, reprogram_spec(base="late"))["path_id"]
+        inputs = tensor_inputs(3, seed=1)
+        here = a.post(f"/v1/paths/{pid}/predict", json={"inputs": inputs}).json()
+        there = b.post(f"/v1/paths/{pid}/predict", json={"inputs": inputs})
+        assert there.status_code == 200 and there.json() == here, there.text
+        assert b.get("/readyz").json()["bases"] == 1
+    finally:
+        a.__exit__(None, None, None)
+        b.__exit__(None, None, None)
