@@ -63,7 +63,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        headers = {"Allow": _allowed(request)} if e.status_code == 405 else getattr(e, "headers", None)
+        headers = getattr(e, "headers", None)
+        if e.status_code == 405:  # every method of the path (static files: Starlette's own answer)
+            headers = {"Allow": _allowed(request)} if _allowed(request) else headers
         return answer(request, e.status_code, str(e.detail), str(e.detail), headers)
 
     @app.exception_handler(Exception)

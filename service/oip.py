@@ -53,54 +53,74 @@ def parse_infer(body: bytes, header_length: str | None, spec: InputSpec, max_inp
     if len(req["inputs"]) != 1 or not isinstance(req["inputs"][0], dict) or req["inputs"][0].get("name") != INPUT:
         names = [i.get("name") for i in req["inputs"] if isinstance(i, dict)]
         raise InvalidInput(f'a path takes one input named "{INPUT}"; got {names}')
-    x = _input_tensor(req["inputs"][0], memoryview(body)[split:], spec, max_inputs)
-    params = req.get("parameters") or {}
+    tail = memoryview(body)[split:]
+    x = _input_tensor(req["inputs"][0], tail, spec, max_inputs)
+    binary = bool(_params(req, "the request").get("binary_data_output", False))  # each output's default
     wanted = req.get("outputs")
-    if wanted is None:  # every output, binary if the request asks so
-        binary = bool(params.get("binary_data_output", False))
+    if wanted is None or wanted == []:  # every output
         outputs = {PROBS: binary, LABEL: binary}
     else:
         outputs = {}
         for o in wanted if isinstance(wanted, list) else [None]:
             if not isinstance(o, dict) or o.get("name") not in (PROBS, LABEL):
                 raise InvalidInput(f'requested outputs are "{PROBS}" and "{LABEL}"; got {o!r}')
-            outputs[o["name"]] = bool((o.get("parameters") or {}).get("binary_data", False))
+            outputs[o["name"]] = bool(_params(o, f"output {o['name']!r}").get("binary_data", binary))
     rid = req.get("id")
     return InferRequest(str(rid) if rid is not None else None, x, outputs)
+
+
+def _params(obj: dict, what: str) -> dict:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f'"parameters" of {what} must be a JSON object, got {params!r}')
+    return params
 
 
 def _header_length(value: str | None, total: int) -> int:
     if value is None:
         return total
-    if not value.isdigit() or int(value) > total:
+    if not (value.isascii() and value.isdigit()) or int(value) > total:
         raise BadRequest(f"{HEADER} is {value!r}; it must be a byte count within the body's {total} bytes")
     return int(value)
 
 
 def _input_tensor(tensor: dict, binary: memoryview, spec: InputSpec, max_inputs: int) -> torch.Tensor:
-    dtype = DTYPES.get(tensor.get("datatype"))  # type: ignore[arg-type]
+    name = tensor.get("datatype")
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise InvalidInput(f'input datatype {tensor.get("datatype")!r}; send one of {sorted(DTYPES)}')
     shape = tensor.get("shape")
     want = (spec.channels, spec.size, spec.size)
-    if not isinstance(shape, list) or len(shape) != 4 or tuple(shape[1:]) != want or not isinstance(shape[0], int):
+    if (not isinstance(shape, list) or len(shape) != 4 or not all(type(d) is int for d in shape)
+            or tuple(shape[1:]) != want):  # fmt: skip
         raise InvalidInput(f"input shape {shape!r}; this path takes [N, {', '.join(map(str, want))}]")
     if not 1 <= shape[0] <= max_inputs:
         raise PayloadTooLarge(f"{shape[0]} inputs in one request; send 1 to {max_inputs}")
     count = int(np.prod(shape))
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _params(tensor, "the input").get("binary_data_size")
+    if size is None and len(binary):
+        raise InvalidInput(f"{len(binary)} bytes follow the header but the input declares no binary_data_size")
     if size is not None:
         if size != count * dtype.itemsize or len(binary) != size:
             raise InvalidInput(f"binary_data_size is {size} and {len(binary)} bytes follow the header; "
                                f"shape {shape} of {tensor['datatype']} needs {count * dtype.itemsize}")  # fmt: skip
         arr = np.frombuffer(binary, dtype=dtype)
     else:
+        data = tensor.get("data")
         try:
-            arr = np.asarray(tensor.get("data"), dtype=dtype).reshape(-1)
-        except (TypeError, ValueError) as e:
-            raise InvalidInput(f"input data is not an array of {tensor['datatype']} numbers: {e}") from e
-        if arr.size != count:
-            raise InvalidInput(f"input data holds {arr.size} values; shape {shape} needs {count}")
+            raw = np.asarray(data)
+        except (TypeError, ValueError, OverflowError) as e:  # ragged nesting, integers past 64 bits
+            raise InvalidInput(f"input data is not an array of {name} numbers: {e}") from e
+        if raw.dtype.kind not in "iuf":  # strings, booleans, null, objects
+            raise InvalidInput(f"input data is not an array of {name} numbers (it holds {raw.dtype.name} values)")
+        values = raw.astype(np.float64).reshape(-1)
+        if values.size != count:
+            raise InvalidInput(f"input data holds {values.size} values; shape {shape} needs {count}")
+        if dtype == DTYPES["UINT8"] and not (np.all(values == np.round(values)) and np.all((values >= 0) & (values <= 255))):
+            raise InvalidInput("UINT8 input values must be integers in [0, 255]")
+        arr = values.astype(dtype)
     t = torch.from_numpy(arr.astype(np.float32)).view(shape)  # (N, C, H, W)
     if dtype == DTYPES["UINT8"]:
         return t / 255.0

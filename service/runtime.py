@@ -37,7 +37,8 @@ log = logging.getLogger("zoo")
 
 
 class ResidentZoo:
-    """Every base this worker serves, loaded once, frozen, in eval mode; never written to."""
+    """Every base this worker serves, loaded once, frozen, in eval mode; the networks are never
+    written to. ``bases`` is replaced, never changed in place, so readers may iterate it unlocked."""
 
     def __init__(self, store: Store, device: str):
         self.store = store
@@ -53,7 +54,7 @@ class ResidentZoo:
     def add(self, card: Card) -> None:
         with self._lock:
             if card.id not in self.bases:
-                self.bases[card.id] = (card, self.store.load_base(card, self.device))
+                self.bases = {**self.bases, card.id: (card, self.store.load_base(card, self.device))}
 
     def nets(self) -> dict[str, TapNet]:
         return {k: net for k, (_, net) in self.bases.items()}

@@ -91,16 +91,29 @@ def test_binary_infer(app_client: TestClient) -> None:
                                  "parameters": {"binary_data_size": 784}}]}).encode() + b"\0" * 700,
          "header", 422, "700 bytes follow"),
         (b'{"inputs": []}', "999", 400, "within the body"),
+        (b'{"inputs": []}', b"\xb2", 400, "byte count"),  # a superscript two, as latin-1 reads it
+        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
+                     "parameters": [1]}).encode(), None, 422, '"parameters" of the request'),
+        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1.0, 28, 28], "data": [0] * 784}]}).encode(),
+         None, 422, "this path takes"),
+        (json.dumps({"inputs": [{"name": "input", "datatype": ["FP32"], "shape": [1, 1, 28, 28], "data": [0] * 784}]}).encode(),
+         None, 422, "datatype"),
+        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [300] * 784}]}).encode(),
+         None, 422, "integers in [0, 255]"),
+        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": ["1"] * 784}]}).encode(),
+         None, 422, "not an array of UINT8 numbers"),
+        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}]}).encode()
+         + b"\0\0", "header", 422, "declares no binary_data_size"),
         (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
                      "outputs": [{"name": "logits"}]}).encode(), None, 422, "requested outputs"),
     ],
 )  # fmt: skip
-def test_bad_infer_requests_are_4xx_with_the_protocols_error_body(app_client: TestClient, body: bytes, header: str | None,
+def test_bad_infer_requests_are_4xx_with_the_protocols_error_body(app_client: TestClient, body: bytes, header: str | bytes | None,
                                                                   status: int, says: str) -> None:  # fmt: skip
     pid = compose(app_client, reprogram_spec())["path_id"]
     headers = {}
     if header == "header":
-        headers[HEADER] = str(body.index(b"}]}") + 3)
+        headers[HEADER] = str(body.rindex(b"}") + 1)
     elif header is not None:
         headers[HEADER] = header
     r = app_client.post(f"/v2/models/{pid}/infer", content=body, headers=headers)

@@ -74,7 +74,7 @@ def test_the_walkthrough_is_parsed_as_written() -> None:
 
 
 def _script(cmds: list[Command], work: Path, first: int, second: int, scratch: Path) -> str:
-    out = [f"set -u\ncd {ROOT}"]
+    out = [f"set -u -o pipefail\ncd {ROOT}"]
     for i, c in enumerate(cmds):
         code = c.code.replace("8000", str(first)).replace("8001", str(second)).replace("/tmp/zoo-walk", str(scratch))
         out.append(f"{{ {code}\n}} > {work}/out{i} 2>&1 || {{ echo 'README command {i} failed'; exit 1; }}")
@@ -102,7 +102,7 @@ def test_the_readme_walkthrough_runs(tmp_path: Path) -> None:
             _stop(shell)
         for i, c in enumerate(cmds):
             out = (tmp_path / f"out{i}").read_text() if (tmp_path / f"out{i}").exists() else "(not run)"
-            assert shell.returncode == 0 or f"command {i} failed" not in said, f"`{c.code}` failed:\n{out[-3000:]}"
+            assert f"README command {i} failed" not in said.splitlines(), f"`{c.code}` failed:\n{out[-3000:]}"
             if c.shows is not None:
                 assert _in_order(c.shows, out), f"`{c.code}` should show {'…'.join(c.shows)!r}, printed:\n{out[-3000:]}"
         assert shell.returncode == 0, said

@@ -62,15 +62,24 @@ class Store:
         for field, value in (claimed or {}).items():
             if value != computed[field]:
                 raise Conflict(f"card.{field} is {value!r} but these weights give {computed[field]!r}")
-        with self.db.session() as s:
-            row = s.get(BaseRow, card.id)
-            if row is not None:
-                if row.digest != digest:
-                    raise Conflict(f"base {card.id!r} exists with digest {row.digest}, not {digest}")
-                return Card.model_validate(row.card), False
+        existing = self._base_row(card.id)
+        if existing is None:
             self.blobs.put(data)
-            s.add(BaseRow(id=card.id, digest=digest, arch=card.arch, card=card.model_dump(mode="json")))
-        return card, True
+            try:
+                with self.db.session() as s:
+                    s.add(BaseRow(id=card.id, digest=digest, arch=card.arch, card=card.model_dump(mode="json")))
+                return card, True
+            except SAIntegrityError:  # registered at the same moment through another process
+                existing = self._base_row(card.id)
+                assert existing is not None
+        if existing[0] != digest:
+            raise Conflict(f"base {card.id!r} exists with digest {existing[0]}, not {digest}")
+        return existing[1], False
+
+    def _base_row(self, base_id: str) -> tuple[str, Card] | None:
+        with self.db.session() as s:
+            row = s.get(BaseRow, base_id)
+            return None if row is None else (row.digest, Card.model_validate(row.card))
 
     def card(self, base_id: str) -> Card:
         with self.db.session() as s:

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import ReadySvc, Svc
 from service.oip import HEADER, infer_response, model_metadata, parse_infer
-from service.openapi import UNAVAILABLE
+from service.openapi import CONFLICT, UNAVAILABLE
 from zoo_store.errors import Unavailable
 from zoo_store.paths import Manifest
 
@@ -51,7 +51,7 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
 
 
-@router.post("/models/{path_id}/infer", openapi_extra=INFER_BODY)
+@router.post("/models/{path_id}/infer", openapi_extra=INFER_BODY, responses=CONFLICT)
 async def infer(path_id: str, request: Request, svc: ReadySvc) -> Response:
     """JSON tensors, or the binary tensor data extension (``Inference-Header-Content-Length``)."""
     svc.batcher.check_room()

@@ -60,7 +60,8 @@ async def get_network(path_id: str, svc: ReadySvc) -> Response:
                     headers={"Content-Disposition": f'attachment; filename="{path_id}.safetensors"'})  # fmt: skip
 
 
-@router.post("/import", status_code=201, openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
+@router.post("/import", status_code=201, openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}},
+             responses=CONFLICT)  # fmt: skip
 async def import_bundle(request: Request, response: Response, svc: ReadySvc) -> Path:
     """Import a ``.zoopath`` bundle (raw bytes). 201 when new, 200 when the path already exists."""
     data = await request.body()
@@ -77,7 +78,8 @@ async def import_bundle(request: Request, response: Response, svc: ReadySvc) -> 
 NPY_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
 
-@router.post("/{path_id}/predict", response_model=PredictResponse, openapi_extra={"requestBody": {"content": NPY_BODY}})
+@router.post("/{path_id}/predict", response_model=PredictResponse, openapi_extra={"requestBody": {"content": NPY_BODY}},
+             responses=CONFLICT)  # fmt: skip
 async def predict(path_id: str, request: Request, svc: ReadySvc) -> Response:
     """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, multipart image files (field ``files``),
     or ``application/octet-stream``: one ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8
