@@ -227,7 +227,7 @@ class DeviceServer:
             m = (svc.cache.peek(path_id) or await run_in_threadpool(svc.cache.get, path_id)).manifest
             return {"path": {"input": m.input.model_dump(mode="json"), "labels": list(m.labels)}}, b""
         svc.batcher.check_room()
-        entry = svc.cache.lookup(path_id) or await run_in_threadpool(svc.cache.get, path_id)
+        entry = await svc.cache.entry(path_id)
         shape = tuple(header["shape"])  # (N, C, H, W)
         if header["slot"] is not None and arena is not None:
             start = header["slot"] * slot_bytes

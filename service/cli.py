@@ -83,11 +83,10 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def _size(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
+    unit = 0
+    while n >= 1000 and unit < 3:
+        n, unit = n / 1000, unit + 1
+    return f"{n:,.0f} bytes" if unit == 0 else f"{n:.1f} {('KB', 'MB', 'GB')[unit - 1]}"
 
 
 def _cell(value: object) -> str:

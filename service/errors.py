@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from zoo_store.errors import ZooError
 
@@ -41,12 +41,8 @@ def _allowed(request: Request) -> str:
 
     path, routes = request.url.path, api_routes(request.app)
     exact = [r for r in routes if r.path_format == path]  # a fixed path (/v1/paths/import) is not an id
-    matching = exact or [r for r in routes if _path_regex(r.path_format).fullmatch(path)]
+    matching = exact or [r for r in routes if compile_path(r.path_format)[0].fullmatch(path)]
     return ", ".join(sorted({m for r in matching for m in r.methods}))
-
-
-def _path_regex(path_format: str) -> re.Pattern:
-    return re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path_format)))
 
 
 def install_error_handlers(app: FastAPI) -> None:

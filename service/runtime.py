@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from starlette.concurrency import run_in_threadpool
 from torch import nn
 
 from service.metrics import Metrics
@@ -272,6 +273,10 @@ class PathCache:
         """The entry if it is loaded already (never blocks on the store): the request path's fast way."""
         with self._lock:
             return self._hit(path_id)
+
+    async def entry(self, path_id: str) -> Entry:
+        """For a request: the loaded entry at once, else loaded from the store off the event loop."""
+        return self.lookup(path_id) or await run_in_threadpool(self.get, path_id)
 
     def get(self, path_id: str) -> Entry:
         with self._lock:

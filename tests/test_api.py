@@ -236,3 +236,11 @@ def test_a_card_as_get_returns_it_registers_elsewhere(app_client: TestClient) ->
     r = app_client.post("/v1/zoo/models", data={"card": json.dumps(forged)}, files=files)
     assert r.status_code == 409 and "0" * 64 in r.json()["detail"] and card["digest"] in r.json()["detail"]
     assert app_client.get("/v1/zoo/models/res-forged").status_code == 404  # nothing written
+
+
+def test_dataset_samples_and_their_bad_input(app_client: TestClient) -> None:
+    r = app_client.get("/v1/datasets/digits/samples.png?n=3")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
+    assert app_client.get("/v1/datasets/digits/samples.png?n=0").status_code == 422
+    assert app_client.get("/v1/datasets/digits/samples.png?n=33").status_code == 422
+    assert app_client.get("/v1/datasets/nope/samples.png").status_code == 404

@@ -388,17 +388,8 @@ def _mean_point(runs: list[Point]) -> Point:
 
 def _tables(base_id: str, points: list[Point], memory: dict, plan: Plan) -> list[str]:
     gpu = on_gpu()  # absolute figures only from a GPU
-    lines = [f"\n### {base_id}\n",
-             "| route | executor | paths | traffic | throughput / one path | p50 / one path's | p99 / one path's |"
-             + (" images/s | p50 ms | p99 ms |" if gpu else ""),
-             "|---|---|---:|---|---:|---:|---:|" + ("---:|---:|---:|" if gpu else "")]  # fmt: skip
-    ref = {key: _mean_point([p for p in points if p.n == 1 and (p.via, p.executor) == key])
-           for key in {(p.via, p.executor) for p in points}}  # fmt: skip
-    for p in points:
-        r = ref[(p.via, p.executor)]
-        absolute = f" {p.per_second:,.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} |" if gpu else ""
-        lines.append(f"| {p.via} | {p.executor} | {p.n:,} | {p.traffic} | **{p.per_second / r.per_second:.2f}x** | "
-                     f"{p.p50_ms / r.p50_ms:.2f}x | {p.p99_ms / r.p99_ms:.2f}x |{absolute}")  # fmt: skip
+    ref = _references(points)
+    lines = [f"\n### {base_id}\n", *_ratio_table(points, ref, absolute=gpu)]
     where = "this GPU" if gpu else "this CPU, for scale only (absolute figures belong to a GPU run)"
     lines.append(f"\nOne path (the mean of its two runs, the reference of each ratio above), {where}: " + "; ".join(
                      f"{via} {ex}: {r.per_second:,.0f} images/s" for (via, ex), r in sorted(ref.items())) +
@@ -433,15 +424,24 @@ def points_from_log(text: str) -> list[Point]:
 def log_table(text: str) -> list[str]:
     """The ratio and absolute table of a cut-short run's log (no memory or cold figures: those print last)."""
     points = points_from_log(text)
-    ref = {key: _mean_point([p for p in points if p.n == 1 and (p.via, p.executor) == key])
-           for key in {(p.via, p.executor) for p in points}}  # fmt: skip
-    header = "| route | executor | paths | traffic | throughput / one path | p50 / one path's | p99 / one path's |"
-    lines = [header + " images/s | p50 ms | p99 ms |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    return _ratio_table(points, _references(points), absolute=True)
+
+
+def _references(points: list[Point]) -> dict[tuple[str, str], Point]:
+    """Per route and executor, the one-path point every ratio is taken against."""
+    return {key: _mean_point([p for p in points if p.n == 1 and (p.via, p.executor) == key])
+            for key in {(p.via, p.executor) for p in points}}  # fmt: skip
+
+
+def _ratio_table(points: list[Point], ref: dict[tuple[str, str], Point], absolute: bool) -> list[str]:
+    lines = ["| route | executor | paths | traffic | throughput / one path | p50 / one path's | p99 / one path's |"
+             + (" images/s | p50 ms | p99 ms |" if absolute else ""),
+             "|---|---|---:|---|---:|---:|---:|" + ("---:|---:|---:|" if absolute else "")]  # fmt: skip
     for p in points:
         r = ref[(p.via, p.executor)]
+        figures = f" {p.per_second:,.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} |" if absolute else ""
         lines.append(f"| {p.via} | {p.executor} | {p.n:,} | {p.traffic} | **{p.per_second / r.per_second:.2f}x** | "
-                     f"{p.p50_ms / r.p50_ms:.2f}x | {p.p99_ms / r.p99_ms:.2f}x | {p.per_second:,.0f} | "
-                     f"{p.p50_ms:.2f} | {p.p99_ms:.2f} |")  # fmt: skip
+                     f"{p.p50_ms / r.p50_ms:.2f}x | {p.p99_ms / r.p99_ms:.2f}x |{figures}")  # fmt: skip
     return lines
 
 

@@ -4,7 +4,6 @@ Same runtime, batching and limits as ``/v1/paths/{id}/predict``; errors as ``{"e
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from service.deps import ReadySvc, Svc
 from service.oip import HEADER, infer_response, model_metadata, parse_infer
@@ -55,7 +54,7 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
 async def infer(path_id: str, request: Request, svc: ReadySvc) -> Response:
     """JSON tensors, or the binary tensor data extension (``Inference-Header-Content-Length``)."""
     svc.batcher.check_room()
-    entry = svc.cache.lookup(path_id) or await run_in_threadpool(svc.cache.get, path_id)
+    entry = await svc.cache.entry(path_id)
     m = entry.manifest
     req = parse_infer(await request.body(), request.headers.get(HEADER), m.input, svc.settings.max_predict_inputs)
     probs = await svc.batcher.submit(entry, req.x)  # (N, K)

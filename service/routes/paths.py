@@ -85,7 +85,7 @@ async def predict(path_id: str, request: Request, svc: ReadySvc) -> Response:
     or ``application/octet-stream``: one ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8
     (``?top_k=`` in the query)."""
     svc.batcher.check_room()  # a full queue is refused before any work is done
-    entry = svc.cache.lookup(path_id) or await run_in_threadpool(svc.cache.get, path_id)  # loaded on first use
+    entry = await svc.cache.entry(path_id)  # loaded on first use
     manifest = entry.manifest
     x, top_k = await read_inputs(request, manifest.input, svc.settings)
     probs = await svc.batcher.submit(entry, x)  # (N, K)
