@@ -31,9 +31,6 @@ PROBLEM = {
 OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 REASONS = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Payload too large", 422: "Invalid input",
            503: "Unavailable (loading, or too many inputs waiting: see Retry-After)"}  # fmt: skip
-PARSES_BODY = {"/v1/zoo/models", "/v1/datasets", "/v1/paths/import", "/v1/paths/{path_id}/predict",
-               "/v2/models/{path_id}/infer"}  # fmt: skip
-
 
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
@@ -61,13 +58,11 @@ def api_routes(app: FastAPI) -> list[Any]:
 def _declare_errors(op: dict, route: Any) -> None:
     has_body = route.body_field is not None or "requestBody" in (route.openapi_extra or {})
     codes = set()
-    if route.path_format in PARSES_BODY or has_body:  # a body that does not parse (JSON, multipart, bytes)
-        codes.add(400)
     if route.dependant.path_params:
         codes.add(404)
     codes |= {c for c in (409, 503) if c in route.responses}
-    if has_body:
-        codes.add(413)
+    if has_body:  # one that does not parse (JSON, multipart, bytes), or one past the limits
+        codes |= {400, 413}
     if has_body or route.dependant.query_params or route.dependant.path_params:
         codes.add(422)
     if _needs_ready(route):
