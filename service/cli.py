@@ -150,9 +150,11 @@ def worker() -> None:
     settings = Settings(mode="distributed")
     svc = Services.create(settings)
     svc.db.migrate()
-    svc.zoo.load_all()
+    if settings.job_executor == "thread":  # jobs share this process's bases (a job process loads its own)
+        svc.zoo.load_all()
+        svc.follow_zoo()
     svc.runner.start()
-    console.print(f"worker: {len(svc.zoo.bases)} bases resident, consuming jobs from {settings.redis_url}")
+    console.print(f"worker: consuming jobs from {settings.redis_url}, stream {settings.jobs_stream}")
     signal.sigwait({signal.SIGINT, signal.SIGTERM})
     svc.stop()
 
@@ -326,7 +328,7 @@ def bundle_import(file: Annotated[Path, typer.Argument(help="A .zoopath file.")]
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="The doc whose generated block is rewritten.")] = Path("docs/benchmarks.md"),
-    suite: Annotated[str, typer.Option(help="serving | scale | http | reprogram | resample | clone | reassemble | all")] = "serving",
+    suite: Annotated[str, typer.Option(help="serving | scale | http | reprogram | resample | clone | reassemble | cluster | all")] = "serving",
     quick: Annotated[bool, typer.Option(help="A smaller run (for a first look; not for docs).")] = False,
 ) -> None:
     """Measure ratios side by side in one run and write them to docs/ with the machine."""

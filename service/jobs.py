@@ -14,7 +14,6 @@ from typing import Any
 from service.metrics import Metrics
 from service.queues import JobQueue
 from zoo_store.archs import TapNet
-from zoo_store.blobs import DirBlobStore, DirKeyStore
 from zoo_store.cards import Card
 from zoo_store.datasets.tasks import make_task
 from zoo_store.db import Database
@@ -71,7 +70,7 @@ def _child_main(settings_json: str, job_id: str, parent: int) -> None:
     settings = Settings.model_validate_json(settings_json)
     db = Database(settings.db_url)
     try:
-        run_job(Store(db, DirBlobStore(settings.blob_dir), DirKeyStore(settings.cache_dir)), job_id, None, settings.torch_device())
+        run_job(Store.open(settings, db), job_id, None, settings.torch_device())
     finally:
         db.dispose()
 

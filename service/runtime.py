@@ -46,6 +46,7 @@ class ResidentZoo:
         self.device = device
         self.bases: dict[str, tuple[Card, TapNet]] = {}
         self._ptrs: dict[str, frozenset[int]] = {}  # per base: the storage of its tensors (bases never change)
+        self.unloadable: set[str] = set()  # bases ``follow`` failed to load (e.g. an architecture unknown here)
         self._lock = threading.Lock()
 
     def load_all(self) -> None:
@@ -53,9 +54,34 @@ class ResidentZoo:
             self.add(card)
 
     def add(self, card: Card) -> None:
+        if card.id in self.bases:
+            return
+        net = self.store.load_base(card, self.device)  # outside the lock: other bases stay reachable meanwhile
         with self._lock:
             if card.id not in self.bases:
-                self.bases = {**self.bases, card.id: (card, self.store.load_base(card, self.device))}
+                self.bases = {**self.bases, card.id: (card, net)}
+
+    @property
+    def version(self) -> int:
+        """The zoo version this process has: the bases it holds (see ``Store.zoo_version``)."""
+        return len(self.bases)
+
+    def follow(self) -> list[str]:
+        """Load the bases registered (through any process) since this one last looked; the ids of
+        those it loaded. One that fails to load is logged and skipped: it cannot hold up the rest."""
+        if self.store.zoo_version() == self.version + len(self.unloadable):
+            return []
+        loaded = []
+        for card in self.store.cards().values():
+            if card.id in self.bases or card.id in self.unloadable:
+                continue
+            try:
+                self.add(card)
+                loaded.append(card.id)
+            except Exception:
+                self.unloadable.add(card.id)  # said once; a path that needs it gets the error on its request
+                log.exception("base %s could not be loaded; skipped", card.id)
+        return loaded
 
     def nets(self) -> dict[str, TapNet]:
         return {k: net for k, (_, net) in self.bases.items()}

@@ -11,8 +11,8 @@ from service.jobs import JobRunner
 from service.metrics import Metrics
 from service.queues import JobQueue, MemoryQueue, RedisQueue
 from service.runtime import Batcher, PathCache, ResidentZoo
-from zoo_store.blobs import BlobStore, DirBlobStore, DirKeyStore
-from zoo_store.db import Database
+from zoo_store.blobs import BlobStore
+from zoo_store.db import DEMO_ZOO_LOCK_KEY, Database
 from zoo_store.demo import ensure_demo_zoo
 from zoo_store.errors import ZooError
 from zoo_store.settings import Settings
@@ -34,14 +34,15 @@ class Services:
     ready: threading.Event = field(default_factory=threading.Event)
     startup_error: str | None = None
     loading: str = "loading the zoo"  # what /readyz says until ready: the demo build's last step
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def create(cls, settings: Settings, blobs: BlobStore | None = None, queue: JobQueue | None = None) -> Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         metrics = Metrics()
         db = Database(settings.db_url)
-        # the in-memory twin of the blob store comes with an in-memory cache; otherwise both are directories
-        store = Store(db, blobs, None) if blobs else Store(db, DirBlobStore(settings.blob_dir), DirKeyStore(settings.cache_dir))
+        # the in-memory twin of the blob store comes with an in-memory cache
+        store = Store(db, blobs, None) if blobs else Store.open(settings, db)
         zoo = ResidentZoo(store, settings.torch_device())
         cache = PathCache(store, zoo, settings.cache_bytes, metrics, frozenset(settings.pinned_paths),
                           host_budget=settings.host_cache_bytes, batching=settings.batching,
@@ -49,7 +50,8 @@ class Services:
         batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics, cache,
                           settings.max_queue_inputs)  # fmt: skip
         if queue is None:
-            queue = RedisQueue(settings.redis_url) if settings.mode == "distributed" else MemoryQueue()
+            queue = (RedisQueue(settings.redis_url, stream=settings.jobs_stream, idle_ms=int(settings.job_claim_idle_s * 1000))
+                     if settings.mode == "distributed" else MemoryQueue())  # fmt: skip
         runner = JobRunner(settings, store, queue, metrics, resident=lambda: zoo.bases)
         return cls(settings, db, store, zoo, cache, batcher, runner, metrics)
 
@@ -62,7 +64,9 @@ class Services:
     def _load_zoo(self) -> None:
         try:
             if self.settings.demo_zoo:
-                ensure_demo_zoo(self.store, self.settings.demo_samples, say=self._say)
+                self.loading = "demo zoo: waiting for another process that builds it"
+                with self.db.exclusive(DEMO_ZOO_LOCK_KEY):  # replicas starting together train it once
+                    ensure_demo_zoo(self.store, self.settings.demo_samples, say=self._say)
             self.loading = "loading the bases into memory"
             self.zoo.load_all()
             self._warm_pinned()
@@ -73,9 +77,27 @@ class Services:
             gc.freeze()  # the resident zoo and everything loaded so far: never scanned by the collector again
             self.ready.set()
             log.warning("zoo ready: %d bases resident on %s", len(self.zoo.bases), self.zoo.device)
+            self.follow_zoo()
         except Exception as e:
             self.startup_error = f"{type(e).__name__}: {e}"
             log.exception("zoo failed to load")
+
+    def follow_zoo(self) -> None:
+        """Every ``zoo_poll_s``, load the bases registered through other processes and drop from
+        the path cache the paths deleted through them (a background thread)."""
+        threading.Thread(target=self._follow, name="zoo-follow", daemon=True).start()
+
+    def _follow(self) -> None:
+        seq, _ = self.store.deletions_since(None)
+        while not self.stopping.wait(self.settings.zoo_poll_s):
+            try:
+                for base_id in self.zoo.follow():
+                    log.warning("zoo version %d: loaded base %s, registered elsewhere", self.zoo.version, base_id)
+                seq, deleted = self.store.deletions_since(seq)
+                for path_id in deleted:
+                    self.cache.evict(path_id)
+            except Exception:  # the database may be away for a moment; the next poll tries again
+                log.warning("could not follow the zoo", exc_info=True)
 
     def _warm_pinned(self) -> None:
         for path_id in sorted(self.cache.pinned):
@@ -89,6 +111,7 @@ class Services:
         log.warning(message)
 
     def stop(self) -> None:
+        self.stopping.set()
         self.runner.stop()
         self.batcher.close()
         self.db.dispose()

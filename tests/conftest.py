@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from service.app import create_app
+from service.bench.common import scratch_database
 from zoo_store.archs import build_arch
 from zoo_store.cards import CardIn, InputSpec
 from zoo_store.settings import Settings
@@ -40,19 +40,14 @@ def _unreachable(what: str, err: Exception) -> None:
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL schema-less database per session: we create and drop a database."""
-    name = f"zoo_test_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    """A fresh PostgreSQL database per session: we create and drop a database."""
+    database = scratch_database(PG_URL, "zoo_test")
     try:
-        with admin.connect() as c:
-            c.execute(text(f"CREATE DATABASE {name}"))
+        url = database.__enter__()
     except Exception as e:  # noqa: BLE001
         _unreachable("PostgreSQL", e)
-    url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
     yield url
-    with admin.connect() as c:
-        c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
+    database.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")

@@ -33,3 +33,30 @@ def test_four_starts_at_once(db_url: str, tmp_path: Path) -> None:
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(DatasetRow)) == len(BUILTINS)
     db.dispose()
+
+
+def test_exclusive_is_one_holder_at_a_time(db_url: str) -> None:
+    """What the migrations and the demo zoo's build take: holders on separate engines never overlap."""
+    import threading
+    import time
+
+    inside, overlaps = [0], []
+    lock = threading.Lock()
+
+    def hold() -> None:
+        db = Database(db_url)
+        try:
+            with db.exclusive(0x5A00_00FF):
+                with lock:
+                    inside[0] += 1
+                    overlaps.append(inside[0])
+                time.sleep(0.05)
+                with lock:
+                    inside[0] -= 1
+        finally:
+            db.dispose()
+
+    with ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(hold) for _ in range(4)]:
+            f.result()
+    assert overlaps == [1, 1, 1, 1]

@@ -93,6 +93,23 @@ class PathRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class BlobChunkRow(Base):
+    """The database blob store: a blob's bytes in order of ``seq`` (distributed mode)."""
+
+    __tablename__ = "blob_chunks"
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class PathDeletionRow(Base):
+    """Deleted path ids in order: replicas follow it to drop the path from their caches."""
+
+    __tablename__ = "path_deletions"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path_id: Mapped[str] = mapped_column(String(80))
+
+
 def _sqlite_pragmas(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:
@@ -104,7 +121,8 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cur.close()
 
 
-MIGRATION_LOCK_KEY = 0x5A00_0001  # pg_advisory_xact_lock: one migrating process at a time
+MIGRATION_LOCK_KEY = 0x5A00_0001  # one migrating process at a time
+DEMO_ZOO_LOCK_KEY = 0x5A00_0002  # one process training the demo zoo at a time
 
 
 class Database:
@@ -126,24 +144,33 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         cfg.attributes["connection_url"] = self.url
-        with self._migration_lock(), self.engine.begin() as conn:  # processes starting together take turns
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        with self.exclusive(MIGRATION_LOCK_KEY), self.engine.begin() as conn:  # processes starting together take turns
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
     @contextmanager
-    def _migration_lock(self) -> Iterator[None]:
-        """A SQLite file's migrations, one process at a time (PostgreSQL's take an advisory lock)."""
-        if not self.url.startswith("sqlite:///"):
-            yield
+    def exclusive(self, key: int) -> Iterator[None]:
+        """One process at a time, across every process on this database: a PostgreSQL advisory lock
+        held on a connection of its own, or a file lock beside a SQLite file."""
+        if self.engine.dialect.name == "sqlite":
+            with open(f"{self.engine.url.database or 'memory'}.{key:x}.lock", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
             return
-        with open(self.url.removeprefix("sqlite:///") + ".migrate.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            conn.commit()
             try:
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                try:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    conn.commit()
+                except Exception:  # noqa: BLE001 (a broken connection must not go back to the pool holding the lock)
+                    conn.invalidate()
 
     @contextmanager
     def session(self) -> Iterator[Session]:

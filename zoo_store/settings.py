@@ -21,6 +21,12 @@ class Settings(BaseSettings):
     demo_zoo: bool = True
     demo_samples: int = Field(12_000, ge=500)  # MNIST images per demo base (train split)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # where base weights, datasets and other blobs live: "dir" (under data_dir) or "database" (chunked
+    # rows, so that no two processes share a disk); default: dir embedded, database distributed
+    blob_store: Literal["dir", "database"] | None = None
+    zoo_poll_s: float = Field(2.0, gt=0)  # how often a process looks for bases registered through another
+    jobs_stream: str = "zoo:jobs"  # distributed mode: the Redis stream of composition jobs
+    job_claim_idle_s: float = Field(60.0, gt=0)  # a dead worker's job is taken over after this long
     # runtime
     cache_bytes: int = Field(256 * 2**20, gt=0)  # device budget: path slots + materialized paths (delta bytes)
     host_cache_bytes: int = Field(512 * 2**20, gt=0)  # host tier: decoded tensors of slot-served paths
@@ -53,6 +59,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'zoo.db').resolve()}"
+
+    @property
+    def blobs_in_database(self) -> bool:
+        return (self.blob_store or ("database" if self.mode == "distributed" else "dir")) == "database"
 
     @property
     def blob_dir(self) -> Path:

@@ -8,16 +8,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
 from zoo_store.archs import TapNet, build_for
-from zoo_store.blobs import BlobStore, KeyStore, MemoryKeyStore, sha256
+from zoo_store.blobs import (
+    BlobStore,
+    DbBlobStore,
+    DirBlobStore,
+    DirKeyStore,
+    KeyStore,
+    MemoryKeyStore,
+    sha256,
+)
 from zoo_store.cards import Card, CardIn, TapInfo
 from zoo_store.datasets.builtin import BUILTINS, Arrays
-from zoo_store.db import BaseRow, Database, DatasetRow, JobRow, PathRow, new_id, page
+from zoo_store.db import BaseRow, Database, DatasetRow, JobRow, PathDeletionRow, PathRow, new_id, page
 from zoo_store.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from zoo_store.paths import Bundle
+from zoo_store.settings import Settings
 from zoo_store.training import freeze
 from zoo_store.weights import canonical_bytes, load_into, read_weights
 
@@ -46,6 +55,12 @@ class Store:
         self.db = db
         self.blobs = blobs
         self.cache = cache if cache is not None else MemoryKeyStore()  # derived data methods may reuse
+
+    @classmethod
+    def open(cls, settings: Settings, db: Database) -> Store:
+        """The Settings' store: blobs in the database or under the data dir; derived caches per process."""
+        blobs = DbBlobStore(db) if settings.blobs_in_database else DirBlobStore(settings.blob_dir)
+        return cls(db, blobs, DirKeyStore(settings.cache_dir))
 
     # -- zoo ----------------------------------------------------------------------------------
     def add_base(self, card_in: CardIn, weights: bytes | dict[str, torch.Tensor],
@@ -80,6 +95,12 @@ class Store:
         with self.db.session() as s:
             row = s.get(BaseRow, base_id)
             return None if row is None else (row.digest, Card.model_validate(row.card))
+
+    def zoo_version(self) -> int:
+        """How many bases the zoo has had: bases are never changed or removed, so this only grows,
+        and a process whose resident zoo holds fewer has bases to load."""
+        with self.db.session() as s:
+            return s.scalar(text("SELECT count(*) FROM bases")) or 0
 
     def card(self, base_id: str) -> Card:
         with self.db.session() as s:
@@ -248,6 +269,16 @@ class Store:
             if row is None:
                 raise NotFound(f"no path {path_id!r}")
             s.delete(row)
+            s.add(PathDeletionRow(path_id=path_id))  # for the other replicas' caches
+
+    def deletions_since(self, seq: int | None) -> tuple[int, list[str]]:
+        """Paths deleted after deletion ``seq`` (None: none, just the latest seq) and the latest seq."""
+        with self.db.session() as s:
+            latest = s.scalar(select(func.max(PathDeletionRow.seq))) or 0
+            if seq is None or seq >= latest:
+                return latest, []
+            q = select(PathDeletionRow.path_id).where(PathDeletionRow.seq > seq, PathDeletionRow.seq <= latest)
+            return latest, list(s.scalars(q))
 
 
 def split_upload(x: np.ndarray, y: np.ndarray, labels: list[str]) -> Arrays:

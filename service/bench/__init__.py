@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # the suites import torch; the load generator in this package
 
 def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
     from service.bench.clone import clone_suite
+    from service.bench.cluster import cluster_suite
     from service.bench.common import machine, write_block
     from service.bench.http import http_suite
     from service.bench.reassemble import reassemble_suite
@@ -30,10 +31,12 @@ def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
         "resample": (resample_suite, out.parent / "methods" / "resample.md", "Resample (INN)", ""),
         "clone": (clone_suite, out.parent / "methods" / "clone.md", "Clone (PNC)", ""),
         "reassemble": (reassemble_suite, out.parent / "methods" / "reassemble.md", "Reassemble (DeRy)", ""),
+        "cluster": (cluster_suite, out.parent / "deploy.md", "Deploying zoo", ""),
     }
     if suite != "all" and suite not in suites:
         raise SystemExit(f"unknown suite {suite!r}; choose one of {[*suites, 'all']}")
-    chosen = list(suites) if suite == "all" else [suite]
+    # "all": every suite that needs nothing but this checkout (cluster needs PostgreSQL, Redis and nginx)
+    chosen = [n for n in suites if n != "cluster"] if suite == "all" else [suite]
     for name in chosen:
         fn, target, title, block = suites[name]
         body = fn(say, quick)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -82,6 +84,23 @@ def path_variants(client: TestClient, path_id: str, n: int) -> list[str]:
         assert r.status_code in (200, 201), r.text  # 200: imported by an earlier run on this data dir
         ids.append(r.json()["id"])
     return ids
+
+
+@contextlib.contextmanager
+def scratch_database(admin_url: str, prefix: str = "zoo_bench") -> Iterator[str]:
+    """A new, empty PostgreSQL database on ``admin_url``'s server for the block; dropped after it."""
+    from sqlalchemy import create_engine, text
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f"CREATE DATABASE {name}"))
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+        with admin.connect() as c:
+            c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    finally:
+        admin.dispose()
 
 
 @functools.cache

@@ -17,20 +17,29 @@ import time
 
 
 async def _connection(job: dict, todo: list[int], body: bytes, latencies: list[float], errors: list[str]) -> None:
-    reader, writer = await asyncio.open_connection(job["host"], job["port"])
     head = (f"Host: {job['host']}\r\nContent-Type: {job['content_type']}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    writer = None
     try:
         while todo:
+            if writer is None:
+                reader, writer = await asyncio.open_connection(job["host"], job["port"])
             path_id = job["paths"][todo.pop()]
             t = time.perf_counter()
-            writer.write(f"POST /v1/paths/{path_id}/predict{job.get('query', '')} HTTP/1.1\r\n".encode() + head + body)
-            status, length = await _response_head(reader)
-            payload = await reader.readexactly(length)
+            try:
+                writer.write(f"POST /v1/paths/{path_id}/predict{job.get('query', '')} HTTP/1.1\r\n".encode() + head + body)
+                status, length = await _response_head(reader)
+                payload = await reader.readexactly(length)
+            except (OSError, asyncio.IncompleteReadError) as e:  # the server dropped the connection: a failed request
+                errors.append(f"connection lost: {e!r}")
+                writer.close()
+                writer = None
+                continue
             latencies.append(time.perf_counter() - t)
             if status != 200:
                 errors.append(f"{status}: {payload[:200].decode(errors='replace')}")
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
 async def _response_head(reader: asyncio.StreamReader) -> tuple[int, int]:
@@ -50,7 +59,7 @@ async def run(job: dict) -> dict:
     await asyncio.gather(*(_connection(job, todo, body, latencies, errors) for _ in range(job["concurrency"])))
     seconds = time.perf_counter() - t
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    return {"requests": len(latencies), "seconds": seconds, "per_second": len(latencies) / seconds,
+    return {"sent": len(job["schedule"]), "requests": len(latencies), "seconds": seconds, "per_second": len(latencies) / seconds,
             "p50_ms": 1e3 * q[49], "p99_ms": 1e3 * q[98], "errors": len(errors), "first_error": errors[:1]}  # fmt: skip
 
 

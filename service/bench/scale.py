@@ -220,6 +220,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_load(url: str, ids: list[str], order: list[int], body: bytes, concurrency: int) -> dict:
+    """Predicts of ``.npy`` ``body`` to paths ``ids`` in ``order`` over ``concurrency`` keep-alive
+    connections to ``url`` (``service.bench.loadgen`` in a process of its own); its result."""
+    host, port = url.removeprefix("http://").split(":")
+    job = {"host": host, "port": int(port), "paths": ids, "schedule": order, "concurrency": concurrency,
+           "body_b64": base64.b64encode(body).decode(), "content_type": "application/octet-stream"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "service.bench.loadgen"], input=json.dumps(job), text=True,
+                         capture_output=True, check=True, timeout=900)  # fmt: skip
+    return json.loads(out.stdout)
+
+
 class Server:
     """``zoo serve`` in a child process on a loopback port, with the bench's settings."""
 
@@ -257,11 +268,7 @@ class Server:
         return sum(_rss_of(p) for p in [self.proc.pid, *descendants(self.proc.pid)])
 
     def load(self, ids: list[str], order: list[int], body: bytes, concurrency: int) -> dict:
-        job = {"host": "127.0.0.1", "port": self.port, "paths": ids, "schedule": order, "concurrency": concurrency,
-               "body_b64": base64.b64encode(body).decode(), "content_type": "application/octet-stream"}  # fmt: skip
-        out = subprocess.run([sys.executable, "-m", "service.bench.loadgen"], input=json.dumps(job), text=True,
-                             capture_output=True, check=True, timeout=900)  # fmt: skip
-        result = json.loads(out.stdout)
+        result = run_load(self.url, ids, order, body, concurrency)
         if result["errors"]:
             raise RuntimeError(f"{result['errors']} requests failed, first: {result['first_error']}")
         return result

@@ -19,7 +19,7 @@ def healthz() -> dict:
 def readyz(svc: Svc) -> object:
     db_ok = svc.db.ping()
     if db_ok and svc.ready.is_set():
-        return {"status": "ready", "bases": len(svc.zoo.bases), "device": svc.zoo.device}
+        return {"status": "ready", "bases": len(svc.zoo.bases), "zoo_version": svc.zoo.version, "device": svc.zoo.device}
     why = "database unreachable" if not db_ok else (svc.startup_error or svc.loading)
     return problem(503, "Not ready", why)
 
