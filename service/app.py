@@ -8,13 +8,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from service.audit import AuditMiddleware
 from service.channel import DeviceServer
 from service.errors import install_error_handlers
 from service.limits import BodyLimit
 from service.metrics import RequestMetrics
 from service.openapi import install_openapi
 from service.queues import JobQueue
-from service.routes import compositions, datasets, health, jobs, oip, paths, ui, zoo
+from service.routes import compositions, datasets, health, jobs, keys, oip, paths, tenants, ui, zoo
 from service.state import Services
 
 FRONT_HEADER = "x-zoo-front"  # set by the HTTP workers of `zoo serve` on what they pass through
@@ -44,8 +45,9 @@ def create_app(settings: Settings | None = None, blobs: BlobStore | None = None,
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(AuditMiddleware, log=services.audit)
     app.add_middleware(RequestMetrics, metrics=services.metrics, skip_header=FRONT_HEADER)
-    for r in (health, zoo, datasets, compositions, jobs, paths, oip, ui):
+    for r in (health, zoo, datasets, compositions, jobs, paths, keys, tenants, oip, ui):
         app.include_router(r.router)
     app.mount("/ui", ui.static_files(), name="ui")
     install_openapi(app)

@@ -53,14 +53,11 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], byte
 
 
 def error_header(e: ZooError) -> dict[str, Any]:
-    return {"error": {"kind": type(e).__name__, "detail": e.detail, "retry_after": getattr(e, "retry_after", None)}}
+    return {"error": {"kind": type(e).__name__, "detail": e.detail, "retry_after": e.retry_after}}
 
 
 def raise_error(info: dict[str, Any]) -> None:
-    cls = ERRORS.get(info["kind"], ZooError)
-    if info.get("retry_after") is not None and cls is errors.Overloaded:
-        raise errors.Overloaded(info["detail"], retry_after=info["retry_after"])
-    raise cls(info["detail"])
+    raise ERRORS.get(info["kind"], ZooError)(info["detail"], retry_after=info.get("retry_after"))
 
 
 # -- the worker's side --------------------------------------------------------------------------
@@ -147,15 +144,15 @@ class DeviceClient:
             raise_error(answer["error"])
         return answer, data
 
-    async def describe(self, path_id: str) -> dict[str, Any]:
-        answer, _ = await self.call({"op": "describe", "path": path_id})
+    async def describe(self, path_id: str, key: str | None) -> dict[str, Any]:
+        answer, _ = await self.call({"op": "describe", "path": path_id, "key": key})
         return answer["path"]
 
-    async def predict(self, path_id: str, x: np.ndarray) -> torch.Tensor:
-        """x: (N, C, H, W) float32 -> probabilities (N, K) float32."""
+    async def predict(self, path_id: str, x: np.ndarray, key: str | None) -> torch.Tensor:
+        """x: (N, C, H, W) float32 -> probabilities (N, K) float32, for the bearer of ``key``."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         slot = self.arena.put(x)
-        header = {"op": "predict", "path": path_id, "shape": list(x.shape), "slot": slot}
+        header = {"op": "predict", "path": path_id, "shape": list(x.shape), "slot": slot, "key": key}
         try:
             answer, data = await self.call(header, b"" if slot is not None else x.tobytes())
         finally:
@@ -223,6 +220,8 @@ class DeviceServer:
         if not svc.ready.is_set():
             raise Unavailable(svc.startup_error or "the zoo is still loading; see /readyz")
         path_id = header["path"]
+        # the request's bearer key, checked here (off the event loop: it may ask the database, or Redis)
+        await run_in_threadpool(svc.admit, header.get("key"), path_id, header["op"] == "predict")
         if header["op"] == "describe":  # not a use of the path: the predict that follows is
             m = (svc.cache.peek(path_id) or await run_in_threadpool(svc.cache.get, path_id)).manifest
             return {"path": {"input": m.input.model_dump(mode="json"), "labels": list(m.labels)}}, b""

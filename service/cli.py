@@ -24,10 +24,12 @@ datasets_app = typer.Typer(help="Datasets to compose on: list, add (ImageFolder 
 paths_app = typer.Typer(help="Composed paths: list, show, delete.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Composition jobs: list, show, watch, cancel.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Portable .zoopath bundles: export, import, standalone networks.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (an admin's key needed): create, list, revoke.", no_args_is_help=True)
 for name, sub in (("models", models_app), ("datasets", datasets_app), ("paths", paths_app), ("jobs", jobs_app),
-                  ("bundle", bundle_app)):  # fmt: skip
+                  ("bundle", bundle_app), ("keys", keys_app)):  # fmt: skip
     app.add_typer(sub, name=name)
 console = Console()
+err_console = Console(stderr=True)
 Url = Annotated[str, typer.Option("--url", envvar="ZOO_URL", help="The server to talk to (or ZOO_URL).")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")]
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -184,9 +186,12 @@ def models_add(card: Annotated[Path, typer.Argument(help="The card: a JSON file 
 @command(models_app, "pull")
 def models_pull(source: Annotated[str, typer.Argument(help="The other server's URL.")],
                 model_ids: Annotated[list[str] | None, typer.Argument(help="Bases to copy (default: all).")] = None,
+                from_key: Annotated[str | None, typer.Option(envvar="ZOO_FROM_API_KEY",
+                                                             help="A key of the other server (default: none).")] = None,
                 url: Url = DEFAULT_URL) -> None:  # fmt: skip
-    """Copy bases from another server's zoo into this one (the weights travel; digests are checked)."""
-    src, dst = _client(source), _client(url)
+    """Copy bases from another server's zoo into this one (the weights travel; digests are checked;
+    this server's key must be an admin's)."""
+    src, dst = ZooClient(source, api_key=from_key or ""), _client(url)  # this server's key never goes to the other
     for card in src.models():
         if model_ids and card["id"] not in model_ids:
             continue
@@ -248,9 +253,70 @@ def paths_show(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).
 
 @command(paths_app, "delete")
 def paths_delete(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")], url: Url = DEFAULT_URL) -> None:
-    """Delete a path (its bundle too; export it first to keep it)."""
+    """Delete a path for your tenant (with its last owner, its bundle too; export it first to keep it)."""
     _client(url).delete_path(path_id)
     console.print(f"deleted {path_id}")
+
+
+@command(paths_app, "share")
+def paths_share(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
+                tenant: Annotated[list[str] | None, typer.Option(help="A tenant that may read and predict it (repeat).")] = None,
+                public: Annotated[bool, typer.Option(help="Every tenant may read and predict it.")] = False,
+                url: Url = DEFAULT_URL) -> None:  # fmt: skip
+    """Set who besides its owners may use a path (replaces what was set; no options: only the owners)."""
+    out = _client(url).share_path(path_id, public, tenant or [])
+    readers = (["every tenant"] if out["public"] else []) + out["tenants"]
+    console.print(f"{path_id}: owners {', '.join(out['owners'])}; readers {', '.join(readers) or 'none'}")
+
+
+@command(keys_app, "create")
+def keys_create(tenant: Annotated[str, typer.Option(help="The tenant the key acts for.")],
+                admin: Annotated[bool, typer.Option(help="An admin's key (registers bases, manages keys).")] = False,
+                expires_in_days: Annotated[int | None, typer.Option(help="It stops working after this many days.")] = None,
+                offline: Annotated[bool, typer.Option(help="Write it straight into the database of ZOO_DATABASE_URL "
+                                                           "(or ZOO_DATA_DIR's): no server or key needed, to get back "
+                                                           "in when every admin key is lost.")] = False,
+                url: Url = DEFAULT_URL) -> None:  # fmt: skip
+    """Create a key and print it: the only time it is shown."""
+    if offline:
+        out = _offline_key(tenant, admin, expires_in_days)
+    else:
+        out = _client(url).create_key(tenant, admin, expires_in_days)
+    typer.echo(out["key"])  # plain, for `$(zoo keys create ...)`
+    err_console.print(f"key {out['id']} for tenant {out['tenant']}{' (admin)' if out['admin'] else ''}: keep it, it is not shown again")
+
+
+def _offline_key(tenant: str, admin: bool, expires_in_days: int | None) -> dict:
+    import datetime as dt
+
+    from zoo_store.db import Database, utcnow
+    from zoo_store.errors import ZooError
+    from zoo_store.settings import Settings
+    from zoo_store.tenancy import Keys
+
+    db = Database(Settings().db_url)
+    try:
+        db.migrate()
+        expires = None if expires_in_days is None else utcnow() + dt.timedelta(days=expires_in_days)
+        row, key = Keys(db).create(tenant, admin, expires)
+    except ZooError as e:
+        raise LocalMistake(e.detail) from e
+    finally:
+        db.dispose()
+    return {"id": row.id, "tenant": row.tenant, "admin": row.admin, "key": key}
+
+
+@command(keys_app, "list")
+def keys_list(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
+    """Every key (never the key itself): id, prefix, tenant, admin, when made, expires, revoked."""
+    _show(_client(url).keys(), ["id", "prefix", "tenant", "admin", "created_at", "expires_at", "revoked_at"], as_json)
+
+
+@command(keys_app, "revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="A key's id (key_...).")], url: Url = DEFAULT_URL) -> None:
+    """Revoke a key: refused everywhere within seconds."""
+    out = _client(url).revoke_key(key_id)
+    console.print(f"revoked {out['id']} (tenant {out['tenant']})")
 
 
 @command(jobs_app, "list")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +29,25 @@ def _reachable(base_url: object) -> Iterator[None]:
         raise ApiError(0, {"title": "Unreachable", "detail": f"cannot reach {base_url}: {e or type(e).__name__}"}) from e
 
 
+def default_key(base_url: str) -> str | None:
+    """``ZOO_API_KEY``; else, for a server on this machine, the admin key it wrote on first start
+    (``ZOO_DATA_DIR/admin.key``, ``./data/admin.key`` by default)."""
+    if os.environ.get("ZOO_API_KEY"):
+        return os.environ["ZOO_API_KEY"].strip()
+    if httpx.URL(base_url).host in ("127.0.0.1", "localhost", "::1"):
+        path = Path(os.environ.get("ZOO_DATA_DIR", "./data")) / "admin.key"
+        with contextlib.suppress(OSError):
+            return path.read_text().strip() or None
+    return None
+
+
 class ZooClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, transport: httpx.BaseTransport | None = None,
-                 timeout: float = 60.0):  # fmt: skip
-        self.http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout)
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 transport: httpx.BaseTransport | None = None, timeout: float = 60.0):  # fmt: skip
+        """``api_key``: the bearer key of every request (default: ``default_key``)."""
+        key = api_key if api_key is not None else default_key(base_url)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self.http.close()
@@ -114,6 +131,20 @@ class ZooClient:
 
     def delete_path(self, path_id: str) -> None:
         self._call("DELETE", f"/v1/paths/{path_id}")
+
+    def share_path(self, path_id: str, public: bool = False, tenants: list[str] | None = None) -> dict:
+        return self._call("PUT", f"/v1/paths/{path_id}/sharing", json={"public": public, "tenants": tenants or []}).json()
+
+    # keys (admins)
+    def create_key(self, tenant: str, admin: bool = False, expires_in_days: int | None = None) -> dict:
+        body = {"tenant": tenant, "admin": admin, "expires_in_days": expires_in_days}
+        return self._call("POST", "/v1/keys", json=body).json()
+
+    def keys(self) -> list[dict]:
+        return self._items("/v1/keys")
+
+    def revoke_key(self, key_id: str) -> dict:
+        return self._call("DELETE", f"/v1/keys/{key_id}").json()
 
     def bundle(self, path_id: str) -> bytes:
         return self._call("GET", f"/v1/paths/{path_id}/bundle").content

@@ -48,8 +48,7 @@ def _allowed(request: Request) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ZooError)
     async def _zoo(request: Request, e: ZooError) -> JSONResponse:
-        retry = getattr(e, "retry_after", None)
-        return answer(request, e.status, e.title, e.detail, {"Retry-After": str(retry)} if retry is not None else None)
+        return answer(request, e.status, e.title, e.detail, e.headers() or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from service.app import FRONT_HEADER
+from service.auth import KEY_TTL_S, bearer_key
 from service.channel import Arena, DeviceClient
 from service.errors import install_error_handlers
 from service.inputs import read_inputs
@@ -29,6 +29,7 @@ from service.limits import BodyLimit
 from service.metrics import Metrics, RequestMetrics, render_metrics
 from service.procs import die_with_supervisor
 from service.routes.paths import predictions
+from service.ttl import MISSING, TtlCache
 from zoo_store.cards import InputSpec
 from zoo_store.errors import Unavailable
 from zoo_store.settings import Settings
@@ -51,7 +52,7 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     die_with_supervisor()
     torch.set_num_threads(1)  # a worker's tensor work is small; the cores belong to the inference process
     metrics = Metrics()
-    described: OrderedDict[str, PathInfo] = OrderedDict()
+    described = TtlCache(KEY_TTL_S, max_items=65_536)  # (key, path id) -> PathInfo: checked that recently
     state: dict = {}
 
     @asynccontextmanager
@@ -74,19 +75,20 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
-    async def path_info(path_id: str) -> PathInfo:
-        info = described.get(path_id)
-        if info is None:
-            info = described[path_id] = PathInfo(await state["device"].describe(path_id))
-            if len(described) > 65_536:
-                described.popitem(last=False)
+    async def path_info(path_id: str, key: str | None) -> PathInfo:
+        """What decoding needs; asked once per key and path (the inference process checks the key
+        and the tenant's access first, so a request that may not use the path is refused unread)."""
+        info = described.get((key, path_id))
+        if info is MISSING:  # asked again after KEY_TTL_S: a revoked key is refused before its body is read
+            info = described.put((key, path_id), PathInfo(await state["device"].describe(path_id, key)))
         return info
 
     @app.post("/v1/paths/{path_id}/predict")
     async def predict(path_id: str, request: Request) -> Response:
-        info = await path_info(path_id)
+        key = bearer_key(request.headers.get("authorization"))
+        info = await path_info(path_id, key)
         x, top_k = await read_inputs(request, info.input, settings)  # (N, C, H, W) in [0, 1]
-        probs = await state["device"].predict(path_id, x.numpy())  # (N, K)
+        probs = await state["device"].predict(path_id, x.numpy(), key)  # (N, K): checked again, and counted
         body = predictions(path_id, info.labels, probs, top_k)
         return Response(orjson.dumps(body), media_type="application/json")
 
@@ -103,8 +105,9 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                    include_in_schema=False)  # fmt: skip
     async def passthrough(request: Request) -> Response:
-        if request.url.path.startswith("/v1/paths/") and request.method == "DELETE":
-            described.pop(request.url.path.rsplit("/", 1)[-1], None)
+        if request.url.path.startswith("/v1/paths/") and request.method in ("DELETE", "PUT"):  # access changes
+            path_id = request.url.path.removeprefix("/v1/paths/").split("/")[0]
+            described.drop(lambda k: k[1] != path_id)
         return await _pass(state["app"], request)
 
     return app

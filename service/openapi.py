@@ -4,7 +4,8 @@ Protocol surface). Which ones follow from the route itself, in one place:
 
 - 400: a request body that does not parse (JSON, multipart, bundles, ``.npy`` and OIP bodies);
 - 404: an id in the path;
-- 409: routes that declare it (``CONFLICT``), and 503 as well (``UNAVAILABLE``);
+- 401: routes that need a key; 403: routes that need an admin's, and routes that declare it (``FORBIDDEN``);
+- 409, 429: routes that declare them (``CONFLICT``, ``RATE_LIMITED``), and 503 as well (``UNAVAILABLE``);
 - 413: a request body (limits);
 - 422: parameters or a body;
 - 503: routes that need the zoo loaded, and predicts refused when the queue is full."""
@@ -17,11 +18,14 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, iter_route_contexts
 
+from service.auth import get_admin, get_caller
 from service.deps import get_ready_services
 from service.errors import is_oip
 
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": "Conflict"}}  # a route's ``responses=``
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"description": "Unavailable"}}
+FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {"description": "Forbidden"}}
+RATE_LIMITED: dict[int | str, dict[str, Any]] = {429: {"description": "Too many requests"}}
 PROBLEM = {
     "type": "object",
     "required": ["type", "title", "status", "detail"],
@@ -29,7 +33,9 @@ PROBLEM = {
                    "detail": {"type": "string"}},
 }  # fmt: skip
 OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
-REASONS = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Payload too large", 422: "Invalid input",
+REASONS = {400: "Bad request", 401: "No API key, or one unknown, revoked or expired", 403: "Forbidden",
+           404: "Not found", 409: "Conflict", 413: "Payload too large", 422: "Invalid input",
+           429: "Over the tenant's rate limit: see Retry-After",
            503: "Unavailable (loading, or too many inputs waiting: see Retry-After)"}  # fmt: skip
 
 def install_openapi(app: FastAPI) -> None:
@@ -60,12 +66,16 @@ def _declare_errors(op: dict, route: Any) -> None:
     codes = set()
     if route.dependant.path_params:
         codes.add(404)
-    codes |= {c for c in (409, 503) if c in route.responses}
+    codes |= {c for c in (403, 409, 429, 503) if c in route.responses}
+    if _needs(route, get_caller):
+        codes.add(401)
+    if _needs(route, get_admin):
+        codes.add(403)
     if has_body:  # one that does not parse (JSON, multipart, bytes), or one past the limits
         codes |= {400, 413}
     if has_body or route.dependant.query_params or route.dependant.path_params:
         codes.add(422)
-    if _needs_ready(route):
+    if _needs(route, get_ready_services):
         codes.add(503)
     oip = is_oip(route.path_format)
     media, schema = ("application/json", OIP_ERROR) if oip else ("application/problem+json", PROBLEM)
@@ -73,11 +83,12 @@ def _declare_errors(op: dict, route: Any) -> None:
         op["responses"][str(code)] = {"description": REASONS[code], "content": {media: {"schema": schema}}}
 
 
-def _needs_ready(route: Any) -> bool:
+def _needs(route: Any, dependency: Any) -> bool:
+    """Whether the route depends on ``dependency``, directly or through another dependency."""
     stack = [route.dependant]
     while stack:
         d = stack.pop()
-        if d.call is get_ready_services:
+        if d.call is dependency:
             return True
         stack.extend(d.dependencies)
     return False

@@ -7,16 +7,23 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from service.audit import AuditLog
+from service.auth import Auth
 from service.jobs import JobRunner
 from service.metrics import Metrics
 from service.queues import JobQueue, MemoryQueue, RedisQueue
+from service.quotas import MemoryBuckets, Quotas, RedisBuckets
 from service.runtime import Batcher, PathCache, ResidentZoo
+from service.ttl import TtlCache
 from zoo_store.blobs import BlobStore
 from zoo_store.db import DEMO_ZOO_LOCK_KEY, Database
 from zoo_store.demo import ensure_demo_zoo
-from zoo_store.errors import ZooError
+from zoo_store.errors import NotFound, ZooError
 from zoo_store.settings import Settings
 from zoo_store.store import Store
+from zoo_store.tenancy import Caller
+
+ACCESS_TTL_S = 2.0  # a tenant's access to a path, once checked, is not checked again for this long
 
 log = logging.getLogger("zoo")
 
@@ -31,10 +38,14 @@ class Services:
     batcher: Batcher
     runner: JobRunner
     metrics: Metrics
+    auth: Auth
+    quotas: Quotas
+    audit: AuditLog
     ready: threading.Event = field(default_factory=threading.Event)
     startup_error: str | None = None
     loading: str = "loading the zoo"  # what /readyz says until ready: the demo build's last step
     stopping: threading.Event = field(default_factory=threading.Event)
+    _access: TtlCache = field(default_factory=lambda: TtlCache(ACCESS_TTL_S))  # (tenant, path id) -> may use it
 
     @classmethod
     def create(cls, settings: Settings, blobs: BlobStore | None = None, queue: JobQueue | None = None) -> Services:
@@ -53,11 +64,14 @@ class Services:
             queue = (RedisQueue(settings.redis_url, stream=settings.jobs_stream, idle_ms=int(settings.job_claim_idle_s * 1000))
                      if settings.mode == "distributed" else MemoryQueue())  # fmt: skip
         runner = JobRunner(settings, store, queue, metrics, resident=lambda: zoo.bases)
-        return cls(settings, db, store, zoo, cache, batcher, runner, metrics)
+        buckets = RedisBuckets(settings.redis_url) if settings.mode == "distributed" else MemoryBuckets()
+        return cls(settings, db, store, zoo, cache, batcher, runner, metrics, Auth(db, settings.auth),
+                   Quotas(settings, db, store, buckets), AuditLog(db))  # fmt: skip
 
     def start(self) -> None:
         """Migrate, register built-in datasets, then build/load the zoo on a background thread."""
         self.db.migrate()
+        self.auth.first_admin_key(self.db, self.settings.data_dir)
         self.store.ensure_builtin_datasets()
         threading.Thread(target=self._load_zoo, name="zoo-load", daemon=True).start()
 
@@ -98,6 +112,32 @@ class Services:
                     self.cache.evict(path_id)
             except Exception:  # the database may be away for a moment; the next poll tries again
                 log.warning("could not follow the zoo", exc_info=True)
+
+    def admit_predict(self, caller: Caller, path_id: str) -> None:
+        """A predict: the caller may use the path, and is under its tenant's predict rate."""
+        self.check_access(caller, path_id)
+        self.quotas.predict(caller)
+
+    def admit(self, key: str | None, path_id: str, predict: bool) -> None:
+        """The device channel's check of a request's bearer key: its access to the path, and for a
+        predict (not the describe before it) the tenant's rate."""
+        caller = self.auth.caller(key)
+        if predict:
+            self.admit_predict(caller, path_id)
+        else:
+            self.check_access(caller, path_id)
+
+    def check_access(self, caller: Caller, path_id: str) -> None:
+        """NotFound unless the caller may use the path (an admin any that exists; the serving path
+        finds out whether it does). Checked once per ``ACCESS_TTL_S`` per tenant and path."""
+        if caller.admin:
+            return
+        if not self._access.get_or((caller.tenant, path_id), lambda: self.store.can_read(path_id, caller.tenant)):
+            raise NotFound(f"no path {path_id!r}")
+
+    def forget_access(self, path_id: str) -> None:
+        """Access to the path changed here: checked afresh on its next use."""
+        self._access.drop(lambda key: key[1] != path_id)
 
     def _warm_pinned(self) -> None:
         for path_id in sorted(self.cache.pinned):

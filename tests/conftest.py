@@ -101,11 +101,23 @@ def pg_url_fresh(pg_url: str) -> Iterator[str]:
 
 
 def start_app(settings: Settings) -> TestClient:
+    """The app started, its client sending the admin key the first start wrote (auth is on in tests)."""
     client = TestClient(create_app(settings))
     client.__enter__()
     svc = client.app.state.services
     assert svc.ready.wait(120), svc.startup_error
+    as_admin(client, settings)
     return client
+
+
+def admin_key(settings: Settings) -> str | None:
+    path = settings.data_dir / "admin.key"
+    return path.read_text().strip() if path.exists() else None
+
+
+def as_admin(client: httpx.Client, settings: Settings) -> None:
+    if key := admin_key(settings):
+        client.headers["Authorization"] = f"Bearer {key}"
 
 
 class Front:
@@ -144,6 +156,7 @@ class FrontClient(httpx.Client):
             time.sleep(0.01)
         svc = self.app.state.services
         assert svc.ready.wait(120), svc.startup_error
+        as_admin(self, settings)
         while time.monotonic() < end:  # the workers answer (they start once per session)
             try:
                 if self.get("/readyz").status_code == 200:

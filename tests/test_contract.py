@@ -18,7 +18,8 @@ def test_schemathesis_finds_no_failure(tmp_path: Path) -> None:
     server = Server(tmp_path, "mixed", workers=1)  # an empty zoo: nothing to train before it is ready
     try:
         st = Path(sys.executable).parent / "st"
-        out = subprocess.run([str(st), *COMMAND, f"{server.url}/openapi.json"], cwd=ROOT, capture_output=True, text=True,
+        auth = ["-H", f"Authorization: Bearer {server.key}"]  # an admin's: every operation is reachable
+        out = subprocess.run([str(st), *COMMAND, *auth, f"{server.url}/openapi.json"], cwd=ROOT, capture_output=True, text=True,
                              check=False,
                              timeout=600)  # fmt: skip
     finally:

@@ -1,6 +1,6 @@
 """The dashboard at `/` in a real browser (Debian's Chromium, driven by Playwright; no browser
 download): load the page, compose a small reprogram path from the form and watch it finish,
-predict an uploaded PNG and read the top label, download a bundle. Each view's screenshot is
+predict an uploaded PNG and read the top label, download a bundle, all with the API key typed into the page. Each view's screenshot is
 saved under docs/img/ (the README shows them). The zoo here is one small ResNet with random
 weights, so the accuracies in the pictures are chance."""
 
@@ -34,6 +34,10 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1100, "height": 800})
             page.goto(server.url + "/")
+            page.wait_for_selector("body[data-loaded=needs-key]", timeout=60_000)  # no key yet: it asks
+            assert "needs an API key" in page.inner_text("#whoami")
+            page.fill("#api-key", server.key)
+            page.click("#key-button")
             page.wait_for_selector("body[data-loaded=yes]", timeout=60_000)
             assert "resnet_s" in page.inner_text("#models") and "digits" in page.inner_text("#datasets-table")
             page.wait_for_function("[...document.querySelectorAll('#datasets-table img')].every(i => i.complete && i.naturalWidth > 0)")

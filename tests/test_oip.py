@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.http as tritonclient_http
 from fastapi.testclient import TestClient
+from tritonclient.utils import InferenceServerException
 
 from service.oip import HEADER
 from tests.helpers import compose, reprogram_spec
@@ -137,13 +138,18 @@ def test_tritonclient_against_a_live_server(tmp_path: Path) -> None:
         pixels = _pixels(4)
         top, want = _v1_probs(server.client, pid, pixels)
         client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{server.port}")
-        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(pid)
-        assert client.get_model_metadata(pid)["outputs"][0]["name"] == "probabilities"
+        auth = {"Authorization": f"Bearer {server.key}"}  # tritonclient passes headers through as given
+        assert not client.is_model_ready(pid)  # no key: 401
+        with pytest.raises(InferenceServerException, match="needs an API key"):
+            client.get_model_metadata(pid)
+        assert client.is_server_live(headers=auth) and client.is_server_ready(headers=auth)
+        assert client.is_model_ready(pid, headers=auth)
+        assert client.get_model_metadata(pid, headers=auth)["outputs"][0]["name"] == "probabilities"
         for binary in (False, True):
             x = tritonclient_http.InferInput("input", list(pixels.shape), "UINT8")
             x.set_data_from_numpy(pixels, binary_data=binary)
             outs = [tritonclient_http.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label")]
-            result = client.infer(pid, [x], outputs=outs)
+            result = client.infer(pid, [x], outputs=outs, headers=auth)
             np.testing.assert_allclose(result.as_numpy("probabilities"), want, atol=1e-6, rtol=0)
             got = [v.decode() if isinstance(v, bytes) else str(v) for v in result.as_numpy("label").tolist()]
             assert got == top

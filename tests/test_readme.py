@@ -93,6 +93,8 @@ def test_the_readme_walkthrough_runs(tmp_path: Path) -> None:
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         _wait_ready(first, server, tmp_path / "serve.log")
+        said = (tmp_path / "serve.log").read_text()
+        assert f"an admin API key was written to {tmp_path / 'data' / 'admin.key'}" in said, said[-2000:]  # fresh: says where
         (tmp_path / "script.sh").write_text(_script(cmds, tmp_path, first, second, tmp_path / "walk"))
         shell = subprocess.Popen(["bash", str(tmp_path / "script.sh")], env=env, start_new_session=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip

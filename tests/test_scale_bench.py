@@ -36,7 +36,7 @@ def test_wrk_drives_a_real_server(tmp_path: Path) -> None:
     try:
         spec = dir_store(tmp_path).card("res").input
         for body, ctype in bodies(spec).values():
-            r = wrk(server.url, ids, body, ctype, connections=4, seconds=1, work=tmp_path)
+            r = wrk(server.url, ids, body, ctype, connections=4, seconds=1, work=tmp_path, key=server.key)
             assert r["requests"] > 0 and r["errors"] == 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
     finally:
         server.close()

@@ -82,6 +82,7 @@ def test_replicas_follow_the_zoo_version(tmp_path: Path, blob_store: str) -> Non
     a = start_app(make_settings(tmp_path / "a", database_url=f"sqlite:///{tmp_path / 'zoo.db'}", blob_store=blob_store, zoo_poll_s=0.05))
     b_dir = tmp_path / ("b" if blob_store == "database" else "a")
     b = start_app(make_settings(b_dir, database_url=f"sqlite:///{tmp_path / 'zoo.db'}", blob_store=blob_store, zoo_poll_s=0.05))
+    b.headers["Authorization"] = a.headers["Authorization"]  # the first start (a's) wrote the admin key
     try:
         assert a.get("/readyz").json()["zoo_version"] == b.get("/readyz").json()["zoo_version"] == 0
         _register_late_base(a)

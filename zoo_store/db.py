@@ -63,6 +63,8 @@ class DatasetRow(Base):
     num_samples: Mapped[int] = mapped_column(Integer)
     shape: Mapped[list[Any]]  # [C, H, W]
     splits: Mapped[dict[str, Any]]  # {"train": n, "test": n}
+    tenant: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # None: built in, everyone's
+    bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the stored upload's (None: built in)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -77,6 +79,7 @@ class JobRow(Base):
     path_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    tenant: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # whose job it is
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -91,6 +94,60 @@ class PathRow(Base):
     dense_bytes: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]]
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PathOwnerRow(Base):
+    """A tenant that owns a path: it composed or imported it (one stored path, one row per owner)."""
+
+    __tablename__ = "path_owners"
+    path_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class PathGrantRow(Base):
+    """An owner lets another tenant (``*``: every tenant) read and predict a path. Each owner's
+    grants are its own: another owner can neither change them nor see them."""
+
+    __tablename__ = "path_grants"
+    path_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    grantor: Mapped[str] = mapped_column(String(64), primary_key=True)
+    grantee: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class TenantLimitsRow(Base):
+    """A tenant's limits where they differ from the Settings' defaults (only the ones that do)."""
+
+    __tablename__ = "tenant_limits"
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    limits: Mapped[dict[str, Any]]
+
+
+class AuditRow(Base):
+    """One mutating call: who (key and tenant), what (method, route, target id), and its status."""
+
+    __tablename__ = "audit"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # time-ordered
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    tenant: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    method: Mapped[str] = mapped_column(String(8))
+    route: Mapped[str] = mapped_column(String(200))
+    target: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    status: Mapped[int] = mapped_column(Integer)
+
+
+class ApiKeyRow(Base):
+    """An API key: only its SHA-256 is kept, found by the short prefix it starts with."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    hash: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class BlobChunkRow(Base):
@@ -131,7 +188,8 @@ class Database:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # a pooled connection to a server may have gone stale; a SQLite file's cannot (and a ping costs a query)
-        self.engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+        # hide_parameters: a failed statement's message never carries its values (a key's hash, say)
+        self.engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), hide_parameters=True)
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -190,9 +248,11 @@ class Database:
         self.engine.dispose()
 
 
-def page(s: Session, row_type: type[Base], cursor: str | None, limit: int, **filters: Any) -> tuple[list, str | None]:
-    """Keyset pagination by id: returns the rows after ``cursor`` and the next cursor."""
-    q = select(row_type).order_by(row_type.id).limit(limit + 1)  # type: ignore[attr-defined]
+def page(s: Session, row_type: type[Base], cursor: str | None, limit: int, where: tuple = (),
+         **filters: Any) -> tuple[list, str | None]:  # fmt: skip
+    """Keyset pagination by id: returns the rows after ``cursor`` (that match ``where`` and the
+    equality ``filters`` whose value is not None) and the next cursor."""
+    q = select(row_type).where(*where).order_by(row_type.id).limit(limit + 1)  # type: ignore[attr-defined]
     if cursor:
         q = q.where(row_type.id > cursor)  # type: ignore[attr-defined]
     for k, v in filters.items():

@@ -7,9 +7,37 @@ class ZooError(Exception):
     status = 500
     title = "Internal error"
 
-    def __init__(self, detail: str):
+    def __init__(self, detail: str, retry_after: int | None = None):
         super().__init__(detail)
         self.detail = detail
+        self.retry_after = retry_after  # seconds: the answer carries ``Retry-After``
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class Unauthorized(ZooError):
+    """No API key, or one that is unknown, revoked or expired."""
+
+    status = 401
+    title = "Unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="zoo"'}
+
+
+class Forbidden(ZooError):
+    """A valid key that may not do this: an admin's route, a quota reached, a path it only reads."""
+
+    status = 403
+    title = "Forbidden"
+
+
+class TooManyRequests(ZooError):
+    """Over a rate limit: the answer carries ``Retry-After``."""
+
+    status = 429
+    title = "Too many requests"
 
 
 class NotFound(ZooError):
@@ -51,9 +79,8 @@ class Overloaded(Unavailable):
 
     title = "Overloaded"
 
-    def __init__(self, detail: str, retry_after: int = 1):
-        super().__init__(detail)
-        self.retry_after = retry_after
+    def __init__(self, detail: str, retry_after: int | None = 1):
+        super().__init__(detail, retry_after)
 
 
 class IntegrityError(ZooError):

@@ -21,6 +21,14 @@ class Settings(BaseSettings):
     demo_zoo: bool = True
     demo_samples: int = Field(12_000, ge=500)  # MNIST images per demo base (train split)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    auth: bool = True  # API keys on every route but /healthz, /readyz, /metrics (ZOO_AUTH=off: none, for experiments)
+    # every tenant's limits unless set for it (PUT /v1/tenants/{tenant}/limits); admins' keys have none
+    tenant_max_jobs: int = Field(8, ge=0)  # jobs queued or running at once
+    tenant_max_paths: int = Field(100_000, ge=0)  # paths it owns
+    tenant_max_path_bytes: int = Field(16 * 2**30, ge=0)  # bytes of the paths it owns
+    tenant_max_dataset_bytes: int = Field(4 * 2**30, ge=0)  # bytes of the datasets it uploaded
+    tenant_predict_rate: float = Field(200.0, ge=0.01)  # predict requests per second (token bucket) ...
+    tenant_predict_burst: int = Field(400, ge=1)  # ... and at once (the bucket's size)
     # where base weights, datasets and other blobs live: "dir" (under data_dir) or "database" (chunked
     # rows, so that no two processes share a disk); default: dir embedded, database distributed
     blob_store: Literal["dir", "database"] | None = None

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.orm import Session
 
 from zoo_store.archs import TapNet, build_for
 from zoo_store.blobs import (
@@ -23,8 +24,19 @@ from zoo_store.blobs import (
 )
 from zoo_store.cards import Card, CardIn, TapInfo
 from zoo_store.datasets.builtin import BUILTINS, Arrays
-from zoo_store.db import BaseRow, Database, DatasetRow, JobRow, PathDeletionRow, PathRow, new_id, page
-from zoo_store.errors import Conflict, IntegrityError, InvalidInput, NotFound
+from zoo_store.db import (
+    BaseRow,
+    Database,
+    DatasetRow,
+    JobRow,
+    PathDeletionRow,
+    PathGrantRow,
+    PathOwnerRow,
+    PathRow,
+    new_id,
+    page,
+)
+from zoo_store.errors import Conflict, Forbidden, IntegrityError, InvalidInput, NotFound
 from zoo_store.paths import Bundle
 from zoo_store.settings import Settings
 from zoo_store.training import freeze
@@ -142,26 +154,30 @@ class Store:
             except SAIntegrityError:  # another process starting at the same time inserted the same row
                 pass
 
-    def add_dataset(self, name: str, x: np.ndarray, y: np.ndarray, labels: list[str]) -> DatasetRow:
+    def add_dataset(self, name: str, x: np.ndarray, y: np.ndarray, labels: list[str], tenant: str | None = None) -> DatasetRow:
         arrays = split_upload(x, y, labels)
         buf = io.BytesIO()
         np.savez(buf, x=x, y=y, labels=np.array(labels, dtype=np.str_))
         digest = self.blobs.put(buf.getvalue())
         with self.db.session() as s:
             row = _dataset_row(new_id("ds"), name, "upload", digest, arrays)
+            row.tenant, row.bytes = tenant, x.nbytes + y.nbytes  # what the tenant's quota counts
             s.add(row)
         return row
 
-    def dataset(self, dataset_id: str) -> DatasetRow:
+    def dataset(self, dataset_id: str, visible_to: str | None = None) -> DatasetRow:
+        """A dataset ``visible_to`` that tenant (None: to anyone): a built-in one, or one it uploaded
+        (an upload from before tenants, with none, is an admin's)."""
         with self.db.session() as s:
             row = s.get(DatasetRow, dataset_id)
-            if row is None:
+            if row is None or (visible_to is not None and row.source != "builtin" and row.tenant != visible_to):
                 raise NotFound(f"no dataset {dataset_id!r}")
             return row
 
-    def list_datasets(self, cursor: str | None, limit: int) -> tuple[list[DatasetRow], str | None]:
+    def list_datasets(self, cursor: str | None, limit: int, visible_to: str | None = None) -> tuple[list[DatasetRow], str | None]:
+        where = () if visible_to is None else (or_(DatasetRow.source == "builtin", DatasetRow.tenant == visible_to),)
         with self.db.session() as s:
-            return page(s, DatasetRow, cursor, limit)
+            return page(s, DatasetRow, cursor, limit, where)
 
     def arrays(self, dataset_id: str) -> Arrays:
         row = self.dataset(dataset_id)
@@ -172,25 +188,26 @@ class Store:
             return split_upload(z["x"], z["y"], [str(v) for v in z["labels"]])
 
     # -- jobs ---------------------------------------------------------------------------------
-    def create_job(self, spec: dict[str, Any]) -> JobRow:
+    def create_job(self, spec: dict[str, Any], tenant: str | None = None) -> JobRow:
         with self.db.session() as s:
             row = JobRow(
                 id=new_id("job"), method=spec["method"], spec=spec, state="queued",
-                progress={"fraction": 0.0}, metrics={},
+                progress={"fraction": 0.0}, metrics={}, tenant=tenant,
             )  # fmt: skip
             s.add(row)
         return row
 
-    def job(self, job_id: str) -> JobRow:
+    def job(self, job_id: str, visible_to: str | None = None) -> JobRow:
         with self.db.session() as s:
             row = s.get(JobRow, job_id)
-            if row is None:
+            if row is None or (visible_to is not None and row.tenant != visible_to):
                 raise NotFound(f"no job {job_id!r}")
             return row
 
-    def list_jobs(self, cursor: str | None, limit: int, state: str | None = None) -> tuple[list[JobRow], str | None]:
+    def list_jobs(self, cursor: str | None, limit: int, state: str | None = None,
+                  visible_to: str | None = None) -> tuple[list[JobRow], str | None]:  # fmt: skip
         with self.db.session() as s:
-            return page(s, JobRow, cursor, limit, state=state)
+            return page(s, JobRow, cursor, limit, state=state, tenant=visible_to)
 
     def update_job(self, job_id: str, **fields: Any) -> JobRow:
         """Update a job unless it already ended (a cancelled job stays cancelled)."""
@@ -220,6 +237,8 @@ class Store:
                 return  # cancelled meanwhile: keep nothing
             if s.get(PathRow, bundle.id) is None:
                 s.add(_path_row(bundle))
+            if row.tenant is not None:
+                _own(s, bundle.id, row.tenant)
             row.state, row.path_id, row.metrics = "succeeded", bundle.id, metrics
             row.progress = {**row.progress, "fraction": 1.0}
 
@@ -231,23 +250,65 @@ class Store:
             return list(s.scalars(select(JobRow.id).where(JobRow.state == "queued").order_by(JobRow.id)))
 
     # -- paths --------------------------------------------------------------------------------
-    def save_path(self, bundle: Bundle) -> tuple[PathRow, bool]:
+    def save_path(self, bundle: Bundle, tenant: str | None = None) -> tuple[PathRow, bool]:
+        """Store a path (once) owned by ``tenant``; created: whether it is new to that tenant (to
+        the store when no tenant). Two tenants importing one bundle: two owners of one path."""
         with self.db.session() as s:
             row = s.get(PathRow, bundle.id)
-            if row is not None:
-                return row, False
-            row = _path_row(bundle)
-            s.add(row)
-            return row, True
+            created = row is None
+            if row is None:
+                row = _path_row(bundle)
+                s.add(row)
+            if tenant is not None:
+                created = _own(s, bundle.id, tenant)
+            return row, created
 
-    def path(self, path_id: str) -> PathRow:
+    def path(self, path_id: str, visible_to: str | None = None) -> PathRow:
+        """A path ``visible_to`` that tenant (None: to anyone): one it owns or was granted, or a public one."""
         if not re.fullmatch(r"p_[0-9a-f]{32}", path_id):
             raise NotFound(f"no path {path_id!r}")
         with self.db.session() as s:
             row = s.get(PathRow, path_id)
-            if row is None:
+            if row is None or (visible_to is not None and _role(s, path_id, visible_to) is None):
                 raise NotFound(f"no path {path_id!r}")
             return row
+
+    def usage(self, tenant: str) -> dict[str, int]:
+        """What the tenant holds: jobs queued or running, paths it owns and their bytes, uploads' bytes."""
+        owned = select(PathOwnerRow.path_id).where(PathOwnerRow.tenant == tenant)
+        with self.db.session() as s:
+            return {
+                "jobs": s.scalar(select(func.count()).select_from(JobRow).where(
+                    JobRow.tenant == tenant, JobRow.state.in_(("queued", "running")))) or 0,
+                "paths": s.scalar(select(func.count()).select_from(owned.subquery())) or 0,
+                "path_bytes": s.scalar(select(func.sum(PathRow.bytes)).where(PathRow.id.in_(owned))) or 0,
+                "dataset_bytes": s.scalar(select(func.sum(DatasetRow.bytes)).where(DatasetRow.tenant == tenant)) or 0,
+            }  # fmt: skip
+
+    def role(self, path_id: str, tenant: str) -> str | None:
+        """The tenant's role for the path: ``owner``, ``reader`` (granted, or public) or None."""
+        with self.db.session() as s:
+            return _role(s, path_id, tenant)
+
+    def can_read(self, path_id: str, tenant: str) -> bool:
+        return self.role(path_id, tenant) is not None
+
+    def sharing(self, path_id: str, grantor: str | None) -> dict[str, Any]:
+        """The path's owners and the grants of ``grantor`` (None: every owner's)."""
+        with self.db.session() as s:
+            owners = sorted(s.scalars(select(PathOwnerRow.tenant).where(PathOwnerRow.path_id == path_id)))
+            q = select(PathGrantRow.grantee).where(PathGrantRow.path_id == path_id)
+            grantees = set(s.scalars(q if grantor is None else q.where(PathGrantRow.grantor == grantor)))
+        return {"owners": owners, "public": "*" in grantees, "tenants": sorted(grantees - {"*"})}
+
+    def share(self, path_id: str, grantor: str, public: bool, tenants: list[str]) -> dict[str, Any]:
+        """Replace ``grantor``'s grants of the path: every tenant (public) and/or the named ones.
+        The caller checks that the grantor owns it (or is an admin)."""
+        with self.db.session() as s:
+            s.execute(delete(PathGrantRow).where(PathGrantRow.path_id == path_id, PathGrantRow.grantor == grantor))
+            for grantee in sorted({*tenants, *(["*"] if public else [])} - {grantor}):
+                s.add(PathGrantRow(path_id=path_id, grantor=grantor, grantee=grantee))
+        return self.sharing(path_id, grantor)
 
     def path_bundle(self, path_id: str) -> bytes:
         """Only the ``.zoopath`` bytes of a path (what serving needs; one column, no JSON decoding)."""
@@ -259,17 +320,31 @@ class Store:
             raise NotFound(f"no path {path_id!r}")
         return data
 
-    def list_paths(self, cursor: str | None, limit: int) -> tuple[list[PathRow], str | None]:
+    def list_paths(self, cursor: str | None, limit: int, visible_to: str | None = None) -> tuple[list[PathRow], str | None]:
+        where = () if visible_to is None else (PathRow.id.in_(_visible(visible_to)),)
         with self.db.session() as s:
-            return page(s, PathRow, cursor, limit)
+            return page(s, PathRow, cursor, limit, where)
 
-    def delete_path(self, path_id: str) -> None:
+    def delete_path(self, path_id: str, by: str | None = None) -> bool:
+        """``by`` an owner: it owns the path no more (and its grants go), and the path is deleted
+        with its last owner (True). ``by`` None (an admin): deleted for every owner. A reader may not."""
         with self.db.session() as s:
-            row = s.get(PathRow, path_id)
-            if row is None:
+            row = s.get(PathRow, path_id, with_for_update=True)  # owners deleting at once take turns
+            role = None if row is None or by is None else _role(s, path_id, by)
+            if row is None or (by is not None and role is None):
                 raise NotFound(f"no path {path_id!r}")
+            if by is not None:
+                if role != "owner":
+                    raise Forbidden(f"only an owner of path {path_id!r} may delete it; {by!r} reads it")
+                s.execute(delete(PathOwnerRow).where(PathOwnerRow.path_id == path_id, PathOwnerRow.tenant == by))
+                s.execute(delete(PathGrantRow).where(PathGrantRow.path_id == path_id, PathGrantRow.grantor == by))
+                if s.scalar(select(PathOwnerRow.tenant).where(PathOwnerRow.path_id == path_id).limit(1)) is not None:
+                    return False
+            s.execute(delete(PathOwnerRow).where(PathOwnerRow.path_id == path_id))
+            s.execute(delete(PathGrantRow).where(PathGrantRow.path_id == path_id))
             s.delete(row)
             s.add(PathDeletionRow(path_id=path_id))  # for the other replicas' caches
+            return True
 
     def deletions_since(self, seq: int | None) -> tuple[int, list[str]]:
         """Paths deleted after deletion ``seq`` (None: none, just the latest seq) and the latest seq."""
@@ -295,6 +370,28 @@ def _dataset_row(ds_id: str, name: str, source: str, digest: str | None, a: Arra
         num_samples=len(a.train_y) + len(a.test_y), shape=list(a.train_x.shape[1:]),
         splits={"train": len(a.train_y), "test": len(a.test_y)},
     )  # fmt: skip
+
+
+def _own(s: Session, path_id: str, tenant: str) -> bool:
+    """Make ``tenant`` an owner of the path; whether it was not one."""
+    if s.get(PathOwnerRow, (path_id, tenant)) is not None:
+        return False
+    s.add(PathOwnerRow(path_id=path_id, tenant=tenant))
+    return True
+
+
+def _visible(tenant: str):
+    """The ids of the paths the tenant owns or was granted (or that are public)."""
+    owned = select(PathOwnerRow.path_id).where(PathOwnerRow.tenant == tenant)
+    return owned.union(select(PathGrantRow.path_id).where(PathGrantRow.grantee.in_((tenant, "*"))))
+
+
+def _role(s: Session, path_id: str, tenant: str) -> str | None:
+    """``owner``, ``reader`` (granted to it, or public) or None."""
+    if s.get(PathOwnerRow, (path_id, tenant)) is not None:
+        return "owner"
+    granted = select(PathGrantRow.grantee).where(PathGrantRow.path_id == path_id, PathGrantRow.grantee.in_((tenant, "*")))
+    return "reader" if s.scalar(granted.limit(1)) is not None else None
 
 
 def _path_row(b: Bundle) -> PathRow:

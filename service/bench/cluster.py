@@ -154,6 +154,17 @@ class Cluster:
         self.nginx("nginx", [n for n in names if n.startswith("replica")])
         self.wait_ready()
 
+    @property
+    def admin_key(self) -> str:
+        """The admin key the first replica to start wrote into its data dir (no other writes one)."""
+        found = sorted(self.root.glob("gen*/replica*/admin.key"))
+        if not found:
+            raise LookupError("no replica wrote an admin key (keys were in the database already?)")
+        return found[0].read_text().strip()
+
+    def client(self, name: str) -> ZooClient:
+        return ZooClient(self.procs[name].url, api_key=self.admin_key)
+
     def holder_of(self, job_id: str) -> Proc:
         """The worker whose claim on the job's stream entry is pending (its consumer name ends in its pid)."""
         import redis
@@ -209,8 +220,8 @@ def compose(client: ZooClient, task: dict = SMALL, epochs: int = 1) -> str:
     return client.compose({"method": "reprogram", "base": BASE_ID, "task": task, "train": {"epochs": epochs, "seed": 0}})["id"]
 
 
-def predict(url: str, path_id: str, body: bytes) -> dict:
-    r = httpx.post(f"{url}/v1/paths/{path_id}/predict", content=body, headers={"content-type": "application/octet-stream"}, timeout=60)
+def predict(client: ZooClient, path_id: str, body: bytes) -> dict:
+    r = client.http.post(f"/v1/paths/{path_id}/predict", content=body, headers={"content-type": "application/octet-stream"})
     r.raise_for_status()
     return r.json()
 
@@ -237,43 +248,43 @@ def count_rows(database_url: str) -> dict[str, int]:
         eng.dispose()
 
 
-def load(url: str, ids: list[str], body: bytes, requests: int, seed: int = 0) -> dict:
-    """A bounded closed-loop predict load over 16 connections, uniform over ``ids``."""
-    return run_load(url, ids, schedule(len(ids), requests, "uniform", seed), body, concurrency=16)
+def load(client: ZooClient, ids: list[str], body: bytes, requests: int, seed: int = 0) -> dict:
+    """A bounded closed-loop predict load over 16 connections, uniform over ``ids``, with the client's key."""
+    key = client.http.headers["authorization"].removeprefix("Bearer ")
+    return run_load(str(client.http.base_url).rstrip("/"), ids, schedule(len(ids), requests, "uniform", seed), body, 16, key)
 
 
 def scenario(cluster: Cluster, say: Say = print) -> dict:
     """Point 5 of issue 13 on a started cluster (2 replicas, 2 workers, nginx). Raises at the first
     step that does not hold; returns the counts it measured."""
-    a, b, proxy = (cluster.procs[n].url for n in ("replica0", "replica1", "nginx"))
-    via_b, via_proxy = ZooClient(b), ZooClient(proxy)
+    a, b, proxy = (cluster.client(n) for n in ("replica0", "replica1", "nginx"))
     _, body = one_image(GRAY)
     report: dict = {}
 
     say("cluster: register a base through replica0; replica1 follows; compose through replica1")
     card, weights = tiny_base()
-    _, created = ZooClient(a).add_model(card, weights)
+    _, created = a.add_model(card, weights)
     assert created
     end = time.monotonic() + 30
-    while via_b.http.get("/readyz").json()["zoo_version"] != 1:  # loaded by the follower, not on demand
+    while b.http.get("/readyz").json()["zoo_version"] != 1:  # loaded by the follower, not on demand
         assert time.monotonic() < end, "replica1 did not load the base registered through replica0"
         time.sleep(0.1)
-    first_job = compose(via_b)
-    job = wait_job(via_b, first_job)
+    first_job = compose(b)
+    job = wait_job(b, first_job)
     assert job["state"] == "succeeded", job
     first = job["path_id"]
     answers = [predict(u, first, body) for u in (a, b, proxy)]
     assert answers[0] == answers[1] == answers[2], answers
 
     say("cluster: SIGKILL the worker running a job")
-    job_id = compose(via_proxy, *LONG)
-    while (job := wait_job(via_proxy, job_id, until=("running",)))["progress"].get("epoch", 0) < 1:  # into its epochs
+    job_id = compose(proxy, *LONG)
+    while (job := wait_job(proxy, job_id, until=("running",)))["progress"].get("epoch", 0) < 1:  # into its epochs
         assert job["state"] == "running", f"the long job ended before it could be killed: {job}"
         time.sleep(0.1)
     victim = cluster.holder_of(job_id)
     killed_at = time.monotonic()
     victim.kill()
-    job = wait_job(via_proxy, job_id, timeout=600)
+    job = wait_job(proxy, job_id, timeout=600)
     report["worker_takeover_s"] = round(time.monotonic() - killed_at, 1)
     assert job["state"] == "succeeded", job
     rows = count_rows(cluster.database_url)
@@ -295,7 +306,7 @@ def scenario(cluster: Cluster, say: Say = print) -> dict:
     victim = cluster.procs[owner[first]]
     say(f"cluster: SIGKILL {victim.name} (it serves path {first}) under a predict load through nginx")
     with ThreadPoolExecutor(1) as pool:
-        served = predicts_served(victim.url)
+        served = predicts_served(victim.url)  # /metrics: no key needed
         loading = pool.submit(load, proxy, ids, body, 1500)
         while predicts_served(victim.url) < served + 100:  # well into the load
             assert not loading.done(), f"the load ended before the kill: {loading.result()}"
@@ -312,11 +323,11 @@ def scenario(cluster: Cluster, say: Say = print) -> dict:
     cluster.restart()
     rows = count_rows(cluster.database_url)
     assert rows == {"bases": 1, "jobs": 2, "paths": 2}, rows
-    urls = [cluster.procs[n].url for n in ("replica0", "replica1", "nginx")]
-    for u in urls:
+    clients = [cluster.client(n) for n in ("replica0", "replica1", "nginx")]
+    for c in clients:
         for pid in ids:
-            assert predict(u, pid, body) == baseline[pid], f"{u} predicts {pid} differently after the restart"
-    states = {j["id"]: j["state"] for j in ZooClient(urls[2]).jobs()}
+            assert predict(c, pid, body) == baseline[pid], f"{c.http.base_url} predicts {pid} differently after the restart"
+    states = {j["id"]: j["state"] for j in clients[2].jobs()}
     assert states == {first_job: "succeeded", job_id: "succeeded"}, states
     return report
 
@@ -342,16 +353,15 @@ def throughput(say: Say, root: Path, database_url: str, redis_url: str, paths: i
         db = Database(database_url)
         bundles = make_paths(Store(db, DbBlobStore(db)), BASE_ID, paths)
         db.dispose()
-        client = ZooClient(cluster.procs["nginx"].url)
-        ids = [client.import_bundle(b)[0]["id"] for b in bundles]
+        ids = [cluster.client("nginx").import_bundle(b)[0]["id"] for b in bundles]
         _, body = one_image(GRAY)
         runs = []
         setups = (("nginx", "2, through nginx"), ("nginx-one", "1, through nginx"), ("replica0", "1, direct (no nginx)"))
         for name, _ in setups:  # warm: every path materialized where nginx sends it
-            load(cluster.procs[name].url, ids, body, requests=4 * paths)
+            load(cluster.client(name), ids, body, requests=4 * paths)
         for i in range(rounds):
             for name, label in setups:
-                r = load(cluster.procs[name].url, ids, body, requests=requests, seed=i)
+                r = load(cluster.client(name), ids, body, requests=requests, seed=i)
                 if r["errors"]:
                     raise RuntimeError(f"{r['errors']} predicts failed through {name}: {r['first_error']}")
                 runs.append({"replicas": label, **{k: r[k] for k in ("per_second", "p50_ms", "p99_ms")}})

@@ -27,6 +27,7 @@ wrk.method = "POST"
 wrk.body = f:read("*all")
 f:close()
 wrk.headers["Content-Type"] = os.getenv("ZOO_WRK_TYPE")
+wrk.headers["Authorization"] = os.getenv("ZOO_WRK_AUTH")
 local n = 0
 request = function()
   n = n + 1
@@ -47,11 +48,12 @@ def wrk_path() -> str:
     return found
 
 
-def wrk(url: str, ids: list[str], body: bytes, ctype: str, connections: int, seconds: int, work: Path) -> dict:
+def wrk(url: str, ids: list[str], body: bytes, ctype: str, connections: int, seconds: int, work: Path, key: str) -> dict:
     (work / "paths.txt").write_text("\n".join(ids) + "\n")
     (work / "body").write_bytes(body)
     (work / "zoo.lua").write_text(WRK_SCRIPT)
-    env = {**os.environ, "ZOO_WRK_PATHS": str(work / "paths.txt"), "ZOO_WRK_BODY": str(work / "body"), "ZOO_WRK_TYPE": ctype}
+    env = {**os.environ, "ZOO_WRK_PATHS": str(work / "paths.txt"), "ZOO_WRK_BODY": str(work / "body"), "ZOO_WRK_TYPE": ctype,
+           "ZOO_WRK_AUTH": f"Bearer {key}"}
     cmd = [wrk_path(), "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(work / "zoo.lua"), url]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("ZOO "))
@@ -91,10 +93,10 @@ def http_suite(say: Say, quick: bool) -> list[str]:
     try:
         for name, (body, ctype) in bodies(spec).items():
             for n in (1, many):
-                wrk(url, ids[:n], body, ctype, 16, 2, work)  # warm: slots loaded, workers' caches filled
+                wrk(url, ids[:n], body, ctype, 16, 2, work, server.key)  # warm: slots loaded, workers' caches filled
                 for c in conns:
                     say(f"http: {name} body, {n} paths, {c} connections")
-                    r = wrk(url, ids[:n], body, ctype, c, seconds, work)
+                    r = wrk(url, ids[:n], body, ctype, c, seconds, work, server.key)
                     errors = f" ({r['errors']} errors)" if r["errors"] else ""
                     lines.append(f"| {name} | {n:,} | {c} | {r['per_second']:,.0f}{errors} | **{r['per_second'] / loop_rate:.2f}x** | "
                                  f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")  # fmt: skip

@@ -2,7 +2,7 @@
 interpreter: ``python -m service.bench.loadgen < job.json`` prints one JSON result line.
 
 The job: ``{"host", "port", "paths": [...], "schedule": [path index per request], "concurrency",
-"body_b64", "content_type", "query"}``. Each of ``concurrency`` keep-alive connections sends its
+"body_b64", "content_type", "query", "authorization"}`` (the last two optional). Each of ``concurrency`` keep-alive connections sends its
 next request as soon as the previous answer arrives, until the schedule is spent (bounded in count).
 """
 
@@ -17,7 +17,8 @@ import time
 
 
 async def _connection(job: dict, todo: list[int], body: bytes, latencies: list[float], errors: list[str]) -> None:
-    head = (f"Host: {job['host']}\r\nContent-Type: {job['content_type']}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    auth = f"Authorization: {job['authorization']}\r\n" if job.get("authorization") else ""
+    head = (f"Host: {job['host']}\r\n{auth}Content-Type: {job['content_type']}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     writer = None
     try:
         while todo:

@@ -220,12 +220,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_load(url: str, ids: list[str], order: list[int], body: bytes, concurrency: int) -> dict:
+def run_load(url: str, ids: list[str], order: list[int], body: bytes, concurrency: int, key: str | None = None) -> dict:
     """Predicts of ``.npy`` ``body`` to paths ``ids`` in ``order`` over ``concurrency`` keep-alive
-    connections to ``url`` (``service.bench.loadgen`` in a process of its own); its result."""
+    connections to ``url`` with bearer ``key`` (``service.bench.loadgen`` in a process of its own); its result."""
     host, port = url.removeprefix("http://").split(":")
     job = {"host": host, "port": int(port), "paths": ids, "schedule": order, "concurrency": concurrency,
-           "body_b64": base64.b64encode(body).decode(), "content_type": "application/octet-stream"}  # fmt: skip
+           "body_b64": base64.b64encode(body).decode(), "content_type": "application/octet-stream",
+           "authorization": f"Bearer {key}" if key else None}  # fmt: skip
     out = subprocess.run([sys.executable, "-m", "service.bench.loadgen"], input=json.dumps(job), text=True,
                          capture_output=True, check=True, timeout=900)  # fmt: skip
     return json.loads(out.stdout)
@@ -248,6 +249,8 @@ class Server:
         self.client = httpx.Client(base_url=self.url, timeout=120)
         if not self.wait_ready(120):
             raise RuntimeError(f"the server was not ready within 120 s: {self.log.read_text(errors='replace')[-2000:]}")
+        self.key = (data_dir / "admin.key").read_text().strip()  # written on the data dir's first start
+        self.client.headers["Authorization"] = f"Bearer {self.key}"
 
     def wait_ready(self, timeout: float) -> bool:
         """Until /readyz answers 200 (False after ``timeout``); raises if the server exited."""
@@ -268,7 +271,7 @@ class Server:
         return sum(_rss_of(p) for p in [self.proc.pid, *descendants(self.proc.pid)])
 
     def load(self, ids: list[str], order: list[int], body: bytes, concurrency: int) -> dict:
-        result = run_load(self.url, ids, order, body, concurrency)
+        result = run_load(self.url, ids, order, body, concurrency, self.key)
         if result["errors"]:
             raise RuntimeError(f"{result['errors']} requests failed, first: {result['first_error']}")
         return result

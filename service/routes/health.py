@@ -19,7 +19,8 @@ def healthz() -> dict:
 def readyz(svc: Svc) -> object:
     db_ok = svc.db.ping()
     if db_ok and svc.ready.is_set():
-        return {"status": "ready", "bases": len(svc.zoo.bases), "zoo_version": svc.zoo.version, "device": svc.zoo.device}
+        return {"status": "ready", "bases": len(svc.zoo.bases), "zoo_version": svc.zoo.version, "device": svc.zoo.device,
+                "auth": "on" if svc.settings.auth else "off (ZOO_AUTH=off: every caller is an admin)"}  # fmt: skip
     why = "database unreachable" if not db_ok else (svc.startup_error or svc.loading)
     return problem(503, "Not ready", why)
 

@@ -4,10 +4,12 @@ Same runtime, batching and limits as ``/v1/paths/{id}/predict``; errors as ``{"e
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
+from service.auth import CallerDep
 from service.deps import ReadySvc, Svc
 from service.oip import HEADER, infer_response, model_metadata, parse_infer
-from service.openapi import CONFLICT, UNAVAILABLE
+from service.openapi import CONFLICT, RATE_LIMITED, UNAVAILABLE
 from zoo_store.errors import Unavailable
 from zoo_store.paths import Manifest
 
@@ -15,31 +17,31 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 
 
 @router.get("")
-def server_metadata() -> dict:
+def server_metadata(_: CallerDep) -> dict:
     return {"name": "zoo", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/health/live")
-def live() -> dict:
+def live(_: CallerDep) -> dict:
     return {}
 
 
 @router.get("/health/ready", responses=UNAVAILABLE)
-def ready(svc: Svc) -> dict:
+def ready(svc: Svc, _: CallerDep) -> dict:
     if not svc.ready.is_set():
         raise Unavailable(svc.startup_error or "the zoo is still loading")
     return {}
 
 
 @router.get("/models/{path_id}")
-def metadata(path_id: str, svc: Svc) -> dict:
+def metadata(path_id: str, svc: Svc, caller: CallerDep) -> dict:
     """Inputs and outputs of a path: ``input`` [-1, C, H, W]; ``probabilities`` [-1, K], ``label`` [-1]."""
-    return model_metadata(path_id, Manifest.model_validate(svc.store.path(path_id).manifest))
+    return model_metadata(path_id, Manifest.model_validate(svc.store.path(path_id, caller.visible_to).manifest))
 
 
 @router.get("/models/{path_id}/ready")
-def model_ready(path_id: str, svc: ReadySvc) -> dict:
-    svc.store.path(path_id)  # 404 when there is no such path
+def model_ready(path_id: str, svc: ReadySvc, caller: CallerDep) -> dict:
+    svc.store.path(path_id, caller.visible_to)  # 404 when there is no such path (for this tenant)
     return {}
 
 
@@ -50,9 +52,10 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
 
 
-@router.post("/models/{path_id}/infer", openapi_extra=INFER_BODY, responses=CONFLICT)
-async def infer(path_id: str, request: Request, svc: ReadySvc) -> Response:
+@router.post("/models/{path_id}/infer", openapi_extra=INFER_BODY, responses={**CONFLICT, **RATE_LIMITED})
+async def infer(path_id: str, request: Request, svc: ReadySvc, caller: CallerDep) -> Response:
     """JSON tensors, or the binary tensor data extension (``Inference-Header-Content-Length``)."""
+    await run_in_threadpool(svc.admit_predict, caller, path_id)  # may ask the database, or Redis
     svc.batcher.check_room()
     entry = await svc.cache.entry(path_id)
     m = entry.manifest

@@ -5,40 +5,73 @@ import torch
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from service.auth import CallerDep
 from service.deps import Cursor, Limit, ReadySvc, Svc
 from service.inputs import read_inputs
-from service.openapi import CONFLICT
+from service.openapi import CONFLICT, FORBIDDEN, RATE_LIMITED
 from service.runtime import validate_bundle
-from service.schemas import Page, Path, PredictResponse
+from service.schemas import Page, Path, PredictResponse, Sharing, SharingIn
+from service.state import Services
 from zoo_store.archs.standalone import export_network
-from zoo_store.errors import BadRequest, Conflict
+from zoo_store.errors import BadRequest, Conflict, Forbidden
 from zoo_store.methods.registry import get_method, method_names
 from zoo_store.paths import decode_bundle
+from zoo_store.tenancy import Caller
 
 router = APIRouter(prefix="/v1/paths", tags=["paths"])
 
 
 @router.get("")
-def list_paths(svc: Svc, cursor: Cursor = None, limit: Limit = 100) -> Page[Path]:
-    rows, nxt = svc.store.list_paths(cursor, limit)
+def list_paths(svc: Svc, caller: CallerDep, cursor: Cursor = None, limit: Limit = 100) -> Page[Path]:
+    """The paths this key's tenant owns or was granted, and the public ones (an admin: all)."""
+    rows, nxt = svc.store.list_paths(cursor, limit, caller.visible_to)
     return Page(items=[Path.of(r) for r in rows], next_cursor=nxt)
 
 
 @router.get("/{path_id}")
-def get_path(path_id: str, svc: Svc) -> Path:
-    return Path.of(svc.store.path(path_id))
+def get_path(path_id: str, svc: Svc, caller: CallerDep) -> Path:
+    return Path.of(svc.store.path(path_id, caller.visible_to))
 
 
-@router.delete("/{path_id}", status_code=204)
-def delete_path(path_id: str, svc: Svc) -> Response:
-    svc.store.delete_path(path_id)
-    svc.cache.evict(path_id)
+@router.delete("/{path_id}", status_code=204, responses=FORBIDDEN)
+def delete_path(path_id: str, svc: Svc, caller: CallerDep) -> Response:
+    """An owner: the path is no longer its own, and it is deleted with its last owner. An admin:
+    deleted for every owner. A tenant it was only granted to: 403."""
+    if svc.store.delete_path(path_id, caller.visible_to):
+        svc.cache.evict(path_id)
+    svc.forget_access(path_id)
     return Response(status_code=204)
 
 
+@router.get("/{path_id}/sharing", responses=FORBIDDEN)
+def get_sharing(path_id: str, svc: Svc, caller: CallerDep) -> Sharing:
+    """Its owners, and whom this key's tenant lets read and predict it (an admin: every owner's
+    grants). For its owners and admins; a tenant it is shared with gets 403."""
+    _owner_or_admin(svc, caller, path_id)
+    return Sharing(**svc.store.sharing(path_id, caller.visible_to))
+
+
+@router.put("/{path_id}/sharing", responses=FORBIDDEN)
+def put_sharing(path_id: str, sharing: SharingIn, svc: Svc, caller: CallerDep) -> Sharing:
+    """Replace whom this key's tenant lets read and predict the path: every tenant (``public``)
+    and/or the named ones. Each owner's grants are its own (another owner's stay as they are); an
+    owner that deletes the path takes its grants with it."""
+    _owner_or_admin(svc, caller, path_id)
+    out = svc.store.share(path_id, caller.tenant, sharing.public, sharing.tenants)
+    svc.forget_access(path_id)
+    return Sharing(**out)
+
+
+def _owner_or_admin(svc: Services, caller: Caller, path_id: str) -> None:
+    svc.store.path(path_id, caller.visible_to)  # 404 unless visible to the caller
+    if not caller.admin and svc.store.role(path_id, caller.tenant) != "owner":
+        raise Forbidden(f"only an owner of path {path_id!r} may see or change whom it is shared with; "
+                        f"tenant {caller.tenant!r} reads it")  # fmt: skip
+
+
 @router.get("/{path_id}/bundle", response_class=Response)
-def get_bundle(path_id: str, svc: Svc) -> Response:
-    row = svc.store.path(path_id)
+def get_bundle(path_id: str, svc: Svc, caller: CallerDep) -> Response:
+    row = svc.store.path(path_id, caller.visible_to)
     return Response(
         row.bundle,
         media_type="application/octet-stream",
@@ -47,8 +80,9 @@ def get_bundle(path_id: str, svc: Svc) -> Response:
 
 
 @router.get("/{path_id}/network", response_class=Response, responses=CONFLICT)
-async def get_network(path_id: str, svc: ReadySvc) -> Response:
+async def get_network(path_id: str, svc: ReadySvc, caller: CallerDep) -> Response:
     """The path as a standalone dense network (safetensors + card), for paths that are one (resample)."""
+    svc.check_access(caller, path_id)
     entry = await run_in_threadpool(svc.cache.get, path_id)
     if not get_method(entry.manifest.method).standalone:
         which = [n for n in method_names() if get_method(n).standalone]
@@ -61,15 +95,19 @@ async def get_network(path_id: str, svc: ReadySvc) -> Response:
 
 
 @router.post("/import", status_code=201, openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}},
-             responses=CONFLICT)  # fmt: skip
-async def import_bundle(request: Request, response: Response, svc: ReadySvc) -> Path:
-    """Import a ``.zoopath`` bundle (raw bytes). 201 when new, 200 when the path already exists."""
+             responses={**CONFLICT, **FORBIDDEN})  # fmt: skip
+async def import_bundle(request: Request, response: Response, svc: ReadySvc, caller: CallerDep) -> Path:
+    """Import a ``.zoopath`` bundle (raw bytes), owned by this key's tenant from then on. 201 when
+    new to the tenant, 200 when it owned the path already."""
     data = await request.body()
     if not data:
         raise BadRequest("empty body: send the .zoopath bundle bytes")
     bundle = decode_bundle(data)
+    if svc.store.role(bundle.id, caller.tenant) != "owner":
+        svc.quotas.new_path(caller, len(data))
     await run_in_threadpool(validate_bundle, bundle, svc.zoo)
-    row, created = svc.store.save_path(bundle)
+    row, created = svc.store.save_path(bundle, caller.tenant)
+    svc.forget_access(row.id)
     if not created:
         response.status_code = 200
     return Path.of(row)
@@ -79,11 +117,12 @@ NPY_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": 
 
 
 @router.post("/{path_id}/predict", response_model=PredictResponse, openapi_extra={"requestBody": {"content": NPY_BODY}},
-             responses=CONFLICT)  # fmt: skip
-async def predict(path_id: str, request: Request, svc: ReadySvc) -> Response:
+             responses={**CONFLICT, **RATE_LIMITED})  # fmt: skip
+async def predict(path_id: str, request: Request, svc: ReadySvc, caller: CallerDep) -> Response:
     """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, multipart image files (field ``files``),
     or ``application/octet-stream``: one ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8
     (``?top_k=`` in the query)."""
+    await run_in_threadpool(svc.admit_predict, caller, path_id)  # may ask the database, or Redis
     svc.batcher.check_room()  # a full queue is refused before any work is done
     entry = await svc.cache.entry(path_id)  # loaded on first use
     manifest = entry.manifest

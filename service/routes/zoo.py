@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import ValidationError
 
+from service.auth import AdminDep, CallerDep
 from service.deps import Cursor, Limit, ReadySvc, Svc
 from service.openapi import CONFLICT
 from service.schemas import Page
@@ -17,19 +18,19 @@ router = APIRouter(prefix="/v1/zoo/models", tags=["zoo"])
 
 
 @router.get("")
-def list_models(svc: Svc, cursor: Cursor = None, limit: Limit = 100) -> Page[Card]:
+def list_models(svc: Svc, _: CallerDep, cursor: Cursor = None, limit: Limit = 100) -> Page[Card]:
     items, nxt = svc.store.list_cards(cursor, limit)
     return Page(items=items, next_cursor=nxt)
 
 
 @router.get("/{model_id}")
-def get_model(model_id: str, svc: Svc) -> Card:
+def get_model(model_id: str, svc: Svc, _: CallerDep) -> Card:
     return svc.store.card(model_id)
 
 
 @router.get("/{model_id}/weights", response_class=Response)
-def get_weights(model_id: str, svc: Svc) -> Response:
-    """The base's canonical safetensors file (the zoo is public: other servers fetch it here)."""
+def get_weights(model_id: str, svc: Svc, _: CallerDep) -> Response:
+    """The base's canonical safetensors file (every tenant may read the zoo; other servers fetch it here)."""
     card = svc.store.card(model_id)
     return Response(
         svc.store.base_weights(model_id),
@@ -41,6 +42,7 @@ def get_weights(model_id: str, svc: Svc) -> Response:
 @router.post("", status_code=201, responses=CONFLICT)
 async def add_model(
     svc: ReadySvc,
+    _: AdminDep,
     response: Response,
     card: Annotated[str, Form(description="the card as JSON: id, arch, arch_config, labels, input, metrics")],
     weights: Annotated[UploadFile, File(description="safetensors, or a weights-only torch .pth")],

@@ -4,8 +4,13 @@ const $ = (sel) => document.querySelector(sel);
 const pct = (x) => (typeof x === "number" ? (100 * x).toFixed(2) + "%" : "-");
 const kb = (n) => (n / 1000).toFixed(1) + " KB";
 
+// The API key: kept for this browser tab only (sessionStorage), sent as a bearer header.
+const KEY = "zoo.apiKey";
+const authed = (options = {}) => ({...options, headers: {...(options.headers || {}),
+                                                        Authorization: "Bearer " + (sessionStorage.getItem(KEY) || "")}});
+
 async function api(path, options = {}) {
-  const r = await fetch(path, options);
+  const r = await fetch(path, authed(options));
   const body = (r.headers.get("content-type") || "").includes("json") ? await r.json() : await r.text();
   if (!r.ok) throw new Error(body.detail || body.error || r.statusText);
   return body;
@@ -48,7 +53,7 @@ async function loadDatasets() {
   $("#datasets-table tbody").replaceChildren();
   for (const d of datasets) {
     const img = document.createElement("img");
-    img.src = `/v1/datasets/${encodeURIComponent(d.id)}/samples.png?n=8`;
+    blobUrl(`/v1/datasets/${encodeURIComponent(d.id)}/samples.png?n=8`).then((u) => { img.src = u; });
     img.alt = d.id + " samples";
     img.height = 28;
     row("#datasets-table", [d.id, d.num_samples.toLocaleString(), d.labels.length, img]);
@@ -90,14 +95,37 @@ function drawLoss(losses) {
   g.fillStyle = "#555"; g.fillText(`loss ${losses[losses.length - 1].toFixed(4)}`, 12, 14);
 }
 
+async function blobUrl(path) {
+  const r = await fetch(path, authed());
+  if (!r.ok) throw new Error(r.statusText);
+  return URL.createObjectURL(await r.blob());
+}
+
+// Server-sent events read with fetch (EventSource cannot send the key): each event's data to onEvent.
+async function events(path, onEvent) {
+  const r = await fetch(path, authed());
+  if (!r.ok) throw new Error((await r.json()).detail || r.statusText);
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buf += value;
+    for (let i; (i = buf.indexOf("\n\n")) >= 0; buf = buf.slice(i + 2)) {
+      const block = buf.slice(0, i), name = /^event: (.*)$/m.exec(block), data = /^data: (.*)$/m.exec(block);
+      if (name && data) await onEvent(name[1], JSON.parse(data[1]));
+    }
+  }
+}
+
 function follow(jobId) {
   $("#job").hidden = false;
   $("#job-id").textContent = jobId;
   $("#job-result").textContent = "";
   const losses = [];
-  const events = new EventSource(`/v1/jobs/${encodeURIComponent(jobId)}/events`);
-  events.addEventListener("job", async (e) => {
-    const job = JSON.parse(e.data), p = job.progress || {};
+  events(`/v1/jobs/${encodeURIComponent(jobId)}/events`, async (name, job) => {
+    if (name !== "job") return;
+    const p = job.progress || {};
     $("#job-state").textContent = job.state;
     $("#job-state").className = "state-" + job.state;
     $("#job-step").textContent = p.step || (p.epoch !== undefined ? "epoch " + p.epoch : "");
@@ -105,7 +133,6 @@ function follow(jobId) {
     $("#job-percent").textContent = pct(p.fraction || 0);
     if (typeof p.loss === "number") { losses.push(p.loss); drawLoss(losses); }
     if (["succeeded", "failed", "cancelled"].includes(job.state)) {
-      events.close();
       $("#job-result").textContent = job.state === "succeeded"
         ? `path ${job.path_id}, accuracy ${pct(job.metrics.accuracy)}` : (job.error || job.state);
       await Promise.all([loadJobs(), loadPaths()]);
@@ -138,10 +165,16 @@ async function loadPaths() {
   if (chosen) select.value = chosen;
   for (const p of paths) {
     const link = document.createElement("a");
-    link.href = `/v1/paths/${p.id}/bundle`;
-    link.download = p.id + ".zoopath";
+    link.href = "#";
     link.textContent = "bundle";
     link.className = "bundle";
+    link.onclick = async (e) => {  // fetched with the key, then saved
+      e.preventDefault();
+      const save = document.createElement("a");
+      save.href = await blobUrl(`/v1/paths/${p.id}/bundle`);
+      save.download = p.id + ".zoopath";
+      save.click();
+    };
     row("#paths-table", [p.id, p.method, p.bases.map((b) => b.id).join(", "), pct(p.metrics.accuracy),
                          `${kb(p.bytes)} / ${kb(p.dense_bytes)}`, link]);
   }
@@ -173,7 +206,14 @@ async function predict(file) {
 async function main() {
   const ready = await fetch("/readyz").then((r) => r.json()).catch(() => ({}));
   $("#ready").textContent = ready.status === "ready" ? `ready: ${ready.bases} bases on ${ready.device}` : "not ready";
-  await Promise.all([loadZoo(), loadDatasets()]);
+  $("#key-form").onsubmit = (e) => { e.preventDefault(); sessionStorage.setItem(KEY, $("#api-key").value.trim()); location.reload(); };
+  try { await loadZoo(); } catch (err) {  // no key yet, or a revoked one: ask for one
+    $("#whoami").textContent = err.message;
+    document.body.dataset.loaded = "needs-key";
+    return;
+  }
+  $("#whoami").textContent = "key accepted";
+  await loadDatasets();
   fillMethods();
   await Promise.all([loadJobs(), loadPaths()]);
   $("#compose-form").onsubmit = compose;
