@@ -10,15 +10,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import is_oip
 from zoo_store.settings import Settings
 
-UPLOAD_ROUTES = ("/v1/datasets", "/v1/zoo/models")
-
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, settings: Settings):
         self.app, self.settings = app, settings
 
     def limit_for(self, path: str) -> int:
-        return self.settings.max_upload_bytes if path in UPLOAD_ROUTES else self.settings.max_body_bytes
+        if path == "/v1/zoo/models":
+            return self.settings.max_base_bytes
+        return self.settings.max_upload_bytes if path == "/v1/datasets" else self.settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

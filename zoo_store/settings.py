@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     max_queue_inputs: int = Field(2048, gt=0)
     # limits on what users send
     max_body_bytes: int = 16 * 2**20
-    max_upload_bytes: int = 64 * 2**20
+    max_upload_bytes: int = 64 * 2**20  # a dataset upload
+    max_base_bytes: int = 8 * 2**30  # a base's weights file: spooled to disk and read from there, never whole in memory
     max_image_bytes: int = 4 * 2**20
     max_image_side: int = 2048
     # jobs

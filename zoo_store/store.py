@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,13 +76,13 @@ class Store:
         return cls(db, blobs, DirKeyStore(settings.cache_dir))
 
     # -- zoo ----------------------------------------------------------------------------------
-    def add_base(self, card_in: CardIn, weights: bytes | dict[str, torch.Tensor],
+    def add_base(self, card_in: CardIn, weights: bytes | Path | dict[str, torch.Tensor],
                  claimed: dict[str, Any] | None = None) -> tuple[Card, bool]:  # fmt: skip
         """Register a base; returns (card, created). Same id with another digest is a Conflict, and so
         is a ``claimed`` server-computed field (a card as another server returned it) that these
         weights do not give: checked before anything is written."""
         net = build_for(card_in)
-        load_into(net, read_weights(weights) if isinstance(weights, bytes) else weights)
+        load_into(net, weights if isinstance(weights, dict) else read_weights(weights))
         data = canonical_bytes(net)
         digest = sha256(data)
         card = card_for(card_in, net, digest, len(data))

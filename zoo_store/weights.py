@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import zipfile
+from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
@@ -24,13 +26,20 @@ def digest_of(module: nn.Module) -> str:
     return sha256(canonical_bytes(module))
 
 
-def read_weights(data: bytes) -> dict[str, torch.Tensor]:
-    """Parse a user's weights file: safetensors, or a torch zip loaded with weights_only=True."""
-    if not data:
-        raise BadRequest("weights file is empty")
-    if zipfile.is_zipfile(io.BytesIO(data)):
+def read_weights(data: bytes | Path) -> dict[str, torch.Tensor]:
+    """Parse a user's weights file (its bytes, or a file read in place, memory-mapped): safetensors,
+    or a torch zip loaded with weights_only=True (never unpickled otherwise)."""
+    if isinstance(data, Path):
+        if data.stat().st_size == 0:
+            raise BadRequest("weights file is empty")
+        source, is_zip = str(data), zipfile.is_zipfile(data)
+    else:
+        if not data:
+            raise BadRequest("weights file is empty")
+        source, is_zip = io.BytesIO(data), zipfile.is_zipfile(io.BytesIO(data))
+    if is_zip:
         try:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            state = torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(data, Path))
         except Exception as e:  # any failure of the restricted loader is bad input
             raise BadRequest(f"weights file is not a loadable weights-only torch file: {e}") from e
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -39,7 +48,7 @@ def read_weights(data: bytes) -> dict[str, torch.Tensor]:
             raise BadRequest("torch weights file must hold a flat dict of tensors (a state dict)")
         return dict(state)
     try:
-        return st_load(data)
+        return st_load_file(data) if isinstance(data, Path) else st_load(data)
     except Exception as e:  # SafetensorError, or a header that is not JSON
         raise BadRequest(f"weights file is neither safetensors nor a torch zip: {e}") from e
 

@@ -1,15 +1,20 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from service.auth import AdminDep, CallerDep
 from service.deps import Cursor, Limit, ReadySvc, Svc
 from service.openapi import CONFLICT
 from service.schemas import Page
+from service.state import Services
 from zoo_store.cards import Card, CardIn
 from zoo_store.errors import BadRequest, InvalidInput
 
@@ -45,8 +50,10 @@ async def add_model(
     _: AdminDep,
     response: Response,
     card: Annotated[str, Form(description="the card as JSON: id, arch, arch_config, labels, input, metrics")],
-    weights: Annotated[UploadFile, File(description="safetensors, or a weights-only torch .pth")],
+    weights: Annotated[UploadFile, File(description="safetensors, or a weights-only torch .pth (up to ZOO_MAX_BASE_BYTES)")],
 ) -> Card:
+    """Register a base (admins). The weights file is the model's own state dict as the library saves
+    it; it is read from disk where the upload was spooled, never held whole in memory."""
     try:
         raw = json.loads(card)
     except json.JSONDecodeError as e:
@@ -59,9 +66,18 @@ async def add_model(
     except ValidationError as e:
         err = e.errors()[0]
         raise InvalidInput(f"card.{'.'.join(map(str, err['loc']))}: {err['msg']}") from e
-    data = await weights.read()
-    stored, created = svc.store.add_base(card_in, data, claimed=computed)
+    stored, created = await run_in_threadpool(_add_base, svc, card_in, weights, computed)
     svc.zoo.add(stored)
     if not created:
         response.status_code = 200
     return stored
+
+
+def _add_base(svc: Services, card_in: CardIn, weights: UploadFile, claimed: dict) -> tuple[Card, bool]:
+    """The upload copied in chunks to a file of its own (the parser spooled it to a temporary file
+    already), then read memory-mapped from there."""
+    with tempfile.NamedTemporaryFile(dir=svc.settings.data_dir, prefix="upload-", suffix=".weights") as f:
+        weights.file.seek(0)
+        shutil.copyfileobj(weights.file, f, 8 * 2**20)
+        f.flush()
+        return svc.store.add_base(card_in, Path(f.name), claimed=claimed)
