@@ -47,12 +47,12 @@ class Auth:
         row = self.keys.find(key)
         return None if row is None else Caller(row.tenant, row.admin, row.id)
 
-    def first_admin_key(self, db: Database, data_dir: Path) -> Path | None:
+    def first_admin_key(self, data_dir: Path) -> Path | None:
         """With auth on and no key at all, an admin key written to ``data_dir/admin.key`` (mode 0600);
         its path (None when there were keys already)."""
         if not self.enabled:
             return None
-        with db.exclusive(ADMIN_KEY_LOCK):
+        with self.keys.db.exclusive(ADMIN_KEY_LOCK):
             if self.keys.any():
                 return None
             _, key = self.keys.create("admin", admin=True)

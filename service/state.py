@@ -71,7 +71,7 @@ class Services:
     def start(self) -> None:
         """Migrate, register built-in datasets, then build/load the zoo on a background thread."""
         self.db.migrate()
-        self.auth.first_admin_key(self.db, self.settings.data_dir)
+        self.auth.first_admin_key(self.settings.data_dir)
         self.store.ensure_builtin_datasets()
         threading.Thread(target=self._load_zoo, name="zoo-load", daemon=True).start()
 
@@ -132,7 +132,7 @@ class Services:
         finds out whether it does). Checked once per ``ACCESS_TTL_S`` per tenant and path."""
         if caller.admin:
             return
-        if not self._access.get_or((caller.tenant, path_id), lambda: self.store.can_read(path_id, caller.tenant)):
+        if not self._access.get_or((caller.tenant, path_id), lambda: self.store.role(path_id, caller.tenant) is not None):
             raise NotFound(f"no path {path_id!r}")
 
     def forget_access(self, path_id: str) -> None:

@@ -309,3 +309,34 @@ def test_keys_create_offline_gets_an_admin_back_in(tmp_path: Path, monkeypatch: 
         assert bad.exit_code == 2 and "tenant" in bad.output
     finally:
         client.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(("method", "url", "body"), [
+    ("POST", "/v1/keys", {"tenant": "Not Valid"}),
+    ("POST", "/v1/keys", {"tenant": "a", "admin": "yes"}),
+    ("POST", "/v1/keys", {"tenant": "a", "expires_in_days": 0}),
+    ("POST", "/v1/keys", {"tenant": "a", "scope": "all"}),
+    ("POST", "/v1/keys", {"tenant": "admin"}),  # kept for admins' keys
+    ("PUT", "/v1/paths/{path}/sharing", {"tenants": ["BAD!"]}),
+    ("PUT", "/v1/paths/{path}/sharing", {"public": "yes"}),
+    ("PUT", "/v1/tenants/a/limits", {"predict_rate": 0}),
+    ("PUT", "/v1/tenants/a/limits", {"max_jobs": 1.5}),
+    ("PUT", "/v1/tenants/a/limits", {"max_gpus": 1}),
+    ("PUT", "/v1/tenants/BAD!/limits", {}),
+    ("GET", "/v1/tenants/BAD!", None),
+    ("GET", "/v1/audit?tenant=BAD!", None),
+])  # fmt: skip
+def test_bad_input_to_the_tenancy_routes_is_422_and_writes_nothing(world: World, method: str, url: str, body: dict | None) -> None:
+    before = (world.client.get("/v1/keys").json(), world.client.get(f"/v1/paths/{world.path}/sharing").json(),
+              world.client.get("/v1/tenants/a").json())  # fmt: skip
+    r = world.client.request(method, url.replace("{path}", world.path), json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]
+    after = (world.client.get("/v1/keys").json(), world.client.get(f"/v1/paths/{world.path}/sharing").json(),
+             world.client.get("/v1/tenants/a").json())  # fmt: skip
+    assert after == before
+
+
+def test_revoking_an_unknown_key_is_404(world: World) -> None:
+    r = world.client.delete("/v1/keys/key_nope")
+    assert r.status_code == 404 and "no key" in r.json()["detail"]

@@ -69,6 +69,14 @@ def test_same_blob_from_many_writers(blobs: BlobStore, monkeypatch: pytest.Monke
     assert blobs.get(sha256(data)) == data
 
 
+def test_directory_blob_verified_on_read(tmp_path: Path) -> None:
+    blobs = DirBlobStore(tmp_path)
+    digest = blobs.put(b"weights")
+    (tmp_path / digest[:2] / digest).write_bytes(b"tampered")
+    with pytest.raises(IntegrityError, match="does not match"):
+        blobs.get(digest)
+
+
 def test_database_blob_verified_on_read(db_url: str) -> None:
     db = Database(db_url)
     db.migrate()

@@ -11,11 +11,11 @@ from safetensors.torch import save
 
 from tests.conftest import make_settings, start_app, tiny_card, tiny_weights
 from zoo_store.archs import build_arch
-from zoo_store.blobs import DirBlobStore, MemoryBlobStore, sha256
+from zoo_store.blobs import DirBlobStore, sha256
 from zoo_store.cards import Card
 from zoo_store.db import Database
 from zoo_store.demo import DEMO_BASES
-from zoo_store.errors import Conflict, IntegrityError, NotFound
+from zoo_store.errors import Conflict
 from zoo_store.store import Store
 
 
@@ -50,16 +50,6 @@ def test_pth_weights_only(store: Store) -> None:
     torch.save(tiny_weights("vgg_s", 10), buf)
     card, _ = store.add_base(tiny_card("v", "vgg_s"), buf.getvalue())
     assert card.digest == sha256(save(dict(sorted(tiny_weights("vgg_s", 10).items()))))
-
-
-def test_blob_verified_on_load(tmp_path: Path) -> None:
-    blobs = DirBlobStore(tmp_path)
-    digest = blobs.put(b"weights")
-    (tmp_path / digest[:2] / digest).write_bytes(b"tampered")
-    with pytest.raises(IntegrityError):
-        blobs.get(digest)
-    with pytest.raises(NotFound):
-        MemoryBlobStore().get(digest)
 
 
 def test_torchvision_weights_register(store: Store) -> None:

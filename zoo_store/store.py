@@ -291,9 +291,6 @@ class Store:
         with self.db.session() as s:
             return _role(s, path_id, tenant)
 
-    def can_read(self, path_id: str, tenant: str) -> bool:
-        return self.role(path_id, tenant) is not None
-
     def sharing(self, path_id: str, grantor: str | None) -> dict[str, Any]:
         """The path's owners and the grants of ``grantor`` (None: every owner's)."""
         with self.db.session() as s:

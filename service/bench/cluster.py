@@ -248,10 +248,9 @@ def count_rows(database_url: str) -> dict[str, int]:
         eng.dispose()
 
 
-def load(client: ZooClient, ids: list[str], body: bytes, requests: int, seed: int = 0) -> dict:
-    """A bounded closed-loop predict load over 16 connections, uniform over ``ids``, with the client's key."""
-    key = client.http.headers["authorization"].removeprefix("Bearer ")
-    return run_load(str(client.http.base_url).rstrip("/"), ids, schedule(len(ids), requests, "uniform", seed), body, 16, key)
+def load(proc: Proc, key: str, ids: list[str], body: bytes, requests: int, seed: int = 0) -> dict:
+    """A bounded closed-loop predict load on ``proc`` over 16 connections, uniform over ``ids``."""
+    return run_load(proc.url, ids, schedule(len(ids), requests, "uniform", seed), body, 16, key)
 
 
 def scenario(cluster: Cluster, say: Say = print) -> dict:
@@ -307,7 +306,7 @@ def scenario(cluster: Cluster, say: Say = print) -> dict:
     say(f"cluster: SIGKILL {victim.name} (it serves path {first}) under a predict load through nginx")
     with ThreadPoolExecutor(1) as pool:
         served = predicts_served(victim.url)  # /metrics: no key needed
-        loading = pool.submit(load, proxy, ids, body, 1500)
+        loading = pool.submit(load, cluster.procs["nginx"], cluster.admin_key, ids, body, 1500)
         while predicts_served(victim.url) < served + 100:  # well into the load
             assert not loading.done(), f"the load ended before the kill: {loading.result()}"
             time.sleep(0.05)
@@ -315,7 +314,7 @@ def scenario(cluster: Cluster, say: Say = print) -> dict:
         assert not loading.done(), "the load ended before the kill"
         during = loading.result()
     report["load_during_kill"] = {k: during[k] for k in ("sent", "errors", "first_error")}
-    after = load(proxy, ids, body, requests=300, seed=1)
+    after = load(cluster.procs["nginx"], cluster.admin_key, ids, body, requests=300, seed=1)
     assert after["errors"] == 0, after
     report["load_after_kill"] = {k: after[k] for k in ("sent", "errors")}
 
@@ -358,10 +357,10 @@ def throughput(say: Say, root: Path, database_url: str, redis_url: str, paths: i
         runs = []
         setups = (("nginx", "2, through nginx"), ("nginx-one", "1, through nginx"), ("replica0", "1, direct (no nginx)"))
         for name, _ in setups:  # warm: every path materialized where nginx sends it
-            load(cluster.client(name), ids, body, requests=4 * paths)
+            load(cluster.procs[name], cluster.admin_key, ids, body, requests=4 * paths)
         for i in range(rounds):
             for name, label in setups:
-                r = load(cluster.client(name), ids, body, requests=requests, seed=i)
+                r = load(cluster.procs[name], cluster.admin_key, ids, body, requests=requests, seed=i)
                 if r["errors"]:
                     raise RuntimeError(f"{r['errors']} predicts failed through {name}: {r['first_error']}")
                 runs.append({"replicas": label, **{k: r[k] for k in ("per_second", "p50_ms", "p99_ms")}})
