@@ -286,6 +286,11 @@ class Store:
                 "dataset_bytes": s.scalar(select(func.sum(DatasetRow.bytes)).where(DatasetRow.tenant == tenant)) or 0,
             }  # fmt: skip
 
+    def path_exists(self, path_id: str) -> bool:
+        """Whether the path is stored (its id only: not its bundle)."""
+        with self.db.session() as s:
+            return s.scalar(select(PathRow.id).where(PathRow.id == path_id)) is not None
+
     def role(self, path_id: str, tenant: str) -> str | None:
         """The tenant's role for the path: ``owner``, ``reader`` (granted, or public) or None."""
         with self.db.session() as s:

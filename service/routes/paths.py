@@ -13,7 +13,7 @@ from service.runtime import validate_bundle
 from service.schemas import Page, Path, PredictResponse, Sharing, SharingIn
 from service.state import Services
 from zoo_store.archs.standalone import export_network
-from zoo_store.errors import BadRequest, Conflict, Forbidden
+from zoo_store.errors import BadRequest, Conflict, Forbidden, NotFound
 from zoo_store.methods.registry import get_method, method_names
 from zoo_store.paths import decode_bundle
 from zoo_store.tenancy import Caller
@@ -63,8 +63,11 @@ def put_sharing(path_id: str, sharing: SharingIn, svc: Svc, caller: CallerDep) -
 
 
 def _owner_or_admin(svc: Services, caller: Caller, path_id: str) -> None:
-    svc.store.path(path_id, caller.visible_to)  # 404 unless visible to the caller
-    if not caller.admin and svc.store.role(path_id, caller.tenant) != "owner":
+    """404 unless the caller sees the path (ids only, not the bundle read); 403 for a reader."""
+    role = ("owner" if svc.store.path_exists(path_id) else None) if caller.admin else svc.store.role(path_id, caller.tenant)
+    if role is None:
+        raise NotFound(f"no path {path_id!r}")
+    if role != "owner":
         raise Forbidden(f"only an owner of path {path_id!r} may see or change whom it is shared with; "
                         f"tenant {caller.tenant!r} reads it")  # fmt: skip
 
