@@ -4,6 +4,8 @@
 #   scripts/gpu-checks.sh scale BASE DATA    `zoo bench --suite scale` on one base (resnet-mnist or
 #                                            tv-resnet18-64) with the demo zoo in DATA; the doc block
 #                                            is written to $OUT/scale-BASE.md (docs/benchmarks-gpu.md)
+#   scripts/gpu-checks.sh lease DATA         one lease's call: the tests, then scale on each base, each
+#                                            within its share of time, logs in $OUT/NAME.log
 # The device image has PyTorch but not this project's web stack: wheels for Python 3.12 travel in
 # .whl/ (see docs/benchmarks-gpu.md for how they were fetched).
 set -uo pipefail
@@ -23,5 +25,17 @@ case "${1:-}" in
     work=$(mktemp -d) && cp -r "$3"/. "$work"/ || exit 1
     ZOO_BENCH_SCALE_BASES="$2" ZOO_DATA_DIR="$work" python3 -m service.cli bench --suite scale \
       --out "${OUT:-/tmp}/scale-$2.md" ;;
-  *) echo "usage: $0 tests | scale BASE DATA_DIR" >&2; exit 2 ;;
+  lease)
+    step() {  # NAME SECONDS ARGS...: this script with ARGS, cut after SECONDS; its servers stopped after
+      local name=$1 t=$2; shift 2
+      echo "start $(date +%s)" > "$OUT/$name.log"
+      timeout -k 5 "$t" bash "$0" "$@" >> "$OUT/$name.log" 2>&1
+      echo "rc $? end $(date +%s)" >> "$OUT/$name.log"
+      pkill -f "[s]ervice[.]cli serve"; pkill -f "[s]ervice[.]bench[.]loadgen"; sleep 1  # brackets: not this line
+    }
+    step tests 60 tests
+    step scale-resnet-mnist 290 scale resnet-mnist "$2"
+    step scale-tv-resnet18-64 220 scale tv-resnet18-64 "$2"
+    cp /tmp/scale-*.md "$OUT"/ 2>/dev/null; tail -n 3 "$OUT"/*.log ;;
+  *) echo "usage: $0 tests | scale BASE DATA_DIR | lease DATA_DIR" >&2; exit 2 ;;
 esac

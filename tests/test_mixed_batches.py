@@ -11,6 +11,7 @@ import torch
 from zoo_store.archs import build_arch
 from zoo_store.methods.registry import get_method
 from zoo_store.methods.reprogram.layers import build_reprogrammed
+from zoo_store.settings import exact_float32
 
 # (architecture, input channels, input size): the demo families and two torchvision classifiers
 BASES = [
@@ -21,6 +22,8 @@ BASES = [
     ("tv_mobilenet_v3_small", 3, 64),
 ]
 DEVICE = os.environ.get("ZOO_TEST_DEVICE", "cpu")  # the GPU lease runs these with cuda
+if DEVICE.startswith("cuda"):
+    exact_float32()  # as the service does on CUDA
 
 
 def random_base(arch: str, channels: int) -> torch.nn.Module:

@@ -53,6 +53,9 @@ def test_load_through_a_real_server(tmp_path: Path) -> None:
         loads = [line for line in metrics.splitlines() if line.startswith("zoo_path_slot_loads_total")]
         assert loads and float(loads[0].split()[-1]) == 3  # each path copied into a slot once
         assert server.rss() > 0
+        # more connections than requests (a warm pass over one path): the idle ones stop, none fails
+        few = server.load(ids, [1], body, concurrency=64)
+        assert few["requests"] == 1 and few["errors"] == 0
     finally:
         server.close()
     assert server.proc.poll() is not None

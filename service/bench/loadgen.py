@@ -24,6 +24,8 @@ async def _connection(job: dict, todo: list[int], body: bytes, latencies: list[f
         while todo:
             if writer is None:
                 reader, writer = await asyncio.open_connection(job["host"], job["port"])
+                if not todo:  # the other connections took the rest meanwhile
+                    break
             path_id = job["paths"][todo.pop()]
             t = time.perf_counter()
             try:
