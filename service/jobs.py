@@ -35,7 +35,7 @@ def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | N
     method = get_method(spec.method)
     store.update_job(job_id, state="running", progress={"fraction": 0.0})
     try:
-        needed = method.validate(spec, store.cards())
+        needed = method.check(spec, store.cards())
         if bases is None:
             bases = {k: (store.card(k), store.load_base(store.card(k), device)) for k in needed}
 

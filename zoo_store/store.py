@@ -63,6 +63,16 @@ def card_for(card_in: CardIn, net: TapNet, digest: str, nbytes: int) -> Card:
     )
 
 
+def fits_input(card_in: CardIn) -> None:
+    """The architecture takes the card's input: a forward on the meta device (shapes only)."""
+    net, spec = build_for(card_in, meta=True), card_in.input
+    try:
+        net.tap_shapes(spec.channels, spec.size)
+    except Exception as e:
+        raise InvalidInput(f"architecture {card_in.arch!r} cannot take a {spec.channels} x {spec.size} x "
+                           f"{spec.size} input: {type(e).__name__}: {e}") from e
+
+
 class Store:
     def __init__(self, db: Database, blobs: BlobStore, cache: KeyStore | None = None):
         self.db = db
@@ -81,6 +91,7 @@ class Store:
         """Register a base; returns (card, created). Same id with another digest is a Conflict, and so
         is a ``claimed`` server-computed field (a card as another server returned it) that these
         weights do not give: checked before anything is written."""
+        fits_input(card_in)
         net = build_for(card_in)
         load_into(net, weights if isinstance(weights, dict) else read_weights(weights))
         data = canonical_bytes(net)

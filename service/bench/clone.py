@@ -45,7 +45,7 @@ def clone_suite(say: Say, quick: bool) -> list[str]:
             "task": {"dataset": "mnist", "samples_per_label": spl}, "train": {"epochs": epochs, "seed": 0}})  # fmt: skip
         cards = store.cards()
         plan = plan_clone(spec, cards)
-        bases = {k: (cards[k], store.load_base(cards[k])) for k in method.validate(spec, cards)}
+        bases = {k: (cards[k], store.load_base(cards[k])) for k in method.check(spec, cards)}
         t_card, target = bases[target_id]
         digests = {k: digest_of(n) for k, (_, n) in bases.items()}
         data = make_task(mnist, TaskSpec(dataset="mnist", labels=list(plan.labels), samples_per_label=spl), t_card.input, 0)

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/compositions", tags=["compositions"])
 def compose(spec: CompositionSpec, svc: ReadySvc, caller: CallerDep) -> Job:
     """Validate a task spec, then queue the job that builds its path (this key's tenant's job and path)."""
     method = get_method(spec.method)
-    method.validate(spec, svc.store.cards())
+    method.check(spec, svc.store.cards())
     if spec.task is not None:
         try:
             dataset = svc.store.dataset(spec.task.dataset, caller.visible_to)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from zoo_store.archs.base import TapNet
+from zoo_store.archs.traced import build_traced, is_traced
 from zoo_store.cards import CardIn
 from zoo_store.errors import InvalidInput
 
@@ -39,8 +40,13 @@ def build_for(card: CardIn, meta: bool = False) -> TapNet:
 
 def build_arch(name: str, config: dict[str, Any] | None = None) -> TapNet:
     """Build an untrained network; unknown names or bad configs are InvalidInput."""
+    if is_traced(name):
+        net = build_traced(name, config or {})
+        net.arch = name
+        return net
     if name not in _ARCHS:
-        raise InvalidInput(f"unknown architecture {name!r}; known: {arch_names()}")
+        raise InvalidInput(f"unknown architecture {name!r}; known: {arch_names()}, or torchvision:<name> "
+                           f"for any torchvision classifier, or timm:<name> (with timm installed)")  # fmt: skip
     try:
         net = _ARCHS[name](**(config or {}))
     except TypeError as e:

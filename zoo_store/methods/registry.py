@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from zoo_store.archs import TapNet
+from zoo_store.archs import TapNet, build_for
 from zoo_store.blobs import KeyStore, MemoryKeyStore
 from zoo_store.cards import Card, InputSpec
 from zoo_store.errors import InvalidInput
@@ -63,6 +63,20 @@ class Method(ABC):
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
         """Check the spec against the zoo's cards; raise InvalidInput; return the base ids it needs."""
 
+    def refusal(self, net: TapNet) -> str | None:
+        """Why this method cannot apply to a base of this architecture, or None when it can."""
+        return None
+
+    def check(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
+        """``validate``, then each base's architecture (shapes only) against ``refusal``: a method that
+        cannot apply is refused before any work starts."""
+        ids = self.validate(spec, cards)
+        for base_id in ids:
+            if reason := self.refusal(build_for(cards[base_id], meta=True)):
+                raise InvalidInput(f"method {self.name!r} cannot apply to base {base_id!r} "
+                                   f"({cards[base_id].arch}): {reason}")  # fmt: skip
+        return ids
+
     @abstractmethod
     def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
         """Train the small parts (bases frozen) and return the path."""
@@ -88,6 +102,14 @@ class Method(ABC):
     def bank(self, config: dict[str, Any], bases: dict[str, TapNet]) -> PathBank:
         """A new, empty bank for ``bank_key(config)`` over the resident bases (only if that is not None)."""
         raise NotImplementedError(f"method {self.name!r} serves each path with its own module")
+
+
+def no_spatial_tap(net: TapNet) -> str | None:
+    """The refusal of the methods that cut networks at taps or join them there."""
+    if net.spatial_taps():
+        return None
+    return (f"it has no spatial tap (a feature map that is the only value the rest of the network reads), so it "
+            f"cannot be cut or joined; its taps: {[t.name for t in net.taps]}")
 
 
 def one_base(method: str, spec: CompositionSpec, cards: dict[str, Card]) -> Card:

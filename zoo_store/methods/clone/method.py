@@ -20,7 +20,14 @@ from zoo_store.methods.clone.config import plan_clone
 from zoo_store.methods.clone.insert import Part, build_cloned, fresh_cloned, search_insert, trainable
 from zoo_store.methods.clone.layers import masked_source, pack_mask, unpack_mask
 from zoo_store.methods.clone.localize import localize
-from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, TaskData, register_method
+from zoo_store.methods.registry import (
+    BuildContext,
+    ExpectedTensors,
+    Method,
+    TaskData,
+    no_spatial_tap,
+    register_method,
+)
 from zoo_store.methods.spec import CompositionSpec
 from zoo_store.paths import BaseRef, PathArtifact
 from zoo_store.training import fit, predict_logits
@@ -49,6 +56,9 @@ class CloneConfig(BaseModel):
 class Clone(Method):
     name = "clone"
     required = ("base", "task")
+
+    def refusal(self, net: TapNet) -> str | None:
+        return no_spatial_tap(net)
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
         plan = plan_clone(spec, cards)

@@ -38,7 +38,14 @@ from zoo_store.methods.reassemble.partition import (
 )
 from zoo_store.methods.reassemble.profile import Block, card_profile, needs_stitch
 from zoo_store.methods.reassemble.search import Candidate, exact, feasible, milp_top
-from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, TaskData, register_method
+from zoo_store.methods.registry import (
+    BuildContext,
+    ExpectedTensors,
+    Method,
+    TaskData,
+    no_spatial_tap,
+    register_method,
+)
 from zoo_store.methods.spec import CompositionSpec
 from zoo_store.paths import BaseRef, PathArtifact
 from zoo_store.training import accuracy, fit, normalize
@@ -54,6 +61,9 @@ STITCH_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "pro
 class Reassemble(Method):
     name = "reassemble"
     required = ("task",)
+
+    def refusal(self, net: TapNet) -> str | None:
+        return no_spatial_tap(net)
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
         plan = plan_reassemble(spec, cards)

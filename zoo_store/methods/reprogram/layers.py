@@ -26,6 +26,17 @@ def clr_targets(base: TapNet) -> list[tuple[str, int]]:
     return [(path, conv.out_channels) for path, conv in conv_paths(base, min_kernel=2)]
 
 
+def reprogram_refusal(net: TapNet) -> str | None:
+    """CLR reprograms spatial filters: a network needs a conv with kernel > 1 that is not a patch
+    embedding (stride as large as its kernel: each input pixel is read once)."""
+    convs = conv_paths(net, min_kernel=2)
+    if any(min(c.stride) < max(c.kernel_size) for _, c in convs):
+        return None
+    found = ", ".join(f"{p} ({c.kernel_size[0]}x{c.kernel_size[1]}, stride {c.stride[0]})" for p, c in convs)
+    return ("CLR needs a spatial convolution (kernel > 1, stride below its kernel) to reprogram; this network has "
+            + (f"only patch embeddings: {found}" if found else "no convolution with kernel > 1"))
+
+
 class Reprogrammed(nn.Module):
     """The frozen base with CLR kernels spliced in and a new head. Base weights are shared."""
 

@@ -14,7 +14,13 @@ from zoo_store.errors import InvalidInput
 from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, one_base, register_method
 from zoo_store.methods.reprogram.bank import ReprogramBank
 from zoo_store.methods.reprogram.config import ReprogramConfig
-from zoo_store.methods.reprogram.layers import Reprogrammed, build_reprogrammed, clr_targets, load_delta
+from zoo_store.methods.reprogram.layers import (
+    Reprogrammed,
+    build_reprogrammed,
+    clr_targets,
+    load_delta,
+    reprogram_refusal,
+)
 from zoo_store.methods.spec import CompositionSpec
 from zoo_store.paths import BaseRef, PathArtifact
 from zoo_store.training import accuracy, fit, init_head_rows
@@ -30,6 +36,9 @@ class Reprogram(Method):
         if spec.task is None:
             raise InvalidInput("method 'reprogram' needs 'task': {'dataset': id, 'labels': [...]}")
         return [spec.base]
+
+    def refusal(self, net: TapNet) -> str | None:
+        return reprogram_refusal(net)
 
     def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
         assert spec.base and spec.task

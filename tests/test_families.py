@@ -1,0 +1,162 @@
+"""Bring your own network: a registry of torchvision families (random weights, 64 x 64 RGB, 10
+labels), each registered through the API as plain PyTorch saves it, with its taps traced. For each
+family that reprogram applies to: a reprogram path imported and predicted over HTTP equals its
+per-path module and its sample in a mixed-path batch; the bundle round trip is exact. A family a
+method cannot apply to is refused at POST with the reason."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save
+
+from tests.conftest import make_settings, start_app
+from zoo_store.archs import build_arch
+from zoo_store.methods.registry import get_method
+from zoo_store.methods.reprogram.layers import build_reprogrammed
+from zoo_store.paths import PathArtifact, encode_bundle, make_manifest
+
+RGB = {"channels": 3, "size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+LABELS = [str(i) for i in range(10)]
+
+# family -> (torchvision name, what reprogram does: "ok" or a phrase of its refusal)
+FAMILIES = {
+    "resnet": ("resnet18", "ok"),
+    "resnext": ("resnext50_32x4d", "ok"),
+    "wide_resnet": ("wide_resnet50_2", "ok"),
+    "vgg_bn": ("vgg11_bn", "ok"),
+    "mobilenet_v2": ("mobilenet_v2", "ok"),
+    "mobilenet_v3_large": ("mobilenet_v3_large", "ok"),
+    "efficientnet": ("efficientnet_b0", "ok"),
+    "regnet": ("regnet_x_400mf", "ok"),
+    "convnext": ("convnext_tiny", "ok"),
+    "densenet": ("densenet121", "ok"),
+    "shufflenet": ("shufflenet_v2_x0_5", "ok"),
+    "mnasnet": ("mnasnet0_5", "ok"),
+    "googlenet": ("googlenet", "ok"),
+    "swin": ("swin_t", "only patch embeddings"),
+}
+# registered but without a classifier to replace, or without a forward at this input: refused at registration
+REFUSED_AT_REGISTRATION = {
+    "squeezenet": ("squeezenet1_0", "no linear head"),
+    "vit": ("vit_b_16", "cannot take a 3 x 64 x 64 input"),
+}
+
+
+def _library_model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=len(LABELS)).eval()
+    with torch.no_grad():  # eval-mode BatchNorm that is not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _register(client, base_id: str, name: str, model: torch.nn.Module):
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)  # exactly as a user saves what they trained
+    card = {"id": base_id, "arch": f"torchvision:{name}", "labels": LABELS, "input": RGB}
+    return client.post("/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.pth", buf.getvalue())})
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    settings = make_settings(tmp_path_factory.mktemp("families"))
+    c = start_app(settings)
+    yield c
+    c.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_registers_and_serves_reprogram_paths_exactly(client, family: str) -> None:
+    name, reprogram = FAMILIES[family]
+    model = _library_model(name)
+    r = _register(client, family, name, model)
+    assert r.status_code == 201, r.text
+    card = r.json()
+    assert card["taps"][-1]["stride"] == 0 and all(t["stride"] > 0 for t in card["taps"][:-1])
+    net = build_arch(f"torchvision:{name}", {"num_classes": 10})
+    net.load_state_dict(model.state_dict())  # the same keys, unchanged
+    x = torch.rand(3, 3, 64, 64)  # (B, C, H, W) in [0, 1]
+    spec = {"base": family, "task": {"dataset": "none", "labels": ["a", "b", "c"]}}
+    if reprogram != "ok":
+        r = client.post("/v1/compositions", json={"method": "reprogram", **spec})
+        assert r.status_code == 422 and reprogram in r.json()["detail"], r.text
+        return
+    method = get_method("reprogram")
+    torch.manual_seed(1)
+    tensors = {k: (v + 0.1 * torch.randn_like(v)).contiguous() for k, v in build_reprogrammed(net, 3).delta_state().items()}
+    config = {"base": family, "num_classes": 3, "kernel": 3}
+    digest = card["digest"]
+    art = PathArtifact("reprogram", [{"id": family, "digest": digest}], ["a", "b", "c"], card["input"], config, tensors)
+    bundle = encode_bundle(make_manifest(art), tensors, {})
+    r = client.post("/v1/paths/import", content=bundle)
+    assert r.status_code in (200, 201), r.text
+    path_id = r.json()["id"]
+    r = client.post(f"/v1/paths/{path_id}/predict?top_k=3", content=_npy(x.numpy()),
+                    headers={"content-type": "application/octet-stream"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    served = torch.tensor([[p["score"] for p in sorted(row["top_k"], key=lambda p: p["label"])] for row in r.json()["predictions"]])
+    own = method.materialize(config, tensors, {family: net})
+    mean, std = torch.tensor(RGB["mean"]).view(1, 3, 1, 1), torch.tensor(RGB["std"]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        expected = own((x - mean) / std).softmax(-1)  # (B, 3)
+        bank = method.bank(config, {family: net})
+        bank.grow(2)
+        bank.load(1, config, tensors)
+        mixed = bank.forward((x - mean) / std, torch.tensor([1, 1, 1]))[:, :3].softmax(-1)
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
+    assert client.get(f"/v1/paths/{path_id}/bundle").content == bundle  # the round trip is exact
+
+
+@pytest.mark.parametrize("family", list(REFUSED_AT_REGISTRATION))
+def test_family_without_a_head_or_this_input_is_refused_at_registration(client, family: str) -> None:
+    name, reason = REFUSED_AT_REGISTRATION[family]
+    r = _register(client, family, name, _library_model(name))
+    assert r.status_code == 422 and reason in r.json()["detail"], r.text
+    assert client.get(f"/v1/zoo/models/{family}").status_code == 404  # nothing written
+
+
+def test_a_plain_pytorch_finetune_registers_unchanged_and_predicts_identically(tmp_path: Path, client) -> None:
+    """Fine-tuned in plain PyTorch (a few SGD steps on random data), saved with torch.save(state_dict()):
+    the registered base's forward equals the library model's, bit for bit."""
+    model = _library_model("mobilenet_v3_small").train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.rand(8, 3, 64, 64, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    path = tmp_path / "finetuned.pth"
+    torch.save(model.state_dict(), path)
+    r = _register(client, "finetuned", "mobilenet_v3_small", model)
+    assert r.status_code == 201, r.text
+    store = client.app.state.services.store
+    base = store.load_base(store.card("finetuned"))
+    assert list(base.state_dict()) == list(torch.load(path, weights_only=True))  # keys unchanged, in order
+    x = torch.rand(4, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(base(x), model(x))
+
+
+def test_an_unknown_torchvision_name_is_422(client) -> None:
+    card = {"id": "nope", "arch": "torchvision:resnet19", "labels": LABELS, "input": RGB}
+    r = client.post("/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.safetensors", save({"a": torch.zeros(1)}))})
+    assert r.status_code == 422 and "unknown torchvision classifier 'resnet19'" in r.json()["detail"]
