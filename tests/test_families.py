@@ -20,6 +20,16 @@ from tests.conftest import make_settings, start_app
 from zoo_store.archs import build_arch
 from zoo_store.methods.registry import get_method
 from zoo_store.methods.reprogram.layers import build_reprogrammed
+from zoo_store.methods.resample.config import ResampleBudget, ResampleConfig
+from zoo_store.methods.resample.layers import (
+    assemble,
+    fused_layers,
+    group_size,
+    permute_and_resample,
+    resampled_params,
+    uniform_cells,
+)
+from zoo_store.methods.resample.method import widths_for
 from zoo_store.paths import PathArtifact, encode_bundle, make_manifest
 
 RGB = {"channels": 3, "size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -67,6 +77,17 @@ def _register(client, base_id: str, name: str, model: torch.nn.Module):
     return client.post("/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.pth", buf.getvalue())})
 
 
+def _registered(client, family: str) -> tuple[dict, torch.nn.Module]:
+    """The family's base card (registered by whichever test comes first) and its library model."""
+    name = FAMILIES[family][0]
+    model = _library_model(name)
+    r = client.get(f"/v1/zoo/models/{family}")
+    if r.status_code == 404:
+        r = _register(client, family, name, model)
+        assert r.status_code == 201, r.text
+    return r.json(), model
+
+
 def _npy(x: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, x)
@@ -84,10 +105,7 @@ def client(tmp_path_factory):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_registers_and_serves_reprogram_paths_exactly(client, family: str) -> None:
     name, reprogram = FAMILIES[family]
-    model = _library_model(name)
-    r = _register(client, family, name, model)
-    assert r.status_code == 201, r.text
-    card = r.json()
+    card, model = _registered(client, family)
     assert card["taps"][-1]["stride"] == 0 and all(t["stride"] > 0 for t in card["taps"][:-1])
     net = build_arch(f"torchvision:{name}", {"num_classes": 10})
     net.load_state_dict(model.state_dict())  # the same keys, unchanged
@@ -122,6 +140,39 @@ def test_family_registers_and_serves_reprogram_paths_exactly(client, family: str
     torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
     assert client.get(f"/v1/paths/{path_id}/bundle").content == bundle  # the round trip is exact
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_groups_permute_exactly_and_resample_to_70_percent(client, family: str) -> None:
+    """Every traced group shuffled (BatchNorms folded, through resample's own code): the same function
+    within 1e-5. Then a resample path at 70% width, imported and served, and its bundle round trip."""
+    card, model = _registered(client, family)
+    net = build_arch(f"torchvision:{FAMILIES[family][0]}", {"num_classes": 10})
+    net.load_state_dict(model.state_dict())
+    groups = net.channel_groups()
+    assert groups, net.group_report().opaque
+    layers = fused_layers(net, groups)
+    gen = torch.Generator().manual_seed(0)
+    perms = {g.name: torch.randperm(group_size(layers, g), generator=gen).int() for g in groups}
+    full = {g.name: uniform_cells(group_size(layers, g)) for g in groups}
+    permuted = assemble(net, groups, permute_and_resample(layers, groups, perms, full))
+    x = torch.rand(2, 3, 64, 64, generator=gen)  # (B, C, H, W)
+    with torch.no_grad():
+        y, y2 = net(x), permuted(x)  # (B, 10)
+    torch.testing.assert_close(y2, y, atol=1e-5 * max(1.0, y.abs().max().item()), rtol=1e-5)
+
+    widths = widths_for(net, groups, ResampleBudget(width=0.7))
+    assert resampled_params(net, groups, widths) < sum(p.numel() for p in net.parameters())
+    config = ResampleConfig(base=family, widths=widths).model_dump()
+    art = PathArtifact("resample", [{"id": family, "digest": card["digest"]}], LABELS, card["input"], config,
+                       {f"perm.{k}": v for k, v in perms.items()})  # fmt: skip
+    bundle = encode_bundle(make_manifest(art), art.tensors, {})
+    r = client.post("/v1/paths/import", content=bundle)
+    assert r.status_code in (200, 201), r.text
+    path_id = r.json()["id"]
+    r = client.post(f"/v1/paths/{path_id}/predict", content=_npy(x.numpy()), headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
+    assert client.get(f"/v1/paths/{path_id}/bundle").content == bundle
 
 
 @pytest.mark.parametrize("family", list(REFUSED_AT_REGISTRATION))

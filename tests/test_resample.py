@@ -142,7 +142,7 @@ def test_an_architecture_without_groups_is_refused() -> None:
     from zoo_store.methods.resample.config import ResampleBudget
     from zoo_store.methods.resample.method import widths_for
 
-    with pytest.raises(InvalidInput, match="declares no channel groups"):
+    with pytest.raises(InvalidInput, match="no channel group that traces"):
         widths_for(_net("resnet_s"), [], ResampleBudget(width=0.5))
 
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from zoo_store.archs.groups import TracedGroups
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,9 @@ class TapNet(nn.Module):
     """Base of all zoo architectures. Subclasses call ``_set_plan`` at the end of ``__init__``."""
 
     arch: str = ""
+    arch_config: dict | None = None  # as the registry built it (None: built by hand)
     head_path: str = "head"
+    probe_size: int = 64  # the side of an input it takes, for shape tracing
 
     def _set_plan(self, stages: Sequence[Stage], head_path: str = "head") -> None:
         self._stages = tuple(stages)
@@ -118,8 +124,14 @@ class TapNet(nn.Module):
                 for p in paths for name, m in self.get_submodule(p).named_modules() if isinstance(m, nn.Conv2d)]  # fmt: skip
 
     def channel_groups(self) -> list[ChannelGroup]:
-        """The coupled channel groups that width resampling may shrink (none unless declared)."""
-        return []
+        """The coupled channel groups that width resampling may shrink: traced from the graph and
+        proven by permutation (``zoo_store.archs.groups``)."""
+        return self.group_report().groups
+
+    def group_report(self) -> TracedGroups:
+        from zoo_store.archs.groups import proven_groups
+
+        return proven_groups(self)
 
     # -- forward ----------------------------------------------------------------------------
     def stage_fn(self, index: int) -> Callable[[Tensor], Tensor]:

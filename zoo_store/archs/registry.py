@@ -42,7 +42,7 @@ def build_arch(name: str, config: dict[str, Any] | None = None) -> TapNet:
     """Build an untrained network; unknown names or bad configs are InvalidInput."""
     if is_traced(name):
         net = build_traced(name, config or {})
-        net.arch = name
+        net.arch, net.arch_config = name, dict(config or {})
         return net
     if name not in _ARCHS:
         raise InvalidInput(f"unknown architecture {name!r}; known: {arch_names()}, or torchvision:<name> "
@@ -51,5 +51,5 @@ def build_arch(name: str, config: dict[str, Any] | None = None) -> TapNet:
         net = _ARCHS[name](**(config or {}))
     except TypeError as e:
         raise InvalidInput(f"bad config for architecture {name!r}: {e}") from e
-    net.arch = name
+    net.arch, net.arch_config = name, dict(config or {})
     return net

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from zoo_store.archs.base import FLATTEN, ChannelGroup, Stage, Tap, TapNet
+from zoo_store.archs.base import FLATTEN, Stage, Tap, TapNet
 from zoo_store.archs.registry import register_arch
 
 
@@ -23,6 +23,7 @@ class SmallNet(TapNet):
     stages: nn.ModuleDict
 
     def _finish(self, plan: list[Stage], cin: int, num_classes: int) -> None:
+        self.probe_size = 28
         self.stages["pool"] = nn.AdaptiveAvgPool2d(1)
         plan.append(Stage(Tap("pool", cin, 0), ("stages.pool", FLATTEN)))
         self.head = nn.Linear(cin, num_classes)
@@ -41,17 +42,7 @@ class BasicBlock(nn.Module):
         return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))  # (B, C', H', W')
 
 
-def _cbn(path: str) -> tuple[str, str]:
-    """(conv, BatchNorm) of a ``conv_bn`` block."""
-    return (f"{path}.0", f"{path}.1")
-
-
 class SmallResNet(SmallNet):
-    def channel_groups(self) -> list[ChannelGroup]:
-        # inside each block only: conv1's outputs feed conv2; the block's outputs meet the shortcut
-        return [ChannelGroup(f"{p}.conv1", (_cbn(f"{p}.conv1"),), (f"{p}.conv2.0",))
-                for p, m in self.named_modules() if isinstance(m, BasicBlock)]  # fmt: skip
-
     def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128),
                  blocks: Sequence[int] = (1, 1, 2)):  # fmt: skip
         super().__init__()
@@ -69,12 +60,6 @@ class SmallResNet(SmallNet):
 
 
 class SmallVGG(SmallNet):
-    def channel_groups(self) -> list[ChannelGroup]:
-        # a plain chain: every conv's outputs feed the next conv (the last one's, through the pool, the head)
-        convs = [p for p, m in self.named_modules() if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d)]
-        readers = [f"{p}.0" for p in convs[1:]] + [self.head_path]
-        return [ChannelGroup(p, (_cbn(p),), (r,)) for p, r in zip(convs, readers, strict=True)]
-
     def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128)):
         super().__init__()
         self.stages = nn.ModuleDict()
@@ -103,13 +88,6 @@ class InvertedResidual(nn.Module):
 
 
 class SmallMobileNet(SmallNet):
-    def channel_groups(self) -> list[ChannelGroup]:
-        # the expanded channels of each block (1x1 expand, depthwise, 1x1 project), and the last 1x1 conv's
-        groups = [ChannelGroup(f"{p}.body", (_cbn(f"{p}.body.0"),), (f"{p}.body.2.0",), (_cbn(f"{p}.body.1"),))
-                  for p, m in self.named_modules() if isinstance(m, InvertedResidual)]  # fmt: skip
-        last = f"stages.stage{len(self.taps) - 2}.2"
-        return [*groups, ChannelGroup(last, (_cbn(last),), (self.head_path,))]
-
     def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (16, 32, 64),
                  last: int = 128):  # fmt: skip
         super().__init__()

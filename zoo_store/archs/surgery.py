@@ -26,6 +26,16 @@ def shared_copy(net: M) -> M:
     return new
 
 
+def on_meta(net: M) -> M:
+    """A shared copy whose parameters and buffers are meta tensors of the same shapes (the original
+    untouched): for shape propagation without memory or compute."""
+    new = shared_copy(net)
+    for m in new.modules():
+        m._parameters = {k: None if v is None else nn.Parameter(v.to("meta"), v.requires_grad) for k, v in m._parameters.items()}
+        m._buffers = {k: None if v is None else v.to("meta") for k, v in m._buffers.items()}
+    return new
+
+
 def conv_paths(net: nn.Module, min_kernel: int = 2) -> list[tuple[str, nn.Conv2d]]:
     """Dotted paths of every Conv2d whose kernel is at least ``min_kernel`` on a side."""
     return [

@@ -45,6 +45,7 @@ class Plan:
     stages: tuple[Stage, ...]
     codes: tuple[Callable[..., Tensor], ...]  # stage i: (net, x) -> the tap's value
     head_path: str
+    probe_size: int  # the input side the shapes were traced at
 
 
 def is_traced(arch: str) -> bool:
@@ -69,6 +70,7 @@ class TracedNet(TapNet):
         for name, b in model._buffers.items():
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
         self._codes = plan.codes
+        self.probe_size = plan.probe_size
         self._set_plan(plan.stages, head_path=plan.head_path)
         self.eval()
 
@@ -183,7 +185,7 @@ def _plan(arch: str, config_key: str) -> Plan:
         stages.append(Stage(tap, steps))
         codes.append(_compile(body, start, end, arch, names))
         start = end
-    return Plan(graph, tuple(stages), tuple(codes), head.target)
+    return Plan(graph, tuple(stages), tuple(codes), head.target, size)
 
 
 def _trace(model: nn.Module, arch: str) -> tuple[fx.Graph, dict[fx.Node, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
-from zoo_store.archs.base import FLATTEN, ChannelGroup, Stage, Tap, TapNet
+from zoo_store.archs.base import FLATTEN, Stage, Tap, TapNet
 from zoo_store.archs.registry import register_arch
 
 
@@ -19,16 +19,6 @@ class TVResNet(TapNet, torchvision.models.ResNet):
         plan += [Stage(Tap(f"layer{i + 1}", w, 4 * 2**i), (f"layer{i + 1}",)) for i, w in enumerate(widths)]
         plan.append(Stage(Tap("pool", widths[-1], 0), ("avgpool", FLATTEN)))
         self._set_plan(plan, head_path="fc")
-
-    def channel_groups(self) -> list[ChannelGroup]:
-        # the internal channels of each block: conv1 -> conv2 (-> conv3 in a bottleneck)
-        groups = []
-        for p, m in self.named_modules():
-            if isinstance(m, torchvision.models.resnet.BasicBlock | torchvision.models.resnet.Bottleneck):
-                n = 3 if isinstance(m, torchvision.models.resnet.Bottleneck) else 2
-                groups += [ChannelGroup(f"{p}.conv{i}", ((f"{p}.conv{i}", f"{p}.bn{i}"),), (f"{p}.conv{i + 1}",))
-                           for i in range(1, n)]  # fmt: skip
-        return groups
 
     forward = TapNet.forward
 
@@ -50,29 +40,6 @@ class TVMobileNetV3Small(TapNet, torchvision.models.MobileNetV3):
             first = last + 1
         plan.append(Stage(Tap("pool", last_channel, 0), ("avgpool", FLATTEN, "classifier.0", "classifier.1", "classifier.2")))
         self._set_plan(plan, head_path="classifier.3")
-
-    def channel_groups(self) -> list[ChannelGroup]:
-        from torchvision.models.mobilenetv3 import InvertedResidual
-        from torchvision.ops import SqueezeExcitation
-
-        groups = []
-        for i, m in enumerate(self.features):
-            if not isinstance(m, InvertedResidual):
-                continue
-            p, layers = f"features.{i}.block", list(m.block)
-            se = [j for j, layer in enumerate(layers) if isinstance(layer, SqueezeExcitation)]
-            dw = 1 if len(layers) - len(se) == 3 else 0  # without an expand conv the depthwise comes first
-            if dw:
-                producers = ((f"{p}.0.0", f"{p}.0.1"),)
-            else:  # the block reads the stem's channels directly (features.1: stride 2, no residual)
-                producers = ((f"features.{i - 1}.0", f"features.{i - 1}.1"),)
-            producers += tuple((f"{p}.{j}.fc2", None) for j in se)  # the excitation scales each channel
-            consumers = (*(f"{p}.{j}.fc1" for j in se), f"{p}.{len(layers) - 1}.0")
-            groups.append(ChannelGroup(p, producers, consumers, ((f"{p}.{dw}.0", f"{p}.{dw}.1"),)))
-        last = f"features.{len(self.features) - 1}"
-        groups.append(ChannelGroup(last, ((f"{last}.0", f"{last}.1"),), ("classifier.0",)))
-        groups.append(ChannelGroup("classifier.0", (("classifier.0", None),), (self.head_path,)))
-        return groups
 
     forward = TapNet.forward
 

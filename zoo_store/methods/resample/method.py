@@ -75,6 +75,7 @@ class Resample(Method):
             "params": resampled_params(base, groups, widths),
             "base_params": sum(p.numel() for p in base.parameters()),
             "groups": len(groups),
+            "channel_groups": base.group_report().report(),  # traced and proven; the rest left at full width, with why
             "tour_length_ratio": sum(gains) / len(gains),  # tour length / identity order, mean over groups
             "dense_bytes": state_bytes(base),  # the base it stands in for
         }
@@ -149,7 +150,9 @@ def widths_for(net: TapNet, groups: list[ChannelGroup], budget: ResampleBudget) 
     """Channels kept per group: ``round(width * n)`` (at least 1), or the widest uniform fraction
     whose network fits ``max_params``."""
     if not groups:
-        raise InvalidInput(f"architecture {net.arch!r} declares no channel groups, so it cannot be resampled")
+        full = net.group_report().opaque
+        raise InvalidInput(f"architecture {net.arch!r} has no channel group that traces and is proven, so it cannot be "
+                           f"resampled" + (f"; left at full width: {full}" if full else ""))  # fmt: skip
     sizes = group_sizes(net, groups)
 
     def at(fraction: float) -> dict[str, int]:

@@ -1,0 +1,106 @@
+"""Channel groups traced from the graph and proven by permutation: they agree with the groups the
+built-in architectures used to declare by hand, the proof can fail, and what cannot be proven is
+reported with why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tests.conftest import tiny_weights
+from zoo_store.archs import build_arch
+from zoo_store.archs.base import ChannelGroup
+from zoo_store.archs.groups import TracedGroups, _prove, trace_groups
+
+
+def _cbn(p: str) -> tuple[str, str]:
+    return (f"{p}.0", f"{p}.1")
+
+
+# the groups round one declared by hand (module walks, as the architectures did), per architecture
+def _declared_resnet_s(net: nn.Module) -> list[ChannelGroup]:
+    from zoo_store.archs.small import BasicBlock
+
+    return [ChannelGroup(f"{p}.conv1", (_cbn(f"{p}.conv1"),), (f"{p}.conv2.0",))
+            for p, m in net.named_modules() if isinstance(m, BasicBlock)]  # fmt: skip
+
+
+def _declared_vgg_s(net: nn.Module) -> list[ChannelGroup]:
+    convs = [p for p, m in net.named_modules() if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d)]
+    return [ChannelGroup(p, (_cbn(p),), (r,)) for p, r in zip(convs, [f"{p}.0" for p in convs[1:]] + ["head"], strict=True)]
+
+
+def _declared_mobilenet_s(net: nn.Module) -> list[ChannelGroup]:
+    from zoo_store.archs.small import InvertedResidual
+
+    groups = [ChannelGroup(f"{p}.body", (_cbn(f"{p}.body.0"),), (f"{p}.body.2.0",), (_cbn(f"{p}.body.1"),))
+              for p, m in net.named_modules() if isinstance(m, InvertedResidual)]  # fmt: skip
+    last = f"stages.stage{len(net.taps) - 2}.2"
+    return [*groups, ChannelGroup(last, (_cbn(last),), ("head",))]
+
+
+def _declared_tv_resnet(net: nn.Module) -> list[ChannelGroup]:
+    groups = []
+    for p, m in net.named_modules():
+        if isinstance(m, torchvision.models.resnet.BasicBlock | torchvision.models.resnet.Bottleneck):
+            n = 3 if isinstance(m, torchvision.models.resnet.Bottleneck) else 2
+            groups += [ChannelGroup(f"{p}.conv{i}", ((f"{p}.conv{i}", f"{p}.bn{i}"),), (f"{p}.conv{i + 1}",)) for i in range(1, n)]
+    return groups
+
+
+DECLARED = {  # arch -> (round one's groups, whether tracing finds exactly those)
+    "resnet_s": (_declared_resnet_s, True),
+    "vgg_s": (_declared_vgg_s, True),
+    "mobilenet_s": (_declared_mobilenet_s, True),
+    "tv_resnet18": (_declared_tv_resnet, True),
+    "tv_resnet50": (_declared_tv_resnet, False),  # and the stem's channels (no residual meets them)
+}
+
+
+def _content(groups: list[ChannelGroup]) -> set[tuple]:
+    return {(g.producers, g.consumers, g.depthwise) for g in groups}
+
+
+@pytest.mark.parametrize("arch", list(DECLARED))
+def test_traced_groups_agree_with_the_declared_ones(arch: str) -> None:
+    net = build_arch(arch, {"num_classes": 10})
+    declared, exact = DECLARED[arch]
+    traced = _content(net.channel_groups())
+    assert _content(declared(net)) <= traced
+    assert (_content(declared(net)) == traced) == exact
+
+
+def test_mobilenet_v3_small_traces_each_blocks_excitation_and_depthwise() -> None:
+    """The excitation's fc2 scales the expanded channels (a producer of that group), fc1 reads them."""
+    groups = {g.name: g for g in build_arch("tv_mobilenet_v3_small", {"num_classes": 10}).channel_groups()}
+    g = groups["features.4.block.0.0"]
+    assert g.producers == (("features.4.block.0.0", "features.4.block.0.1"), ("features.4.block.2.fc2", None))
+    assert g.depthwise == (("features.4.block.1.0", "features.4.block.1.1"),)
+    assert g.consumers == ("features.4.block.2.fc1", "features.4.block.3.0")
+
+
+def test_a_wrong_group_fails_the_proof() -> None:
+    """The proof can fail: a group that forgets one of its consumers changes the outputs."""
+    torch.manual_seed(0)
+    net = build_arch("resnet_s", {"num_classes": 10}).eval()
+    net.load_state_dict(tiny_weights("resnet_s", 10))
+    traced = trace_groups(net)
+    g0 = traced.groups[0]
+    broken = ChannelGroup(g0.name, g0.producers, (), g0.depthwise)  # its reader not shuffled with it
+    kept, failed = _prove(net, TracedGroups([broken, *traced.groups[1:]], [], {}, traced.probe), fresh=False)
+    assert broken not in kept and set(failed) == {g0.name} and len(kept) == len(traced.groups) - 1
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    _prove(net, traced, fresh=False)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # a network proven on is restored
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("resnext50_32x4d", "is a grouped conv (32 groups)"),
+    ("densenet121", "cat"),
+])  # fmt: skip
+def test_couplings_that_cannot_be_proven_are_reported(name: str, reason: str) -> None:
+    report = build_arch(f"torchvision:{name}", {"num_classes": 10}).group_report()
+    assert report.opaque and any(reason in why for why in report.opaque.values()), report.opaque
+    assert not set(report.opaque) & {g.name for g in report.groups}
