@@ -18,6 +18,7 @@ from safetensors.torch import save
 
 from tests.conftest import make_settings, start_app
 from zoo_store.archs import build_arch
+from zoo_store.archs.families import FAMILIES, TIMM_FAMILIES
 from zoo_store.methods.registry import get_method
 from zoo_store.methods.reprogram.layers import build_reprogrammed
 from zoo_store.methods.resample.config import ResampleBudget, ResampleConfig
@@ -35,55 +36,43 @@ from zoo_store.paths import PathArtifact, encode_bundle, make_manifest
 RGB = {"channels": 3, "size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 LABELS = [str(i) for i in range(10)]
 
-# family -> (torchvision name, what reprogram does: "ok" or a phrase of its refusal)
-FAMILIES = {
-    "resnet": ("resnet18", "ok"),
-    "resnext": ("resnext50_32x4d", "ok"),
-    "wide_resnet": ("wide_resnet50_2", "ok"),
-    "vgg_bn": ("vgg11_bn", "ok"),
-    "mobilenet_v2": ("mobilenet_v2", "ok"),
-    "mobilenet_v3_large": ("mobilenet_v3_large", "ok"),
-    "efficientnet": ("efficientnet_b0", "ok"),
-    "regnet": ("regnet_x_400mf", "ok"),
-    "convnext": ("convnext_tiny", "ok"),
-    "densenet": ("densenet121", "ok"),
-    "shufflenet": ("shufflenet_v2_x0_5", "ok"),
-    "mnasnet": ("mnasnet0_5", "ok"),
-    "googlenet": ("googlenet", "ok"),
-    "swin": ("swin_t", "only patch embeddings"),
-}
-# registered but without a classifier to replace, or without a forward at this input: refused at registration
-REFUSED_AT_REGISTRATION = {
-    "squeezenet": ("squeezenet1_0", "no linear head"),
-    "vit": ("vit_b_16", "cannot take a 3 x 64 x 64 input"),
-}
+ALL = {**FAMILIES, **TIMM_FAMILIES}
+# what a method says about a family it cannot apply to, and the families refused at registration
+REPROGRAM_REFUSED = {"swin": "only patch embeddings"}
+REFUSED_AT_REGISTRATION = {"squeezenet": "no linear head", "vit": "cannot take a 3 x 64 x 64 input"}
+SERVED = [f for f in ALL if f not in REFUSED_AT_REGISTRATION]
 
 
-def _library_model(name: str) -> torch.nn.Module:
+def _library_model(arch: str) -> torch.nn.Module:
+    """The model as its library builds it, random weights (BatchNorm statistics not the identity)."""
+    library, _, name = arch.partition(":")
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, num_classes=len(LABELS)).eval()
-    with torch.no_grad():  # eval-mode BatchNorm that is not the identity
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    if library == "timm":
+        import timm  # the dev extras install it
+
+        model = timm.create_model(name, pretrained=False, num_classes=len(LABELS)).eval()
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=len(LABELS)).eval()
+    with torch.no_grad():  # no tensor left at a constant initialisation (a zero BatchNorm scale hides a shuffle)
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else t + 0.05 * torch.randn_like(t))
     return model
 
 
-def _register(client, base_id: str, name: str, model: torch.nn.Module):
+def _register(client, base_id: str, arch: str, model: torch.nn.Module):
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)  # exactly as a user saves what they trained
-    card = {"id": base_id, "arch": f"torchvision:{name}", "labels": LABELS, "input": RGB}
+    card = {"id": base_id, "arch": arch, "labels": LABELS, "input": RGB}
     return client.post("/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.pth", buf.getvalue())})
 
 
 def _registered(client, family: str) -> tuple[dict, torch.nn.Module]:
     """The family's base card (registered by whichever test comes first) and its library model."""
-    name = FAMILIES[family][0]
-    model = _library_model(name)
+    model = _library_model(ALL[family])
     r = client.get(f"/v1/zoo/models/{family}")
     if r.status_code == 404:
-        r = _register(client, family, name, model)
+        r = _register(client, family, ALL[family], model)
         assert r.status_code == 201, r.text
     return r.json(), model
 
@@ -102,18 +91,17 @@ def client(tmp_path_factory):
     c.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", SERVED)
 def test_family_registers_and_serves_reprogram_paths_exactly(client, family: str) -> None:
-    name, reprogram = FAMILIES[family]
     card, model = _registered(client, family)
     assert card["taps"][-1]["stride"] == 0 and all(t["stride"] > 0 for t in card["taps"][:-1])
-    net = build_arch(f"torchvision:{name}", {"num_classes": 10})
+    net = build_arch(ALL[family], {"num_classes": 10})
     net.load_state_dict(model.state_dict())  # the same keys, unchanged
     x = torch.rand(3, 3, 64, 64)  # (B, C, H, W) in [0, 1]
     spec = {"base": family, "task": {"dataset": "none", "labels": ["a", "b", "c"]}}
-    if reprogram != "ok":
+    if family in REPROGRAM_REFUSED:
         r = client.post("/v1/compositions", json={"method": "reprogram", **spec})
-        assert r.status_code == 422 and reprogram in r.json()["detail"], r.text
+        assert r.status_code == 422 and REPROGRAM_REFUSED[family] in r.json()["detail"], r.text
         return
     method = get_method("reprogram")
     torch.manual_seed(1)
@@ -142,12 +130,12 @@ def test_family_registers_and_serves_reprogram_paths_exactly(client, family: str
     assert client.get(f"/v1/paths/{path_id}/bundle").content == bundle  # the round trip is exact
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", SERVED)
 def test_family_groups_permute_exactly_and_resample_to_70_percent(client, family: str) -> None:
     """Every traced group shuffled (BatchNorms folded, through resample's own code): the same function
     within 1e-5. Then a resample path at 70% width, imported and served, and its bundle round trip."""
     card, model = _registered(client, family)
-    net = build_arch(f"torchvision:{FAMILIES[family][0]}", {"num_classes": 10})
+    net = build_arch(ALL[family], {"num_classes": 10})
     net.load_state_dict(model.state_dict())
     groups = net.channel_groups()
     assert groups, net.group_report().opaque
@@ -177,8 +165,8 @@ def test_family_groups_permute_exactly_and_resample_to_70_percent(client, family
 
 @pytest.mark.parametrize("family", list(REFUSED_AT_REGISTRATION))
 def test_family_without_a_head_or_this_input_is_refused_at_registration(client, family: str) -> None:
-    name, reason = REFUSED_AT_REGISTRATION[family]
-    r = _register(client, family, name, _library_model(name))
+    reason = REFUSED_AT_REGISTRATION[family]
+    r = _register(client, family, ALL[family], _library_model(ALL[family]))
     assert r.status_code == 422 and reason in r.json()["detail"], r.text
     assert client.get(f"/v1/zoo/models/{family}").status_code == 404  # nothing written
 
@@ -186,7 +174,7 @@ def test_family_without_a_head_or_this_input_is_refused_at_registration(client, 
 def test_a_plain_pytorch_finetune_registers_unchanged_and_predicts_identically(tmp_path: Path, client) -> None:
     """Fine-tuned in plain PyTorch (a few SGD steps on random data), saved with torch.save(state_dict()):
     the registered base's forward equals the library model's, bit for bit."""
-    model = _library_model("mobilenet_v3_small").train()
+    model = _library_model("torchvision:mobilenet_v3_small").train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -197,7 +185,7 @@ def test_a_plain_pytorch_finetune_registers_unchanged_and_predicts_identically(t
     model.eval()
     path = tmp_path / "finetuned.pth"
     torch.save(model.state_dict(), path)
-    r = _register(client, "finetuned", "mobilenet_v3_small", model)
+    r = _register(client, "finetuned", "torchvision:mobilenet_v3_small", model)
     assert r.status_code == 201, r.text
     store = client.app.state.services.store
     base = store.load_base(store.card("finetuned"))
@@ -207,7 +195,15 @@ def test_a_plain_pytorch_finetune_registers_unchanged_and_predicts_identically(t
         assert torch.equal(base(x), model(x))
 
 
-def test_an_unknown_torchvision_name_is_422(client) -> None:
-    card = {"id": "nope", "arch": "torchvision:resnet19", "labels": LABELS, "input": RGB}
+@pytest.mark.parametrize(("arch", "config", "says"), [
+    ("torchvision:resnet19", {}, "unknown torchvision classifier 'resnet19'"),
+    ("torchvision:resnet18", {"weights": "IMAGENET1K_V1"}, "may not set ['weights']"),
+    ("timm:resnet18", {"checkpoint_path": "/etc/passwd"}, "may not set ['checkpoint_path']"),
+    ("torchvision:vit_b_16", {"image_size": 225}, "bad config"),
+    ("torchvision:resnet18", {"bogus": 1}, "unexpected keyword argument 'bogus'"),
+])  # fmt: skip
+def test_a_bad_architecture_or_config_is_422_and_nothing_is_written(client, arch: str, config: dict, says: str) -> None:
+    card = {"id": "nope", "arch": arch, "arch_config": config, "labels": LABELS, "input": RGB}
     r = client.post("/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.safetensors", save({"a": torch.zeros(1)}))})
-    assert r.status_code == 422 and "unknown torchvision classifier 'resnet19'" in r.json()["detail"]
+    assert r.status_code == 422 and says in r.json()["detail"], r.text
+    assert client.get("/v1/zoo/models/nope").status_code == 404

@@ -89,16 +89,45 @@ def test_a_wrong_group_fails_the_proof() -> None:
     traced = trace_groups(net)
     g0 = traced.groups[0]
     broken = ChannelGroup(g0.name, g0.producers, (), g0.depthwise)  # its reader not shuffled with it
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     kept, failed = _prove(net, TracedGroups([broken, *traced.groups[1:]], [], {}, traced.probe), fresh=False)
     assert broken not in kept and set(failed) == {g0.name} and len(kept) == len(traced.groups) - 1
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    _prove(net, traced, fresh=False)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # a network proven on is restored
+
+
+def test_the_proof_sees_through_zero_initialised_scales() -> None:
+    """timm zero-initialises each block's last BatchNorm scale, which hides a shuffle of the channels
+    it writes; the proof perturbs every tensor of its throwaway network first."""
+    net = build_arch("timm:resnet18", {"num_classes": 10})
+    traced = trace_groups(net)
+    g = next(g for g in traced.groups if g.name.endswith("conv1"))
+    broken = ChannelGroup(g.name, g.producers, (), g.depthwise)
+    kept, failed = _prove(build_arch("timm:resnet18", {"num_classes": 10}), TracedGroups([broken], [], {}, traced.probe), fresh=True)
+    assert kept == [] and set(failed) == {g.name}
+
+
+class _Scaled(nn.Module):
+    """conv -> BN -> relu -> x * a per-channel parameter -> conv: the parameter is coupled to the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.scale = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c2(torch.relu(self.bn(self.c1(x))) * self.scale)
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_parameter_that_scales_channels_leaves_them_unproven() -> None:
+    traced = trace_groups(_Scaled().eval())
+    assert "c1" not in {g.name for g in traced.groups} and "scale" in traced.opaque["c1"]
 
 
 @pytest.mark.parametrize(("name", "reason"), [
     ("resnext50_32x4d", "is a grouped conv (32 groups)"),
-    ("densenet121", "cat"),
+    ("densenet121", "(cat) reads its channels"),
 ])  # fmt: skip
 def test_couplings_that_cannot_be_proven_are_reported(name: str, reason: str) -> None:
     report = build_arch(f"torchvision:{name}", {"num_classes": 10}).group_report()

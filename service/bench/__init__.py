@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # the suites import torch; the load generator in this package
 
 
 def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
+    from service.bench.architectures import architectures_suite
     from service.bench.clone import clone_suite
     from service.bench.cluster import cluster_suite
     from service.bench.common import machine, write_block
@@ -32,11 +33,13 @@ def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
         "clone": (clone_suite, out.parent / "methods" / "clone.md", "Clone (PNC)", ""),
         "reassemble": (reassemble_suite, out.parent / "methods" / "reassemble.md", "Reassemble (DeRy)", ""),
         "cluster": (cluster_suite, out.parent / "deploy.md", "Deploying zoo", ""),
+        "architectures": (architectures_suite, out.parent / "architectures.md", "Architectures", ""),
     }
     if suite != "all" and suite not in suites:
         raise SystemExit(f"unknown suite {suite!r}; choose one of {[*suites, 'all']}")
-    # "all": every suite that needs nothing but this checkout (cluster needs PostgreSQL, Redis and nginx)
-    chosen = [n for n in suites if n != "cluster"] if suite == "all" else [suite]
+    # "all": every suite that needs nothing but this checkout (cluster needs PostgreSQL, Redis and nginx;
+    # architectures builds all 80 torchvision classifiers: a run of its own)
+    chosen = [n for n in suites if n not in ("cluster", "architectures")] if suite == "all" else [suite]
     for name in chosen:
         fn, target, title, block = suites[name]
         body = fn(say, quick)

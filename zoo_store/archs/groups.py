@@ -22,17 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torchvision.ops import stochastic_depth
+from torchvision.ops import StochasticDepth  # per sample in training, the identity in eval
 
 from zoo_store.archs.base import ChannelGroup
 
 # modules and functions that carry each channel to the same channel, one to one
 CARRY_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
                  nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)  # fmt: skip
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, StochasticDepth)  # fmt: skip
 CARRY_FUNCTIONS = {F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu, torch.sigmoid, torch.relu, F.dropout,
-                   F.adaptive_avg_pool2d, F.max_pool2d, F.avg_pool2d, torch.tanh,
-                   stochastic_depth}  # per sample in training, the identity in eval  # fmt: skip
+                   F.adaptive_avg_pool2d, F.max_pool2d, F.avg_pool2d, torch.tanh}  # fmt: skip
 JOIN_FUNCTIONS = {operator.add, operator.mul, torch.add, torch.mul, operator.iadd, operator.imul}
 
 
@@ -60,28 +59,35 @@ class TracedGroups:
 def trace_groups(net: nn.Module) -> TracedGroups:
     """Every channel space of ``net``'s forward, sorted into resamplable groups, residual ones and
     opaque ones (with the reason)."""
-    graph, shapes, probe = _traced(net)
+    try:
+        graph, shapes, probe = _traced(net)
+    except Exception as e:  # noqa: BLE001 - whatever torch.fx or the forward raises: nothing is proven
+        return TracedGroups([], [], {"(the network)": f"cannot be traced: {type(e).__name__}: {e}"})
     found = _Analysis(net, graph, shapes).run()
     return TracedGroups(found.groups, found.residual, found.opaque, probe)
 
 
 def _traced(net: nn.Module) -> tuple[fx.Graph, dict[fx.Node, tuple[int, ...] | None], tuple[int, int]]:
     """The graph, each node's shape, and the (channels, size) of the probe input it was propagated with."""
-    from torchvision.models import feature_extraction as fe
-
     from zoo_store.archs.surgery import on_meta
+    from zoo_store.archs.traced import node_tracer
 
-    kwargs = fe._set_default_tracer_kwargs(None)  # torchvision's own tracer settings, as in traced.py
-    kwargs["leaf_modules"] = []
-    graph = fe.NodePathTracer(**kwargs).trace(net)
+    graph = node_tracer().trace(net)
     meta = on_meta(net)
-    channels = next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), 3)
+    channels = next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), 3)  # the first conv's
     size = getattr(net, "probe_size", 64)
     gm = fx.GraphModule(meta, graph)
     ShapeProp(gm).propagate(torch.empty(2, channels, size, size, device="meta"))
     shapes = {n: (tuple(n.meta["tensor_meta"].shape) if hasattr(n.meta.get("tensor_meta"), "shape") else None)
               for n in gm.graph.nodes}  # fmt: skip
     return gm.graph, shapes, (channels, size)
+
+
+def _numel(shape: tuple[int, ...] | None) -> int:
+    n = 1
+    for d in shape or ():
+        n *= d
+    return n if shape is not None else 0
 
 
 class _Analysis:
@@ -224,6 +230,13 @@ class _Analysis:
 
     def join_values(self, n: fx.Node, inputs: list[fx.Node], shape: tuple[int, ...]) -> None:
         """``a + b`` or ``a * b`` (or with a scalar): channel i of each operand meets channel i of the result."""
+        loose = [a for a in n.all_input_nodes if a not in self.of and _numel(self.shapes.get(a)) > 1]
+        if loose:  # a tensor from outside any space (a parameter, say) that would have to be shuffled too
+            for a in inputs:
+                self.taint(a, f"{n.name} combines its channels with {loose[0].name}, which no space holds")
+            self.of[n] = self.new()
+            self.spaces[self.of[n]].opaque.append(f"written by {n.name}")
+            return
         spaced = [a for a in inputs if self.shapes.get(a) is not None and len(self.shapes[a]) >= 2]
         if any(self.shapes[a][1] != shape[1] for a in spaced) or not spaced:
             for a in inputs:
@@ -242,10 +255,11 @@ class _Analysis:
 # -- the proof ---------------------------------------------------------------------------------
 
 _PROVEN: dict[tuple[str, str], TracedGroups] = {}
+_PROVEN_MAX = 64  # architectures and configs remembered (the oldest forgotten first)
 
 
 def proven_groups(net: nn.Module) -> TracedGroups:
-    """The traced groups whose permutation is proven function-preserving (``holds``) on a
+    """The traced groups whose permutation is proven function-preserving (``_prove``) on a
     random-weight network of the same architecture and config (once per architecture and config
     in a process: the proof is a property of the structure, not of the weights); the groups that
     fail it join the opaque ones, with why."""
@@ -257,30 +271,37 @@ def proven_groups(net: nn.Module) -> TracedGroups:
     if arch and config is not None:
         from zoo_store.archs.registry import build_arch
 
-        torch.manual_seed(0)
-        sample = build_arch(arch, config).eval()
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+            sample = build_arch(arch, config).eval()
+        kept, failed = _prove(sample, traced, fresh=True)
+    elif next(net.parameters()).is_meta:
+        kept, failed = [], {g.name: "not proven (a network without weights)" for g in traced.groups}
     else:
-        sample = net  # not built by the registry: prove on itself (its weights are restored)
-    kept, failed = _prove(sample, traced, fresh=sample is not net)
+        kept, failed = _prove(net, traced, fresh=False)  # built by hand: proven on itself, restored after
     result = TracedGroups(kept, traced.residual, {**traced.opaque, **failed}, traced.probe)
     if arch and config is not None:
+        while len(_PROVEN) >= _PROVEN_MAX:
+            _PROVEN.pop(next(iter(_PROVEN)))
         _PROVEN[key] = result
     return result
 
 
 def _prove(net: nn.Module, traced: TracedGroups, fresh: bool) -> tuple[list[ChannelGroup], dict[str, str]]:
-    """``fresh``: a throwaway network, whose BatchNorm statistics may be drawn at random."""
+    """Each group's channels shuffled (producers' rows and their BatchNorms, depthwise convs,
+    consumers' columns): the outputs must stay within 1e-5 of their largest magnitude. All groups at
+    once; when that fails, each alone, then the survivors together again. ``fresh``: a throwaway
+    network, every tensor of which is perturbed first, so that no constant initialisation (a zero
+    BatchNorm scale, a layer scale of 1e-6) hides a shuffle."""
     groups = traced.groups
-    if not groups or next(net.parameters()).is_meta:
-        return groups, {}
+    if not groups:
+        return [], {}
     channels, size = traced.probe
     gen = torch.Generator().manual_seed(0)
+    device = next(net.parameters()).device
     with torch.no_grad():
-        for m in net.modules() if fresh else ():  # eval-mode BatchNorm that is not the identity
-            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.running_var is not None:
-                m.running_mean.uniform_(-0.1, 0.1, generator=gen)
-                m.running_var.uniform_(0.5, 1.5, generator=gen)
-        x = torch.rand(2, channels, size, size, generator=gen).to(next(net.parameters()).device)  # (B, C, H, W)
+        if fresh:
+            _perturb(net, gen)
+        x = torch.rand(2, channels, size, size, generator=gen).to(device)  # (B, C, H, W)
         y = net(x)  # (B, K)
         tol = 1e-5 * max(1.0, y.abs().max().item())
 
@@ -288,15 +309,30 @@ def _prove(net: nn.Module, traced: TracedGroups, fresh: bool) -> tuple[list[Chan
             perms = {g.name: torch.randperm(_size(net, g), generator=gen) for g in gs}
             for g in gs:
                 _permute(net, g, perms[g.name])
-            ok = torch.allclose(net(x), y, rtol=1e-5, atol=tol)
-            for g in gs:
-                _permute(net, g, torch.argsort(perms[g.name]))  # back as it was
-            return bool(ok)
+            try:
+                return bool(torch.allclose(net(x), y, rtol=1e-5, atol=tol))
+            finally:
+                for g in gs:
+                    _permute(net, g, torch.argsort(perms[g.name]))  # back as it was
 
         if holds(groups):
             return groups, {}
         kept = [g for g in groups if holds([g])]
+        if kept and not holds(kept):
+            kept = []
     return kept, {g.name: "traced, but its channels shuffled changed the outputs" for g in groups if g not in kept}
+
+
+def _perturb(net: nn.Module, gen: torch.Generator) -> None:
+    """Every floating tensor moved off its initial value; BatchNorm variances kept positive."""
+    for m in net.modules():
+        for name, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is None or not t.is_floating_point():
+                continue
+            if name == "running_var":
+                t.copy_((torch.rand(t.shape, generator=gen) + 0.5).to(t.device))
+            else:
+                t.add_(0.05 * torch.randn(t.shape, generator=gen).to(t.device))
 
 
 def _size(net: nn.Module, g: ChannelGroup) -> int:

@@ -17,9 +17,8 @@ load unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
@@ -31,17 +30,19 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.ops import SqueezeExcitation
 
 from zoo_store.archs.base import Stage, Tap, TapNet
+from zoo_store.archs.surgery import shared_copy
 from zoo_store.errors import InvalidInput
 
 PREFIXES = ("torchvision:", "timm:")
-PROBE_SIZE = 224  # the meta forward's input side, unless the config names an image_size
+PROBE_SIZE = 224  # the meta forward's input side, unless the config names an image_size (img_size in timm)
+# arch_config keys that would fetch or read weights (torchvision's weights, timm's pretrained*, checkpoint_path, cache_dir)
+DENIED_WORDS = ("weight", "pretrained", "checkpoint", "cache", "path", "file", "url", "progress")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What tracing found: the graph, each stage's compiled code and the tap plan."""
+    """What tracing found: the tap plan and each stage's compiled code."""
 
-    graph: fx.Graph
     stages: tuple[Stage, ...]
     codes: tuple[Callable[..., Tensor], ...]  # stage i: (net, x) -> the tap's value
     head_path: str
@@ -82,48 +83,48 @@ class TracedNet(TapNet):
 
 
 def _library_model(arch: str, config: dict[str, Any]) -> nn.Module:
-    """The library's model; under a meta default device, built with empty weights (see ``_on_meta``)."""
+    """The library's model, with random weights; under a meta default device, a shared copy of the
+    one meta-device model of this architecture and config (``_meta_model``)."""
     if torch.get_default_device().type == "meta":
-        with torch.device("cpu"), _on_meta():
-            return _library_model(arch, config)
+        return shared_copy(_meta_model(arch, json.dumps(config, sort_keys=True, default=str)))
+    return _build(arch, config)
+
+
+def _build(arch: str, config: dict[str, Any]) -> nn.Module:
     library, _, name = arch.partition(":")
     cfg = dict(config)
-    channels = cfg.pop("in_channels", 3)
+    if denied := [k for k in cfg if any(word in k.lower() for word in DENIED_WORDS)]:
+        raise InvalidInput(f"arch_config may not set {denied}: weights come only with the registration's upload")
+    channels = cfg.pop("in_channels", None)
     try:
         if library == "torchvision":
             if name not in torchvision.models.list_models(module=torchvision.models):
                 raise InvalidInput(f"unknown torchvision classifier {name!r}; choose one of "
                                    f"torchvision.models.list_models(module=torchvision.models)")  # fmt: skip
             model = torchvision.models.get_model(name, weights=None, **cfg)
+            if channels not in (None, 3):
+                _set_input_channels(model, arch, channels)
         else:
-            model = _timm().create_model(name, pretrained=False, in_chans=channels, **cfg)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise InvalidInput(f"bad config for architecture {arch!r}: {e}") from e
-    if library == "torchvision" and channels != 3:
-        _set_input_channels(model, arch, channels)
+            model = _timm().create_model(name, pretrained=False, **cfg, **({"in_chans": channels} if channels else {}))
+    except InvalidInput:
+        raise
+    except Exception as e:
+        raise InvalidInput(f"bad config for architecture {arch!r}: {type(e).__name__}: {e}") from e
     return model.eval()
 
 
-@contextlib.contextmanager
-def _on_meta() -> Iterator[None]:
-    """Every parameter and buffer moved to the meta device as it is registered (as accelerate's
-    ``init_empty_weights``): builders that compute their widths with tensors (RegNet) cannot run
-    under a meta default device, and a CPU build of the largest ones costs gigabytes."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register_parameter(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    def buffer(module: nn.Module, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
-        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
-
-    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+@cache
+def _meta_model(arch: str, config_key: str) -> nn.Module:
+    """Built on the meta device (shapes only, nothing allocated or initialised); a builder that
+    computes with its tensors there (RegNet derives its widths so) is built once on the CPU and
+    moved to the meta device instead."""
+    config = json.loads(config_key)
     try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+        with torch.device("meta"):
+            return _build(arch, config)
+    except InvalidInput:
+        with torch.device("cpu"):
+            return _build(arch, config).to("meta")  # a config error raises here too, with its CPU message
 
 
 def _timm():
@@ -135,7 +136,7 @@ def _timm():
 
 
 def _set_input_channels(model: nn.Module, arch: str, channels: int) -> None:
-    """The first conv reads ``channels`` planes instead of 3 (grey inputs): a new conv, same shape otherwise."""
+    """The first conv reads ``channels`` planes instead of 3 (grey inputs): a new conv, the same otherwise."""
     path, conv = next(((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
     if conv is None:
         raise InvalidInput(f"{arch}: in_channels needs a first Conv2d to resize; the model has none")
@@ -151,11 +152,10 @@ def _set_input_channels(model: nn.Module, arch: str, channels: int) -> None:
 @cache
 def _plan(arch: str, config_key: str) -> Plan:
     config = json.loads(config_key)
-    with torch.device("meta"):  # shapes only
-        model = _library_model(arch, config)
+    model = shared_copy(_meta_model(arch, config_key))  # tracing may add constants to its root
     graph, names = _trace(model, arch)
-    size = int(config.get("image_size", PROBE_SIZE))
-    channels = int(config.get("in_channels", 3))
+    size = int(config.get("image_size", config.get("img_size", PROBE_SIZE)))
+    channels = int(config.get("in_channels", config.get("in_chans", 3)))
     gm = fx.GraphModule(model, graph)
     try:
         ShapeProp(gm).propagate(torch.empty(2, channels, size, size, device="meta"))
@@ -185,17 +185,23 @@ def _plan(arch: str, config_key: str) -> Plan:
         stages.append(Stage(tap, steps))
         codes.append(_compile(body, start, end, arch, names))
         start = end
-    return Plan(graph, tuple(stages), tuple(codes), head.target, size)
+    return Plan(tuple(stages), tuple(codes), head.target, size)
+
+
+def node_tracer():
+    """torchvision's own tracer and settings (``torchvision.ops`` wrapped), except that its
+    conv-norm-activation blocks and squeeze-excitations are traced through, so their convs are nodes
+    of the graph, and that subclasses of nn.Conv2d and nn.Linear (timm's) are leaves as those are."""
+    from torchvision.models import feature_extraction as fe
+
+    kwargs = fe._set_default_tracer_kwargs(None)
+    leaves = [m for m in kwargs["leaf_modules"] if not issubclass(m, nn.Sequential | SqueezeExcitation)]
+    kwargs["leaf_modules"] = [*leaves, nn.Conv2d, nn.Linear]
+    return fe.NodePathTracer(**kwargs)
 
 
 def _trace(model: nn.Module, arch: str) -> tuple[fx.Graph, dict[fx.Node, str]]:
-    from torchvision.models import feature_extraction as fe
-
-    # torchvision's own settings, except that its conv-norm-activation blocks and squeeze-excitations
-    # are traced through (not leaves): their convs must be nodes of the graph
-    kwargs = fe._set_default_tracer_kwargs(None)
-    kwargs["leaf_modules"] = [m for m in kwargs["leaf_modules"] if not issubclass(m, nn.Sequential | SqueezeExcitation)]
-    tracer = fe.NodePathTracer(**kwargs)
+    tracer = node_tracer()
     try:
         graph = tracer.trace(model)
     except Exception as e:
@@ -233,25 +239,29 @@ def _cuts(nodes: list[fx.Node]) -> set[fx.Node]:
 
 def _spatial_taps(nodes: list[fx.Node], cuts: set[fx.Node], feature: fx.Node, convs: list[fx.Node],
                   size: int) -> list[tuple[fx.Node, int]]:  # fmt: skip
-    """(node, stride): the last cut (B, C, H, W) at each resolution before ``feature``, up to the
-    resolution of the last conv (a global pool's 1 x 1 output is not a tap)."""
+    """(node, stride): at each resolution before ``feature``, up to the resolution of the last conv
+    (a global pool's 1 x 1 output is not a tap), the narrowest cut (B, C, H, W), the last of equals:
+    a block's output, not the expanded channels inside the next block."""
     if not convs:
         return []
-    last_conv = convs[-1]
-    end, final = nodes.index(feature), _shape(last_conv)[-2:]
+    end, last_conv, final = nodes.index(feature), nodes.index(convs[-1]), _shape(convs[-1])[-2:]
+    conv_set = set(convs)
     by_resolution: dict[tuple[int, ...], fx.Node] = {}
     conv: tuple[int, ...] = ()  # the shape the last conv so far wrote
     for i, n in enumerate(nodes[:end]):
         shape = _shape(n)
         if shape is None or len(shape) != 4:
             continue
-        if n in convs:
+        if n in conv_set:
             conv = shape
         # (B, C, H, W) as the conv wrote it: its channels or its resolution (not a channels-last (B, H, W, C))
         nchw = bool(conv) and (shape[1] == conv[1] or shape[-2:] == conv[-2:])
-        if n in cuts and nchw and (i <= nodes.index(last_conv) or shape[-2:] == final):
-            by_resolution[shape[-2:]] = n
-    return [(n, max(1, round(size / _shape(n)[-1]))) for n in sorted(by_resolution.values(), key=nodes.index)]
+        if n in cuts and nchw and (i <= last_conv or shape[-2:] == final):
+            best = by_resolution.get(shape[-2:])
+            if best is None or shape[1] <= _shape(best)[1]:
+                by_resolution[shape[-2:]] = n
+    position = {n: i for i, n in enumerate(nodes)}
+    return [(n, max(1, round(size / _shape(n)[-1]))) for n in sorted(by_resolution.values(), key=position.__getitem__)]
 
 
 def _between(nodes: list[fx.Node], start: fx.Node | None, end: fx.Node) -> list[fx.Node]:

@@ -237,25 +237,3 @@ def resampled_params(net: TapNet, groups: list[ChannelGroup], widths: dict[str, 
         cin = 1 if path in depthwise else in_of.get(path, layer.weight.shape[1])
         total += cout * cin * int(np.prod(layer.weight.shape[2:])) + cout  # weight + bias
     return total
-
-
-def proven_groups(net: TapNet, groups: list[ChannelGroup], channels: int, size: int) -> tuple[list[ChannelGroup], dict[str, str]]:
-    """The groups whose channels, shuffled (BatchNorms folded), leave the outputs within 1e-5 (of
-    their largest magnitude): all at once when they pass together, else each on its own; the rest
-    with why. A traced group is resampled only once this holds."""
-
-    def holds(gs: list[ChannelGroup]) -> bool:
-        layers = fused_layers(net, gs)
-        gen = torch.Generator().manual_seed(0)
-        perms = {g.name: torch.randperm(group_size(layers, g), generator=gen).int() for g in gs}
-        cells = {g.name: uniform_cells(group_size(layers, g)) for g in gs}
-        permuted = assemble(net, gs, permute_and_resample(layers, gs, perms, cells))
-        x = torch.rand(2, channels, size, size, generator=gen).to(net.head_layer.weight.device)  # (B, C, H, W)
-        with torch.no_grad():
-            y, y2 = net(x), permuted(x)  # (B, K)
-        return bool(torch.allclose(y2, y, rtol=1e-5, atol=1e-5 * max(1.0, y.abs().max().item())))
-
-    if not groups or holds(groups):
-        return groups, {}
-    kept = [g for g in groups if holds([g])]
-    return kept, {g.name: "its channels, shuffled, changed the outputs" for g in groups if g not in kept}

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from zoo_store.archs import TapNet, build_for
 from zoo_store.archs.base import ChannelGroup
+from zoo_store.archs.groups import trace_groups
 from zoo_store.archs.surgery import state_bytes
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
@@ -59,7 +60,8 @@ class Resample(Method):
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
         net = build_for(one_base(self.name, spec, cards), meta=True)
-        widths_for(net, net.channel_groups(), _budget(spec.budget))  # a budget no resample meets is a 422 here
+        # a budget no resample meets is a 422 here: with the traced groups (the job proves them)
+        widths_for(net, trace_groups(net).groups, _budget(spec.budget))
         return [spec.base]
 
     def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
@@ -150,7 +152,7 @@ def widths_for(net: TapNet, groups: list[ChannelGroup], budget: ResampleBudget) 
     """Channels kept per group: ``round(width * n)`` (at least 1), or the widest uniform fraction
     whose network fits ``max_params``."""
     if not groups:
-        full = net.group_report().opaque
+        full = trace_groups(net).opaque
         raise InvalidInput(f"architecture {net.arch!r} has no channel group that traces and is proven, so it cannot be "
                            f"resampled" + (f"; left at full width: {full}" if full else ""))  # fmt: skip
     sizes = group_sizes(net, groups)
