@@ -207,3 +207,26 @@ def test_a_bad_architecture_or_config_is_422_and_nothing_is_written(client, arch
     r = client.post("/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.safetensors", save({"a": torch.zeros(1)}))})
     assert r.status_code == 422 and says in r.json()["detail"], r.text
     assert client.get("/v1/zoo/models/nope").status_code == 404
+
+
+@pytest.mark.parametrize("method", ["clone", "reassemble"])
+def test_clone_and_reassemble_across_families_through_traced_taps(client, method: str) -> None:
+    """A torchvision resnet and mobilenet_v2 joined at their traced taps (stitches sized from the traced
+    shapes): composed over the API, served, bundle round trip."""
+    from tests.helpers import bundle_roundtrip, compose
+
+    for family in ("resnet", "mobilenet_v2"):
+        _registered(client, family)
+    task = {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8}
+    if method == "clone":
+        spec = {"method": "clone", "base": "resnet", "sources": [{"model": "mobilenet_v2", "labels": ["1", "2"]}],
+                "task": task, "train": {"epochs": 1, "steps": 5, "batch_size": 8}}  # fmt: skip
+    else:
+        spec = {"method": "reassemble", "models": ["resnet", "mobilenet_v2"], "blocks": 2, "task": task,
+                "train": {"epochs": 1, "batch_size": 8}}  # fmt: skip
+    job = compose(client, spec, timeout=300)
+    assert job["state"] == "succeeded", job
+    path = client.get(f"/v1/paths/{job['path_id']}").json()
+    assert {b["id"] for b in path["bases"]} <= {"resnet", "mobilenet_v2"} and path["labels"] == ["0", "1", "2"]
+    x = np.random.default_rng(0).random((2, 3, 64, 64)).round(3).tolist()
+    bundle_roundtrip(client, job["path_id"], {"inputs": [{"tensor": t} for t in x], "top_k": 2})

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -113,7 +113,7 @@ def _build(arch: str, config: dict[str, Any]) -> nn.Module:
     return model.eval()
 
 
-@cache
+@lru_cache(maxsize=64)  # keyed by the cards' configs: bounded
 def _meta_model(arch: str, config_key: str) -> nn.Module:
     """Built on the meta device (shapes only, nothing allocated or initialised); a builder that
     computes with its tensors there (RegNet derives its widths so) is built once on the CPU and
@@ -149,7 +149,7 @@ def _set_input_channels(model: nn.Module, arch: str, channels: int) -> None:
 # -- tracing -----------------------------------------------------------------------------------
 
 
-@cache
+@lru_cache(maxsize=64)
 def _plan(arch: str, config_key: str) -> Plan:
     config = json.loads(config_key)
     model = shared_copy(_meta_model(arch, config_key))  # tracing may add constants to its root
