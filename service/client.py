@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -82,8 +82,9 @@ class ZooClient:
     def model_weights(self, model_id: str) -> bytes:
         return self._call("GET", f"/v1/zoo/models/{model_id}/weights").content
 
-    def add_model(self, card: dict, weights: bytes, filename: str = "weights.safetensors") -> tuple[dict, bool]:
-        """The base, and whether the server created it (False: it held these exact weights already)."""
+    def add_model(self, card: dict, weights: bytes | BinaryIO, filename: str = "weights.safetensors") -> tuple[dict, bool]:
+        """The base, and whether the server created it (False: it held these exact weights already).
+        ``weights`` may be an open file: it is streamed, not read into memory (a real network is GBs)."""
         files = {"weights": (filename, weights, "application/octet-stream")}
         r = self._call("POST", "/v1/zoo/models", data={"card": json.dumps(card)}, files=files)
         return r.json(), r.status_code == 201

@@ -124,3 +124,18 @@ def test_every_command_and_option_has_help(db_url: str) -> None:  # db_url: the 
 
     walk(group, "zoo")
     assert missing == []
+
+
+def test_models_add_registers_a_torchvision_network_saved_in_plain_pytorch(zoo: TestClient, tmp_path: Path) -> None:
+    """`zoo models add card.json weights.pth`: the weights file streamed as it lies on disk."""
+    import torch
+    import torchvision
+
+    weights = tmp_path / "finetuned.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=3).state_dict(), weights)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"id": "mine", "arch": "torchvision:mobilenet_v3_small", "labels": ["a", "b", "c"],
+                                "input": {"channels": 3, "size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}}))  # fmt: skip
+    assert "added: mine digest" in _run("models", "add", str(card), str(weights))
+    assert "already there (same weights)" in _run("models", "add", str(card), str(weights))
+    assert json.loads(_run("models", "show", "mine"))["arch"] == "torchvision:mobilenet_v3_small"
