@@ -169,7 +169,11 @@ class _Analysis:
 
     def module(self, n: fx.Node, m: nn.Module, inputs: list[fx.Node], shape: tuple[int, ...] | None) -> None:
         x = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        if isinstance(m, nn.Conv2d | nn.Linear) and x is not None and x in self.of:
+        if isinstance(m, nn.Conv2d | nn.Linear) and x is not None and x in self.of and not self.reads_channels(m, x):
+            self.taint(x, f"{n.target} reads another axis than its channels")
+            self.of[n] = self.new()
+            self.spaces[self.of[n]].opaque.append(f"written by {n.target}, which read another axis")
+        elif isinstance(m, nn.Conv2d | nn.Linear) and x is not None and x in self.of:
             groups = getattr(m, "groups", 1)
             if groups == 1:
                 self.space(x).consumers.append(n.target)
@@ -195,6 +199,15 @@ class _Analysis:
             if shape is not None:
                 self.of[n] = self.new()
                 self.spaces[self.of[n]].opaque.append(f"written by {n.target} ({type(m).__name__})")
+
+    def reads_channels(self, m: nn.Module, x: fx.Node) -> bool:
+        """A conv reads axis 1 of (B, C, H, W); a linear layer the last axis (of (B, D), (B, N, D), or a
+        channels-last map). Where a space's axis and a reader's axis merely have the same size, the proof
+        finds it out."""
+        shape = self.shapes.get(x) or ()
+        if isinstance(m, nn.Conv2d):
+            return len(shape) == 4 and shape[1] == m.in_channels
+        return len(shape) >= 2 and shape[-1] == m.in_features
 
     def attach_bn(self, bn: fx.Node, x: fx.Node) -> None:
         """A BatchNorm folds into the conv it directly follows (that conv's only reader)."""
@@ -273,17 +286,25 @@ def proven_groups(net: nn.Module) -> TracedGroups:
 
         with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
             sample = build_arch(arch, config).eval()
-        kept, failed = _prove(sample, traced, fresh=True)
+        kept, failed = _guarded(sample, traced, fresh=True)
     elif next(net.parameters()).is_meta:
         kept, failed = [], {g.name: "not proven (a network without weights)" for g in traced.groups}
     else:
-        kept, failed = _prove(net, traced, fresh=False)  # built by hand: proven on itself, restored after
+        kept, failed = _guarded(net, traced, fresh=False)  # built by hand: proven on itself, restored after
     result = TracedGroups(kept, traced.residual, {**traced.opaque, **failed}, traced.probe)
     if arch and config is not None:
         while len(_PROVEN) >= _PROVEN_MAX:
             _PROVEN.pop(next(iter(_PROVEN)))
         _PROVEN[key] = result
     return result
+
+
+def _guarded(net: nn.Module, traced: TracedGroups, fresh: bool) -> tuple[list[ChannelGroup], dict[str, str]]:
+    """``_prove``, or nothing proven when its forward fails (with why)."""
+    try:
+        return _prove(net, traced, fresh)
+    except Exception as e:  # noqa: BLE001 - the network's own forward failed: nothing is proven
+        return [], {g.name: f"the proof could not run: {type(e).__name__}: {e}" for g in traced.groups}
 
 
 def _prove(net: nn.Module, traced: TracedGroups, fresh: bool) -> tuple[list[ChannelGroup], dict[str, str]]:
@@ -307,6 +328,8 @@ def _prove(net: nn.Module, traced: TracedGroups, fresh: bool) -> tuple[list[Chan
 
         def holds(gs: list[ChannelGroup]) -> bool:
             perms = {g.name: torch.randperm(_size(net, g), generator=gen) for g in gs}
+            if not all(_fits(net, g, len(perms[g.name])) for g in gs):
+                return False  # a tensor of the group has another size: not a coupling
             for g in gs:
                 _permute(net, g, perms[g.name])
             try:
@@ -339,12 +362,25 @@ def _size(net: nn.Module, g: ChannelGroup) -> int:
     return net.get_submodule(g.producers[0][0]).weight.shape[0]
 
 
+ROWS = ("weight", "bias", "running_mean", "running_var")  # what a producer or a BatchNorm holds per channel
+
+
+def _fits(net: nn.Module, g: ChannelGroup, n: int) -> bool:
+    """Every tensor the shuffle touches has ``n`` channels on the axis it shuffles."""
+
+    def sized(m: nn.Module) -> bool:
+        return all(t.shape[0] == n for t in (getattr(m, k, None) for k in ROWS) if isinstance(t, torch.Tensor))
+
+    rows = [net.get_submodule(p) for pair in (*g.producers, *g.depthwise) for p in pair if p]
+    return all(sized(m) for m in rows) and all(net.get_submodule(c).weight.shape[1] == n for c in g.consumers)
+
+
 def _permute(net: nn.Module, g: ChannelGroup, perm: torch.Tensor) -> None:
     """Shuffle the group's channels in place: producers' and depthwise convs' output rows (and their
     BatchNorms), consumers' input columns."""
 
     def rows(m: nn.Module | None) -> None:
-        for t in (getattr(m, k, None) for k in ("weight", "bias", "running_mean", "running_var")):
+        for t in (getattr(m, k, None) for k in ROWS):
             if isinstance(t, torch.Tensor):
                 t.copy_(t[perm])
 
