@@ -179,8 +179,9 @@ def models_add(card: Annotated[Path, typer.Argument(help="The card: a JSON file 
                weights: Annotated[Path, typer.Argument(help="The weights: .safetensors or .pth (weights only).")],
                url: Url = DEFAULT_URL) -> None:  # fmt: skip
     """Register a base from a card JSON file and a weights file."""
+    body = _read_json(card)
     with weights.open("rb") as f:  # streamed
-        out, created = _client(url).add_model(_read_json(card), f, weights.name)
+        out, created = _client(url).add_model(body, f, weights.name)
     console.print(f"{'added' if created else 'already there (same weights)'}: {out['id']} digest {out['digest'][:12]}")
 
 
