@@ -27,8 +27,8 @@ QUICK_NAMES = ("resnet18", "mobilenet_v3_small", "squeezenet1_0", "vit_b_16")
 def architectures_suite(say: Say, quick: bool) -> list[str]:
     names = QUICK_NAMES if quick else tuple(torchvision.models.list_models(module=torchvision.models))
     families = {**FAMILIES, **(TIMM_FAMILIES if _has_timm() else {})}
-    intro = ("One small member per family, random weights, 10 labels, 3 x 64 x 64 input (224 where the network takes "
-             "no other). *Taps*: spatial taps (name@stride) and the head's input. *Reprogram*: a path's bytes over "
+    intro = ("One small member per family, random weights, 10 labels, 3 x 64 x 64 input (for the traced taps and "
+             "groups: 224 unless the config names an image size). *Taps*: spatial taps (name@stride) and the head's input. *Reprogram*: a path's bytes over "
              "the dense network's. *Groups*: traced and proven / residual (kept at full width) / left at full width "
              "(opaque: a concatenation, a grouped conv, a reshape...). *Resample touches*: the share of parameters "
              "in layers a proven group reads or writes.\n")  # fmt: skip
@@ -133,7 +133,7 @@ def _name_row(name: str) -> tuple[str, bool]:
         data = TaskData(torch.rand(16, 3, size, size, generator=gen), torch.arange(16) % 2,
                         torch.rand(8, 3, size, size, generator=gen), torch.arange(8) % 2, ["a", "b"])  # fmt: skip
         base = store.load_base(card)
-        art = get_method("reprogram").build(spec, BuildContext(bases={"b": (card, base)}, load_task=lambda s, c: data))
+        art = method.build(spec, BuildContext(bases={"b": (card, base)}, load_task=lambda s, c: data))
         kib = art.metrics["tensor_bytes"] / 1024
         return (f"{head} composed: {art.metrics['clr_layers']} CLR layers, {kib:,.0f} KiB "
                 f"({art.metrics['tensor_bytes'] / art.metrics['dense_bytes']:.2%} of dense) | {time.perf_counter() - t:.1f} |"), True  # fmt: skip

@@ -435,7 +435,8 @@ def points_from_log(text: str) -> list[Point]:
 
 
 def log_table(text: str) -> list[str]:
-    """The ratio and absolute table of a cut-short run's log (no memory or cold figures: those print last)."""
+    """The ratio and absolute table of a cut-short run's log (the memory and cold figures, logged as
+    ``scale: memory {...}``, are left to the reader)."""
     points = points_from_log(text)
     return _ratio_table(points, _references(points), absolute=True)
 

@@ -2,8 +2,8 @@
 
 A *tap* is the boundary after a stage. Methods address layers only through taps:
 ``net.run(x, start=None, end="stage2")`` runs the stages after tap ``start`` up to and including
-tap ``end``. The last stage always ends with a flatten, so its tap is a vector ``(B, D)`` that the
-head (``nn.Linear(D, num_classes)``) consumes.
+tap ``end``. The last stage's tap is a vector ``(B, D)`` (after a flatten, a pooled token, a mean...)
+that the head (``nn.Linear(D, num_classes)``) consumes.
 """
 
 from __future__ import annotations

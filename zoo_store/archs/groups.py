@@ -14,7 +14,6 @@ of the groups a resample touches: only the internal channels of blocks are resam
 
 from __future__ import annotations
 
-import json
 import operator
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.ops import StochasticDepth  # per sample in training, the identity in eval
 
 from zoo_store.archs.base import ChannelGroup
+from zoo_store.archs.traced import config_key
 
 # modules and functions that carry each channel to the same channel, one to one
 CARRY_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
@@ -277,7 +277,7 @@ def proven_groups(net: nn.Module) -> TracedGroups:
     in a process: the proof is a property of the structure, not of the weights); the groups that
     fail it join the opaque ones, with why."""
     arch, config = getattr(net, "arch", ""), getattr(net, "arch_config", None)
-    key = (arch, json.dumps(config, sort_keys=True, default=str))
+    key = (arch, config_key(config))
     if arch and config is not None and key in _PROVEN:
         return _PROVEN[key]
     traced = trace_groups(net)
@@ -289,8 +289,10 @@ def proven_groups(net: nn.Module) -> TracedGroups:
         kept, failed = _guarded(sample, traced, fresh=True)
     elif next(net.parameters()).is_meta:
         kept, failed = [], {g.name: "not proven (a network without weights)" for g in traced.groups}
-    else:
-        kept, failed = _guarded(net, traced, fresh=False)  # built by hand: proven on itself, restored after
+    else:  # built by hand: proven on itself in eval mode, its weights and mode restored after
+        training = net.training
+        kept, failed = _guarded(net.eval(), traced, fresh=False)
+        net.train(training)
     result = TracedGroups(kept, traced.residual, {**traced.opaque, **failed}, traced.probe)
     if arch and config is not None:
         while len(_PROVEN) >= _PROVEN_MAX:

@@ -35,8 +35,10 @@ from zoo_store.errors import InvalidInput
 
 PREFIXES = ("torchvision:", "timm:")
 PROBE_SIZE = 224  # the meta forward's input side, unless the config names an image_size (img_size in timm)
-# arch_config keys that would fetch or read weights (torchvision's weights, timm's pretrained*, checkpoint_path, cache_dir)
-DENIED_WORDS = ("weight", "pretrained", "checkpoint", "cache", "path", "file", "url", "progress")
+# arch_config keys that would fetch or read weights: torchvision's weights/progress, timm's pretrained*,
+# checkpoint_path, cache_dir (weights come only with the registration's upload)
+DENIED_KEYS = {"weights", "progress", "checkpoint_path", "cache_dir"}
+DENIED_PREFIXES = ("pretrained",)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class Plan:
     probe_size: int  # the input side the shapes were traced at
 
 
+def config_key(config: dict[str, Any] | None) -> str:
+    """A config as a cache key (sorted JSON)."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 def is_traced(arch: str) -> bool:
     return arch.startswith(PREFIXES)
 
@@ -56,8 +63,7 @@ def is_traced(arch: str) -> bool:
 def build_traced(arch: str, config: dict[str, Any]) -> TracedNet:
     """The network ``arch`` names, untrained, with its traced plan (the plan is traced once per
     architecture and config, on the meta device)."""
-    key = json.dumps(config, sort_keys=True, default=str)
-    plan = _plan(arch, key)
+    plan = _plan(arch, config_key(config))
     return TracedNet(_library_model(arch, config), plan)
 
 
@@ -86,14 +92,14 @@ def _library_model(arch: str, config: dict[str, Any]) -> nn.Module:
     """The library's model, with random weights; under a meta default device, a shared copy of the
     one meta-device model of this architecture and config (``_meta_model``)."""
     if torch.get_default_device().type == "meta":
-        return shared_copy(_meta_model(arch, json.dumps(config, sort_keys=True, default=str)))
+        return shared_copy(_meta_model(arch, config_key(config)))
     return _build(arch, config)
 
 
 def _build(arch: str, config: dict[str, Any]) -> nn.Module:
     library, _, name = arch.partition(":")
     cfg = dict(config)
-    if denied := [k for k in cfg if any(word in k.lower() for word in DENIED_WORDS)]:
+    if denied := [k for k in cfg if k in DENIED_KEYS or k.startswith(DENIED_PREFIXES)]:
         raise InvalidInput(f"arch_config may not set {denied}: weights come only with the registration's upload")
     channels = cfg.pop("in_channels", None)
     try:
@@ -123,7 +129,7 @@ def _meta_model(arch: str, config_key: str) -> nn.Module:
         with torch.device("meta"):
             return _build(arch, config)
     except InvalidInput:
-        with torch.device("cpu"):
+        with torch.device("cpu"), torch.random.fork_rng(devices=[]):
             return _build(arch, config).to("meta")  # a config error raises here too, with its CPU message
 
 

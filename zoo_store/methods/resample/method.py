@@ -113,19 +113,19 @@ class Resample(Method):
         )
 
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
-        cfg, base = _config(config, bases)
+        cfg, base, named = _config(config, bases)
         sizes = group_sizes(base, base.channel_groups())
-        out: ExpectedTensors = {f"perm.{g}": ("int32", (n,)) for g, n in sizes.items()}
+        out: ExpectedTensors = {f"perm.{named[g]}": ("int32", (n,)) for g, n in sizes.items()}
         if cfg.tuned:
-            out |= {f"grid.{g}": ("float32", (cfg.widths[g],)) for g in sizes}
+            out |= {f"grid.{named[g]}": ("float32", (cfg.widths[g],)) for g in sizes}
         return out
 
     def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
-        cfg, base = _config(config, bases)
+        cfg, base, named = _config(config, bases)
         groups = base.channel_groups()
-        perms = {g.name: _checked_perm(tensors[f"perm.{g.name}"], g.name) for g in groups}
+        perms = {g.name: _checked_perm(tensors[f"perm.{named[g.name]}"], named[g.name]) for g in groups}
         if cfg.tuned:
-            cells = {g.name: _checked_cells(tensors[f"grid.{g.name}"], g.name) for g in groups}
+            cells = {g.name: _checked_cells(tensors[f"grid.{named[g.name]}"], named[g.name]) for g in groups}
         else:
             cells = {g.name: uniform_cells(cfg.widths[g.name]) for g in groups}
         return assemble(base, groups, permute_and_resample(fused_layers(base, groups), groups, perms, cells))
@@ -152,7 +152,7 @@ def widths_for(net: TapNet, groups: list[ChannelGroup], budget: ResampleBudget) 
     """Channels kept per group: ``round(width * n)`` (at least 1), or the widest uniform fraction
     whose network fits ``max_params``."""
     if not groups:
-        full = trace_groups(net).opaque
+        full = (trace_groups(net) if next(net.parameters()).is_meta else net.group_report()).opaque
         raise InvalidInput(f"architecture {net.arch!r} has no channel group that traces and is proven, so it cannot be "
                            f"resampled" + (f"; left at full width: {full}" if full else ""))  # fmt: skip
     sizes = group_sizes(net, groups)
@@ -224,7 +224,9 @@ def _budget(raw: dict[str, Any]) -> ResampleBudget:
         raise InvalidInput(f"bad resample {where}: {err['msg']}") from e
 
 
-def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ResampleConfig, TapNet]:
+def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ResampleConfig, TapNet, dict[str, str]]:
+    """The config with its widths by traced group name, the base, and each group's name in the path
+    (the traced one, or round one's hand-declared name for a path made before groups were traced)."""
     try:
         cfg = ResampleConfig.model_validate(config)
     except ValidationError as e:
@@ -232,13 +234,34 @@ def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ResampleC
     if cfg.base not in bases:
         raise InvalidInput(f"resample config names base {cfg.base!r}, which the path does not reference")
     base = bases[cfg.base]
-    sizes = group_sizes(base, base.channel_groups())
-    if set(cfg.widths) != set(sizes):
+    groups = base.channel_groups()
+    sizes = group_sizes(base, groups)
+    named = {g: g for g in sizes} if set(cfg.widths) == set(sizes) else _round_one_names(list(cfg.widths), groups)
+    if named is None:
         raise InvalidInput(f"resample widths name groups {sorted(cfg.widths)}, base {cfg.base!r} has {sorted(sizes)}")
-    bad = {g: w for g, w in cfg.widths.items() if not 1 <= w <= sizes[g]}
+    cfg = cfg.model_copy(update={"widths": {g: cfg.widths[old] for g, old in named.items()}})
+    bad = {named[g]: w for g, w in cfg.widths.items() if not 1 <= w <= sizes[g]}
     if bad:
         raise InvalidInput(f"resample widths out of range (1..channels): {bad}")
-    return cfg, base
+    return cfg, base, named
+
+
+def _round_one_names(names: list[str], groups: list[ChannelGroup]) -> dict[str, str] | None:
+    """Traced group name -> the name round one declared it under (a module path above its layers:
+    ``…conv1`` for ``…conv1.0``, ``…body`` for an inverted residual's expanded channels), matched as
+    the group with the most layers under that path; None unless every group is matched once."""
+
+    def under(g: ChannelGroup, old: str) -> int:
+        layers = [p for pair in (*g.producers, *g.depthwise) for p in pair if p] + list(g.consumers)
+        return sum(p == old or p.startswith(old + ".") for p in layers)
+
+    named = {}
+    for old in names:
+        best = max(groups, key=lambda g: under(g, old), default=None)
+        if best is None or under(best, old) == 0 or best.name in named:
+            return None
+        named[best.name] = old
+    return named if len(named) == len(groups) else None
 
 
 def _checked_perm(t: Tensor, group: str) -> Tensor:
