@@ -127,7 +127,8 @@ def test_every_command_and_option_has_help(db_url: str) -> None:  # db_url: the 
 
 
 def test_models_add_registers_a_torchvision_network_saved_in_plain_pytorch(zoo: TestClient, tmp_path: Path) -> None:
-    """`zoo models add card.json weights.pth`: the weights file streamed as it lies on disk."""
+    """`zoo models add card.json weights.pth` with the file as torch.save wrote it (the CLI hands the
+    client an open file, which httpx streams; through a TestClient only the registration is checked)."""
     import torch
     import torchvision
 

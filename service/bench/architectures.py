@@ -16,7 +16,6 @@ import torchvision
 from service.bench.common import Say, dir_store
 from zoo_store.archs import build_arch
 from zoo_store.archs.families import FAMILIES, TIMM_FAMILIES
-from zoo_store.archs.surgery import state_bytes
 from zoo_store.cards import CardIn, InputSpec
 from zoo_store.errors import InvalidInput
 
@@ -70,12 +69,12 @@ def _family_row(family: str, arch: str) -> str:
         return f"| {family} | `{arch}` | | refused: {_short(e)} | | | |"
     params = sum(p.numel() for p in net.parameters())
     taps = ", ".join(f"{t.name}@{t.stride}" for t in net.taps if t.stride) or "none"
-    from zoo_store.methods.reprogram.layers import build_reprogrammed, reprogram_refusal
+    from zoo_store.methods.reprogram.layers import build_reprogrammed, dense_bytes, reprogram_refusal
 
     if reprogram_refusal(net) is None:
         delta = build_reprogrammed(net, 10).delta_state()
         delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
-        ratio = f"{delta_bytes / (state_bytes(net) - state_bytes(net.head_layer) + delta_bytes):.2%}"
+        ratio = f"{delta_bytes / dense_bytes(net, delta_bytes):.2%}"
     else:
         ratio = "refused"
     report = net.group_report()

@@ -58,7 +58,7 @@ def timeit(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float
 def reprogram_bytes(arch: str, input_size: int, channels: int, num_classes: int = 10) -> tuple[int, int]:
     """(bundle bytes, dense bytes) of a reprogram path on ``arch`` (sizes do not depend on values)."""
     from zoo_store.cards import InputSpec
-    from zoo_store.methods.reprogram.layers import build_reprogrammed
+    from zoo_store.methods.reprogram.layers import build_reprogrammed, dense_bytes
 
     base = build_arch(arch, {"num_classes": 1000 if arch.startswith("tv_") else 10}).eval()
     model = build_reprogrammed(base, num_classes)
@@ -67,7 +67,7 @@ def reprogram_bytes(arch: str, input_size: int, channels: int, num_classes: int 
     art = PathArtifact("reprogram", [BaseRef(id=arch, digest="0" * 64)], [str(i) for i in range(num_classes)], spec,
                        {"base": arch, "num_classes": num_classes, "kernel": 3}, delta)  # fmt: skip
     delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
-    dense = state_bytes(base) - state_bytes(base.head_layer) + delta_bytes
+    dense = dense_bytes(base, delta_bytes)
     return len(encode_bundle(make_manifest(art), delta, {})), dense
 
 

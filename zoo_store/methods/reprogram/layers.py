@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from zoo_store.archs import TapNet
-from zoo_store.archs.surgery import conv_paths, replace_module, shared_copy
+from zoo_store.archs.surgery import conv_paths, replace_module, shared_copy, state_bytes
 
 
 def clr_conv(channels: int, kernel: int = 3, device: torch.device | str = "cpu", identity: bool = True) -> nn.Conv2d:
@@ -35,6 +35,11 @@ def reprogram_refusal(net: TapNet) -> str | None:
     found = ", ".join(f"{p} ({c.kernel_size[0]}x{c.kernel_size[1]}, stride {c.stride[0]})" for p, c in convs)
     return ("CLR needs a spatial convolution (kernel > 1, stride below its kernel) to reprogram; this network has "
             + (f"only patch embeddings: {found}" if found else "no convolution with kernel > 1"))
+
+
+def dense_bytes(base: TapNet, delta_bytes: int) -> int:
+    """The dense network a reprogram path stands for: the base without its head, plus the path's tensors."""
+    return state_bytes(base) - state_bytes(base.head_layer) + delta_bytes
 
 
 class Reprogrammed(nn.Module):

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from zoo_store.archs import TapNet
-from zoo_store.archs.surgery import state_bytes
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
 from zoo_store.methods.registry import BuildContext, ExpectedTensors, Method, one_base, register_method
@@ -18,6 +17,7 @@ from zoo_store.methods.reprogram.layers import (
     Reprogrammed,
     build_reprogrammed,
     clr_targets,
+    dense_bytes,
     load_delta,
     reprogram_refusal,
 )
@@ -61,7 +61,7 @@ class Reprogram(Method):
         acc = accuracy(model, data.test_x, data.test_y, card.input, device=ctx.device)
         delta = model.delta_state()
         delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
-        dense = state_bytes(base) - state_bytes(base.head_layer) + delta_bytes
+        dense = dense_bytes(base, delta_bytes)
         metrics = {
             "accuracy": acc,
             "train_loss": losses[-1],
