@@ -156,7 +156,8 @@ def test_upload_dataset_and_compose_on_it(app_client: TestClient) -> None:
     assert app_client.get(f"/v1/datasets/{ds['id']}").json() == ds
     job = compose(app_client, reprogram_spec(task={"dataset": ds["id"]}, epochs=3))
     assert job["state"] == "succeeded", job
-    assert job["metrics"]["train_samples"] == 16 and job["metrics"]["test_samples"] == 4
+    assert ds["splits"] == {"train": 14, "val": 2, "test": 4}
+    assert job["metrics"]["train_samples"] == 14 and job["metrics"]["test_samples"] == 4
     assert app_client.get(f"/v1/paths/{job['path_id']}").json()["labels"] == ["dark", "light"]
 
 

@@ -7,11 +7,12 @@ import torch
 
 from tests.conftest import GRAY, tiny_card, tiny_weights
 from zoo_store.archs import build_arch
+from zoo_store.archs.base import resize_to
 from zoo_store.archs.surgery import replace_module, shared_copy
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
 from zoo_store.methods.clone.config import plan_clone
-from zoo_store.methods.clone.layers import KeptFilters, occlude, soft_masks
+from zoo_store.methods.clone.layers import ADAPTERS, KeptFilters, occlude, soft_masks
 from zoo_store.methods.clone.localize import localize
 from zoo_store.methods.spec import CompositionSpec
 from zoo_store.store import card_for
@@ -138,21 +139,50 @@ def test_pack_masks_round_trip() -> None:
     assert torch.equal(unpack_mask(packed, 37), keep)
 
 
-def test_a_fresh_connection_changes_nothing() -> None:
-    """Zero adapters: the composed network's logits on the target's labels are the target's own."""
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_a_fresh_connection_changes_nothing(kind: str) -> None:
+    """Fresh adapters of every kind: the composed network's logits on the target's labels are the
+    target's own, in training mode (batch statistics) and in eval mode."""
     from zoo_store.methods.clone.insert import Part, fresh_cloned
 
     t_card, target = _base("low", LOW)
     _, src = _base("high", HIGH, seed=1)
-    model = fresh_cloned(target, t_card, [Part(src, "stage2")], ["stage1"], [*LOW, "5"], seed=0)
+    model = fresh_cloned(target, t_card, [Part(src, "stage2")], ["stage1"], [*LOW, "5"], seed=0, adapter=kind)
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
-        assert torch.allclose(model(x)[:, :5], target(x), atol=1e-6)
+        for mode in (True, False):
+            model.adapters.train(mode)
+            assert torch.allclose(model(x)[:, :5], target(x), atol=1e-6)
 
 
-def test_clone_builds_and_materializes_end_to_end() -> None:
-    """The whole build on tiny bases (not yet behind the registry): the path's tensors are what the
-    method expects, survive a bundle, and materialize to the network that was trained."""
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_an_adapter_is_served_as_the_conv_it_folds_to(kind: str) -> None:
+    """After training steps (BatchNorm statistics moved), the stored conv computes what the adapter
+    computes in eval mode; 3x3 keeps the resolution."""
+    from zoo_store.methods.clone.layers import Adapter
+
+    torch.manual_seed(0)
+    a = Adapter(6, 4, kind)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = a(torch.rand(8, 6, 5, 5), (7, 7)).square().mean() - a(torch.rand(8, 6, 5, 5), (7, 7)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    a.eval()
+    f = torch.rand(2, 6, 5, 5)
+    with torch.no_grad():
+        out = a(f, (7, 7))
+        assert out.shape == (2, 4, 7, 7) and out.abs().max() > 0
+        assert torch.allclose(a.folded()(resize_to(f, (7, 7))), out, atol=1e-5)
+    assert a.folded().kernel_size == ((3, 3) if kind == "3x3" else (1, 1))
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_clone_builds_and_materializes_end_to_end(kind: str) -> None:
+    """The whole build on tiny bases (not yet behind the registry), for each adapter kind: every
+    (source depth, insertion tap) pair scored on validation, the path's tensors are what the method
+    expects, survive a bundle, and materialize to the network that was trained."""
     from zoo_store.methods.clone.method import Clone
     from zoo_store.methods.registry import BuildContext, TaskData
     from zoo_store.paths import check_expected, decode_bundle, encode_bundle, make_manifest
@@ -165,10 +195,17 @@ def test_clone_builds_and_materializes_end_to_end() -> None:
     labels = [*LOW, "5", "6"]
     spec = CompositionSpec.model_validate({"method": "clone", "base": "low", "sources": [{"model": "high", "labels": ["5", "6"]}],
                                            "task": {"dataset": "t"}, "train": {"epochs": 1, "batch_size": 16, "steps": 20}})  # fmt: skip
-    ctx = BuildContext(bases={"low": (t_card, target), "high": (s_card, src)}, load_task=lambda t, c: TaskData(x, y, x[:10], y[:10], labels))
-    art = Clone().build(spec, ctx)
+    ctx = BuildContext(bases={"low": (t_card, target), "high": (s_card, src)}, load_task=lambda t, c: TaskData(x, y, x[:10], y[:10], labels, x[10:20], y[10:20]))
+    method = Clone()
+    method.adapter = kind
+    art = method.build(spec, ctx)
     assert art.labels == labels and [b.id for b in art.bases] == ["low", "high"]
-    assert set(art.metrics["source0_insert_losses"]) == {"stem", "stage1", "stage2", "stage3"}
+    taps = ["stem", "stage1", "stage2", "stage3"]
+    scores = art.metrics["source0_join_val_accuracy"]
+    assert set(scores) == {f"{d}->{r}" for d in taps for r in taps}
+    (link,) = art.config["sources"]
+    assert scores[f"{link['depth']}->{link['insert']}"] == max(scores.values())
+    assert link["kernel"] == (3 if kind == "3x3" else 1) and art.metrics["adapter"] == kind
     manifest = make_manifest(art)
     nets = {"low": target, "high": src}
     check_expected(manifest, Clone().expected_tensors(art.config, nets))
@@ -178,6 +215,8 @@ def test_clone_builds_and_materializes_end_to_end() -> None:
     with torch.no_grad():
         assert module(probe).shape == (4, len(labels))
         assert torch.equal(module(probe), Clone().materialize(manifest.config, bundle.tensors, nets)(probe))
+        served = (module(x[:10]).argmax(1) == y[:10]).float().mean().item()
+    assert served == pytest.approx(art.metrics["accuracy"])  # the served network is the one measured
     assert (digest_of(target), digest_of(src)) == digests
 
 
@@ -192,7 +231,7 @@ def test_clone_through_the_api(app_client) -> None:
             "train": {"epochs": 1, "steps": 10, "batch_size": 8}}  # fmt: skip
     job = compose(app_client, spec)
     assert job["state"] == "succeeded", job
-    assert {"accuracy", "source0_kept_fraction", "source0_fidelity", "source0_insert_losses"} <= set(job["metrics"])
+    assert {"accuracy", "source0_kept_fraction", "source0_fidelity", "source0_join_val_accuracy"} <= set(job["metrics"])
     pid = job["path_id"]
     path = app_client.get(f"/v1/paths/{pid}").json()
     assert [b["id"] for b in path["bases"]] == ["res", "vgg"] and path["labels"] == ["0", "1", "2"]

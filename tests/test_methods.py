@@ -37,7 +37,7 @@ def _task(n: int = 24, labels=("0", "1", "2")) -> TaskData:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, 1, 28, 28, generator=g)
     y = torch.arange(n) % len(labels)
-    return TaskData(x, y, x[:6], y[:6], list(labels))
+    return TaskData(x, y, x[:6], y[:6], list(labels), x[6:12], y[6:12])
 
 
 # what each method needs beyond base + task to run in a second on a tiny base ("s" is a second base)

@@ -322,7 +322,7 @@ def test_cross_architecture_path_is_served_and_bundled(app_client) -> None:
     x, y = torch.rand(24, 1, 28, 28, generator=g), torch.arange(24) % 3
     card = bases["res"][0]
     nets = {k: n for k, (_, n) in bases.items()}
-    model = train_assembly(Candidate(blocks, 0, 0), nets, card, TaskData(x, y, x, y, ["a", "b", "c"]), x, 1, 1e-2, 8, 0, "cpu")
+    model = train_assembly(Candidate(blocks, 0, 0), nets, card, TaskData(x, y, x, y, ["a", "b", "c"], x, y), x, 1, 1e-2, 8, 0, "cpu")
     art = PathArtifact("reassemble", [BaseRef(id=k, digest=bases[k][0].digest) for k in ("res", "vgg")], ["a", "b", "c"],
                        card.input, {"blocks": [b.model_dump() for b in blocks], "num_classes": 3, "channels": 1, "size": 28},
                        path_tensors(model), {})  # fmt: skip

@@ -24,7 +24,7 @@ from zoo_store.blobs import (
     sha256,
 )
 from zoo_store.cards import Card, CardIn, TapInfo
-from zoo_store.datasets.builtin import BUILTINS, Arrays
+from zoo_store.datasets.builtin import BUILTINS, Arrays, split_three
 from zoo_store.db import (
     BaseRow,
     Database,
@@ -371,18 +371,15 @@ class Store:
 
 
 def split_upload(x: np.ndarray, y: np.ndarray, labels: list[str]) -> Arrays:
-    """A fixed 80/20 split (seed 0) of an uploaded dataset into train and held-out test."""
-    order = np.random.default_rng(0).permutation(len(y))
-    cut = max(1, round(len(y) * 0.8))
-    tr, te = np.sort(order[:cut]), np.sort(order[cut:])
-    return Arrays(x[tr], y[tr], x[te], y[te], tuple(labels))
+    """A fixed 70/10/20 split (seed 0) of an uploaded dataset into train, validation and test."""
+    return split_three(x, y, tuple(labels), val=0.1, test=0.2)
 
 
 def _dataset_row(ds_id: str, name: str, source: str, digest: str | None, a: Arrays) -> DatasetRow:
     return DatasetRow(
         id=ds_id, name=name, source=source, blob_digest=digest, labels=list(a.labels),
-        num_samples=len(a.train_y) + len(a.test_y), shape=list(a.train_x.shape[1:]),
-        splits={"train": len(a.train_y), "test": len(a.test_y)},
+        num_samples=len(a.train_y) + len(a.val_y) + len(a.test_y), shape=list(a.train_x.shape[1:]),
+        splits={"train": len(a.train_y), "val": len(a.val_y), "test": len(a.test_y)},
     )  # fmt: skip
 
 

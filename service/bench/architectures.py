@@ -130,7 +130,8 @@ def _name_row(name: str) -> tuple[str, bool]:
             return f"{head} refused: {_short(e)} | {time.perf_counter() - t:.1f} |", False
         gen = torch.Generator().manual_seed(0)
         data = TaskData(torch.rand(16, 3, size, size, generator=gen), torch.arange(16) % 2,
-                        torch.rand(8, 3, size, size, generator=gen), torch.arange(8) % 2, ["a", "b"])  # fmt: skip
+                        torch.rand(8, 3, size, size, generator=gen), torch.arange(8) % 2, ["a", "b"],
+                        torch.rand(8, 3, size, size, generator=gen), torch.arange(8) % 2)  # fmt: skip
         base = store.load_base(card)
         art = method.build(spec, BuildContext(bases={"b": (card, base)}, load_task=lambda s, c: data))
         kib = art.metrics["tensor_bytes"] / 1024

@@ -129,26 +129,35 @@ def demo_store(say: Say, quick: bool):
     return store
 
 
-def head_only(base: nn.Module, data, card: Card, epochs: int, init_rows: bool = False) -> tuple[nn.Module, int]:
+SEEDS = (0, 1, 2)  # every cell of a method table: one run per seed (training draw and initialisation)
+
+
+def mean_std(values: list[float], digits: int = 4) -> str:
+    """``mean ± std`` (sample standard deviation) of one cell's seeds."""
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def head_only(base: nn.Module, data, card: Card, epochs: int, init_rows: bool = False, seed: int = 0) -> tuple[nn.Module, int]:
     """A new linear head on the frozen base; returns the model and the head's bytes."""
     from zoo_store.training import fit, init_head_rows
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     head = nn.Linear(base.feature_dim, len(data.labels))
     if init_rows:
         init_head_rows(head, base.head_layer, card.labels, data.labels)
     model = nn.Sequential()
     model.forward = lambda x: head(base.embed(x))  # type: ignore[method-assign]
-    fit(model, head.parameters(), data.train_x, data.train_y, card.input, epochs=epochs, lr=1e-2, batch_size=64, seed=0)
+    fit(model, head.parameters(), data.train_x, data.train_y, card.input, epochs=epochs, lr=1e-2, batch_size=64, seed=seed)
     return model, state_bytes(head)
 
 
-def full_ft(card: Card, store, data, epochs: int, init_rows: bool = False) -> nn.Module:
+def full_ft(card: Card, store, data, epochs: int, init_rows: bool = False, seed: int = 0) -> nn.Module:
     """A copy of the whole base and a new head, all trained (BatchNorm in train mode)."""
     from zoo_store.training import fit, init_head_rows
 
     net = store.load_base(card)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     head = nn.Linear(net.feature_dim, len(data.labels))
     if init_rows:
         init_head_rows(head, net.head_layer, card.labels, data.labels)
@@ -156,7 +165,7 @@ def full_ft(card: Card, store, data, epochs: int, init_rows: bool = False) -> nn
     for p in net.parameters():
         p.requires_grad_(True)
     net.train()
-    fit(net, net.parameters(), data.train_x, data.train_y, card.input, epochs=epochs, lr=1e-3, batch_size=64, seed=0)
+    fit(net, net.parameters(), data.train_x, data.train_y, card.input, epochs=epochs, lr=1e-3, batch_size=64, seed=seed)
     return net.eval()
 
 

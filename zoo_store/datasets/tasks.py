@@ -44,12 +44,18 @@ def to_input(x: np.ndarray, spec: InputSpec) -> torch.Tensor:
     return t.contiguous()
 
 
+VAL_PER_LABEL = 200  # validation images per label a task holds for its choices (fixed draw, seed 0)
+
+
 def make_task(arrays: Arrays, task: TaskSpec, spec: InputSpec, seed: int) -> TaskData:
+    """Training images drawn by ``seed``; validation (at most VAL_PER_LABEL per label) and test fixed."""
     labels = resolve_labels(arrays.labels, task)
     keep = [arrays.labels.index(lab) for lab in labels]
     tx, ty = _select(arrays.train_x, arrays.train_y, keep, task.samples_per_label, seed)
+    vx, vy = _select(arrays.val_x, arrays.val_y, keep, VAL_PER_LABEL, 0)
     sx, sy = _select(arrays.test_x, arrays.test_y, keep, None, 0)
     missing = [labels[i] for i in range(len(keep)) if not (ty == i).any()]
     if missing:
         raise InvalidInput(f"dataset {task.dataset!r} has no training samples for labels {missing}")
-    return TaskData(to_input(tx, spec), torch.from_numpy(ty), to_input(sx, spec), torch.from_numpy(sy), labels)
+    return TaskData(to_input(tx, spec), torch.from_numpy(ty), to_input(sx, spec), torch.from_numpy(sy), labels,
+                    to_input(vx, spec), torch.from_numpy(vy))  # fmt: skip

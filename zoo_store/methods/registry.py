@@ -23,13 +23,16 @@ ExpectedTensors = dict[str, tuple[str, tuple[int, ...]]]
 
 @dataclass
 class TaskData:
-    """A task's images as float tensors in [0, 1] at the base's input size, plus label names."""
+    """A task's images as float tensors in [0, 1] at the base's input size, plus label names.
+    Choices (insertion tap, candidate, epochs) are made on validation; test only measures."""
 
     train_x: torch.Tensor  # (N, C, H, W)
     train_y: torch.Tensor  # (N,)
     test_x: torch.Tensor  # (M, C, H, W)
     test_y: torch.Tensor  # (M,)
     labels: list[str]
+    val_x: torch.Tensor  # (V, C, H, W)
+    val_y: torch.Tensor  # (V,)
 
 
 class Cancelled(Exception):

@@ -1,6 +1,6 @@
-"""Step 3 of cloning, insertion (``R``, ``A``, ``F_c``): where the masked source prefix joins the
-target. Each candidate tap, from deep to shallow, gets a fresh adapter and head trained briefly on
-the correction data; the tap with the lowest converged loss (the last epoch's mean) wins."""
+"""Step 3 of cloning, the join (source depth, ``R``, ``A``, ``F_c``): where the masked source prefix
+is cut and where it joins the target. Every pair (source depth, target tap) gets a fresh adapter and
+head trained briefly on the correction data; the pair with the best validation accuracy wins."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from zoo_store.archs import TapNet
 from zoo_store.cards import Card
 from zoo_store.methods.clone.layers import Adapter, Cloned
-from zoo_store.training import fit, init_head_rows
+from zoo_store.methods.registry import TaskData
+from zoo_store.training import accuracy, fit, init_head_rows
 
 
 @dataclass
@@ -24,19 +25,21 @@ class Part:
     depth: str
 
 
-def build_cloned(target: TapNet, parts: list[Part], inserts: list[str], num_labels: int) -> Cloned:
-    """The composed network with zero adapters (the target's features untouched) and a new head."""
-    adapters = [Adapter(p.source.tap(p.depth).channels, target.tap(r).channels) for p, r in zip(parts, inserts, strict=True)]
+def build_cloned(target: TapNet, parts: list[Part], inserts: list[str], num_labels: int, kinds: list[str]) -> Cloned:
+    """The composed network with fresh adapters of the given kinds (the target's features untouched)
+    and a new head."""
+    adapters = [Adapter(p.source.tap(p.depth).channels, target.tap(r).channels, k)
+                for p, r, k in zip(parts, inserts, kinds, strict=True)]  # fmt: skip
     head = nn.Linear(target.feature_dim, num_labels)
     device = next(target.parameters()).device
     return Cloned(target, [p.source for p in parts], [p.depth for p in parts], inserts, adapters, head).to(device)
 
 
 def fresh_cloned(target: TapNet, target_card: Card, parts: list[Part], inserts: list[str], labels: list[str],
-                 seed: int) -> Cloned:  # fmt: skip
+                 seed: int, adapter: str = "1x1") -> Cloned:  # fmt: skip
     """``build_cloned``, seeded, with the head's rows for the target's own labels from its head."""
     torch.manual_seed(seed)
-    model = build_cloned(target, parts, inserts, len(labels))
+    model = build_cloned(target, parts, inserts, len(labels), [adapter] * len(parts))
     init_head_rows(model.head, target.head_layer, target_card.labels, labels)
     return model
 
@@ -45,19 +48,37 @@ def trainable(model: Cloned) -> list[nn.Parameter]:
     return [*model.adapters.parameters(), *model.head.parameters()]
 
 
-def search_insert(
-    target: TapNet, target_card: Card, parts: list[Part], which: int, fixed: list[str], labels: list[str],
-    x: Tensor, y: Tensor, *, epochs: int, lr: float, batch_size: int, seed: int, device: str,
-    on_candidate: Callable[[str, float], None] = lambda tap, loss: None,
-) -> tuple[str, dict[str, float]]:  # fmt: skip
-    """The insertion tap of part ``which`` (the others at ``fixed``): candidates from deep to shallow,
-    each trained for ``epochs``; returns the best tap and every candidate's converged loss."""
-    losses: dict[str, float] = {}
-    for tap in reversed(target.spatial_taps()):
-        inserts = [tap if i == which else r for i, r in enumerate(fixed)]
-        model = fresh_cloned(target, target_card, parts, inserts, labels, seed)
-        history = fit(model, trainable(model), x, y, target_card.input, epochs=epochs, lr=lr,
-                      batch_size=batch_size, seed=seed, device=device)  # fmt: skip
-        losses[tap] = history[-1]
-        on_candidate(tap, history[-1])
-    return min(losses, key=lambda t: (losses[t], t)), losses
+def train_cloned(model: Cloned, data: TaskData, card: Card, *, epochs: int, lr: float, batch_size: int, seed: int,
+                 device: str, on_epoch: Callable[[int, float], None] | None = None) -> Cloned:  # fmt: skip
+    """Train the adapters and the head (the bases stay in eval mode); returns the model in eval mode."""
+    model.adapters.train()
+    fit(model, trainable(model), data.train_x, data.train_y, card.input, epochs=epochs, lr=lr,
+        batch_size=batch_size, seed=seed, device=device, on_epoch=on_epoch)  # fmt: skip
+    return model.eval()
+
+
+def search_join(
+    target: TapNet, target_card: Card, parts: list[Part], which: int, part_at: Callable[[str], Part],
+    fixed: list[str], data: TaskData, *, adapter: str, epochs: int, lr: float, batch_size: int, seed: int,
+    device: str, on_candidate: Callable[[str, float], None] = lambda name, acc: None,
+) -> tuple[Part, str, dict[str, float]]:  # fmt: skip
+    """Source depth and insertion tap of part ``which`` (the others as they are): every pair, deep
+    first, trained for ``epochs``; returns the winner's part and tap, and every pair's validation
+    accuracy (``"depth->tap"``). Ties go to the pair tried first."""
+    scores: dict[str, float] = {}
+    best: tuple[Part, str] | None = None
+    best_score = -1.0
+    for depth in reversed(parts[which].source.spatial_taps()):
+        part = part_at(depth)
+        for tap in reversed(target.spatial_taps()):
+            trial = [part if i == which else p for i, p in enumerate(parts)]
+            inserts = [tap if i == which else r for i, r in enumerate(fixed)]
+            model = fresh_cloned(target, target_card, trial, inserts, data.labels, seed, adapter)
+            train_cloned(model, data, target_card, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
+            name = f"{depth}->{tap}"
+            scores[name] = accuracy(model, data.val_x, data.val_y, target_card.input, device=device)
+            if scores[name] > best_score:
+                best, best_score = (part, tap), scores[name]
+            on_candidate(name, scores[name])
+    assert best is not None
+    return best[0], best[1], scores

@@ -76,18 +76,45 @@ def occlude(x: Tensor, gen: torch.Generator, patches: int = 2, fraction: float =
     return out
 
 
-class Adapter(nn.Module):
-    """``A``: a 1x1 conv from the source's channels to the target's, after resizing the source's
-    features to the target's resolution. Zero-initialised: a fresh connection changes nothing."""
+ADAPTERS = ("1x1", "1x1+bn", "3x3")  # the adapter kinds a clone can train; each is served as one conv
 
-    def __init__(self, source_channels: int, target_channels: int):
+
+class Adapter(nn.Module):
+    """``A``: a conv from the source's channels to the target's, after resizing the source's
+    features to the target's resolution; a fresh connection changes nothing (zero output).
+
+    ``1x1`` and ``3x3``: a zero-initialised conv of that kernel. ``1x1+bn``: a 1x1 conv (default
+    init) then a BatchNorm whose scale starts at zero, so the joined features are standardised per
+    channel while it trains; ``folded()`` turns it into the plain 1x1 conv that is stored and served."""
+
+    def __init__(self, source_channels: int, target_channels: int, kind: str = "1x1"):
         super().__init__()
-        self.proj = nn.Conv2d(source_channels, target_channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        if kind not in ADAPTERS:
+            raise ValueError(f"adapter kind {kind!r} is not one of {ADAPTERS}")
+        k = 3 if kind == "3x3" else 1
+        self.proj = nn.Conv2d(source_channels, target_channels, k, padding=k // 2)
+        self.bn = nn.BatchNorm2d(target_channels) if kind == "1x1+bn" else None
+        if self.bn is None:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        else:
+            nn.init.zeros_(self.bn.weight)
 
     def forward(self, f: Tensor, size: tuple[int, int]) -> Tensor:
-        return self.proj(resize_to(f, size))  # (B, C_t, H_t, W_t)
+        out = self.proj(resize_to(f, size))  # (B, C_t, H_t, W_t)
+        return out if self.bn is None else self.bn(out)
+
+    @torch.no_grad()
+    def folded(self) -> nn.Conv2d:
+        """The conv this adapter computes in eval mode (its BatchNorm, if any, folded in)."""
+        if self.bn is None:
+            return self.proj
+        bn, conv = self.bn, self.proj
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_t,)
+        out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, device=conv.weight.device)
+        out.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        out.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
+        return out
 
 
 class Cloned(nn.Module):

@@ -7,7 +7,7 @@ on the correction data. The path holds the bit-packed masks, the taps, the adapt
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -17,7 +17,7 @@ from zoo_store.archs import TapNet
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
 from zoo_store.methods.clone.config import plan_clone
-from zoo_store.methods.clone.insert import Part, build_cloned, fresh_cloned, search_insert, trainable
+from zoo_store.methods.clone.insert import Part, build_cloned, fresh_cloned, search_join, train_cloned
 from zoo_store.methods.clone.layers import masked_source, pack_mask, unpack_mask
 from zoo_store.methods.clone.localize import localize
 from zoo_store.methods.registry import (
@@ -30,7 +30,7 @@ from zoo_store.methods.registry import (
 )
 from zoo_store.methods.spec import CompositionSpec
 from zoo_store.paths import BaseRef, PathArtifact
-from zoo_store.training import fit, predict_logits
+from zoo_store.training import predict_logits
 
 LOCALIZE_STEPS = 150  # mask-fitting steps per source unless train.steps says otherwise
 
@@ -42,6 +42,7 @@ class SourceLink(BaseModel):
     labels: tuple[str, ...]
     depth: str  # the source tap its masked prefix is cut at
     insert: str  # the target tap R its adapted features are added to
+    kernel: Literal[1, 3] = 1  # the adapter conv's kernel (a 1x1 + BatchNorm adapter is stored folded: 1)
 
 
 class CloneConfig(BaseModel):
@@ -56,6 +57,8 @@ class CloneConfig(BaseModel):
 class Clone(Method):
     name = "clone"
     required = ("base", "task")
+    adapter = "1x1"  # the adapter kind (clone.layers.ADAPTERS) builds train; measured in docs/methods/clone.md
+    localize = staticmethod(localize)  # step 2 (a benchmark that builds one source many times may memoise it)
 
     def refusal(self, net: TapNet) -> str | None:
         return no_spatial_tap(net)
@@ -73,10 +76,11 @@ class Clone(Method):
         tr = spec.train
         metrics: dict[str, Any] = {"sources": [s.model_dump() for s in plan.sources], "sources_chosen": plan.chosen}
         steps = LOCALIZE_STEPS if tr.steps is None else max(1, tr.steps)
-        parts, depths = [], []
+        parts: list[Part] = []
+        masks: list[dict[str, Tensor]] = []  # per source, the masks of every conv up to its deepest spatial tap
         for i, src in enumerate(plan.sources):  # step 2: localize each source on the labels it brings
             s_card, s_net = ctx.bases[src.model]
-            depth = s_net.spatial_taps()[-1]
+            deepest = s_net.spatial_taps()[-1]
             mine = torch.tensor([data.labels[int(k)] in src.labels for k in data.train_y])
             cols = [s_card.labels.index(label) for label in src.labels]
 
@@ -84,31 +88,36 @@ class Clone(Method):
                 done = (i + (step + 1) / steps) / len(plan.sources)
                 ctx.progress(fraction=0.3 * done, step=f"localizing {name}", loss=loss)
 
-            loc = localize(s_net, depth, cols, data.train_x[mine], s_card.input, steps=steps, seed=tr.seed,
+            loc = self.localize(s_net, deepest, cols, data.train_x[mine], s_card.input, steps=steps, seed=tr.seed,
                            device=ctx.device, on_step=on_step)  # fmt: skip
-            metrics[f"source{i}_kept_fraction"], metrics[f"source{i}_fidelity"] = loc.kept_fraction, loc.fidelity
-            parts.append(Part(masked_source(s_net, loc.masks), depth))
-            depths.append((depth, loc.masks))
+            metrics[f"source{i}_fidelity"] = loc.fidelity
+            parts.append(_part(s_net, loc.masks, deepest))
+            masks.append(loc.masks)
         inserts = [target.spatial_taps()[-1]] * len(parts)
-        for i in range(len(parts)):  # step 3: search R for each source, deep to shallow
-            best, losses = search_insert(
-                target, t_card, parts, i, inserts, data.labels, data.train_x, data.train_y, epochs=1, lr=tr.lr,
-                batch_size=tr.batch_size, seed=tr.seed, device=ctx.device,
-                on_candidate=lambda tap, loss, i=i: ctx.progress(fraction=0.3 + 0.4 * (i + 1) / len(parts),
-                                                                 step=f"insert {plan.sources[i].model} at {tap}", loss=loss),
+        for i, src in enumerate(plan.sources):  # step 3: search (depth, R) for each source by validation accuracy
+            s_net = ctx.bases[src.model][1]
+            parts[i], inserts[i], scores = search_join(
+                target, t_card, parts, i, lambda d, s=s_net, m=masks[i]: _part(s, m, d), inserts, data,
+                adapter=self.adapter, epochs=1, lr=tr.lr, batch_size=tr.batch_size, seed=tr.seed, device=ctx.device,
+                on_candidate=lambda name, acc, i=i: ctx.progress(fraction=0.3 + 0.4 * (i + 1) / len(parts),
+                                                                 step=f"join {plan.sources[i].model} {name}", val_accuracy=acc),
             )  # fmt: skip
-            inserts[i] = best
-            metrics[f"source{i}_insert_losses"] = losses
-        model = fresh_cloned(target, t_card, parts, inserts, data.labels, tr.seed)
-        fit(model, trainable(model), data.train_x, data.train_y, t_card.input, epochs=tr.epochs, lr=tr.lr,
-            batch_size=tr.batch_size, seed=tr.seed, device=ctx.device,
-            on_epoch=lambda e, loss: ctx.progress(fraction=0.7 + 0.3 * (e + 1) / tr.epochs, epoch=e + 1, loss=loss))  # fmt: skip
+            masks[i] = _prefix_masks(s_net, masks[i], parts[i].depth)  # what the path stores
+            metrics[f"source{i}_join_val_accuracy"] = scores
+            filters = sum(m.numel() for m in masks[i].values())
+            metrics[f"source{i}_kept_fraction"] = sum(int(m.sum()) for m in masks[i].values()) / filters if filters else 1.0
+        model = fresh_cloned(target, t_card, parts, inserts, data.labels, tr.seed, self.adapter)
+        train_cloned(model, data, t_card, epochs=tr.epochs, lr=tr.lr, batch_size=tr.batch_size, seed=tr.seed,
+                     device=ctx.device, on_epoch=lambda e, loss: ctx.progress(fraction=0.7 + 0.3 * (e + 1) / tr.epochs,
+                                                                               epoch=e + 1, loss=loss))  # fmt: skip
         metrics |= _accuracies(model, target, t_card, data, ctx.device)
-        links = [SourceLink(model=s.model, labels=s.labels, depth=d, insert=r)
-                 for s, (d, _), r in zip(plan.sources, depths, inserts, strict=True)]  # fmt: skip
-        tensors = {f"mask.{i}.{p}": pack_mask(m) for i, (_, masks) in enumerate(depths) for p, m in masks.items()}
+        metrics["adapter"] = self.adapter
+        kernel = 3 if self.adapter == "3x3" else 1
+        links = [SourceLink(model=s.model, labels=s.labels, depth=p.depth, insert=r, kernel=kernel)
+                 for s, p, r in zip(plan.sources, parts, inserts, strict=True)]  # fmt: skip
+        tensors = {f"mask.{i}.{p}": pack_mask(m) for i, prefix in enumerate(masks) for p, m in prefix.items()}
         tensors |= {f"adapter.{i}.{k}": v.detach().cpu().contiguous() for i, a in enumerate(model.adapters)
-                    for k, v in a.proj.state_dict().items()}  # fmt: skip
+                    for k, v in a.folded().state_dict().items()}  # fmt: skip
         tensors |= {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         dense = sum(_state_bytes(ctx.bases[k][1]) for k in dict.fromkeys([plan.target, *(s.model for s in plan.sources)]))
         metrics |= {"dense_bytes": dense, "train_samples": len(data.train_x), "test_samples": len(data.test_x)}
@@ -125,7 +134,7 @@ class Clone(Method):
             for p in src.prefix_convs(s.depth):
                 out[f"mask.{i}.{p}"] = ("uint8", ((src.get_submodule(p).out_channels + 7) // 8,))
             cs, ct = src.tap(s.depth).channels, target.tap(s.insert).channels
-            out[f"adapter.{i}.weight"], out[f"adapter.{i}.bias"] = ("float32", (ct, cs, 1, 1)), ("float32", (ct,))
+            out[f"adapter.{i}.weight"], out[f"adapter.{i}.bias"] = ("float32", (ct, cs, s.kernel, s.kernel)), ("float32", (ct,))
         out["head.weight"], out["head.bias"] = ("float32", (cfg.num_classes, target.feature_dim)), ("float32", (cfg.num_classes,))
         return out
 
@@ -139,11 +148,23 @@ class Clone(Method):
             if any(not m.any() for m in masks.values()):
                 raise InvalidInput(f"source {i} ({s.model}) has a conv with every filter masked out")
             parts.append(Part(masked_source(src, masks), s.depth))
-        model = build_cloned(target, parts, [s.insert for s in cfg.sources], cfg.num_classes)
+        kinds = ["3x3" if s.kernel == 3 else "1x1" for s in cfg.sources]
+        model = build_cloned(target, parts, [s.insert for s in cfg.sources], cfg.num_classes, kinds)
         for i, a in enumerate(model.adapters):
             a.proj.load_state_dict({"weight": tensors[f"adapter.{i}.weight"], "bias": tensors[f"adapter.{i}.bias"]})
         model.head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
         return model.requires_grad_(False).eval()
+
+
+def _prefix_masks(source: TapNet, masks: dict[str, Tensor], depth: str) -> dict[str, Tensor]:
+    """The masks of the convs the source's prefix up to ``depth`` runs."""
+    convs = set(source.prefix_convs(depth))
+    return {p: m for p, m in masks.items() if p in convs}
+
+
+def _part(source: TapNet, masks: dict[str, Tensor], depth: str) -> Part:
+    """The source's prefix up to ``depth``, masked."""
+    return Part(masked_source(source, _prefix_masks(source, masks, depth)), depth)
 
 
 def _accuracies(model: nn.Module, target: TapNet, t_card: Card, data: TaskData, device: str) -> dict[str, float]:

@@ -174,16 +174,63 @@ def permute_and_resample(
     return out
 
 
-def select_channels(layers: dict[str, Fused], groups: list[ChannelGroup], keep: dict[str, Tensor]) -> dict[str, Fused]:
-    """Plain structured pruning, the baseline: keep the listed channels of each group, unscaled."""
+def select_channels(
+    layers: dict[str, Fused], groups: list[ChannelGroup], keep: dict[str, Tensor], rescale: bool = True
+) -> dict[str, Fused]:
+    """Structured pruning, the baseline: keep the listed channels of each group; with ``rescale`` the
+    readers are scaled by n / n' as resampling scales them (sums over channels keep their magnitude)."""
     out = {p: Fused(f.weight, f.bias) for p, f in layers.items()}
     for g in groups:
         idx = keep[g.name].long().to(out[g.producers[0][0]].weight.device)
+        scale = group_size(layers, g) / len(idx) if rescale else 1.0
         for p, _ in (*g.producers, *g.depthwise):
             out[p] = Fused(out[p].weight[idx], out[p].bias[idx])
         for c in g.consumers:
-            out[c] = Fused(out[c].weight[:, idx], out[c].bias)
+            out[c] = Fused(out[c].weight[:, idx] * scale, out[c].bias)
     return out
+
+
+@torch.no_grad()
+def recalibrate(small: TapNet, base: TapNet, groups: list[ChannelGroup], keep: dict[str, Tensor], x: Tensor) -> None:
+    """BatchNorm recalibration of a pruned network whose BatchNorms are folded (``assemble`` of
+    ``select_channels``), in place: in forward order, each layer that had a BatchNorm gets an affine
+    map per output channel so that, on the images ``x`` (normalized, (N, C, H, W)), the channel's
+    mean and standard deviation equal those of the same channel after the base's BatchNorm. That
+    is what re-estimating the BatchNorm statistics in train mode does, layer by layer."""
+    kept = {p: (keep[g.name].long(), bn) for g in groups for p, bn in (*g.producers, *g.depthwise) if bn}
+    target: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def record(path: str):
+        def hook(_m: nn.Module, _i: object, out: Tensor) -> None:
+            y = out[:, kept[path][0]].transpose(0, 1).flatten(1)  # (kept channels, N * H * W)
+            target[path] = (y.mean(1), y.std(1))
+        return hook
+
+    handles = [base.get_submodule(bn).register_forward_hook(record(p)) for p, (_, bn) in kept.items()]
+    try:
+        base(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def fix(path: str):
+        def hook(layer: nn.Module, _i: object, out: Tensor) -> Tensor:
+            y = out.transpose(0, 1).flatten(1)  # (channels, N * H * W)
+            mean, std = y.mean(1), y.std(1)
+            want_mean, want_std = target[path]
+            gain = want_std / std.clamp_min(1e-12)  # (channels,)
+            layer.weight.mul_(gain.view(-1, *([1] * (layer.weight.dim() - 1))))
+            layer.bias.copy_((layer.bias - mean) * gain + want_mean)
+            shape = (1, -1, *([1] * (out.dim() - 2)))
+            return (out - mean.view(shape)) * gain.view(shape) + want_mean.view(shape)
+        return hook
+
+    handles = [small.get_submodule(p).register_forward_hook(fix(p)) for p in kept]
+    try:
+        small(x)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _rebuilt(old: Layer, f: Fused, depthwise: bool) -> Layer:
