@@ -216,8 +216,27 @@ def test_clone_builds_and_materializes_end_to_end(kind: str) -> None:
         assert module(probe).shape == (4, len(labels))
         assert torch.equal(module(probe), Clone().materialize(manifest.config, bundle.tensors, nets)(probe))
         served = (module(x[:10]).argmax(1) == y[:10]).float().mean().item()
+        if kind != "3x3":  # a path stored before adapters had kinds (no "kernel") serves as a 1x1 one
+            old = {**manifest.config, "sources": [{k: v for k, v in s.items() if k != "kernel"} for s in manifest.config["sources"]]}
+            assert torch.equal(Clone().materialize(old, bundle.tensors, nets)(probe), module(probe))
     assert served == pytest.approx(art.metrics["accuracy"])  # the served network is the one measured
     assert (digest_of(target), digest_of(src)) == digests
+
+
+def test_a_task_without_validation_images_is_refused() -> None:
+    """The join is chosen on validation images: none is a 4xx naming why, before any training."""
+    from zoo_store.methods.clone.method import Clone
+    from zoo_store.methods.registry import BuildContext, TaskData
+
+    t_card, target = _base("low", LOW)
+    s_card, src = _base("high", HIGH, seed=1)
+    x, y = _images(8), torch.arange(8) % 6
+    spec = CompositionSpec.model_validate({"method": "clone", "base": "low", "sources": [{"model": "high", "labels": ["5"]}],
+                                           "task": {"dataset": "tiny"}})  # fmt: skip
+    empty = TaskData(x, y, x[:2], y[:2], [*LOW, "5"], x[:0], y[:0])
+    ctx = BuildContext(bases={"low": (t_card, target), "high": (s_card, src)}, load_task=lambda t, c: empty)
+    with pytest.raises(InvalidInput, match="no validation images"):
+        Clone().build(spec, ctx)
 
 
 def test_clone_through_the_api(app_client) -> None:

@@ -69,3 +69,28 @@ def test_the_cluttered_task_is_listed(app_client) -> None:
     items = app_client.get("/v1/datasets", params={"limit": 100}).json()["items"]
     row = next(d for d in items if d["id"] == "mnist-cluttered")
     assert row["splits"] == {"train": 50_000, "val": 10_000, "test": 10_000} and row["shape"] == [1, 28, 28]
+
+
+def test_rows_from_before_validation_splits_are_brought_up_to_date(tmp_path) -> None:
+    """A database written by the previous release (two splits per row): the next start gives the
+    built-in rows this release's description and sizes, and uploads the split they are read with."""
+    from sqlalchemy import select
+
+    from zoo_store.blobs import DirBlobStore
+    from zoo_store.db import Database, DatasetRow
+    from zoo_store.store import Store
+
+    db = Database(f"sqlite:///{tmp_path / 'zoo.db'}")
+    db.migrate()
+    store = Store(db, DirBlobStore(tmp_path / "blobs"))
+    with db.session() as s:
+        s.add(DatasetRow(id="digits", name="old", source="builtin", blob_digest=None, labels=list("0123456789"),
+                         num_samples=1797, shape=[1, 28, 28], splits={"train": 1257, "test": 540}))  # fmt: skip
+        s.add(DatasetRow(id="ds_old", name="mine", source="upload", blob_digest="0" * 64, labels=["a", "b"],
+                         num_samples=1000, shape=[1, 4, 4], splits={"train": 800, "test": 200}))  # fmt: skip
+    store.ensure_builtin_datasets()
+    with db.session() as s:
+        rows = {r.id: r for r in s.scalars(select(DatasetRow))}
+    assert rows["digits"].splits == {"train": 988, "val": 270, "test": 539} and rows["digits"].name == BUILTINS["digits"].name
+    assert rows["ds_old"].splits == {"train": 700, "val": 100, "test": 200} and rows["ds_old"].name == "mine"
+    assert set(rows) == {*BUILTINS, "ds_old"}

@@ -62,7 +62,7 @@ class DatasetRow(Base):
     labels: Mapped[list[Any]]
     num_samples: Mapped[int] = mapped_column(Integer)
     shape: Mapped[list[Any]]  # [C, H, W]
-    splits: Mapped[dict[str, Any]]  # {"train": n, "test": n}
+    splits: Mapped[dict[str, Any]]  # {"train": n, "val": n, "test": n}
     tenant: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # None: built in, everyone's
     bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the stored upload's (None: built in)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -24,7 +24,7 @@ from zoo_store.blobs import (
     sha256,
 )
 from zoo_store.cards import Card, CardIn, TapInfo
-from zoo_store.datasets.builtin import BUILTINS, Arrays, split_three
+from zoo_store.datasets.builtin import BUILTINS, Arrays, split_sizes, split_three
 from zoo_store.db import (
     BaseRow,
     Database,
@@ -155,8 +155,18 @@ class Store:
 
     # -- datasets -----------------------------------------------------------------------------
     def ensure_builtin_datasets(self) -> None:
+        """Register missing built-in datasets; rows written before validation splits existed get
+        this release's names and split sizes (uploads: the 70/10/20 split they are now read with)."""
         with self.db.session() as s:
             have = set(s.scalars(select(DatasetRow.id).where(DatasetRow.source == "builtin")))
+            for row in s.scalars(select(DatasetRow)):
+                if "val" in row.splits:
+                    continue
+                if row.source == "builtin" and row.id in BUILTINS:
+                    fresh = _dataset_row(row.id, BUILTINS[row.id].name, "builtin", None, BUILTINS[row.id].make())
+                    row.name, row.num_samples, row.splits = fresh.name, fresh.num_samples, fresh.splits
+                elif row.source == "upload":
+                    row.splits = split_sizes(row.num_samples, UPLOAD_VAL, UPLOAD_TEST)
         missing = [b for b in BUILTINS.values() if b.id not in have]
         for b in missing:
             a = b.make()
@@ -370,9 +380,12 @@ class Store:
             return latest, list(s.scalars(q))
 
 
+UPLOAD_VAL, UPLOAD_TEST = 0.1, 0.2
+
+
 def split_upload(x: np.ndarray, y: np.ndarray, labels: list[str]) -> Arrays:
     """A fixed 70/10/20 split (seed 0) of an uploaded dataset into train, validation and test."""
-    return split_three(x, y, tuple(labels), val=0.1, test=0.2)
+    return split_three(x, y, tuple(labels), val=UPLOAD_VAL, test=UPLOAD_TEST)
 
 
 def _dataset_row(ds_id: str, name: str, source: str, digest: str | None, a: Arrays) -> DatasetRow:

@@ -22,9 +22,9 @@ def resample_suite(say: Say, quick: bool) -> list[str]:
               f"({steps} Adam steps, lr 1e-2, batches of 64 drawn from those images, matching the base's outputs; "
               f"weights frozen). L1: keep the channels with the largest L1 filter norm (no seed); random: a random "
               f"subset, {RANDOM_DRAWS} draws (draw d uses seed d's images for recalibration). Both pruning baselines "
-              f"scale the readers by n/n' exactly as resampling does. + BN recal: every layer that had a BatchNorm "
-              f"gets its channels' mean and std re-estimated on the seed's images (what re-running BatchNorm "
-              f"statistics in train mode does). Nothing is chosen on test data: widths follow from the parameter "
+              f"scale the readers by n/n' exactly as resampling does. + BN recal: every BatchNorm of the base "
+              f"re-estimates its statistics on the seed's images, as one train-mode pass does (those folded into "
+              f"a pruned layer through that layer's scale and bias). Nothing is chosen on test data: widths follow from the parameter "
               f"budget. Speed-up: base forward time / uniform-resampled forward time, batch 64, in this run.\n"),
              "| base | params removed | params | uniform | tuned | L1 prune | L1 + BN recal | random prune | random + BN recal | speed-up |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip

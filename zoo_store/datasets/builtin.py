@@ -54,12 +54,18 @@ def _mnist() -> Arrays:
     return Arrays(u8(tx), ty.astype(np.int64), u8(sx), sy.astype(np.int64), labels, u8(vx), vy.astype(np.int64))
 
 
+def split_sizes(n: int, val: float, test: float) -> dict[str, int]:
+    """How ``split_three`` divides n images: at least one training and one test image."""
+    n_test = min(n - 1, max(1, round(n * test)))
+    n_val = min(n - n_test - 1, max(1, round(n * val))) if n > 2 else 0
+    return {"train": n - n_test - n_val, "val": n_val, "test": n_test}
+
+
 def split_three(x: np.ndarray, y: np.ndarray, labels: tuple[str, ...], val: float, test: float) -> Arrays:
     """A fixed (seed 0) split of one pool of images into train, validation and test shares."""
     order = np.random.default_rng(0).permutation(len(y))
-    n_test = min(len(y) - 1, max(1, round(len(y) * test)))
-    n_val = min(len(y) - n_test - 1, max(1, round(len(y) * val))) if len(y) > 2 else 0
-    te, va, tr = (np.sort(a) for a in np.split(order, [n_test, n_test + n_val]))
+    sizes = split_sizes(len(y), val, test)
+    te, va, tr = (np.sort(a) for a in np.split(order, [sizes["test"], sizes["test"] + sizes["val"]]))
     return Arrays(x[tr], y[tr], x[te], y[te], labels, x[va], y[va])
 
 

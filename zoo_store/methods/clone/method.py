@@ -73,6 +73,9 @@ class Clone(Method):
         t_card, target = ctx.bases[plan.target]
         task = spec.task.model_copy(update={"labels": list(plan.labels)})
         data = ctx.load_task(task, t_card)
+        if len(data.val_y) == 0:
+            raise InvalidInput(f"dataset {task.dataset!r} has no validation images of labels {list(plan.labels)}: the clone "
+                               "chooses where to join on them (a tenth of an upload is held out for validation)")  # fmt: skip
         tr = spec.train
         metrics: dict[str, Any] = {"sources": [s.model_dump() for s in plan.sources], "sources_chosen": plan.chosen}
         steps = LOCALIZE_STEPS if tr.steps is None else max(1, tr.steps)

@@ -11,6 +11,7 @@ uniform grid): a plain dense, smaller network.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,45 +193,51 @@ def select_channels(
 
 @torch.no_grad()
 def recalibrate(small: TapNet, base: TapNet, groups: list[ChannelGroup], keep: dict[str, Tensor], x: Tensor) -> None:
-    """BatchNorm recalibration of a pruned network whose BatchNorms are folded (``assemble`` of
-    ``select_channels``), in place: in forward order, each layer that had a BatchNorm gets an affine
-    map per output channel so that, on the images ``x`` (normalized, (N, C, H, W)), the channel's
-    mean and standard deviation equal those of the same channel after the base's BatchNorm. That
-    is what re-estimating the BatchNorm statistics in train mode does, layer by layer."""
-    kept = {p: (keep[g.name].long(), bn) for g in groups for p, bn in (*g.producers, *g.depthwise) if bn}
-    target: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def record(path: str):
-        def hook(_m: nn.Module, _i: object, out: Tensor) -> None:
-            y = out[:, kept[path][0]].transpose(0, 1).flatten(1)  # (kept channels, N * H * W)
-            target[path] = (y.mean(1), y.std(1))
-        return hook
-
-    handles = [base.get_submodule(bn).register_forward_hook(record(p)) for p, (_, bn) in kept.items()]
-    try:
-        base(x)
-    finally:
-        for h in handles:
-            h.remove()
+    """BatchNorm recalibration of a pruned network (``assemble`` of ``select_channels``), in place,
+    in one forward pass over the normalized images ``x`` (N, C, H, W): every BatchNorm of the base
+    re-estimates its statistics on ``x``, as one train-mode pass with ``momentum=None`` does.
+    BatchNorms outside the groups are still modules: each is replaced by a copy (the resident
+    base's stays untouched) that re-estimates its own. Folded ones (a group's writers) live in the
+    layer they were folded into: that layer's channels get the affine map that makes the channel
+    compute ``gamma * (z - mean) / sqrt(var + eps) + beta`` with z's mean and variance on ``x``."""
+    folded = {p: (keep[g.name].long(), base.get_submodule(bn)) for g in groups for p, bn in (*g.producers, *g.depthwise) if bn}
+    live = [n for n, m in small.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for path in live:
+        bn = copy.deepcopy(small.get_submodule(path))
+        bn.momentum = None  # a cumulative average: one pass gives the statistics of x exactly
+        bn.reset_running_stats()
+        replace_module(small, path, bn.train())
 
     def fix(path: str):
+        idx, bn = folded[path]
+        gamma, beta = bn.weight[idx].double(), bn.bias[idx].double()  # (k,)
+        a = gamma / torch.sqrt(bn.running_var[idx].double() + bn.eps)  # (k,) the folded scale: f = a z + b
+
+        def gain(var_f: Tensor) -> Tensor:  # (k,): gamma / sqrt(var z + eps) per unit of f, f = a z + b
+            var_z = var_f / torch.where(a == 0, 1.0, a).square()
+            return torch.where(a == 0, 0.0, gamma / a / torch.sqrt(var_z + bn.eps))
+
         def hook(layer: nn.Module, _i: object, out: Tensor) -> Tensor:
-            y = out.transpose(0, 1).flatten(1)  # (channels, N * H * W)
-            mean, std = y.mean(1), y.std(1)
-            want_mean, want_std = target[path]
-            gain = want_std / std.clamp_min(1e-12)  # (channels,)
-            layer.weight.mul_(gain.view(-1, *([1] * (layer.weight.dim() - 1))))
-            layer.bias.copy_((layer.bias - mean) * gain + want_mean)
+            f = out.transpose(0, 1).flatten(1).double()  # (k, N * H * W)
+            mean = f.mean(1)
+            # as a BatchNorm: the pass normalizes by the batch (biased) variance, serving by the
+            # running (unbiased) one
+            now, kept = gain(f.var(1, unbiased=False)), gain(f.var(1, unbiased=True))
+            layer.weight.mul_(kept.view(-1, *([1] * (layer.weight.dim() - 1))).to(layer.weight.dtype))
+            layer.bias.copy_(((layer.bias.double() - mean) * kept + beta).to(layer.bias.dtype))
             shape = (1, -1, *([1] * (out.dim() - 2)))
-            return (out - mean.view(shape)) * gain.view(shape) + want_mean.view(shape)
+            return ((out.double() - mean.view(shape)) * now.view(shape) + beta.view(shape)).to(out.dtype)
+
         return hook
 
-    handles = [small.get_submodule(p).register_forward_hook(fix(p)) for p in kept]
+    handles = [small.get_submodule(p).register_forward_hook(fix(p)) for p in folded]
     try:
         small(x)
     finally:
         for h in handles:
             h.remove()
+        for path in live:
+            small.get_submodule(path).eval()
 
 
 def _rebuilt(old: Layer, f: Fused, depthwise: bool) -> Layer:
