@@ -68,7 +68,20 @@ def clone_suite(say: Say, quick: bool) -> list[str]:
                      f"{_col(base, 'lf_own')} | {_col(base, 'ft_own')} | {_diff(rs, base, 'own')} | {rs[0]['target_alone']:.4f} | {alone} |")  # fmt: skip
         join = "; ".join(" + ".join(r["joins"]) for r in rs)
         joins.append(f"| {dataset} | {target_id} | {src} | {join} | {_col(rs, 'kept', 2)} | {_col(rs, 'stored', 2)} |")
-    return [*lines, *joins]
+    return [*lines, *joins, *join_scores(runs[kind])]
+
+
+def join_scores(runs: list[dict]) -> list[str]:
+    """Validation accuracy of every (source depth, target tap) pair the first case's search tried,
+    one epoch each: rows the source depth, columns the insertion tap, mean ± std over the seeds."""
+    pairs = list(runs[0]["scores"])
+    depths, taps = list(dict.fromkeys(k.split("->")[0] for k in pairs)), list(dict.fromkeys(k.split("->")[1] for k in pairs))
+    out = [("\nWhy the join lands where it does (first case): validation accuracy of every pair after the search's one "
+           "epoch (rows: source depth; columns: target tap `R`).\n"),
+           "| source depth | " + " | ".join(f"R = {t}" for t in taps) + " |", "|---|" + "---:|" * len(taps)]  # fmt: skip
+    for d in depths:
+        out.append(f"| {d} | " + " | ".join(mean_std([r["scores"][f"{d}->{t}"] for r in runs]) for t in taps) + " |")
+    return out
 
 
 def _col(rows: list[dict], key: str, digits: int = 4) -> str:
@@ -121,7 +134,7 @@ def _clone_run(store, dataset: str, target_id: str, sources, spl: int, epochs: i
     links = art.config["sources"]
     return {"val": accuracy(served, data.val_x, data.val_y, cards[target_id].input),
             "union": m["accuracy"], "own": m["accuracy_target_labels"], "target_alone": m["target_alone_accuracy"],
-            "joins": [f"{s['depth']}->{s['insert']}" for s in links],
+            "joins": [f"{s['depth']}->{s['insert']}" for s in links], "scores": m["source0_join_val_accuracy"],
             "kept": statistics.fmean(m[f"source{i}_kept_fraction"] for i in range(len(links))),
             "stored": 100 * len(encode_bundle(make_manifest(art), art.tensors, art.metrics)) / m["dense_bytes"]}  # fmt: skip
 
@@ -199,3 +212,9 @@ def _baselines(store, dataset: str, target_id: str, sources, spl: int, epochs: i
         truth = torch.tensor([mine.index(data.labels[int(k)]) for k in data.test_y[rows]])
         out["source_alone"].append((pred == truth).float().mean().item())
     return out
+
+
+if __name__ == "__main__":  # the first case's join scores alone: python -m service.bench.clone
+    store = demo_store(print, False)
+    dataset, target_id, sources = CASES[0]
+    print("\n".join(join_scores([_clone_run(store, dataset, target_id, sources, 200, 5, s, "1x1", print) for s in SEEDS])))

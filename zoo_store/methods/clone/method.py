@@ -57,7 +57,7 @@ class CloneConfig(BaseModel):
 class Clone(Method):
     name = "clone"
     required = ("base", "task")
-    adapter = "1x1"  # the adapter kind (clone.layers.ADAPTERS) builds train; measured in docs/methods/clone.md
+    adapter = "1x1"  # the adapter kind (clone.layers.ADAPTERS) builds train: chosen on validation in docs/methods/clone.md
     localize = staticmethod(localize)  # step 2 (a benchmark that builds one source many times may memoise it)
 
     def refusal(self, net: TapNet) -> str | None:
