@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from zoo_store.datasets.builtin import BUILTINS, _mnist, split_three
+from zoo_store.datasets.builtin import BUILTINS, _mnist, split_sizes, split_three
 from zoo_store.datasets.tasks import VAL_PER_LABEL, make_task
 from zoo_store.demo import MNIST_INPUT
 from zoo_store.methods.spec import TaskSpec
@@ -57,10 +57,14 @@ def test_a_task_holds_validation_apart_from_its_training_draw() -> None:
 
 
 @pytest.mark.parametrize("n", [2, 3, 10, 1000])
-def test_uploads_split_70_10_20_with_a_training_image_always(n: int) -> None:
-    x, y = np.zeros((n, 1, 4, 4), np.uint8), np.arange(n) % 2
-    a = split_three(x, y, ("a", "b"), val=0.1, test=0.2)
-    assert len(a.train_y) >= 1 and len(a.test_y) >= 1 and len(a.train_y) + len(a.val_y) + len(a.test_y) == n
+def test_uploads_split_70_10_20_keeping_earlier_test_images(n: int) -> None:
+    """Test images are the ones the earlier 80/20 split held out (the last fifth of the seeded
+    permutation), so no path trained before validation existed is measured on its training images."""
+    x, y = np.arange(n).reshape(n, 1, 1, 1), np.arange(n) % 2  # each image its own index
+    a = split_three(x, y, ("a", "b"), split_sizes(n, 0.1, 0.2))
+    assert len(a.train_y) >= 1 and len(a.train_y) + len(a.val_y) + len(a.test_y) == n
+    old_test = np.random.default_rng(0).permutation(n)[max(1, round(n * 0.8)):]
+    assert set(a.test_x.flatten().tolist()) == set(x[old_test].flatten().tolist())
     if n == 1000:
         assert (len(a.train_y), len(a.val_y), len(a.test_y)) == (700, 100, 200)
 
@@ -91,6 +95,6 @@ def test_rows_from_before_validation_splits_are_brought_up_to_date(tmp_path) -> 
     store.ensure_builtin_datasets()
     with db.session() as s:
         rows = {r.id: r for r in s.scalars(select(DatasetRow))}
-    assert rows["digits"].splits == {"train": 988, "val": 270, "test": 539} and rows["digits"].name == BUILTINS["digits"].name
+    assert rows["digits"].splits == {"train": 987, "val": 270, "test": 540} and rows["digits"].name == BUILTINS["digits"].name
     assert rows["ds_old"].splits == {"train": 700, "val": 100, "test": 200} and rows["ds_old"].name == "mine"
     assert set(rows) == {*BUILTINS, "ds_old"}

@@ -385,7 +385,7 @@ UPLOAD_VAL, UPLOAD_TEST = 0.1, 0.2
 
 def split_upload(x: np.ndarray, y: np.ndarray, labels: list[str]) -> Arrays:
     """A fixed 70/10/20 split (seed 0) of an uploaded dataset into train, validation and test."""
-    return split_three(x, y, tuple(labels), val=UPLOAD_VAL, test=UPLOAD_TEST)
+    return split_three(x, y, tuple(labels), split_sizes(len(y), UPLOAD_VAL, UPLOAD_TEST))
 
 
 def _dataset_row(ds_id: str, name: str, source: str, digest: str | None, a: Arrays) -> DatasetRow:

@@ -184,17 +184,16 @@ def _baselines(store, dataset: str, target_id: str, sources, spl: int, epochs: i
     nets = [store.load_base(t_card), *(store.load_base(store.card(m)) for m, _ in sources)]
     cards = [t_card, *(store.card(m) for m, _ in sources)]
     brings = [list(t_card.labels), *(list(ls) for _, ls in sources)]
-    torch.manual_seed(seed)
     head = nn.Linear(sum(n.feature_dim for n in nets), len(labels))
     with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
         start = 0
         for net, card, mine in zip(nets, cards, brings, strict=True):  # each base's rows from its own head
             for label in mine:
                 i, j = labels.index(label), card.labels.index(label)
                 head.weight[i, start : start + net.feature_dim] = net.head_layer.weight[j]
-                head.bias[i] += net.head_layer.bias[j]
+                head.bias[i] = net.head_layer.bias[j]
             start += net.feature_dim
     fusion = _LateFusion(nets, head)
     fit(fusion, head.parameters(), data.train_x, data.train_y, t_card.input, epochs=epochs, lr=1e-2, batch_size=64, seed=seed)

@@ -22,7 +22,7 @@ def reprogram_suite(say: Say, quick: bool) -> list[str]:
 
     store = demo_store(say, quick)
     spl, epochs = (50, 2) if quick else (200, 5)
-    lines = [(f"Each task: {spl} training images per label drawn by the seed, {epochs} epochs, Adam, seeds "
+    lines = [(f"Each task: {spl} training images per label drawn by the seed (all of them where the split holds fewer), {epochs} epochs, Adam, seeds "
               f"{', '.join(map(str, SEEDS))} (the seed draws the training images and initialises the training); "
               "accuracy on the task's test split, mean ± std over the seeds. Nothing is tuned: epochs and learning "
               "rates are fixed in advance for every method (CLR and head 1e-2, full fine-tuning 1e-3), so no "

@@ -21,7 +21,7 @@ def resample_suite(say: Say, quick: bool) -> list[str]:
               f"2-opt tour, then cubic resampling on a uniform grid (no seed). Tuned: the same with partition tuning "
               f"({steps} Adam steps, lr 1e-2, batches of 64 drawn from those images, matching the base's outputs; "
               f"weights frozen). L1: keep the channels with the largest L1 filter norm (no seed); random: a random "
-              f"subset, {RANDOM_DRAWS} draws (draw d uses seed d's images for recalibration). Both pruning baselines "
+              f"subset, {RANDOM_DRAWS} draws (draw d recalibrates on the images seed d draws, d = 0-{RANDOM_DRAWS - 1}). Both pruning baselines "
               f"scale the readers by n/n' exactly as resampling does. + BN recal: every BatchNorm of the base "
               f"re-estimates its statistics on the seed's images, as one train-mode pass does (those folded into "
               f"a pruned layer through that layer's scale and bias). Nothing is chosen on test data: widths follow from the parameter "
@@ -33,7 +33,7 @@ def resample_suite(say: Say, quick: bool) -> list[str]:
     for base_id, card, base, dataset in bases:
         lines += _base_rows(say, base_id, card, base, dataset, steps, per_label)
     lines += ["", ("resnet-cluttered: `resnet_s` trained by this bench on mnist-cluttered (the demo zoo's recipe, "
-              "seed 0), so that one base's own task is one on which width matters more."), "",
+              "seed 0): a base whose own task is the harder one."), "",
               *_resnet18_speed(say, RATIOS, quick)]  # fmt: skip
     return lines
 
@@ -62,6 +62,7 @@ def _base_rows(say: Say, base_id: str, card, base, dataset: str, steps: int, per
     from zoo_store.methods.resample.config import ResampleBudget
     from zoo_store.methods.resample.layers import (
         assemble,
+        group_size,
         permute_and_resample,
         resampled_params,
         select_channels,
@@ -106,7 +107,7 @@ def _base_rows(say: Say, base_id: str, card, base, dataset: str, steps: int, per
             cells["l1_recal"].append(acc(_recalibrated(base, groups, layers, l1, normalize(d.train_x, card.input))))
         for draw in range(RANDOM_DRAWS):
             gen = torch.Generator().manual_seed(draw)
-            rand = {g.name: torch.sort(torch.randperm(len(perms[g.name]), generator=gen)[: widths[g.name]]).values for g in groups}
+            rand = {g.name: torch.sort(torch.randperm(group_size(layers, g), generator=gen)[: widths[g.name]]).values for g in groups}
             cells["random"].append(acc(assemble(base, groups, select_channels(layers, groups, rand))))
             cells["random_recal"].append(acc(_recalibrated(base, groups, layers, rand, normalize(data[draw].train_x, card.input))))
         with torch.inference_mode():

@@ -55,17 +55,19 @@ def _mnist() -> Arrays:
 
 
 def split_sizes(n: int, val: float, test: float) -> dict[str, int]:
-    """How ``split_three`` divides n images: at least one training and one test image."""
-    n_test = min(n - 1, max(1, round(n * test)))
-    n_val = min(n - n_test - 1, max(1, round(n * val))) if n > 2 else 0
+    """How an upload of n images is split: the test share as the 80/20 split of earlier releases
+    took it (so its test images stay test images), validation carved from the rest."""
+    n_test = n - max(1, round(n * (1 - test)))
+    n_val = min(max(0, n - n_test - 1), round(n * val))
     return {"train": n - n_test - n_val, "val": n_val, "test": n_test}
 
 
-def split_three(x: np.ndarray, y: np.ndarray, labels: tuple[str, ...], val: float, test: float) -> Arrays:
-    """A fixed (seed 0) split of one pool of images into train, validation and test shares."""
+def split_three(x: np.ndarray, y: np.ndarray, labels: tuple[str, ...], sizes: dict[str, int]) -> Arrays:
+    """A fixed split (seed 0) of one pool of images: test the last ``sizes["test"]`` of a seeded
+    permutation, validation the ``sizes["val"]`` before them, train the rest."""
     order = np.random.default_rng(0).permutation(len(y))
-    sizes = split_sizes(len(y), val, test)
-    te, va, tr = (np.sort(a) for a in np.split(order, [sizes["test"], sizes["test"] + sizes["val"]]))
+    n_train = len(y) - sizes["test"] - sizes["val"]
+    tr, va, te = (np.sort(a) for a in np.split(order, [n_train, n_train + sizes["val"]]))
     return Arrays(x[tr], y[tr], x[te], y[te], labels, x[va], y[va])
 
 
@@ -127,7 +129,8 @@ def _digits() -> Arrays:
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
     x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)  # (1797, 1, 28, 28)
     x = np.clip(np.rint(x.numpy() * 255), 0, 255).astype(np.uint8)
-    return split_three(x, d.target.astype(np.int64), tuple(str(i) for i in range(10)), val=0.15, test=0.3)
+    # the test images of earlier releases (the last 540 of the permutation); validation from the rest
+    return split_three(x, d.target.astype(np.int64), tuple(str(i) for i in range(10)), {"val": 270, "test": 540})
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -143,7 +146,7 @@ BUILTINS: dict[str, Builtin] = {
             lambda: _map_x(_mnist(), lambda x: np.ascontiguousarray(np.rot90(x, 1, axes=(2, 3)))),
         ),
         Builtin("mnist-parity", "MNIST labelled even/odd", lambda: _parity(_mnist())),
-        Builtin("digits", "scikit-learn 8x8 digits upsampled to 28x28 (988 train, 270 validation, 539 test)", _digits),
+        Builtin("digits", "scikit-learn 8x8 digits upsampled to 28x28 (987 train, 270 validation, 540 test)", _digits),
         Builtin(
             "mnist-cluttered",
             "MNIST digits drawn over patches of two natural photographs (scikit-learn's samples; test "

@@ -76,7 +76,7 @@ def occlude(x: Tensor, gen: torch.Generator, patches: int = 2, fraction: float =
     return out
 
 
-ADAPTERS = ("1x1", "1x1+bn", "3x3")  # the adapter kinds a clone can train; each is served as one conv
+ADAPTERS = {"1x1": 1, "1x1+bn": 1, "3x3": 3}  # the adapter kinds a clone can train: the kernel of the conv it is served as
 
 
 class Adapter(nn.Module):
@@ -90,8 +90,8 @@ class Adapter(nn.Module):
     def __init__(self, source_channels: int, target_channels: int, kind: str = "1x1"):
         super().__init__()
         if kind not in ADAPTERS:
-            raise ValueError(f"adapter kind {kind!r} is not one of {ADAPTERS}")
-        k = 3 if kind == "3x3" else 1
+            raise ValueError(f"adapter kind {kind!r} is not one of {list(ADAPTERS)}")
+        k = ADAPTERS[kind]
         self.proj = nn.Conv2d(source_channels, target_channels, k, padding=k // 2)
         self.bn = nn.BatchNorm2d(target_channels) if kind == "1x1+bn" else None
         if self.bn is None:

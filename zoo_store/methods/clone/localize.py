@@ -74,8 +74,13 @@ def localize(
         loss_value = loss.item()
         on_step(step, loss_value)
     masks = {p: _binarize(z.detach()) for p, z in logits.items()}
-    kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
-    return Localized(masks, kept, fidelity(source, masks, cols, images, spec, device), loss_value)
+    return Localized(masks, kept_fraction(masks), fidelity(source, masks, cols, images, spec, device), loss_value)
+
+
+def kept_fraction(masks: dict[str, Tensor]) -> float:
+    """Kept filters / filters over the masked convs (1 when there are none)."""
+    filters = sum(m.numel() for m in masks.values())
+    return sum(int(m.sum()) for m in masks.values()) / filters if filters else 1.0
 
 
 def _binarize(z: Tensor) -> Tensor:

@@ -18,8 +18,8 @@ from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
 from zoo_store.methods.clone.config import plan_clone
 from zoo_store.methods.clone.insert import Part, build_cloned, fresh_cloned, search_join, train_cloned
-from zoo_store.methods.clone.layers import masked_source, pack_mask, unpack_mask
-from zoo_store.methods.clone.localize import localize
+from zoo_store.methods.clone.layers import ADAPTERS, masked_source, pack_mask, unpack_mask
+from zoo_store.methods.clone.localize import kept_fraction, localize
 from zoo_store.methods.registry import (
     BuildContext,
     ExpectedTensors,
@@ -107,16 +107,14 @@ class Clone(Method):
             )  # fmt: skip
             masks[i] = _prefix_masks(s_net, masks[i], parts[i].depth)  # what the path stores
             metrics[f"source{i}_join_val_accuracy"] = scores
-            filters = sum(m.numel() for m in masks[i].values())
-            metrics[f"source{i}_kept_fraction"] = sum(int(m.sum()) for m in masks[i].values()) / filters if filters else 1.0
+            metrics[f"source{i}_kept_fraction"] = kept_fraction(masks[i])
         model = fresh_cloned(target, t_card, parts, inserts, data.labels, tr.seed, self.adapter)
         train_cloned(model, data, t_card, epochs=tr.epochs, lr=tr.lr, batch_size=tr.batch_size, seed=tr.seed,
                      device=ctx.device, on_epoch=lambda e, loss: ctx.progress(fraction=0.7 + 0.3 * (e + 1) / tr.epochs,
                                                                                epoch=e + 1, loss=loss))  # fmt: skip
         metrics |= _accuracies(model, target, t_card, data, ctx.device)
         metrics["adapter"] = self.adapter
-        kernel = 3 if self.adapter == "3x3" else 1
-        links = [SourceLink(model=s.model, labels=s.labels, depth=p.depth, insert=r, kernel=kernel)
+        links = [SourceLink(model=s.model, labels=s.labels, depth=p.depth, insert=r, kernel=ADAPTERS[self.adapter])
                  for s, p, r in zip(plan.sources, parts, inserts, strict=True)]  # fmt: skip
         tensors = {f"mask.{i}.{p}": pack_mask(m) for i, prefix in enumerate(masks) for p, m in prefix.items()}
         tensors |= {f"adapter.{i}.{k}": v.detach().cpu().contiguous() for i, a in enumerate(model.adapters)
@@ -151,7 +149,7 @@ class Clone(Method):
             if any(not m.any() for m in masks.values()):
                 raise InvalidInput(f"source {i} ({s.model}) has a conv with every filter masked out")
             parts.append(Part(masked_source(src, masks), s.depth))
-        kinds = ["3x3" if s.kernel == 3 else "1x1" for s in cfg.sources]
+        kinds = [{1: "1x1", 3: "3x3"}[s.kernel] for s in cfg.sources]  # as stored: a 1x1+bn adapter is a folded 1x1
         model = build_cloned(target, parts, [s.insert for s in cfg.sources], cfg.num_classes, kinds)
         for i, a in enumerate(model.adapters):
             a.proj.load_state_dict({"weight": tensors[f"adapter.{i}.weight"], "bias": tensors[f"adapter.{i}.bias"]})
