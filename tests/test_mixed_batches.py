@@ -70,7 +70,9 @@ def test_mixed_batch_equals_each_paths_module(arch: str, channels: int, size: in
             own = modules[s](x[i : i + 1])[0].softmax(-1)  # (K,) the path's own scores
             torch.testing.assert_close(mixed[i].softmax(-1)[:k], own, atol=1e-5, rtol=0)
             assert torch.isinf(mixed[i, k:]).all()  # padding never scores
-        # a sample's scores do not depend on its neighbours: alone, or among other paths
+        # a sample's scores do not depend on its neighbours: alone, or among other paths (within float32
+        # sums the conv library orders by batch size: 2.3e-6 seen on a loaded CPU; a neighbour's path
+        # leaking in moves scores by orders of magnitude more)
         for i in (0, 4):
             alone = bank.forward(x[i : i + 1], slots[i : i + 1])[0].softmax(-1)
-            torch.testing.assert_close(mixed[i].softmax(-1), alone, atol=1e-6, rtol=0)
+            torch.testing.assert_close(mixed[i].softmax(-1), alone, atol=1e-5, rtol=0)
