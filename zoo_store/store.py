@@ -163,13 +163,14 @@ class Store:
                 if "val" in row.splits:
                     continue
                 if row.source == "builtin" and row.id in BUILTINS:
-                    fresh = _dataset_row(row.id, BUILTINS[row.id].name, "builtin", None, BUILTINS[row.id].make())
+                    b = BUILTINS[row.id]
+                    fresh = _dataset_row(row.id, b.name, "builtin", None, BUILTINS[b.like or b.id].make())
                     row.name, row.num_samples, row.splits = fresh.name, fresh.num_samples, fresh.splits
                 elif row.source == "upload":
                     row.splits = split_sizes(row.num_samples, UPLOAD_VAL, UPLOAD_TEST)
         missing = [b for b in BUILTINS.values() if b.id not in have]
         for b in missing:
-            a = b.make()
+            a = BUILTINS[b.like or b.id].make()  # what the row records: labels, shape, split sizes
             try:
                 with self.db.session() as s:
                     s.merge(_dataset_row(b.id, b.name, "builtin", None, a))

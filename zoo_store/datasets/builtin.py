@@ -39,6 +39,7 @@ class Builtin:
     id: str
     name: str
     make: Callable[[], Arrays]
+    like: str | None = None  # a builtin with the same labels, shapes and split sizes (registered from it: cheaper)
 
 
 @lru_cache(maxsize=1)
@@ -152,6 +153,7 @@ BUILTINS: dict[str, Builtin] = {
             "MNIST digits drawn over patches of two natural photographs (scikit-learn's samples; test "
             "backgrounds from other parts of the photos than train and validation ones)",
             _cluttered,
+            like="mnist",
         ),
     ]
 }
