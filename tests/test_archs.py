@@ -32,6 +32,27 @@ def test_taps_chain_to_forward(arch: str) -> None:
         assert net(x).shape == (2, 7) and net.feature_dim == net.taps[-1].channels
 
 
+@pytest.mark.parametrize("arch", ["resnet_s", "vgg_s", "mobilenet_s", "convnext_s"])
+def test_block_taps_cut_finer_with_the_same_weights(arch: str) -> None:
+    """``block_taps`` (the reassemble bench's deeper pool, as it configures it) changes the plan
+    only: the same state dict and function, a tap after every block, at least 6 spatial taps."""
+    from service.bench.reassemble import POOL
+
+    config = next(b.config for b in POOL if b.arch == arch) | {"num_classes": 7}
+    torch.manual_seed(0)
+    coarse = build_arch(arch, {**config, "block_taps": False}).eval()
+    fine = build_arch(arch, config).eval()
+    fine.load_state_dict(coarse.state_dict())
+    assert list(fine.state_dict()) == list(coarse.state_dict())
+    assert len(fine.spatial_taps()) >= 6 > len(coarse.spatial_taps())
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(fine(x), coarse(x))
+        shapes = fine.tap_shapes(1, 28)
+        for tap in fine.taps:
+            assert shapes[tap.name][0] == tap.channels
+
+
 @pytest.mark.parametrize(
     ("arch", "ctor"),
     [("tv_resnet18", torchvision.models.resnet18), ("tv_resnet50", torchvision.models.resnet50),

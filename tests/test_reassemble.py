@@ -23,7 +23,7 @@ from zoo_store.methods.reassemble.layers import (
     stitch_params,
 )
 from zoo_store.methods.reassemble.method import Reassemble, assembled_bytes
-from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot
+from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot, relus
 from zoo_store.methods.reassemble.partition import SimilarityCache, linear_cka, search_partition
 from zoo_store.methods.reassemble.profile import Block, assembly_cost, card_profile, profile_of
 from zoo_store.methods.reassemble.search import feasible, milp_top
@@ -133,6 +133,36 @@ def test_naswot_prefers_distinct_codes() -> None:
 
     assert naswot(shared_copy(net), varied) > naswot(shared_copy(net), same)
     assert not any(m._forward_hooks for m in net.modules()), "scoring must not hook the resident network"
+
+
+def test_naswot_codes_smooth_rectifiers_by_sign() -> None:
+    """GELU, SiLU and Hardswish are coded like ReLU: by the sign of their input (a ConvNeXt block is
+    not invisible to the score)."""
+    x = torch.randn(8, 20, generator=torch.Generator().manual_seed(0))
+    kernels = []
+    for act in (torch.nn.ReLU(), torch.nn.GELU(), torch.nn.SiLU(), torch.nn.Hardswish()):
+        codes = ReluCodes(relus(torch.nn.Sequential(act)))
+        act(x)
+        codes.close()
+        kernels.append(codes.kernel)
+    assert all(torch.equal(k, kernels[0]) for k in kernels[1:])
+
+
+def test_stitches_at_a_single_models_own_cuts(zoo) -> None:
+    """The bench's control: one model cut at its own taps with a stitch at every cut; the
+    least-squares start is close to the identity, so it begins as the model itself."""
+    nets = {k: n for k, (_, n) in zoo.items()}
+    own = [Block(model="res", start=None, end="stage1"), Block(model="res", start="stage1", end="stage3")]
+    shapes = shapes_of(nets, ["res"], 1, 28)
+    assert isinstance(build_assembled(own, nets, shapes, 4).stitches[1], torch.nn.Identity)
+    model = build_assembled(own, nets, shapes, 4, stitch_all=True)
+    assert isinstance(model.stitches[1], Stitch)
+    x = torch.rand(64, 1, 28, 28)
+    fit_stitches(model, own, nets, x)
+    with torch.no_grad():
+        ref = nets["res"].run(x, None, "stage3")
+        got = model.features(x)
+    assert (got - ref).norm() / ref.norm() < 0.05
 
 
 def _sets(zoo) -> tuple[list[list[Block]], dict]:

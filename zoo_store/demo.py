@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ class DemoBase:
     dataset: str
     description: str
     epochs: int = 2
+    config: dict[str, Any] = field(default_factory=dict)  # the arch_config (num_classes aside)
 
 
 DEMO_BASES = (
@@ -41,13 +43,13 @@ def train_base(b: DemoBase, samples: int, seed: int = 0) -> tuple[CardIn, dict[s
     per_label = max(1, samples // len(arrays.labels))
     data = make_task(arrays, TaskSpec(dataset=b.dataset, samples_per_label=per_label), MNIST_INPUT, seed)
     torch.manual_seed(seed)
-    net = build_arch(b.arch, {"num_classes": len(data.labels)})
+    net = build_arch(b.arch, {**b.config, "num_classes": len(data.labels)})
     fit(net, net.parameters(), data.train_x, data.train_y, MNIST_INPUT,
         epochs=b.epochs, lr=3e-3, batch_size=128, seed=seed)  # fmt: skip
     net.eval()
     acc = accuracy(net, data.test_x, data.test_y, MNIST_INPUT)
     card = CardIn(
-        id=b.id, arch=b.arch, labels=tuple(data.labels), input=MNIST_INPUT,
+        id=b.id, arch=b.arch, arch_config=b.config, labels=tuple(data.labels), input=MNIST_INPUT,
         metrics={"accuracy": round(acc, 4), "train_samples": len(data.train_x), "test_samples": len(data.test_x)},
         description=f"{b.description} (demo zoo, seed {seed}, test split: {b.dataset})",
     )  # fmt: skip
@@ -56,11 +58,18 @@ def train_base(b: DemoBase, samples: int, seed: int = 0) -> tuple[CardIn, dict[s
 
 def ensure_demo_zoo(store: Store, samples: int, say: Callable[[str], None] = print) -> None:
     """Train and register every missing demo base; a no-op once they exist."""
+    ensure_bases(store, DEMO_BASES, samples, say)
+
+
+def ensure_bases(store: Store, bases: tuple[DemoBase, ...], samples: int, say: Callable[[str], None] = print,
+                 what: str = "demo zoo") -> None:  # fmt: skip
+    """Train and register every one of ``bases`` the store lacks (the demo zoo's recipe); ``what``
+    names them in the progress lines."""
     have = store.cards()
-    todo = [b for b in DEMO_BASES if b.id not in have]
+    todo = [b for b in bases if b.id not in have]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for i, b in enumerate(todo, 1):
-        say(f"demo zoo: training {b.id} ({b.arch} on {b.dataset}, {samples} samples) [{i}/{len(todo)}]")
+        say(f"{what}: training {b.id} ({b.arch} on {b.dataset}, {samples} samples) [{i}/{len(todo)}]")
         card_in, state = train_base(b, samples)
         card, _ = store.add_base(card_in, state)
-        say(f"demo zoo: {b.id} ready, held-out accuracy {card.metrics['accuracy']:.4f}")
+        say(f"{what}: {b.id} ready, held-out accuracy {card.metrics['accuracy']:.4f}")

@@ -89,12 +89,16 @@ def shapes_of(nets: dict[str, TapNet], models: list[str], channels: int, size: i
     return {m: nets[m].tap_shapes(channels, size) for m in dict.fromkeys(models)}
 
 
-def build_assembled(blocks: list[Block], bases: dict[str, TapNet], shapes: Shapes, num_labels: int) -> Assembled:
-    """The network of ``blocks`` with fresh stitches (identity BatchNorm, default conv) and head."""
+def build_assembled(blocks: list[Block], bases: dict[str, TapNet], shapes: Shapes, num_labels: int,
+                    stitch_all: bool = False) -> Assembled:  # fmt: skip
+    """The network of ``blocks`` with fresh stitches (identity BatchNorm, default conv) and head.
+    ``stitch_all`` puts a stitch at every join, also where consecutive blocks of one model meet: a
+    single model cut at the same places gets the reassembled network's trainable parts (the
+    control of ``zoo bench --suite reassemble``)."""
     copies = {m: shared_copy(bases[m]).eval() for m in dict.fromkeys(b.model for b in blocks)}
     stitches: list[Stitch | None] = [None]
     for prev, cur in itertools.pairwise(blocks):
-        if needs_stitch(prev, cur):
+        if stitch_all or needs_stitch(prev, cur):
             assert cur.start is not None
             cout, h, w = shapes[cur.model][cur.start]
             stitches.append(Stitch(shapes[prev.model][prev.end][0], cout, (h, w)))

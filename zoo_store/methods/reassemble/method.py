@@ -208,12 +208,12 @@ def block_naswot(net: TapNet, block: Block, batch: Tensor) -> float:
 
 def train_assembly(cand: Candidate, nets: dict[str, TapNet], card: Card, data: TaskData, probe: Tensor, epochs: int,
                    lr: float, batch_size: int, seed: int, device: str,
-                   on_epoch: Callable[[int, float], None] | None = None) -> Assembled:  # fmt: skip
+                   on_epoch: Callable[[int, float], None] | None = None, stitch_all: bool = False) -> Assembled:  # fmt: skip
     """The candidate's network, stitches fitted by least squares, then stitches and head trained
-    (the blocks frozen and in eval mode)."""
+    (the blocks frozen and in eval mode); ``stitch_all`` as in ``build_assembled``."""
     torch.manual_seed(seed)
     shapes = shapes_of(nets, [b.model for b in cand.blocks], card.input.channels, card.input.size)
-    model = build_assembled(list(cand.blocks), nets, shapes, len(data.labels))
+    model = build_assembled(list(cand.blocks), nets, shapes, len(data.labels), stitch_all)
     fit_stitches(model, list(cand.blocks), nets, probe)
     model.train()
     fit(model, stitch_params(model), data.train_x, data.train_y, card.input, epochs=epochs, lr=lr,

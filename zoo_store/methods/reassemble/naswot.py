@@ -1,5 +1,5 @@
 """NASWOT (Mellor et al. 2021), the training-free score of step 2: the log-determinant of the kernel
-``K = C Cᵀ + (1 − C)(1 − C)ᵀ`` over the binary codes ``C`` of every ReLU unit on a batch of images.
+``K = C Cᵀ + (1 − C)(1 − C)ᵀ`` over the binary codes ``C`` of every rectifier unit (``relus``) on a batch of images.
 Networks whose units split the images into more distinct activation patterns score higher."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 
 class ReluCodes:
-    """Accumulates the NASWOT kernel (N, N) from forward hooks on every ReLU/ReLU6 of a module tree.
+    """Accumulates the NASWOT kernel (N, N) from forward hooks on every rectifier of a module tree.
     Hook only structural copies: a hook on a resident module would reach every request."""
 
     def __init__(self, modules: list[nn.Module]):
@@ -28,8 +28,13 @@ class ReluCodes:
             h.remove()
 
 
+RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)  # output > 0 exactly when the input is > 0
+
+
 def relus(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, nn.ReLU | nn.ReLU6)]
+    """The units NASWOT codes: every rectifier, its code the sign of its input (ReLU's, and that of
+    the smooth rectifiers GELU, SiLU and Hardswish, which are positive exactly where ReLU is)."""
+    return [m for m in module.modules() if isinstance(m, RECTIFIERS)]
 
 
 def logdet(kernel: Tensor | None) -> float:
