@@ -44,17 +44,19 @@ def reassemble_suite(say: Say, quick: bool) -> list[str]:
     from zoo_store.weights import digest_of
 
     store = dir_store(bench_data_dir())
-    samples = 2000 if quick else 12000
-    ensure_bases(store, POOL, samples, say, what="reassemble pool")
+    ensure_bases(store, POOL, 2000 if quick else 12000, say, what="reassemble pool")
     cards = {b.id: store.cards()[b.id] for b in POOL}
+    stale = [b.id for b in POOL if cards[b.id].arch_config != b.config]
+    assert not stale, f"{stale} in {bench_data_dir()} were registered with another config: remove them to retrain"
     bases = {k: (c, store.load_base(c)) for k, c in cards.items()}
     digests = {k: digest_of(n) for k, (_, n) in bases.items()}
     spl, epochs, trained = (20, 2, 4) if quick else (100, 5, 8)
     seeds = SEEDS[:2] if quick else SEEDS
     taps = ", ".join(f"{k} ({len(n.spatial_taps())})" for k, (_, n) in bases.items())
     accs = ", ".join(f"{c.metrics['accuracy']:.4f}" for c in cards.values())
+    samples = ", ".join(sorted({f"{int(c.metrics['train_samples']):,}" for c in cards.values()}))
     lines = [(f"Pool: {taps} spatial taps, each trained by this bench on MNIST as the demo zoo's bases "
-              f"({samples:,} images, 2 epochs; held-out accuracy {accs}). "
+              f"({samples} images, 2 epochs; held-out accuracy {accs}). "
               f"Each task: {spl} training images per label, {epochs} epochs of Adam (lr 1e-2) for every network "
               f"of the table; seeds {', '.join(map(str, seeds))} (the seed draws the training images, the probe, the "
               "partition's restarts and the initialisation); cells are mean ± std over the seeds, test accuracy. "
@@ -64,7 +66,8 @@ def reassemble_suite(say: Say, quick: bool) -> list[str]:
               f"candidate on validation*: of the {trained} candidates trained per seed (the NASWOT top 4 and the rest "
               "spread evenly over the ranking). *<model> + stitches*: the single model cut at its own partition "
               "cuts, a stitch (BatchNorm + 1x1 conv, least-squares start) at every cut and a new head, trained "
-              "exactly as the reassembled network: the same trainable parts and budget. *<model> head-only*: "
+              "exactly as the reassembled network: the same kind of trainable parts, the budget plus its stitches "
+              "(the largest model with them is over it, which can only favour the controls). *<model> head-only*: "
               "a new head on the frozen model. *Difference*: per seed, reassembled minus the single model with "
               "stitches that is best on validation.\n"),
              "| task | network | params (seed 0) | accuracy |", "|---|---|---:|---:|"]  # fmt: skip
@@ -85,7 +88,7 @@ def reassemble_suite(say: Say, quick: bool) -> list[str]:
             taus.append(tau)
         lines += _table_rows(task, runs)
         notes.append(f"- {task}: Kendall's tau between NASWOT and trained test accuracy over each seed's {trained} "
-                     f"trained candidates: {', '.join(f'{t:.2f}' for t in taus)}; search: "
+                     f"trained candidates: {', '.join(f'{t:.2f}' for t in taus)}; search (seed {seeds[-1]}): "
                      f"{found.metrics['search']} over {found.metrics['candidates_feasible']} assemblies within budget; "
                      f"the path's bundle is {stored:.2%} of the assembled network's dense bytes (seed {seeds[-1]}). "
                      f"Picks: {'; '.join(picks)}. Partition (seed {seeds[-1]}): "
@@ -123,17 +126,12 @@ def _train(found, cand, epochs: int, seed: int, stitch_all: bool = False):
 
 
 def _run(found, model, label: str) -> Run:
+    from zoo_store.methods.reassemble.method import run_modules
     from zoo_store.training import accuracy
 
     d, spec = found.data, found.card.input
-    params = sum(p.numel() for p in {id(p): p for m in _parts(model) for p in m.parameters()}.values())
+    params = sum(p.numel() for p in {id(p): p for m in run_modules(model) for p in m.parameters()}.values())
     return Run(label, params, accuracy(model, d.val_x, d.val_y, spec), accuracy(model, d.test_x, d.test_y, spec))
-
-
-def _parts(model) -> list:
-    """The modules an assembled network computes with: its blocks' stages, stitches and head."""
-    blocks = [m for net, (start, end) in zip(model.nets, model.spans, strict=True) for m in net.stage_modules(start, end)]
-    return [*blocks, model.stitches, model.head]
 
 
 def _single(found, m: str):
@@ -193,7 +191,7 @@ def _milp_table(say: Say, bases, spl: int, epochs: int, seeds: tuple[int, ...]) 
     checked against SAMPLE feasible assemblies drawn at random (true NASWOT, and a few trained)."""
     from zoo_store.datasets.builtin import BUILTINS
     from zoo_store.methods.reassemble.config import Budget
-    from zoo_store.methods.reassemble.method import NASWOT_IMAGES, Scorer
+    from zoo_store.methods.reassemble.method import EXACT_MAX, MILP_TOP, NASWOT_IMAGES, Scorer
     from zoo_store.methods.reassemble.profile import card_profile
     from zoo_store.methods.reassemble.search import feasible
 
@@ -201,6 +199,7 @@ def _milp_table(say: Say, bases, spl: int, epochs: int, seeds: tuple[int, ...]) 
     arrays = BUILTINS[task].make()
     runs: dict[str, list[Run]] = {}
     checks = []
+    picked = f"reassembled (0-1 program, NASWOT best of its {MILP_TOP})"
     for seed in seeds:
         say(f"reassemble 0-1 program table: {task}, seed {seed}")
         found = _search(bases, arrays, task, K_MILP, spl, epochs, seed)
@@ -216,7 +215,7 @@ def _milp_table(say: Say, bases, spl: int, epochs: int, seeds: tuple[int, ...]) 
         checks.append(f"seed {seed}: {len(all_cands):,} assemblies within budget; the program's pick scores NASWOT "
                       f"{pick.score:.1f}, above {below:.0%} of the {len(sample)} drawn (their best {scores[-1][0]:.1f}, "
                       f"median {statistics.median(s for s, _ in scores):.1f}); pick: {pick.label()}")  # fmt: skip
-        rows = {"reassembled (0-1 program, NASWOT best of its 8)": _run(found, _train(found, pick, epochs, seed), pick.label())}
+        rows = {picked: _run(found, _train(found, pick, epochs, seed), pick.label())}
         best_drawn = sample[scores[-1][1]]
         rows["NASWOT best of the drawn assemblies"] = _run(found, _train(found, best_drawn, epochs, seed), best_drawn.label())
         drawn = [_run(found, _train(found, sample[i], epochs, seed), sample[i].label())
@@ -226,12 +225,12 @@ def _milp_table(say: Say, bases, spl: int, epochs: int, seeds: tuple[int, ...]) 
         singles = {m: _run(found, _train(found, _single(found, m), epochs, seed, stitch_all=True), m) for m in sorted(bases)}
         best = max(singles.values(), key=lambda r: r.val)
         rows["best single + stitches on validation"] = best
-        rows["difference: reassembled - best single + stitches"] = Run("", 0, float("nan"), rows["reassembled (0-1 program, NASWOT best of its 8)"].test - best.test)
+        rows["difference: reassembled - best single + stitches"] = Run("", 0, float("nan"), rows[picked].test - best.test)
         for k, v in rows.items():
             runs.setdefault(k, []).append(v)
         say(f"  {checks[-1]}")
     return [(f"0-1 program table: {task}, K = {K_MILP} blocks, the same pool, budget, data and training; "
-             f"the exact search scores at most 256 assemblies, so the 0-1 program proposes 8, re-ranked by true NASWOT.\n"),
+             f"the exact search scores at most {EXACT_MAX} assemblies, so the 0-1 program proposes {MILP_TOP}, re-ranked by true NASWOT.\n"),
             "| task | network | params (seed 0) | accuracy |", "|---|---|---:|---:|", *_table_rows(task, runs),
             "\nThe program's pick against assemblies drawn at random:\n", *(f"- {c}" for c in checks)]  # fmt: skip
 

@@ -34,7 +34,7 @@ class SmallNet(TapNet):
         plan: list[Stage] = []
         for i, m in enumerate(self.stages[name]):
             path = f"stages.{name}.{i}"
-            if plan and not any(True for _ in m.parameters()):
+            if plan and next(m.parameters(), None) is None:
                 plan[-1] = Stage(plan[-1].tap, (*plan[-1].steps, path))
             else:
                 plan.append(Stage(Tap(f"{name}.{i}", channels[i], stride), (path,)))

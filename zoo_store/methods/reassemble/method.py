@@ -29,7 +29,7 @@ from zoo_store.methods.reassemble.layers import (
     shapes_of,
     stitch_params,
 )
-from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot_units, relus
+from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot, relus
 from zoo_store.methods.reassemble.partition import (
     SimilarityCache,
     search_partition,
@@ -121,7 +121,6 @@ class Search:
     sets: list[list[Block]]
     ranked: list[Candidate]
     metrics: dict[str, Any]
-    units: dict[tuple[Block, ...], int]  # ReLU units per image of each scored candidate
 
 
 def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
@@ -174,7 +173,7 @@ def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
         metrics |= {"search": "milp", "candidates_scored": len(ranked)}
     metrics |= {"candidates_feasible": len(cands),
                 "top_candidates": [{"blocks": c.label(), "naswot": c.score, "params": c.params, "flops": c.flops} for c in ranked[:8]]}  # fmt: skip
-    return Search(cards, nets, card, data, probe, sets, ranked, metrics, scorer.units)
+    return Search(cards, nets, card, data, probe, sets, ranked, metrics)
 
 
 class Scorer:
@@ -184,14 +183,12 @@ class Scorer:
     def __init__(self, nets: dict[str, TapNet], card: Card, probe: Tensor, batch: Tensor, num_labels: int):
         self.nets, self.card, self.probe, self.batch, self.num_labels = nets, card, probe, batch, num_labels
         self.memo: dict[tuple[str, str], Tensor] = {}
-        self.units: dict[tuple[Block, ...], int] = {}  # ReLU units per image of each scored candidate
         self.shapes = shapes_of(nets, list(nets), card.input.channels, card.input.size)
 
     def __call__(self, cand: Candidate) -> float:
         model = build_assembled(list(cand.blocks), self.nets, self.shapes, self.num_labels)
         fit_stitches(model, list(cand.blocks), self.nets, self.probe, self.memo)
-        score, self.units[cand.blocks] = naswot_units(model, self.batch)
-        return score
+        return naswot(model, self.batch)
 
 
 @torch.no_grad()
@@ -240,11 +237,16 @@ def path_tensors(model: Assembled) -> dict[str, Tensor]:
     return out | {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
 
 
-def assembled_bytes(model: Assembled) -> int:
-    """Bytes of the tensors the assembled network computes with: its blocks' stages, stitches, head."""
-    seen: dict[int, int] = {}
+def run_modules(model: Assembled) -> list[nn.Module]:
+    """The modules the assembled network computes with: its blocks' stages, the stitches, the head."""
     blocks = [m for net, (start, end) in zip(model.nets, model.spans, strict=True) for m in net.stage_modules(start, end)]
-    for m in [*blocks, model.stitches, model.head]:
+    return [*blocks, model.stitches, model.head]
+
+
+def assembled_bytes(model: Assembled) -> int:
+    """Bytes of the tensors the assembled network computes with (``run_modules``)."""
+    seen: dict[int, int] = {}
+    for m in run_modules(model):
         seen |= {id(t): t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]}
     return sum(seen.values())
 

@@ -14,12 +14,10 @@ class ReluCodes:
 
     def __init__(self, modules: list[nn.Module]):
         self.kernel: Tensor | None = None
-        self.units = 0  # ReLU units seen per image (the kernel's diagonal)
         self.handles = [m.register_forward_hook(self._hook) for m in modules]
 
     def _hook(self, _m: nn.Module, _inp: tuple[Tensor, ...], out: Tensor) -> None:
         c = (out.detach() > 0).flatten(1).double()  # (N, units)
-        self.units += c.shape[1]
         k = c @ c.T + (1 - c) @ (1 - c).T  # (N, N): units on which two images agree
         self.kernel = k if self.kernel is None else self.kernel + k
 
@@ -47,16 +45,9 @@ def logdet(kernel: Tensor | None) -> float:
 @torch.no_grad()
 def naswot(model: nn.Module, x: Tensor) -> float:
     """The score of ``model`` (its own structural copy, eval mode) on normalized images (N, C, H, W)."""
-    return naswot_units(model, x)[0]
-
-
-@torch.no_grad()
-def naswot_units(model: nn.Module, x: Tensor) -> tuple[float, int]:
-    """NASWOT and the number of ReLU units per image it counted (``logdet - N log units`` is the
-    score of the kernel scaled to a unit diagonal, which does not grow with the network's size)."""
     codes = ReluCodes(relus(model))
     try:
         model(x)
     finally:
         codes.close()
-    return logdet(codes.kernel), codes.units
+    return logdet(codes.kernel)
