@@ -75,5 +75,9 @@ def test_unknown_and_duplicate() -> None:
         build_arch("nope")
     with pytest.raises(InvalidInput, match="bad config"):
         build_arch("resnet_s", {"depth": 3})
+    with pytest.raises(InvalidInput, match="block_taps must be true or false, not 'false'"):
+        build_arch("convnext_s", {"block_taps": "false"})
+    with pytest.raises(InvalidInput, match="bad config for architecture 'resnet_s'"):
+        build_arch("resnet_s", {"blocks": [1, 2]})  # one count per width
     with pytest.raises(ValueError, match="already registered"):
         register_arch("resnet_s")(lambda **kw: None)

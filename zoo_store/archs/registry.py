@@ -49,7 +49,7 @@ def build_arch(name: str, config: dict[str, Any] | None = None) -> TapNet:
                            f"for any torchvision classifier, or timm:<name> (with timm installed)")  # fmt: skip
     try:
         net = _ARCHS[name](**(config or {}))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown key, a value of the wrong type or shape
         raise InvalidInput(f"bad config for architecture {name!r}: {e}") from e
     net.arch, net.arch_config = name, dict(config or {})
     return net

@@ -29,6 +29,8 @@ class SmallNet(TapNet):
         """The plan of stage ``name`` (an ``nn.Sequential`` under ``stages``): one tap named after it,
         or with ``block_taps`` one tap per block (``name.<i>``, of ``channels[i]``); a block without
         weights (a pooling) belongs to the block before it, so every tap ends on a learned layer."""
+        if not isinstance(block_taps, bool):  # "false" from a config must not read as true
+            raise TypeError(f"block_taps must be true or false, not {block_taps!r}")
         if not block_taps:
             return [Stage(Tap(name, channels[-1], stride), (f"stages.{name}",))]
         plan: list[Stage] = []
