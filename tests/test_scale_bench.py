@@ -70,4 +70,18 @@ def test_a_cut_short_logs_figures_become_a_table() -> None:
     wrapped = f"scale: {one}\nnoise\nscale: {head}\n   n={tail}\n"  # the console wraps long lines at spaces
     assert points_from_log(wrapped) == [one, many]
     rows = log_table(wrapped)
-    assert rows[-1] == "| batcher | mixed | 16 | zipf | **0.90x** | 1.50x | 2.00x | 90 | 3.00 | 8.00 |"
+    assert rows[-1] == "| batcher | mixed | 16 | zipf | 1 | **0.90x** | 1.50x | 2.00x | 90 | 3.00 | 8.00 |"
+
+
+def test_repeated_runs_become_mean_and_spread_and_zipf_is_paired_with_uniform() -> None:
+    from service.bench.scale import FULL, Point, _ratio_table, _references, runs, zipf_against_uniform
+
+    assert runs(FULL, "mixed") == [(0, "uniform"), (0, "zipf"), (1, "zipf"), (1, "uniform"), (2, "uniform"), (2, "zipf")]
+    assert runs(FULL, "per-path") == [(0, "uniform"), (0, "zipf")]
+    pts = [Point("b", "mixed", "http", 1, t, 100.0, 2.0, 4.0) for t in ("uniform", "zipf")]
+    pts += [Point("b", "mixed", "http", 16, "uniform", r, 2.0, 4.0) for r in (80.0, 100.0)]
+    pts += [Point("b", "mixed", "http", 16, "zipf", r, 2.0, 4.0) for r in (88.0, 90.0)]
+    rows = _ratio_table(pts, _references(pts), absolute=False)
+    assert rows[4] == "| http | mixed | 16 | uniform | 2 | **0.90x ± 0.14** | 1.00x ± 0.00 | 1.00x ± 0.00 |"
+    assert rows[5] == "| http | mixed | 16 | zipf | 2 | **0.89x ± 0.01** | 1.00x ± 0.00 | 1.00x ± 0.00 |"
+    assert zipf_against_uniform(pts) == ["\nZipf against uniform, mixed executor (throughput, paired runs): http 16: 1.00x ± 0.14."]

@@ -45,10 +45,18 @@ class Plan:
     concurrency: int
     imported: int  # paths registered through HTTP (memory per registered path); the rest written directly
     cold: int  # fresh paths for cold / warm predicts
+    repeats: int  # closed loops per N and traffic for the mixed executor (the per-path one: one each)
 
 
-FULL = Plan(sizes=(1, 16, 256, 1024, 4096), requests=4096, concurrency=256, imported=512, cold=200)
-QUICK = Plan(sizes=(1, 16, 256), requests=1024, concurrency=64, imported=64, cold=10)
+FULL = Plan(sizes=(1, 16, 256, 1024, 4096), requests=4096, concurrency=256, imported=512, cold=200, repeats=3)
+QUICK = Plan(sizes=(1, 16, 256), requests=1024, concurrency=64, imported=64, cold=10, repeats=1)
+
+
+def runs(plan: Plan, executor: str) -> list[tuple[int, str]]:
+    """(repeat, traffic) pairs of one N: uniform and Zipf alternate which goes first, each repeat
+    draws its own schedule (seeded by the repeat)."""
+    order = [("uniform", "zipf"), ("zipf", "uniform")]
+    return [(r, t) for r in range(plan.repeats if executor == "mixed" else 1) for t in order[r % 2]]
 
 
 @dataclass
@@ -174,8 +182,8 @@ def batcher_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan:
             for p in ids[:n]:
                 svc.cache.get(p)  # host tier (mixed) or materialized modules (per-path)
             asyncio.run(closed_loop(svc, ids, list(range(n)), plan.concurrency, x))  # warm: every path once
-            for traffic in ("uniform", "zipf"):
-                rate, lat = asyncio.run(closed_loop(svc, ids, schedule(n, plan.requests, traffic), plan.concurrency, x))
+            for r, traffic in runs(plan, executor):
+                rate, lat = asyncio.run(closed_loop(svc, ids, schedule(n, plan.requests, traffic, r), plan.concurrency, x))
                 q = statistics.quantiles(lat, n=100)
                 points.append(Point(base_id, executor, "batcher", n, traffic, rate, 1e3 * q[49], 1e3 * q[98]))
                 say(f"scale: {points[-1]}")  # the raw figure, kept in the log if the run is cut short
@@ -301,8 +309,8 @@ def http_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan: Pl
         for n in plan.sizes:
             say(f"scale: {base_id}, {executor} executor, HTTP, {n} paths")
             server.load(ids, list(range(n)), body, plan.concurrency)  # warm: every path once
-            for traffic in ("uniform", "zipf"):
-                r = server.load(ids, schedule(n, plan.requests, traffic), body, plan.concurrency)
+            for rep, traffic in runs(plan, executor):
+                r = server.load(ids, schedule(n, plan.requests, traffic, rep), body, plan.concurrency)
                 points.append(Point(base_id, executor, "http", n, traffic, r["per_second"], r["p50_ms"], r["p99_ms"]))
                 say(f"scale: {points[-1]}")
     finally:
@@ -387,13 +395,16 @@ def _intro(plan: Plan) -> list[str]:
              f"process (no HTTP). *HTTP*: `zoo serve` on a loopback port, a uint8 `.npy` body per request, the "
              f"load generator (`service/bench/loadgen.py`) in its own process. *mixed*: `ZOO_BATCHING=base` "
              f"(one forward per batch mixing paths, slots); *per-path*: `ZOO_BATCHING=path` (a module and a "
-             f"batch per path). Ratios are against the same executor and route with one path (the mean of its "
-             f"uniform and Zipf runs, which are the same workload there), in this run; an untimed closed loop "
-             f"warms each executor and route up first.\n")]
+             f"batch per path). The mixed executor runs each N and traffic {plan.repeats} times (uniform and Zipf "
+             f"back to back, alternating which goes first, a schedule drawn per run), the per-path one once: a "
+             f"cell is the mean ± the standard deviation of its runs. Ratios are against the same executor and "
+             f"route with one path (the mean of all its uniform and Zipf runs, which are the same workload "
+             f"there), in this run; an untimed closed loop warms each executor and route up first.\n")]
 
 
 def _mean_point(runs: list[Point]) -> Point:
-    """One path's reference: uniform and Zipf traffic are the same workload there; their mean."""
+    """The mean of several runs (one path's reference: uniform and Zipf traffic are the same
+    workload there, so every run of both)."""
     r = runs[0]
     return Point(r.base, r.executor, r.via, 1, "both", statistics.mean(p.per_second for p in runs),
                  statistics.mean(p.p50_ms for p in runs), statistics.mean(p.p99_ms for p in runs))  # fmt: skip
@@ -402,9 +413,9 @@ def _mean_point(runs: list[Point]) -> Point:
 def _tables(base_id: str, points: list[Point], memory: dict, plan: Plan) -> list[str]:
     gpu = on_gpu()  # absolute figures only from a GPU
     ref = _references(points)
-    lines = [f"\n### {base_id}\n", *_ratio_table(points, ref, absolute=gpu)]
+    lines = [f"\n### {base_id}\n", *_ratio_table(points, ref, absolute=gpu), *zipf_against_uniform(points)]
     where = "this GPU" if gpu else "this CPU, for scale only (absolute figures belong to a GPU run)"
-    lines.append(f"\nOne path (the mean of its two runs, the reference of each ratio above), {where}: " + "; ".join(
+    lines.append(f"\nOne path (the mean of its runs, the reference of each ratio above), {where}: " + "; ".join(
                      f"{via} {ex}: {r.per_second:,.0f} images/s" for (via, ex), r in sorted(ref.items())) +
                  ". The mixed executor on one path against the per-path one: " + ", ".join(
                      f"{via} {ref[(via, 'mixed')].per_second / ref[(via, 'per-path')].per_second:.2f}x"
@@ -438,7 +449,7 @@ def log_table(text: str) -> list[str]:
     """The ratio and absolute table of a cut-short run's log (the memory and cold figures, logged as
     ``scale: memory {...}``, are left to the reader)."""
     points = points_from_log(text)
-    return _ratio_table(points, _references(points), absolute=True)
+    return _ratio_table(points, _references(points), absolute=True) + zipf_against_uniform(points)
 
 
 def _references(points: list[Point]) -> dict[tuple[str, str], Point]:
@@ -447,17 +458,45 @@ def _references(points: list[Point]) -> dict[tuple[str, str], Point]:
             for key in {(p.via, p.executor) for p in points}}  # fmt: skip
 
 
-def _ratio_table(points: list[Point], ref: dict[tuple[str, str], Point], absolute: bool) -> list[str]:
-    lines = ["| route | executor | paths | traffic | throughput / one path | p50 / one path's | p99 / one path's |"
-             + (" images/s | p50 ms | p99 ms |" if absolute else ""),
-             "|---|---|---:|---|---:|---:|---:|" + ("---:|---:|---:|" if absolute else "")]  # fmt: skip
+def _groups(points: list[Point]) -> dict[tuple[str, str, int, str], list[Point]]:
+    """The runs of each (route, executor, N, traffic), in the order they first ran."""
+    groups: dict[tuple[str, str, int, str], list[Point]] = {}
     for p in points:
-        r = ref[(p.via, p.executor)]
-        figures = f" {p.per_second:,.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} |" if absolute else ""
-        lines.append(f"| {p.via} | {p.executor} | {p.n:,} | {p.traffic} | **{p.per_second / r.per_second:.2f}x** | "
-                     f"{p.p50_ms / r.p50_ms:.2f}x | {p.p99_ms / r.p99_ms:.2f}x |{figures}")  # fmt: skip
+        groups.setdefault((p.via, p.executor, p.n, p.traffic), []).append(p)
+    return groups
+
+
+def _spread(values: list[float]) -> str:
+    """The mean of the runs, and their standard deviation where there are several."""
+    mean = statistics.mean(values)
+    return f"{mean:.2f}x" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def _ratio_table(points: list[Point], ref: dict[tuple[str, str], Point], absolute: bool) -> list[str]:
+    lines = ["| route | executor | paths | traffic | runs | throughput / one path | p50 / one path's | p99 / one path's |"
+             + (" images/s | p50 ms | p99 ms |" if absolute else ""),
+             "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if absolute else "")]  # fmt: skip
+    for (via, executor, n, traffic), group in _groups(points).items():
+        r = ref[(via, executor)]
+        mean = _mean_point(group)
+        figures = f" {mean.per_second:,.0f} | {mean.p50_ms:.2f} | {mean.p99_ms:.2f} |" if absolute else ""
+        lines.append(f"| {via} | {executor} | {n:,} | {traffic} | {len(group)} | "
+                     f"**{_spread([p.per_second / r.per_second for p in group])}** | "
+                     f"{_spread([p.p50_ms / r.p50_ms for p in group])} | {_spread([p.p99_ms / r.p99_ms for p in group])} |"
+                     f"{figures}")  # fmt: skip
     return lines
 
+
+def zipf_against_uniform(points: list[Point]) -> list[str]:
+    """Per route and N of the mixed executor: Zipf's throughput over uniform's, paired run by run
+    (the two ran back to back, in alternating order)."""
+    groups = _groups([p for p in points if p.executor == "mixed" and p.n > 1])
+    cells = []
+    for (via, _, n, traffic), zipf in groups.items():
+        uniform = groups.get((via, "mixed", n, "uniform"))
+        if traffic == "zipf" and uniform and len(uniform) == len(zipf):
+            cells.append(f"{via} {n:,}: {_spread([z.per_second / u.per_second for z, u in zip(zipf, uniform)])}")
+    return [f"\nZipf against uniform, mixed executor (throughput, paired runs): {'; '.join(cells)}."] if cells else []
 
 if __name__ == "__main__":  # python -m service.bench.scale LOG: the table of a cut-short run's log
     print("\n".join(log_table(Path(sys.argv[1]).read_text())))
