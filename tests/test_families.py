@@ -19,6 +19,7 @@ from safetensors.torch import save
 from tests.conftest import make_settings, start_app
 from zoo_store.archs import build_arch
 from zoo_store.archs.families import FAMILIES, TIMM_FAMILIES
+from zoo_store.archs.groups import block_perm
 from zoo_store.methods.registry import get_method
 from zoo_store.methods.reprogram.layers import build_reprogrammed
 from zoo_store.methods.resample.config import ResampleBudget, ResampleConfig
@@ -148,7 +149,7 @@ def test_family_groups_permute_exactly_and_resample_to_70_percent(client, family
     assert groups, net.group_report().opaque
     layers = fused_layers(net, groups)
     gen = torch.Generator().manual_seed(0)
-    perms = {g.name: torch.randperm(group_size(layers, g), generator=gen).int() for g in groups}
+    perms = {g.name: block_perm(group_size(layers, g), g.blocks, gen).int() for g in groups}
     full = {g.name: uniform_cells(group_size(layers, g)) for g in groups}
     permuted = assemble(net, groups, permute_and_resample(layers, groups, perms, full))
     x = torch.rand(2, 3, 64, 64, generator=gen)  # (B, C, H, W)

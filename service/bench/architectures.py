@@ -28,8 +28,9 @@ def architectures_suite(say: Say, quick: bool) -> list[str]:
     families = {**FAMILIES, **(TIMM_FAMILIES if _has_timm() else {})}
     intro = ("One small member per family, random weights, 10 labels, 3 x 64 x 64 input (for the traced taps and "
              "groups: 224 unless the config names an image size). *Taps*: spatial taps (name@stride) and the head's input. *Reprogram*: a path's bytes over "
-             "the dense network's. *Groups*: traced and proven / residual (kept at full width) / left at full width "
-             "(opaque: a concatenation, a grouped conv, a reshape...). *Resample touches*: the share of parameters "
+             "the dense network's. *Groups*: traced and proven (in brackets: how many of them a grouped conv splits "
+             "into blocks) / residual (kept at full width) / left at full width (opaque: a concatenation, a "
+             "reshape...). *Resample touches*: the share of parameters "
              "in layers a proven group reads or writes.\n")  # fmt: skip
     header = "| family | architecture | params | taps | reprogram bytes / dense | groups proven / residual / full width | resample touches |"
     lines = ["### Families\n", intro, header, "|---|---|---:|---|---:|---|---:|"]
@@ -78,10 +79,12 @@ def _family_row(family: str, arch: str) -> str:
     else:
         ratio = "refused"
     report = net.group_report()
-    touched = {p for g in report.groups for p in (*(a for a, _ in (*g.producers, *g.depthwise)), *g.consumers)}
+    touched = {p for g in report.groups
+               for p in (*(a for a, _ in (*g.producers, *g.depthwise, *g.sliced, *g.carried)), *g.consumers, *g.grouped)}  # fmt: skip
     share = sum(p.numel() for path in touched for p in net.get_submodule(path).parameters()) / params
+    blocked = f" ({n} in blocks)" if (n := sum(g.blocks > 1 for g in report.groups)) else ""
     return (f"| {family} | `{arch}` | {params / 1e6:.1f} M | {taps} (head reads {net.taps[-1].name}) | {ratio} | "
-            f"{len(report.groups)} / {len(report.residual)} / {len(report.opaque)} | {share:.0%} |")  # fmt: skip
+            f"{len(report.groups)}{blocked} / {len(report.residual)} / {len(report.opaque)} | {share:.0%} |")  # fmt: skip
 
 
 def _fitting(arch: str) -> tuple[int, torch.nn.Module]:

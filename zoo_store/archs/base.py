@@ -43,12 +43,26 @@ class ChannelGroup:
     follows it, if any); ``depthwise`` convs carry them one to one (with their BatchNorm);
     ``consumers`` read them (input columns of a conv or linear). Channels that meet a residual
     addition are never in a group: only the internal channels of blocks are.
+
+    A group that a grouped conv (``G`` groups, not depthwise) reads or writes falls into ``blocks``
+    = G contiguous blocks of equal size: channel i of block b meets only block b of that conv, so
+    a permutation keeps each channel in its block and a resample shrinks every block alike. The
+    grouped convs that read the group are its ``grouped`` consumers (each block of their input
+    columns read by the same block of their output rows); one that writes it is a producer.
+
+    A concatenation puts groups side by side: a layer that reads it reads each group's channels at an
+    offset of its input (``sliced``), a BatchNorm over it (or one that does not directly follow the
+    group's producer) holds each group's statistics at an offset (``carried``).
     """
 
     name: str
     producers: tuple[tuple[str, str | None], ...]  # (conv/linear path, its BatchNorm path or None)
     consumers: tuple[str, ...]
     depthwise: tuple[tuple[str, str | None], ...] = ()
+    grouped: tuple[str, ...] = ()  # grouped convs reading the group, block by block
+    blocks: int = 1
+    sliced: tuple[tuple[str, int], ...] = ()  # (conv/linear, offset): reading it within a concatenation
+    carried: tuple[tuple[str, int], ...] = ()  # (BatchNorm, offset): normalizing it, not folded into a producer
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from zoo_store.archs import TapNet, build_for
 from zoo_store.archs.base import ChannelGroup
-from zoo_store.archs.groups import trace_groups
+from zoo_store.archs.groups import keeps_blocks, trace_groups
 from zoo_store.archs.surgery import state_bytes
 from zoo_store.cards import Card
 from zoo_store.errors import InvalidInput
@@ -36,9 +36,11 @@ from zoo_store.methods.resample.config import ResampleBudget, ResampleConfig
 from zoo_store.methods.resample.layers import (
     Fused,
     assemble,
+    block_order,
     channel_features,
     fused_layers,
     group_sizes,
+    module_tensors,
     permute_and_resample,
     resampled_params,
     tour_length,
@@ -114,7 +116,7 @@ class Resample(Method):
 
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
         cfg, base, named = _config(config, bases)
-        sizes = group_sizes(base, base.channel_groups())
+        sizes = group_sizes(base, [g for g in base.channel_groups() if g.name in named])
         out: ExpectedTensors = {f"perm.{named[g]}": ("int32", (n,)) for g, n in sizes.items()}
         if cfg.tuned:
             out |= {f"grid.{named[g]}": ("float32", (cfg.widths[g],)) for g in sizes}
@@ -122,10 +124,10 @@ class Resample(Method):
 
     def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
         cfg, base, named = _config(config, bases)
-        groups = base.channel_groups()
-        perms = {g.name: _checked_perm(tensors[f"perm.{named[g.name]}"], named[g.name]) for g in groups}
+        groups = [g for g in base.channel_groups() if g.name in named]
+        perms = {g.name: _checked_perm(tensors[f"perm.{named[g.name]}"], named[g.name], g.blocks) for g in groups}
         if cfg.tuned:
-            cells = {g.name: _checked_cells(tensors[f"grid.{named[g.name]}"], named[g.name]) for g in groups}
+            cells = {g.name: _checked_cells(tensors[f"grid.{named[g.name]}"], named[g.name], g.blocks) for g in groups}
         else:
             cells = {g.name: uniform_cells(cfg.widths[g.name]) for g in groups}
         return assemble(base, groups, permute_and_resample(fused_layers(base, groups), groups, perms, cells))
@@ -140,7 +142,7 @@ def convert(
     perms, gains = {}, []
     for i, g in enumerate(groups):
         x = channel_features(layers, g).cpu()  # (n, d)
-        order = two_opt_order(x, seeds=4)
+        order = two_opt_order(x, seeds=4) if g.blocks == 1 else block_order(x, g.blocks)
         dist = torch.cdist(x, x, p=1).numpy()
         gains.append(tour_length(dist, order) / max(tour_length(dist, np.arange(len(order))), 1e-12))
         perms[g.name] = torch.as_tensor(order, dtype=torch.int32)
@@ -149,16 +151,16 @@ def convert(
 
 
 def widths_for(net: TapNet, groups: list[ChannelGroup], budget: ResampleBudget) -> dict[str, int]:
-    """Channels kept per group: ``round(width * n)`` (at least 1), or the widest uniform fraction
-    whose network fits ``max_params``."""
+    """Channels kept per group: ``round(width * n)`` (at least 1; in a group in blocks, the same
+    number from every block), or the widest uniform fraction whose network fits ``max_params``."""
     if not groups:
         full = (trace_groups(net) if next(net.parameters()).is_meta else net.group_report()).opaque
         raise InvalidInput(f"architecture {net.arch!r} has no channel group that traces and is proven, so it cannot be "
                            f"resampled" + (f"; left at full width: {full}" if full else ""))  # fmt: skip
-    sizes = group_sizes(net, groups)
+    sizes, blocks = group_sizes(net, groups), {g.name: g.blocks for g in groups}
 
     def at(fraction: float) -> dict[str, int]:
-        return {g: max(1, min(n, round(fraction * n))) for g, n in sizes.items()}
+        return {g: blocks[g] * max(1, min(n // blocks[g], round(fraction * n / blocks[g]))) for g, n in sizes.items()}
 
     if budget.width is not None:
         return at(budget.width)
@@ -182,6 +184,7 @@ def tune_partition(
     """Learn ordered, non-uniform cells per group (softmax widths summing to 2) so the small network
     matches the base's output distribution on a few batches; every weight stays frozen."""
     gen = torch.Generator().manual_seed(seed)
+    blocks = {g.name: g.blocks for g in groups}
     logits = {g: torch.log(c.float()).clone().requires_grad_(True) for g, c in cells.items()}  # uniform start
     opt = torch.optim.Adam(logits.values(), lr=lr)
     loss_value = float("nan")
@@ -190,17 +193,21 @@ def tune_partition(
         x = normalize(images[idx].to(ctx.device), card.input)  # (B, C, H, W)
         with torch.no_grad():
             target = F.log_softmax(base(x), 1)  # (B, K)
-        current = {g: 2 * torch.softmax(z, 0).double() for g, z in logits.items()}
+        current = {g: block_cells(z, blocks[g]).double() for g, z in logits.items()}
         fused = permute_and_resample(layers, groups, perms, current)
-        params = {f"{p}.{k}": getattr(f, k).float() for p, f in fused.items() for k in ("weight", "bias")}
-        out = F.log_softmax(functional_call(small, params, (x,)), 1)
+        out = F.log_softmax(functional_call(small, module_tensors(fused), (x,)), 1)
         loss = F.kl_div(out, target, log_target=True, reduction="batchmean")
         opt.zero_grad()
         loss.backward()
         opt.step()
         loss_value = loss.item()
         ctx.progress(fraction=0.5 + 0.5 * (step + 1) / steps, step=f"partition tuning {step + 1}/{steps}", loss=loss_value)
-    return {g: (2 * torch.softmax(z.detach(), 0)).double() for g, z in logits.items()}, loss_value
+    return {g: block_cells(z.detach(), blocks[g]).double() for g, z in logits.items()}, loss_value
+
+
+def block_cells(z: Tensor, blocks: int) -> Tensor:
+    """Cell widths (n',) from logits (n',): a softmax per block, each block's widths summing to 2 / blocks."""
+    return (2 / blocks * torch.softmax(z.view(blocks, -1), 1)).reshape(-1)
 
 
 def _accuracy(net: nn.Module, data: TaskData, cols: list[int], card: Card, device: str) -> float:
@@ -226,7 +233,9 @@ def _budget(raw: dict[str, Any]) -> ResampleBudget:
 
 def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ResampleConfig, TapNet, dict[str, str]]:
     """The config with its widths by traced group name, the base, and each group's name in the path
-    (the traced one, or round one's hand-declared name for a path made before groups were traced)."""
+    (the traced one, or round one's hand-declared name for a path made before groups were traced).
+    A path names the groups traced when it was made: one made before a coupling (a grouped conv, a
+    concatenation) was traced names fewer, and the others stay at full width."""
     try:
         cfg = ResampleConfig.model_validate(config)
     except ValidationError as e:
@@ -236,13 +245,19 @@ def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ResampleC
     base = bases[cfg.base]
     groups = base.channel_groups()
     sizes = group_sizes(base, groups)
-    named = {g: g for g in sizes} if set(cfg.widths) == set(sizes) else _round_one_names(list(cfg.widths), groups)
+    if cfg.widths and set(cfg.widths) <= set(sizes):  # fewer: made before more couplings were traced, those stay at full width
+        named: dict[str, str] | None = {g: g for g in cfg.widths}
+    else:
+        named = _round_one_names(list(cfg.widths), groups)
     if named is None:
         raise InvalidInput(f"resample widths name groups {sorted(cfg.widths)}, base {cfg.base!r} has {sorted(sizes)}")
     cfg = cfg.model_copy(update={"widths": {g: cfg.widths[old] for g, old in named.items()}})
     bad = {named[g]: w for g, w in cfg.widths.items() if not 1 <= w <= sizes[g]}
     if bad:
         raise InvalidInput(f"resample widths out of range (1..channels): {bad}")
+    blocks = {g.name: g.blocks for g in groups}
+    if uneven := {named[g]: f"{w} channels in {blocks[g]} blocks" for g, w in cfg.widths.items() if w % blocks[g]}:
+        raise InvalidInput(f"resample widths must keep as many channels in every block of a grouped conv's group: {uneven}")
     return cfg, base, named
 
 
@@ -264,14 +279,18 @@ def _round_one_names(names: list[str], groups: list[ChannelGroup]) -> dict[str, 
     return named if len(named) == len(groups) else None
 
 
-def _checked_perm(t: Tensor, group: str) -> Tensor:
+def _checked_perm(t: Tensor, group: str, blocks: int) -> Tensor:
     if not torch.equal(torch.sort(t.long()).values, torch.arange(len(t))):
         raise InvalidInput(f"perm.{group} is not a permutation of 0..{len(t) - 1}")
+    if not keeps_blocks(t, blocks):
+        raise InvalidInput(f"perm.{group} moves channels across the {blocks} blocks of a grouped conv")
     return t
 
 
-def _checked_cells(t: Tensor, group: str) -> Tensor:
+def _checked_cells(t: Tensor, group: str, blocks: int) -> Tensor:
     t = t.double()
-    if not bool((t > 0).all()) or abs(float(t.sum()) - 2.0) > 1e-4:
-        raise InvalidInput(f"grid.{group} must hold positive cell widths summing to 2 (sums to {float(t.sum()):.6f})")
+    sums = t.view(blocks, -1).sum(1)  # (blocks,)
+    if not bool((t > 0).all()) or float((sums - 2.0 / blocks).abs().max()) > 1e-4:
+        raise InvalidInput(f"grid.{group} must hold positive cell widths, each of its {blocks} block(s) summing to "
+                           f"{2 / blocks:.6g} (sums to {[round(float(v), 6) for v in sums[:4]]})")  # fmt: skip
     return t
