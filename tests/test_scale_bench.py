@@ -76,7 +76,7 @@ def test_a_cut_short_logs_figures_become_a_table() -> None:
 def test_repeated_runs_become_mean_and_spread_and_zipf_is_paired_with_uniform() -> None:
     from service.bench.scale import FULL, Point, _ratio_table, _references, runs, zipf_against_uniform
 
-    assert runs(FULL, "mixed") == [(0, "uniform"), (0, "zipf"), (1, "zipf"), (1, "uniform"), (2, "uniform"), (2, "zipf")]
+    assert runs(FULL, "mixed")[:6] == [(0, "uniform"), (0, "zipf"), (1, "zipf"), (1, "uniform"), (2, "uniform"), (2, "zipf")]
     assert runs(FULL, "per-path") == [(0, "uniform"), (0, "zipf")]
     pts = [Point("b", "mixed", "http", 1, t, 100.0, 2.0, 4.0) for t in ("uniform", "zipf")]
     pts += [Point("b", "mixed", "http", 16, "uniform", r, 2.0, 4.0) for r in (80.0, 100.0)]

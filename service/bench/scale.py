@@ -48,7 +48,7 @@ class Plan:
     repeats: int  # closed loops per N and traffic for the mixed executor (the per-path one: one each)
 
 
-FULL = Plan(sizes=(1, 16, 256, 1024, 4096), requests=4096, concurrency=256, imported=512, cold=200, repeats=3)
+FULL = Plan(sizes=(1, 16, 256, 1024, 4096), requests=4096, concurrency=256, imported=512, cold=200, repeats=5)
 QUICK = Plan(sizes=(1, 16, 256), requests=1024, concurrency=64, imported=64, cold=10, repeats=1)
 
 
