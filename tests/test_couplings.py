@@ -5,6 +5,8 @@ concatenated group is read at its offset and normalized at its offset; permuted 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from zoo_store.methods.resample.layers import (
     module_tensors,
     permute_and_resample,
     resampled_params,
+    select_channels,
     uniform_cells,
 )
 from zoo_store.methods.resample.method import block_cells, convert, widths_for
@@ -29,12 +32,12 @@ from zoo_store.methods.resample.method import block_cells, convert, widths_for
 class _Grouped(nn.Module):
     """conv -> BN -> grouped conv (4 groups) -> BN -> 1 x 1 conv -> pool -> linear."""
 
-    def __init__(self, second_groups: int | None = None) -> None:
+    def __init__(self, second_groups: int | None = None, width: int = 8) -> None:
         super().__init__()
-        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8)
-        self.other = nn.Conv2d(8, 8, 3, padding=1, groups=second_groups) if second_groups else None
-        self.c3 = nn.Conv2d(8, 6, 1)
+        self.c1, self.b1 = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.c2, self.b2 = nn.Conv2d(width, width, 3, padding=1, groups=4), nn.BatchNorm2d(width)
+        self.other = nn.Conv2d(width, width, 3, padding=1, groups=second_groups) if second_groups else None
+        self.c3 = nn.Conv2d(width, 6, 1)
         self.head = nn.Linear(6, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +145,7 @@ def test_a_stored_path_that_breaks_the_blocks_is_422(regnet: nn.Module) -> None:
     skewed[: n // g.blocks] *= 1.5  # the first block's cells sum past 2 / blocks, the total does not stay 2
     skewed *= 2.0 / skewed.sum()  # the total 2 again: still not 2 / blocks per block
     tuned = {"base": "b", "widths": widths, "tuned": True}
-    with pytest.raises(InvalidInput, match="block"):
+    with pytest.raises(InvalidInput, match=r"each of its \d+ block\(s\) summing to"):
         method.materialize(tuned, {**perms, **grids, f"grid.{g.name}": skewed}, {"b": regnet})
     method.materialize(tuned, {**perms, **grids}, {"b": regnet})  # the uniform grid is fine
 
@@ -226,6 +229,19 @@ def test_a_concatenation_resamples_each_group_at_its_offset() -> None:
     assert sum(p.numel() for p in small.parameters()) == resampled_params(net, groups, widths)
 
 
+def test_pruning_keeps_as_many_channels_of_every_block() -> None:
+    net = _perturbed(_Grouped())
+    groups = [g for g in proven_groups(net).groups if g.name == "c1"]
+    layers = fused_layers(net, groups)
+    x = torch.rand(2, 3, 8, 8)  # (B, C, H, W)
+    small = assemble(net, groups, select_channels(layers, groups, {"c1": torch.tensor([0, 2, 5, 7])}))  # one of each block of 2
+    assert small.c2.groups == 4 and small.c2.in_channels == 4
+    with torch.no_grad():
+        assert small(x).shape == (2, 5)
+    with pytest.raises(ValueError, match="as many channels of each"):
+        select_channels(layers, groups, {"c1": torch.tensor([0, 1, 4, 6])})  # two from the first block, none from the second
+
+
 def test_a_concatenation_added_to_another_value_is_left_at_full_width() -> None:
     traced = trace_groups(_perturbed(_Concat(then_add=True)))
     assert {"a", "b"} <= set(traced.opaque) and "adds or multiplies a concatenation" in traced.opaque["a"]
@@ -246,8 +262,8 @@ def test_densenet_resamples_with_every_concatenation_and_counts_its_parameters()
         assert torch.isfinite(small(torch.rand(2, 3, 64, 64))).all()
 
 
-@pytest.mark.parametrize("model", [_Grouped, _Concat])
-def test_partition_tuning_learns_cells_through_blocks_and_concatenations(model: type[nn.Module]) -> None:
+@pytest.mark.parametrize("model", [lambda: _Grouped(width=16), _Concat], ids=["grouped", "concat"])
+def test_partition_tuning_learns_cells_through_blocks_and_concatenations(model: Callable[[], nn.Module]) -> None:
     """A few steps of partition tuning (the resample job's, with a task): the loss falls from the
     uniform grid's, every block's cells still sum to its share."""
     from types import SimpleNamespace
@@ -268,5 +284,7 @@ def test_partition_tuning_learns_cells_through_blocks_and_concatenations(model: 
     _, first = tune_partition(net, small, groups, layers, perms, cells, images, card, 1, 0.0, 16, 0, ctx)
     tuned, last = tune_partition(net, small, groups, layers, perms, cells, images, card, 30, 0.1, 16, 0, ctx)
     assert last < first
+    assert all(widths[g.name] // g.blocks > 1 for g in groups)  # each block has cells to move
+    assert all(not torch.allclose(tuned[g.name], cells[g.name].double()) for g in groups)  # every group's cells moved
     for g in groups:
         torch.testing.assert_close(tuned[g.name].view(g.blocks, -1).sum(1), torch.full((g.blocks,), 2 / g.blocks, dtype=torch.float64))

@@ -81,7 +81,8 @@ def test_repeated_runs_become_mean_and_spread_and_zipf_is_paired_with_uniform() 
     pts = [Point("b", "mixed", "http", 1, t, 100.0, 2.0, 4.0) for t in ("uniform", "zipf")]
     pts += [Point("b", "mixed", "http", 16, "uniform", r, 2.0, 4.0) for r in (80.0, 100.0)]
     pts += [Point("b", "mixed", "http", 16, "zipf", r, 2.0, 4.0) for r in (88.0, 90.0)]
-    rows = _ratio_table(pts, _references(pts), absolute=False)
+    pts += [Point("b", "per-path", "http", n, "zipf", 50.0, 2.0, 4.0) for n in (1, 16)]  # not in the paired line
+    rows = _ratio_table(pts[:-2], _references(pts[:-2]), absolute=False)
     assert rows[4] == "| http | mixed | 16 | uniform | 2 | **0.90x ± 0.14** | 1.00x ± 0.00 | 1.00x ± 0.00 |"
     assert rows[5] == "| http | mixed | 16 | zipf | 2 | **0.89x ± 0.01** | 1.00x ± 0.00 | 1.00x ± 0.00 |"
     assert zipf_against_uniform(pts) == ["\nZipf against uniform, mixed executor (throughput, paired runs): http 16: 1.00x ± 0.14."]

@@ -29,8 +29,8 @@ def architectures_suite(say: Say, quick: bool) -> list[str]:
     intro = ("One small member per family, random weights, 10 labels, 3 x 64 x 64 input (for the traced taps and "
              "groups: 224 unless the config names an image size). *Taps*: spatial taps (name@stride) and the head's input. *Reprogram*: a path's bytes over "
              "the dense network's. *Groups*: traced and proven (in brackets: how many of them a grouped conv splits "
-             "into blocks) / residual (kept at full width) / left at full width (opaque: a concatenation, a "
-             "reshape...). *Resample touches*: the share of parameters "
+             "into blocks) / residual (kept at full width) / left at full width (opaque: a split or a channel "
+             "shuffle, a reshape...). *Resample touches*: the share of parameters "
              "in layers a proven group reads or writes.\n")  # fmt: skip
     header = "| family | architecture | params | taps | reprogram bytes / dense | groups proven / residual / full width | resample touches |"
     lines = ["### Families\n", intro, header, "|---|---|---:|---|---:|---|---:|"]

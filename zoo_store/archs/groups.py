@@ -412,7 +412,8 @@ def _guarded(net: nn.Module, traced: TracedGroups, fresh: bool) -> tuple[list[Ch
 
 def _prove(net: nn.Module, traced: TracedGroups, fresh: bool) -> tuple[list[ChannelGroup], dict[str, str]]:
     """Each group's channels shuffled (producers' rows and their BatchNorms, depthwise convs,
-    consumers' columns): the outputs must stay within 1e-5 of their largest magnitude. All groups at
+    consumers' columns, grouped convs' columns block by block, the columns and BatchNorm rows at
+    each offset of a concatenation; within blocks in a group in blocks): the outputs must stay within 1e-5 of their largest magnitude. All groups at
     once; when that fails, each alone, then the survivors together again. ``fresh``: a throwaway
     network, every tensor of which is perturbed first, so that no constant initialisation (a zero
     BatchNorm scale, a layer scale of 1e-6) hides a shuffle."""

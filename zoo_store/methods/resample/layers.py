@@ -2,8 +2,9 @@
 
 Every coupled channel group of a base (``TapNet.channel_groups``) is treated as samples of a
 smooth function on [-1, 1]: channel ``i`` of ``n`` sits at the centre of the i-th of n equal cells.
-Converting fuses each group's BatchNorms into the convs that feed them and orders the channels
-along a short travelling-salesman tour (neighbours alike), which changes nothing the network
+Converting fuses each group's BatchNorms into the convs that feed them (a BatchNorm over a
+concatenation, or one not directly after its conv, is kept: its rows are resampled with the
+channels) and orders the channels along a short travelling-salesman tour (neighbours alike), which changes nothing the network
 computes. Resampling evaluates every coupled tensor at ``n'`` new cell centres by cubic
 convolution and scales the readers by the new cells' widths over the old ones (``n / n'`` on a
 uniform grid): a plain dense, smaller network. A group in blocks (a grouped conv's channels) is
@@ -370,8 +371,8 @@ def module_tensors(layers: dict[str, Fused]) -> dict[str, Tensor]:
 
 
 def assemble(base: TapNet, groups: list[ChannelGroup], layers: dict[str, Fused]) -> TapNet:
-    """A copy of ``base`` with the given layers rebuilt (and their BatchNorms folded away); every
-    other layer still shares the resident base's tensors."""
+    """A copy of ``base`` with the given layers rebuilt (the BatchNorms folded into them gone, the
+    kept ones rebuilt from their rows); every other layer still shares the resident base's tensors."""
     net = shared_copy(base)
     depthwise = {p for g in groups for p, _ in g.depthwise}
     for p, f in layers.items():

@@ -181,7 +181,7 @@ def tune_partition(
     perms: dict[str, Tensor], cells: dict[str, Tensor], images: Tensor, card: Card,
     steps: int, lr: float, batch_size: int, seed: int, ctx: BuildContext,
 ) -> tuple[dict[str, Tensor], float]:  # fmt: skip
-    """Learn ordered, non-uniform cells per group (softmax widths summing to 2) so the small network
+    """Learn ordered, non-uniform cells per group (softmax widths summing to 2, or to 2 / G in each of G blocks) so the small network
     matches the base's output distribution on a few batches; every weight stays frozen."""
     gen = torch.Generator().manual_seed(seed)
     blocks = {g.name: g.blocks for g in groups}
