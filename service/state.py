@@ -13,7 +13,7 @@ from service.jobs import JobRunner
 from service.metrics import Metrics
 from service.queues import JobQueue, MemoryQueue, RedisQueue
 from service.quotas import MemoryBuckets, Quotas, RedisBuckets
-from service.runtime import Batcher, PathCache, ResidentZoo
+from service.runtime import Batcher, Entry, PathCache, ResidentZoo
 from service.ttl import TtlCache
 from zoo_store.blobs import BlobStore
 from zoo_store.db import DEMO_ZOO_LOCK_KEY, Database
@@ -117,6 +117,14 @@ class Services:
         """A predict: the caller may use the path, and is under its tenant's predict rate."""
         self.check_access(caller, path_id)
         self.quotas.predict(caller)
+
+    def admitted_entry(self, caller: Caller, path_id: str) -> Entry:
+        """For a predict, off the event loop (it may ask the database, or Redis): admission, room in
+        the queue (a full one is refused before any work is done), then the path's entry, loaded on
+        first use. One worker-thread hop for all three: a cold predict's load costs none of its own."""
+        self.admit_predict(caller, path_id)
+        self.batcher.check_room()
+        return self.cache.get(path_id)
 
     def admit(self, key: str | None, path_id: str, predict: bool) -> None:
         """The device channel's check of a request's bearer key: its access to the path, and for a

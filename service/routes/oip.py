@@ -55,9 +55,7 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
 @router.post("/models/{path_id}/infer", openapi_extra=INFER_BODY, responses={**CONFLICT, **RATE_LIMITED})
 async def infer(path_id: str, request: Request, svc: ReadySvc, caller: CallerDep) -> Response:
     """JSON tensors, or the binary tensor data extension (``Inference-Header-Content-Length``)."""
-    await run_in_threadpool(svc.admit_predict, caller, path_id)  # may ask the database, or Redis
-    svc.batcher.check_room()
-    entry = await svc.cache.entry(path_id)
+    entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
     m = entry.manifest
     req = parse_infer(await request.body(), request.headers.get(HEADER), m.input, svc.settings.max_predict_inputs)
     probs = await svc.batcher.submit(entry, req.x)  # (N, K)

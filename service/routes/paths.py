@@ -125,9 +125,7 @@ async def predict(path_id: str, request: Request, svc: ReadySvc, caller: CallerD
     """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, multipart image files (field ``files``),
     or ``application/octet-stream``: one ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8
     (``?top_k=`` in the query)."""
-    await run_in_threadpool(svc.admit_predict, caller, path_id)  # may ask the database, or Redis
-    svc.batcher.check_room()  # a full queue is refused before any work is done
-    entry = await svc.cache.entry(path_id)  # loaded on first use
+    entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
     manifest = entry.manifest
     x, top_k = await read_inputs(request, manifest.input, svc.settings)
     probs = await svc.batcher.submit(entry, x)  # (N, K)
