@@ -431,7 +431,7 @@ def _prove(net: nn.Module, traced: TracedGroups, fresh: bool) -> tuple[list[Chan
         tol = 1e-5 * max(1.0, y.abs().max().item())
 
         def holds(gs: list[ChannelGroup]) -> bool:
-            perms = {g.name: block_perm(_size(net, g), g.blocks, gen) for g in gs}
+            perms = {g.name: block_perm(group_width(net, g), g.blocks, gen) for g in gs}
             if not all(_fits(net, g, len(perms[g.name])) for g in gs):
                 return False  # a tensor of the group has another size: not a coupling
             for g in gs:
@@ -462,7 +462,8 @@ def _perturb(net: nn.Module, gen: torch.Generator) -> None:
                 t.add_(0.05 * torch.randn(t.shape, generator=gen).to(t.device))
 
 
-def _size(net: nn.Module, g: ChannelGroup) -> int:
+def group_width(net: nn.Module, g: ChannelGroup) -> int:
+    """The group's channels in ``net``: its first producer's output rows."""
     return net.get_submodule(g.producers[0][0]).weight.shape[0]
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
 from zoo_store.archs.base import ChannelGroup
-from zoo_store.archs.groups import grouped_columns, in_blocks
+from zoo_store.archs.groups import group_width, grouped_columns, in_blocks
 from zoo_store.archs.surgery import replace_module, shared_copy
 
 Layer = nn.Conv2d | nn.Linear
@@ -389,7 +389,7 @@ def group_size(layers: dict[str, Fused], g: ChannelGroup) -> int:
 
 
 def group_sizes(net: TapNet, groups: list[ChannelGroup]) -> dict[str, int]:
-    return {g.name: net.get_submodule(g.producers[0][0]).weight.shape[0] for g in groups}
+    return {g.name: group_width(net, g) for g in groups}
 
 
 def resampled_params(net: TapNet, groups: list[ChannelGroup], widths: dict[str, int]) -> int:
