@@ -111,3 +111,24 @@ def test_killing_zoo_serve_leaves_nothing_behind(zoo_dir) -> None:
     finally:
         serve.client.close()
     assert _gone(tree), f"left behind: {[c for p, c in tree.items() if _state(p) != 'Z']}"
+
+
+@pytest.mark.parametrize("supervisor_alive", [False, True])
+def test_a_child_orphaned_while_starting_still_dies_with_the_supervisor(supervisor_alive: bool) -> None:
+    """A worker that was still importing when `zoo serve` was killed is an orphan by the time it
+    arms its death signal: it must exit then, not serve on. A grandchild of a live supervisor stays."""
+    import subprocess
+    import sys
+
+    from service.procs import SUPERVISOR_ENV
+
+    if supervisor_alive:
+        supervisor = 1  # alive and not this child's parent: a grandchild's view
+    else:
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        supervisor = gone.pid
+    code = "from service.procs import die_with_supervisor; die_with_supervisor(); import time; time.sleep(1)"
+    child = subprocess.run([sys.executable, "-c", code], check=False, env={**os.environ, SUPERVISOR_ENV: str(supervisor)},
+                           timeout=60)  # fmt: skip
+    assert child.returncode == (0 if supervisor_alive else -signal.SIGTERM)
