@@ -7,7 +7,8 @@ worker owns (one slot per request in flight) when it fits a slot, inline in the 
 the scores come back inline (they are small). Nothing on this channel is pickled.
 
 Ops: ``hello`` (a worker names its arena), ``describe`` (a path's input spec and labels) and
-``predict``. An error comes back as ``{"error": {"kind", "detail", "retry_after"}}`` and is
+``predict`` (with ``"describe": true``, a worker's first predict of a path: the tensor's C, H and
+W are checked there and the answer carries the description too). An error comes back as ``{"error": {"kind", "detail", "retry_after"}}`` and is
 raised again on the worker's side as the same ``ZooError``, so it maps to the same HTTP answer.
 """
 
@@ -18,6 +19,7 @@ import contextlib
 import itertools
 import logging
 import struct
+import time
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +29,10 @@ import orjson
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from service.inputs import check_npy_shape
 from zoo_store import errors
 from zoo_store.errors import Unavailable, ZooError
+from zoo_store.paths import Manifest
 
 if TYPE_CHECKING:
     from service.state import Services
@@ -150,15 +154,23 @@ class DeviceClient:
 
     async def predict(self, path_id: str, x: np.ndarray, key: str | None) -> torch.Tensor:
         """x: (N, C, H, W) float32 -> probabilities (N, K) float32, for the bearer of ``key``."""
+        return (await self._predict(path_id, x, key, describe=False))[0]
+
+    async def predict_described(self, path_id: str, x: np.ndarray, key: str | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A worker's first predict of a path, in one round trip: x (N, C, H, W) is checked against
+        the path's input there -> (probabilities (N, K), what ``describe`` answers)."""
+        return await self._predict(path_id, x, key, describe=True)
+
+    async def _predict(self, path_id: str, x: np.ndarray, key: str | None, describe: bool) -> tuple[torch.Tensor, Any]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         slot = self.arena.put(x)
-        header = {"op": "predict", "path": path_id, "shape": list(x.shape), "slot": slot, "key": key}
+        header = {"op": "predict", "path": path_id, "shape": list(x.shape), "slot": slot, "key": key, "describe": describe}
         try:
             answer, data = await self.call(header, b"" if slot is not None else x.tobytes())
         finally:
             if slot is not None:
                 self.arena.release(slot)
-        return torch.frombuffer(bytearray(data), dtype=torch.float32).view(answer["shape"])
+        return torch.frombuffer(bytearray(data), dtype=torch.float32).view(answer["shape"]), answer.get("path")
 
 
 # -- the inference process's side ---------------------------------------------------------------
@@ -219,22 +231,29 @@ class DeviceServer:
         svc = self.svc
         if not svc.ready.is_set():
             raise Unavailable(svc.startup_error or "the zoo is still loading; see /readyz")
-        path_id = header["path"]
+        path_id, arrived = header["path"], time.monotonic()
         # the request's bearer key, checked here (off the event loop: it may ask the database, or Redis)
-        await run_in_threadpool(svc.admit, header.get("key"), path_id, header["op"] == "predict")
         if header["op"] == "describe":  # not a use of the path: the predict that follows is
-            m = (svc.cache.peek(path_id) or await run_in_threadpool(svc.cache.get, path_id)).manifest
-            return {"path": {"input": m.input.model_dump(mode="json"), "labels": list(m.labels)}}, b""
-        svc.batcher.check_room()
-        entry = await svc.cache.entry(path_id)
+            return {"path": described(await run_in_threadpool(svc.describe, header.get("key"), path_id))}, b""
+        entry = await run_in_threadpool(svc.keyed_entry, header.get("key"), path_id)
         shape = tuple(header["shape"])  # (N, C, H, W)
+        if header.get("describe"):  # the worker has not seen the path: it could not check the shape
+            check_npy_shape(shape, entry.manifest.input)
         if header["slot"] is not None and arena is not None:
             start = header["slot"] * slot_bytes
             x = torch.frombuffer(arena.buf, dtype=torch.float32, count=int(np.prod(shape)), offset=start).view(shape)
         else:
             x = torch.frombuffer(bytearray(payload), dtype=torch.float32).view(shape)
-        probs = await svc.batcher.submit(entry, x)  # (N, K): the worker's slot is read before this returns
-        return {"shape": list(probs.shape)}, probs.numpy().tobytes()
+        probs = await svc.batcher.submit(entry, x, arrived)  # (N, K): the worker's slot is read before this returns
+        answer = {"shape": list(probs.shape)}
+        if header.get("describe"):
+            answer["path"] = described(entry.manifest)
+        return answer, probs.numpy().tobytes()
+
+
+def described(m: Manifest) -> dict[str, Any]:
+    """What a worker needs of a path to decode and answer its predicts."""
+    return {"input": m.input.model_dump(mode="json"), "labels": list(m.labels)}
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:

@@ -24,7 +24,7 @@ from service.app import FRONT_HEADER
 from service.auth import KEY_TTL_S, bearer_key
 from service.channel import Arena, DeviceClient
 from service.errors import install_error_handlers
-from service.inputs import read_inputs
+from service.inputs import npy_array, npy_values, query_top_k, read_inputs
 from service.limits import BodyLimit
 from service.metrics import Metrics, RequestMetrics, render_metrics
 from service.procs import die_with_supervisor
@@ -77,7 +77,8 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
 
     async def path_info(path_id: str, key: str | None) -> PathInfo:
         """What decoding needs; asked once per key and path (the inference process checks the key
-        and the tenant's access first, so a request that may not use the path is refused unread)."""
+        and the tenant's access first, so a request that may not use the path is refused unread;
+        a small ``.npy`` body is the exception, see ``first_npy_predict``)."""
         info = described.get((key, path_id))
         if info is MISSING:  # asked again after KEY_TTL_S: a revoked key is refused before its body is read
             info = described.put((key, path_id), PathInfo(await state["device"].describe(path_id, key)))
@@ -86,11 +87,26 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/paths/{path_id}/predict")
     async def predict(path_id: str, request: Request) -> Response:
         key = bearer_key(request.headers.get("authorization"))
-        info = await path_info(path_id, key)
-        x, top_k = await read_inputs(request, info.input, settings)  # (N, C, H, W) in [0, 1]
-        probs = await state["device"].predict(path_id, x.numpy(), key)  # (N, K): checked again, and counted
+        info = described.get((key, path_id))
+        if info is MISSING and _small_npy(request, settings.shm_slot_bytes):
+            info, probs, top_k = await first_npy_predict(path_id, key, request)
+        else:
+            info = await path_info(path_id, key)
+            x, top_k = await read_inputs(request, info.input, settings)  # (N, C, H, W) in [0, 1]
+            probs = await state["device"].predict(path_id, x.numpy(), key)  # (N, K): checked again, and counted
         body = predictions(path_id, info.labels, probs, top_k)
         return Response(orjson.dumps(body), media_type="application/json")
+
+    async def first_npy_predict(path_id: str, key: str | None, request: Request) -> tuple[PathInfo, torch.Tensor, int]:
+        """A small ``.npy`` predict of a path this worker has not described for this key: one round
+        trip, which checks the key, the array's C, H and W against the path's input, and answers
+        with the path's description too (a cold path's predict costs no describe of its own; the
+        body, at most one arena slot, is read before the key is checked)."""
+        top_k = query_top_k(request)
+        arr = npy_array(await request.body())
+        spec = None if arr.ndim == 4 else (await path_info(path_id, key)).input  # refused next, naming the input
+        probs, path = await state["device"].predict_described(path_id, npy_values(arr, spec, settings).numpy(), key)
+        return described.put((key, path_id), PathInfo(path)), probs, top_k
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -111,6 +127,12 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
         return await _pass(state["app"], request)
 
     return app
+
+
+def _small_npy(request: Request, limit: int) -> bool:
+    length = request.headers.get("content-length", "")
+    ctype = request.headers.get("content-type", "")
+    return ctype.startswith("application/octet-stream") and length.isdigit() and int(length) <= limit
 
 
 async def _pass(client: httpx.AsyncClient, request: Request) -> Response:

@@ -70,16 +70,25 @@ NPY_MAGIC = b"\x93NUMPY"
 def npy_input(data: bytes, spec: InputSpec, settings: Settings) -> torch.Tensor:
     """One ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8 in [0, 255] -> (N, C, H, W) float32.
     Read with ``allow_pickle=False``; anything but a plain numeric array is refused."""
+    return npy_values(npy_array(data), spec, settings)
+
+
+def npy_array(data: bytes) -> np.ndarray:
+    """The array of a ``.npy`` body, read without pickle (nothing checked against a path yet)."""
     if not data.startswith(NPY_MAGIC):
         raise InvalidInput("application/octet-stream predict body must be one .npy array (it starts with "
                            f"{NPY_MAGIC!r}); got {data[:8]!r}")  # fmt: skip
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise InvalidInput(f"the .npy body cannot be read: {e}") from e
-    want = (spec.channels, spec.size, spec.size)
-    if arr.ndim != 4 or tuple(arr.shape[1:]) != want:
-        raise InvalidInput(f"the .npy array has shape {list(arr.shape)}, expected [N, {', '.join(map(str, want))}]")
+
+
+def npy_values(arr: np.ndarray, spec: InputSpec | None, settings: Settings) -> torch.Tensor:
+    """A ``.npy`` body's array, (N, C, H, W), as float32 in [0, 1]. With ``spec`` None the C, H and W
+    are left to whoever knows the path (``check_npy_shape``): only the batch axis is checked here."""
+    if spec is not None:
+        check_npy_shape(arr.shape, spec)
     if not 1 <= len(arr) <= settings.max_predict_inputs:
         raise InvalidInput(f"the .npy array holds {len(arr)} inputs; send 1 to {settings.max_predict_inputs}")
     kind = (arr.dtype.kind, arr.dtype.itemsize)
@@ -93,11 +102,17 @@ def npy_input(data: bytes, spec: InputSpec, settings: Settings) -> torch.Tensor:
     return t  # (N, C, H, W)
 
 
+def check_npy_shape(shape: tuple[int, ...], spec: InputSpec) -> None:
+    want = (spec.channels, spec.size, spec.size)
+    if len(shape) != 4 or tuple(shape[1:]) != want:
+        raise InvalidInput(f"the .npy array has shape {list(shape)}, expected [N, {', '.join(map(str, want))}]")
+
+
 async def read_inputs(request: Request, spec: InputSpec, settings: Settings) -> tuple[torch.Tensor, int]:
     """A predict body, whatever its content type, as (N, C, H, W) in [0, 1] and top_k."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/octet-stream"):
-        top_k = _int_field(request.query_params.get("top_k"), 1)
+        top_k = query_top_k(request)
         return npy_input(await request.body(), spec, settings), top_k
     if ctype.startswith("multipart/form-data"):
         form = await request.form()
@@ -120,6 +135,11 @@ async def read_inputs(request: Request, spec: InputSpec, settings: Settings) -> 
     if len(xs) > settings.max_predict_inputs:
         raise PayloadTooLarge(f"{len(xs)} inputs in one request; the limit is {settings.max_predict_inputs}")
     return torch.stack(xs), top_k  # (N, C, H, W)
+
+
+def query_top_k(request: Request) -> int:
+    """A binary predict's ``top_k``, from its query string (1 when absent)."""
+    return _int_field(request.query_params.get("top_k"), 1)
 
 
 def _int_field(value: object, default: int) -> int:

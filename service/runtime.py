@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,10 +27,10 @@ from torch import nn
 from service.metrics import Metrics
 from zoo_store.archs import TapNet
 from zoo_store.cards import Card
-from zoo_store.errors import Conflict, InvalidInput, NotFound, Overloaded
+from zoo_store.errors import Conflict, InvalidInput, NotFound, Overloaded, ZooError
 from zoo_store.methods.bank import PathBank
 from zoo_store.methods.registry import get_method
-from zoo_store.paths import Bundle, Manifest, check_expected, decode_stored
+from zoo_store.paths import Bundle, Manifest, check_expected, decode_stored, stored_manifest
 from zoo_store.store import Store
 from zoo_store.training import normalize
 from zoo_store.weights import digest_of
@@ -279,6 +280,7 @@ class PathCache:
         self.tables: dict[str, SlotTable] = {}
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}  # one load per cold path at a time
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="zoo-prefetch")  # loads that a describe starts
 
     @property
     def entries(self) -> OrderedDict[str, Entry]:
@@ -303,6 +305,23 @@ class PathCache:
     async def entry(self, path_id: str) -> Entry:
         """For a request: the loaded entry at once, else loaded from the store off the event loop."""
         return self.lookup(path_id) or await run_in_threadpool(self.get, path_id)
+
+    def manifest(self, path_id: str) -> Manifest:
+        """A path's manifest, for the question a worker asks before its first predict of the path
+        (no use counted). A path not loaded yet is read from the store and its load goes on in the
+        background while the worker decodes the request: the predict finds it loaded, or joins it."""
+        if (entry := self.peek(path_id)) is not None:
+            return entry.manifest
+        data = self.store.path_bundle(path_id)
+        manifest = stored_manifest(data, path_id)
+        self._prefetch.submit(self._prefetched, path_id)  # read again there: a path deleted meanwhile stays out
+        return manifest
+
+    def _prefetched(self, path_id: str) -> None:
+        try:
+            self.get(path_id)
+        except ZooError as e:  # the predict that follows loads it again, and answers with the error
+            log.debug("prefetch of %s failed: %s", path_id, e)
 
     def get(self, path_id: str) -> Entry:
         with self._lock:
@@ -421,10 +440,12 @@ class Batcher:
             raise Overloaded(f"{self.queued} inputs are waiting for the device and {n} more would pass the limit of "
                              f"{self.max_queue} (ZOO_MAX_QUEUE_INPUTS); retry shortly", retry_after=1)  # fmt: skip
 
-    async def submit(self, entry: Entry, x: torch.Tensor) -> torch.Tensor:
-        """x: (n, C, H, W) in [0, 1] -> probabilities (n, K), batched with other requests."""
+    async def submit(self, entry: Entry, x: torch.Tensor, arrived: float | None = None) -> torch.Tensor:
+        """x: (n, C, H, W) in [0, 1] -> probabilities (n, K), batched with other requests. The batch
+        wait counts from ``arrived`` (the request's ``time.monotonic()`` on arrival; now when None):
+        a lone request's wait for company is spent on its path's load and input decoding first."""
         loop = asyncio.get_running_loop()
-        request = _Request(entry, x, loop, loop.create_future(), time.monotonic())
+        request = _Request(entry, x, loop, loop.create_future(), time.monotonic() if arrived is None else arrived)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")

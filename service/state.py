@@ -19,6 +19,7 @@ from zoo_store.blobs import BlobStore
 from zoo_store.db import DEMO_ZOO_LOCK_KEY, Database
 from zoo_store.demo import ensure_demo_zoo
 from zoo_store.errors import NotFound, ZooError
+from zoo_store.paths import Manifest
 from zoo_store.settings import Settings
 from zoo_store.store import Store
 from zoo_store.tenancy import Caller
@@ -126,14 +127,15 @@ class Services:
         self.batcher.check_room()
         return self.cache.get(path_id)
 
-    def admit(self, key: str | None, path_id: str, predict: bool) -> None:
-        """The device channel's check of a request's bearer key: its access to the path, and for a
-        predict (not the describe before it) the tenant's rate."""
-        caller = self.auth.caller(key)
-        if predict:
-            self.admit_predict(caller, path_id)
-        else:
-            self.check_access(caller, path_id)
+    def describe(self, key: str | None, path_id: str) -> Manifest:
+        """For a worker's first predict of a path, off the event loop: the key's access to the path
+        (not a use: no rate counted), then its manifest; a path not loaded yet starts loading."""
+        self.check_access(self.auth.caller(key), path_id)
+        return self.cache.manifest(path_id)
+
+    def keyed_entry(self, key: str | None, path_id: str) -> Entry:
+        """``admitted_entry`` for the bearer of ``key`` (the device channel's predicts)."""
+        return self.admitted_entry(self.auth.caller(key), path_id)
 
     def check_access(self, caller: Caller, path_id: str) -> None:
         """NotFound unless the caller may use the path (an admin any that exists; the serving path

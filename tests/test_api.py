@@ -101,6 +101,40 @@ def test_npy_predict_matches_json(app_client: TestClient) -> None:
             assert abs(a["score"] - b["score"]) < 1e-6
 
 
+def test_a_first_npy_predict_needs_no_describe(app_client: TestClient, monkeypatch) -> None:
+    """Behind HTTP workers, a worker's first .npy predict of a path learns the path's input and
+    labels from the predict's own answer (one round trip to the inference process); a JSON body
+    asks for them first. Either way the scores are the same."""
+    import io
+
+    import numpy as np
+
+    svc = app_client.app.state.services
+    asked: list[str] = []
+    describe = svc.describe
+    monkeypatch.setattr(svc, "describe", lambda key, path_id: asked.append(path_id) or describe(key, path_id))
+    p1, p2 = (compose(app_client, reprogram_spec(seed=s))["path_id"] for s in (0, 1))
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 1, 28, 28), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.save(buf, pixels)
+    npy = {}
+    for pid in (p1, p2, p1, p2):  # whichever worker answers, cold or not
+        r = app_client.post(f"/v1/paths/{pid}/predict?top_k=2", content=buf.getvalue(),
+                            headers={"content-type": "application/octet-stream"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        npy[pid] = r.json()["predictions"]
+    assert asked == []  # every worker's first predict of a path carried its describe
+    as_json = {"inputs": [{"tensor": (p / 255.0).tolist()} for p in pixels.astype(np.float32)], "top_k": 2}
+    for pid in (p1, p2):
+        r = app_client.post(f"/v1/paths/{pid}/predict", json=as_json)
+        assert r.status_code == 200, r.text
+        for a, b in zip(npy[pid], r.json()["predictions"], strict=True):
+            assert a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-6
+    p3 = compose(app_client, reprogram_spec(seed=2))["path_id"]
+    assert app_client.post(f"/v1/paths/{p3}/predict", json=as_json).status_code == 200
+    assert asked.count(p3) == (1 if svc.settings.ipc_dir else 0)  # JSON: described first (in process: not asked)
+
+
 def test_job_events_stream(app_client: TestClient) -> None:
     job_id = app_client.post("/v1/compositions", json=reprogram_spec()).json()["id"]
     events = []

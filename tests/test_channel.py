@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.channel import Arena, DeviceClient, DeviceServer
 from tests.helpers import compose, reprogram_spec
-from zoo_store.errors import NotFound, Unauthorized
+from zoo_store.errors import InvalidInput, NotFound, Unauthorized
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -38,6 +38,13 @@ def test_predict_describe_and_errors_over_the_channel(app_client: TestClient, tm
             torch.testing.assert_close(one, want[:1], atol=1e-6, rtol=0)
             torch.testing.assert_close(two, want, atol=1e-6, rtol=0)
             assert arena.free == [0]  # the slot is handed back after the answer
+            got, path = await client.predict_described(pid, x[:1].numpy(), admin)  # a first predict: one round trip
+            torch.testing.assert_close(got, want[:1], atol=1e-6, rtol=0)
+            assert path == info
+            with pytest.raises(InvalidInput, match=r"has shape \[1, 1, 27, 28\], expected \[N, 1, 28, 28\]"):
+                await client.predict_described(pid, x[:1, :, 1:].numpy(), admin)  # C, H, W checked there
+            with pytest.raises(Unauthorized):
+                await client.predict_described(pid, x[:1].numpy(), admin + "x")
             with pytest.raises(NotFound, match="no path"):
                 await client.predict("p_" + "0" * 32, x[:1].numpy(), admin)
             for op in (client.describe(pid, None), client.predict(pid, x[:1].numpy(), admin + "x")):

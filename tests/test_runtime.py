@@ -16,6 +16,7 @@ from service.metrics import Metrics
 from service.runtime import Batcher, Entry
 from tests.helpers import compose, reprogram_spec
 from zoo_store.cards import InputSpec
+from zoo_store.errors import NotFound
 from zoo_store.methods.registry import get_method
 from zoo_store.paths import Manifest, decode_bundle
 from zoo_store.training import normalize
@@ -162,6 +163,37 @@ def test_pinned_paths_stay_and_cold_paths_load_once(app_client: TestClient) -> N
     assert svc.cache._building == {}
 
 
+def test_a_describe_starts_the_load_that_its_predict_then_finds(app_client: TestClient) -> None:
+    """The worker's describe before its first predict of a path answers from the manifest alone and
+    leaves the load going; the predict joins it. A path deleted before the load ran stays out."""
+    svc = app_client.app.state.services
+    p1, p2 = _paths(app_client, 2)
+    admin = app_client.headers["authorization"].removeprefix("Bearer ")
+    gate, built = threading.Event(), []
+    materialize = svc.cache._materialize
+
+    def gated(path_id: str):
+        gate.wait(10)
+        built.append(path_id)
+        return materialize(path_id)
+
+    svc.cache._materialize = gated
+    m = svc.describe(admin, p1)
+    assert m == decode_bundle(svc.store.path(p1).bundle).manifest and svc.cache.peek(p1) is None  # answered before the load
+    gate.set()
+    entry = svc.cache.get(p1)  # joins the load the describe started (or finds it done)
+    assert built == [p1] and svc.cache.peek(p1) is entry
+
+    gate.clear()
+    svc.describe(admin, p2)
+    assert app_client.delete(f"/v1/paths/{p2}").status_code == 204
+    gate.set()
+    svc.cache._prefetch.submit(lambda: None).result(10)  # the queued load has run
+    assert built == [p1, p2] and svc.cache.peek(p2) is None  # its read found no row: nothing was kept
+    with pytest.raises(NotFound):
+        svc.describe(admin, p2)
+
+
 def test_pinned_paths_are_loaded_at_start(tmp_path, app_client: TestClient) -> None:
     from tests.conftest import make_settings, start_app
 
@@ -219,6 +251,22 @@ def test_batch_flushes_on_size_and_on_timer() -> None:
     full, lone = asyncio.run(go())
     assert seen == [["p1"] * 4, ["p1"]]
     assert full < 0.15 and 0.18 < lone < 1.0  # a full batch goes at once, a lone request after max_wait
+    batcher.close()
+
+
+def test_the_batch_wait_counts_from_arrival() -> None:
+    """A request that spent its wait before reaching the queue (its path loading) goes at once."""
+    batcher, seen = _batcher(max_batch=4, max_wait_ms=200)
+    e = _entry("p1", _Scale(1.0))
+
+    async def go(arrived_ago: float) -> float:
+        t = time.monotonic()
+        await batcher.submit(e, torch.ones(1, 1, 4, 4), arrived=t - arrived_ago)
+        return time.monotonic() - t
+
+    assert asyncio.run(go(0.15)) < 0.1  # 150 ms of its 200 already gone
+    assert asyncio.run(go(0.0)) > 0.18
+    assert seen == [["p1"], ["p1"]]
     batcher.close()
 
 

@@ -32,10 +32,12 @@ from zoo_store.archs import build_arch
 from zoo_store.cards import CardIn, InputSpec
 from zoo_store.methods.reprogram.layers import build_reprogrammed
 from zoo_store.paths import PathArtifact, decode_bundle, encode_bundle, make_manifest
+from zoo_store.settings import Settings
 
 TV_BASE = "tv-resnet18-64"  # torchvision resnet18, random weights, 64 x 64 RGB inputs
 IMAGENET = InputSpec(channels=3, size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 GiB = 2**30
+WAIT_MS = Settings.model_fields["max_wait_ms"].default  # the batch wait a server has by default
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,7 @@ def _rss_of(pid: int) -> int:
 # -- through the inference loop, in process ---------------------------------------------------
 
 
-def settings_for(data_dir: Path, executor: str):
-    from zoo_store.settings import Settings
-
+def settings_for(data_dir: Path, executor: str) -> Settings:
     return Settings(data_dir=data_dir, demo_zoo=False, job_executor="thread", cache_bytes=2 * GiB,
                     host_cache_bytes=2 * GiB, batching="base" if executor == "mixed" else "path")  # fmt: skip
 
@@ -245,10 +245,12 @@ def run_load(url: str, ids: list[str], order: list[int], body: bytes, concurrenc
 class Server:
     """``zoo serve`` in a child process on a loopback port, with the bench's settings."""
 
-    def __init__(self, data_dir: Path, executor: str = "mixed", workers: int | None = None):
-        self.port = free_port()
+    def __init__(self, data_dir: Path, executor: str = "mixed", workers: int | None = None, **settings: str):
+        """``settings``: more of the server's environment (``ZOO_MAX_WAIT_MS="0"``)."""
+        self.port, self.data_dir = free_port(), data_dir
         env = {**os.environ, "ZOO_DATA_DIR": str(data_dir), "ZOO_DEMO_ZOO": "false", "ZOO_CACHE_BYTES": str(2 * GiB),
-               "ZOO_HOST_CACHE_BYTES": str(2 * GiB), "ZOO_BATCHING": "base" if executor == "mixed" else "path"}  # fmt: skip
+               "ZOO_HOST_CACHE_BYTES": str(2 * GiB), "ZOO_BATCHING": "base" if executor == "mixed" else "path",
+               **settings}  # fmt: skip
         if workers is not None:
             env["ZOO_HTTP_WORKERS"] = str(workers)
         cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--no-access-log"]
@@ -319,7 +321,8 @@ def http_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan: Pl
 
 
 def registered_memory(say: Say, data_dir: Path, base_id: str, bundles: list[bytes], plan: Plan) -> dict:
-    """Server RSS growth per path imported over HTTP and left idle; then cold / warm predicts."""
+    """Server RSS growth per path imported over HTTP and left idle; then cold / warm predicts, with
+    the default batch wait and again with none (a fresh server: every path cold again)."""
     server = Server(data_dir, "mixed")
     try:
         say(f"scale: {base_id}, importing {plan.imported} paths over HTTP")
@@ -330,19 +333,30 @@ def registered_memory(say: Say, data_dir: Path, base_id: str, bundles: list[byte
         for b in bundles[warmup : plan.imported]:
             server.client.post("/v1/paths/import", content=b).raise_for_status()
         grown = (server.rss() - before) / (plan.imported - warmup)
-        _, body = one_image(dir_store(data_dir).card(base_id).input)
         fresh = [decode_bundle(b).id for b in bundles[plan.imported - plan.cold : plan.imported]]
-        server.predict_ms(decode_bundle(bundles[0]).id, body)  # the base's bank exists before the clock
-        colds, warms = [], []
-        for pid in fresh:  # each path's first predict, then its second
-            colds.append(server.predict_ms(pid, body))
-            warms.append(server.predict_ms(pid, body))
-        extra = statistics.median(c - w for c, w in zip(colds, warms, strict=True))
-        return {"per_path": grown, "bundle": statistics.mean(len(b) for b in bundles[: plan.imported]),
-                "cold_ms": statistics.median(colds), "warm_ms": statistics.median(warms), "cold_extra_ms": extra,
-                "cold_n": len(colds)}  # fmt: skip
+        memory = {"per_path": grown, "bundle": statistics.mean(len(b) for b in bundles[: plan.imported]),
+                  **cold_warm(server, base_id, decode_bundle(bundles[0]).id, fresh)}  # fmt: skip
     finally:
         server.close()
+    say(f"scale: {base_id}, cold / warm predicts with no batch wait")
+    server = Server(data_dir, "mixed", ZOO_MAX_WAIT_MS="0")
+    try:
+        unwaited = cold_warm(server, base_id, decode_bundle(bundles[0]).id, fresh)
+    finally:
+        server.close()
+    return {**memory, **{f"nowait_{k}": v for k, v in unwaited.items()}}
+
+
+def cold_warm(server: Server, base_id: str, first: str, fresh: list[str]) -> dict:
+    """Each fresh path's first predict over HTTP (cold), then its second (warm): the medians."""
+    _, body = one_image(dir_store(server.data_dir).card(base_id).input)
+    server.predict_ms(first, body)  # the base's bank exists before the clock
+    colds, warms = [], []
+    for pid in fresh:
+        colds.append(server.predict_ms(pid, body))
+        warms.append(server.predict_ms(pid, body))
+    return {"cold_ms": statistics.median(colds), "warm_ms": statistics.median(warms), "cold_n": len(colds),
+            "cold_extra_ms": statistics.median(c - w for c, w in zip(colds, warms, strict=True))}  # fmt: skip
 
 
 # -- the suite ----------------------------------------------------------------------------------
@@ -432,7 +446,12 @@ def _tables(base_id: str, points: list[Point], memory: dict, plan: Plan) -> list
     absolute = f" (medians: cold {m['cold_ms']:.2f} ms, warm {m['warm_ms']:.2f} ms)" if gpu else ""
     lines.append(f"\nCold / warm predict over HTTP ({m['cold_n']} paths never served before, one image each, then the "
                  f"same image again): a cold predict costs **{m['cold_extra_ms']:.2f} ms** more than the warm one after "
-                 f"it (median of the differences; medians {m['cold_ms'] / m['warm_ms']:.2f}x){absolute}.")  # fmt: skip
+                 f"it (median of the differences; medians {m['cold_ms'] / m['warm_ms']:.2f}x){absolute}. With no batch "
+                 f"wait (`ZOO_MAX_WAIT_MS=0`, a fresh server, the same paths cold again): **{m['nowait_cold_extra_ms']:.2f} "
+                 f"ms** more (medians {m['nowait_cold_ms'] / m['nowait_warm_ms']:.2f}x). The difference is the path's load "
+                 f"(reading its row, decoding it, copying it into a slot): by default a lone request waits "
+                 f"{WAIT_MS:g} ms from its arrival for others to batch with, and a cold path's load is spent in that "
+                 f"wait.")  # fmt: skip
     return lines
 
 

@@ -3,6 +3,8 @@ Same runtime, batching and limits as ``/v1/paths/{id}/predict``; errors as ``{"e
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -55,9 +57,10 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
 @router.post("/models/{path_id}/infer", openapi_extra=INFER_BODY, responses={**CONFLICT, **RATE_LIMITED})
 async def infer(path_id: str, request: Request, svc: ReadySvc, caller: CallerDep) -> Response:
     """JSON tensors, or the binary tensor data extension (``Inference-Header-Content-Length``)."""
+    arrived = time.monotonic()  # the batch wait counts from here
     entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
     m = entry.manifest
     req = parse_infer(await request.body(), request.headers.get(HEADER), m.input, svc.settings.max_predict_inputs)
-    probs = await svc.batcher.submit(entry, req.x)  # (N, K)
+    probs = await svc.batcher.submit(entry, req.x, arrived)  # (N, K)
     body, headers = infer_response(path_id, m.labels, probs, req)
     return Response(body, headers=headers)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import orjson
 import torch
 from fastapi import APIRouter, Request, Response
@@ -125,10 +127,11 @@ async def predict(path_id: str, request: Request, svc: ReadySvc, caller: CallerD
     """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, multipart image files (field ``files``),
     or ``application/octet-stream``: one ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8
     (``?top_k=`` in the query)."""
+    arrived = time.monotonic()  # the batch wait counts from here
     entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
     manifest = entry.manifest
     x, top_k = await read_inputs(request, manifest.input, svc.settings)
-    probs = await svc.batcher.submit(entry, x)  # (N, K)
+    probs = await svc.batcher.submit(entry, x, arrived)  # (N, K)
     return Response(orjson.dumps(predictions(path_id, manifest.labels, probs, top_k)), media_type="application/json")
 
 
