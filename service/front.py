@@ -31,7 +31,7 @@ from service.procs import die_with_supervisor
 from service.routes.paths import predictions
 from service.ttl import MISSING, TtlCache
 from zoo_store.cards import InputSpec
-from zoo_store.errors import Unavailable
+from zoo_store.errors import InvalidInput, Unavailable
 from zoo_store.settings import Settings
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection", b"host"}
@@ -101,11 +101,17 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
         """A small ``.npy`` predict of a path this worker has not described for this key: one round
         trip, which checks the key, the array's C, H and W against the path's input, and answers
         with the path's description too (a cold path's predict costs no describe of its own; the
-        body, at most one arena slot, is read before the key is checked)."""
-        top_k = query_top_k(request)
-        arr = npy_array(await request.body())
-        spec = None if arr.ndim == 4 else (await path_info(path_id, key)).input  # refused next, naming the input
-        probs, path = await state["device"].predict_described(path_id, npy_values(arr, spec, settings).numpy(), key)
+        body, at most one arena slot, is read before the key is checked, but a body refused here
+        waits for the key's and the path's check, so errors come in the same order as otherwise)."""
+        try:
+            top_k, arr = query_top_k(request), npy_array(await request.body())
+            x = npy_values(arr, None, settings) if arr.ndim == 4 else None
+        except InvalidInput:
+            await path_info(path_id, key)  # a key or path that may not be used is refused first, as for any body
+            raise
+        if x is None:  # not N x C x H x W: refused, naming the path's input
+            x = npy_values(arr, (await path_info(path_id, key)).input, settings)
+        probs, path = await state["device"].predict_described(path_id, x.numpy(), key)
         return described.put((key, path_id), PathInfo(path)), probs, top_k
 
     @app.get("/healthz")
@@ -132,7 +138,7 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
 def _small_npy(request: Request, limit: int) -> bool:
     length = request.headers.get("content-length", "")
     ctype = request.headers.get("content-type", "")
-    return ctype.startswith("application/octet-stream") and length.isdigit() and int(length) <= limit
+    return ctype.startswith("application/octet-stream") and length.isascii() and length.isdigit() and int(length) <= limit
 
 
 async def _pass(client: httpx.AsyncClient, request: Request) -> Response:

@@ -91,6 +91,8 @@ def npy_values(arr: np.ndarray, spec: InputSpec | None, settings: Settings) -> t
         check_npy_shape(arr.shape, spec)
     if not 1 <= len(arr) <= settings.max_predict_inputs:
         raise InvalidInput(f"the .npy array holds {len(arr)} inputs; send 1 to {settings.max_predict_inputs}")
+    if arr.size == 0:
+        raise InvalidInput(f"the .npy array has shape {list(arr.shape)}: it holds no values")
     kind = (arr.dtype.kind, arr.dtype.itemsize)
     if kind == ("u", 1):
         return torch.from_numpy(arr.astype(np.float32)) / 255.0  # (N, C, H, W)

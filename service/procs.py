@@ -21,23 +21,13 @@ def die_with_parent(parent: int) -> None:
 
 def die_with_supervisor() -> None:
     """In a child of `zoo serve` (its pid in ZOO_SUPERVISOR_PID): die with it, also when it died
-    while this child was still starting (this child is an orphan then). In the supervisor itself,
-    in a grandchild while the supervisor lives, or outside `zoo serve`, nothing."""
+    while this child was still starting (this child is an orphan then). The variable is dropped
+    here, so that no grandchild inherits it. In the supervisor itself, or outside `zoo serve`, nothing."""
     supervisor = int(os.environ.get(SUPERVISOR_ENV) or 0)
     if not supervisor or supervisor == os.getpid():
         return
-    if os.getppid() == supervisor or not _alive(supervisor):
-        die_with_parent(supervisor)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
+    del os.environ[SUPERVISOR_ENV]
+    die_with_parent(supervisor)
 
 
 def descendants(pid: int) -> dict[int, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from starlette.concurrency import run_in_threadpool
 from torch import nn
 
 from service.metrics import Metrics
@@ -30,7 +30,7 @@ from zoo_store.cards import Card
 from zoo_store.errors import Conflict, InvalidInput, NotFound, Overloaded, ZooError
 from zoo_store.methods.bank import PathBank
 from zoo_store.methods.registry import get_method
-from zoo_store.paths import Bundle, Manifest, check_expected, decode_stored, stored_manifest
+from zoo_store.paths import Bundle, Manifest, check_expected, decode_stored
 from zoo_store.store import Store
 from zoo_store.training import normalize
 from zoo_store.weights import digest_of
@@ -280,6 +280,7 @@ class PathCache:
         self.tables: dict[str, SlotTable] = {}
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}  # one load per cold path at a time
+        self._evictions = 0  # evict() calls so far: a load that overlapped one is not kept
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="zoo-prefetch")  # loads that a describe starts
 
     @property
@@ -297,24 +298,14 @@ class PathCache:
         with self._lock:
             return self.modules.entries.get(path_id) or self.host.entries.get(path_id)
 
-    def lookup(self, path_id: str) -> Entry | None:
-        """The entry if it is loaded already (never blocks on the store): the request path's fast way."""
-        with self._lock:
-            return self._hit(path_id)
-
-    async def entry(self, path_id: str) -> Entry:
-        """For a request: the loaded entry at once, else loaded from the store off the event loop."""
-        return self.lookup(path_id) or await run_in_threadpool(self.get, path_id)
-
     def manifest(self, path_id: str) -> Manifest:
         """A path's manifest, for the question a worker asks before its first predict of the path
         (no use counted). A path not loaded yet is read from the store and its load goes on in the
         background while the worker decodes the request: the predict finds it loaded, or joins it."""
         if (entry := self.peek(path_id)) is not None:
             return entry.manifest
-        data = self.store.path_bundle(path_id)
-        manifest = stored_manifest(data, path_id)
-        self._prefetch.submit(self._prefetched, path_id)  # read again there: a path deleted meanwhile stays out
+        manifest = self.store.path_manifest(path_id)
+        self._prefetch.submit(self._prefetched, path_id)
         return manifest
 
     def _prefetched(self, path_id: str) -> None:
@@ -322,6 +313,12 @@ class PathCache:
             self.get(path_id)
         except ZooError as e:  # the predict that follows loads it again, and answers with the error
             log.debug("prefetch of %s failed: %s", path_id, e)
+        except Exception:  # no one waits for this load: say what went wrong
+            log.exception("prefetch of %s failed", path_id)
+
+    def close(self) -> None:
+        """Loads not started yet are dropped (the store is going away)."""
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
 
     def get(self, path_id: str) -> Entry:
         with self._lock:
@@ -333,13 +330,15 @@ class PathCache:
                 if (hit := self._hit(path_id)) is not None:  # another request loaded it meanwhile
                     return hit
             self.metrics.cache_misses.inc()
+            evictions = self._evictions
             try:
                 entry = self._materialize(path_id)
             finally:
                 with self._lock:
                     self._building.pop(path_id, None)
             with self._lock:
-                self._keep(entry)
+                if self._evictions == evictions:  # else the path may have been deleted after it was read
+                    self._keep(entry)
             return entry
 
     def _hit(self, path_id: str) -> Entry | None:
@@ -391,6 +390,7 @@ class PathCache:
 
     def evict(self, path_id: str) -> None:
         with self._lock:
+            self._evictions += 1
             self.modules.pop(path_id)
             self.host.pop(path_id)
             tables = list(self.tables.values())
@@ -413,6 +413,7 @@ class _Request:
 class _Group:
     requests: deque[_Request] = field(default_factory=deque)
     count: int = 0  # inputs pending
+    oldest: float = math.inf  # the earliest arrival among them (requests join in submit order, not arrival order)
 
 
 class Batcher:
@@ -457,6 +458,7 @@ class Batcher:
             group = self.groups.setdefault(entry.group, _Group())
             group.requests.append(request)
             group.count += len(x)
+            group.oldest = min(group.oldest, request.arrived)
             self._cond.notify()
         return await request.future
 
@@ -466,8 +468,8 @@ class Batcher:
                 if not self.groups:
                     self._cond.wait()
                     continue
-                key, group = min(self.groups.items(), key=lambda kv: kv[1].requests[0].arrived)
-                wait = group.requests[0].arrived + self.max_wait - time.monotonic()
+                key, group = min(self.groups.items(), key=lambda kv: kv[1].oldest)
+                wait = group.oldest + self.max_wait - time.monotonic()
                 if group.count >= self.max_batch or wait <= 0:
                     return self._take(key, group)
                 self._cond.wait(wait)
@@ -484,6 +486,8 @@ class Batcher:
         self.queued -= n
         if not group.requests:
             del self.groups[key]
+        else:
+            group.oldest = min(r.arrived for r in group.requests)
         return batch
 
     def _loop(self) -> None:

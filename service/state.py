@@ -164,4 +164,5 @@ class Services:
         self.stopping.set()
         self.runner.stop()
         self.batcher.close()
+        self.cache.close()
         self.db.dispose()

@@ -180,6 +180,7 @@ def _npy_cases() -> dict[str, tuple[bytes, str]]:
         "no batch axis": (_npy(ok[0]), "expected [N, 1, 28, 28]"),
         "wrong size": (_npy(np.zeros((1, 1, 27, 28), np.float32)), "expected [N, 1, 28, 28]"),
         "empty batch": (_npy(np.zeros((0, 1, 28, 28), np.float32)), "holds 0 inputs"),
+        "no values": (_npy(np.zeros((1, 0, 28, 28), np.float32)), "has shape [1, 0, 28, 28]"),
         "float64": (_npy(ok.astype(np.float64)), "float64"),
         "int32": (_npy(ok.astype(np.int32)), "int32"),
         "out of range": (_npy(ok + 2), "[0, 1]"),
@@ -194,6 +195,18 @@ def test_bad_npy_predict(served, case: str) -> None:
     r = client.post(f"/v1/paths/{pid}/predict", content=body, headers={"content-type": "application/octet-stream"})
     assert r.status_code == 422, r.text
     assert needle in r.json()["detail"]
+
+
+def test_a_bad_npy_body_is_refused_for_its_key_or_path_first(served) -> None:
+    """The key and the path are checked before the body, whatever serves it (a worker's first
+    small .npy predict of a path reads the body before asking the inference process)."""
+    client, pid, _ = served
+    octet = {"content-type": "application/octet-stream"}
+    r = client.post(f"/v1/paths/{pid}/predict", content=b"plain bytes", headers={**octet, "authorization": "Bearer nope"})
+    assert r.status_code == 401, r.text
+    r = client.post(f"/v1/paths/p_{'0' * 32}/predict", content=b"plain bytes", headers=octet)
+    assert r.status_code == 404, r.text
+    assert client.post(f"/v1/paths/{pid}/predict", content=b"plain bytes", headers=octet).status_code == 422
 
 
 @pytest.mark.parametrize(("query", "needle"), [("?top_k=0", "at least 1"), ("?top_k=many", "must be an integer")])

@@ -113,22 +113,25 @@ def test_killing_zoo_serve_leaves_nothing_behind(zoo_dir) -> None:
     assert _gone(tree), f"left behind: {[c for p, c in tree.items() if _state(p) != 'Z']}"
 
 
-@pytest.mark.parametrize("supervisor_alive", [False, True])
+@pytest.mark.parametrize("supervisor_alive", [True, False])
 def test_a_child_orphaned_while_starting_still_dies_with_the_supervisor(supervisor_alive: bool) -> None:
     """A worker that was still importing when `zoo serve` was killed is an orphan by the time it
-    arms its death signal: it must exit then, not serve on. A grandchild of a live supervisor stays."""
+    arms its death signal: it must exit then, not serve on. A child of a live supervisor stays, and
+    its own children do not inherit the supervisor's pid."""
     import subprocess
     import sys
 
     from service.procs import SUPERVISOR_ENV
 
     if supervisor_alive:
-        supervisor = 1  # alive and not this child's parent: a grandchild's view
+        supervisor = os.getpid()  # this test is the child's parent
     else:
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
         supervisor = gone.pid
-    code = "from service.procs import die_with_supervisor; die_with_supervisor(); import time; time.sleep(1)"
+    code = ("import os, time; from service.procs import die_with_supervisor, SUPERVISOR_ENV; die_with_supervisor(); "
+            "time.sleep(1); print(SUPERVISOR_ENV in os.environ)")  # fmt: skip
     child = subprocess.run([sys.executable, "-c", code], check=False, env={**os.environ, SUPERVISOR_ENV: str(supervisor)},
-                           timeout=60)  # fmt: skip
-    assert child.returncode == (0 if supervisor_alive else -signal.SIGTERM)
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert child.returncode == (0 if supervisor_alive else -signal.SIGTERM), child.stderr
+    assert child.stdout.strip() == ("False" if supervisor_alive else "")

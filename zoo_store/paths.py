@@ -146,9 +146,10 @@ def decode_stored(data: bytes, path_id: str) -> Bundle:
     """A bundle read back from this server's own store, where ``decode_bundle`` checked it before it
     was saved: the header parsed once, the tensors views of one copy of its bytes, the index checked,
     the digests not recomputed (the cold predict's path)."""
-    header, manifest = _stored_header(data, path_id)
-    meta = header.pop("__metadata__")
+    header = _header(data)
+    meta = header.pop("__metadata__", None) or {}
     try:
+        manifest = Manifest.model_validate_json(meta["manifest"])
         metrics = json.loads(meta.get("metrics", "{}"))
         payload = bytearray(data[8 + int.from_bytes(data[:8], "little") :])  # one copy: the tensors are views of it
         tensors = {name: _view(payload, info) for name, info in header.items()}
@@ -156,19 +157,6 @@ def decode_stored(data: bytes, path_id: str) -> Bundle:
         raise BadRequest(f"stored bundle {path_id} cannot be read: {type(e).__name__}: {e}") from e
     _check_index(manifest, tensors)
     return Bundle(path_id, manifest, tensors, metrics, data)
-
-
-def stored_manifest(data: bytes, path_id: str) -> Manifest:
-    """The manifest alone of a bundle from this server's own store: no tensor is read."""
-    return _stored_header(data, path_id)[1]
-
-
-def _stored_header(data: bytes, path_id: str) -> tuple[dict[str, Any], Manifest]:
-    header = _header(data)
-    try:
-        return header, Manifest.model_validate_json(header["__metadata__"]["manifest"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadRequest(f"stored bundle {path_id} cannot be read: {type(e).__name__}: {e}") from e
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "U8": torch.uint8, "I32": torch.int32}

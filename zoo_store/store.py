@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy import JSON, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
@@ -38,13 +38,14 @@ from zoo_store.db import (
     page,
 )
 from zoo_store.errors import Conflict, Forbidden, IntegrityError, InvalidInput, NotFound
-from zoo_store.paths import Bundle
+from zoo_store.paths import Bundle, Manifest
 from zoo_store.settings import Settings
 from zoo_store.training import freeze
 from zoo_store.weights import canonical_bytes, load_into, read_weights
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 _BUNDLE_OF = text("SELECT bundle FROM paths WHERE id = :id")
+_MANIFEST_OF = text("SELECT manifest FROM paths WHERE id = :id").columns(manifest=JSON)
 
 
 def card_for(card_in: CardIn, net: TapNet, digest: str, nbytes: int) -> Card:
@@ -337,13 +338,20 @@ class Store:
 
     def path_bundle(self, path_id: str) -> bytes:
         """Only the ``.zoopath`` bytes of a path (what serving needs; one column, no JSON decoding)."""
+        return self._path_column(_BUNDLE_OF, path_id)
+
+    def path_manifest(self, path_id: str) -> Manifest:
+        """Only the manifest of a path (what a question about it needs; no tensor bytes read)."""
+        return Manifest.model_validate(self._path_column(_MANIFEST_OF, path_id))
+
+    def _path_column(self, query, path_id: str):
         if not re.fullmatch(r"p_[0-9a-f]{32}", path_id):
             raise NotFound(f"no path {path_id!r}")
         with self.db.engine.connect() as c:  # text(): a fraction of select()'s cost, on the cold predict's path
-            data = c.execute(_BUNDLE_OF, {"id": path_id}).scalar()
-        if data is None:
+            value = c.execute(query, {"id": path_id}).scalar()
+        if value is None:
             raise NotFound(f"no path {path_id!r}")
-        return data
+        return value
 
     def list_paths(self, cursor: str | None, limit: int, visible_to: str | None = None) -> tuple[list[PathRow], str | None]:
         where = () if visible_to is None else (PathRow.id.in_(_visible(visible_to)),)

@@ -37,7 +37,6 @@ from zoo_store.settings import Settings
 TV_BASE = "tv-resnet18-64"  # torchvision resnet18, random weights, 64 x 64 RGB inputs
 IMAGENET = InputSpec(channels=3, size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 GiB = 2**30
-WAIT_MS = Settings.model_fields["max_wait_ms"].default  # the batch wait a server has by default
 
 
 @dataclass(frozen=True)
@@ -450,7 +449,7 @@ def _tables(base_id: str, points: list[Point], memory: dict, plan: Plan) -> list
                  f"wait (`ZOO_MAX_WAIT_MS=0`, a fresh server, the same paths cold again): **{m['nowait_cold_extra_ms']:.2f} "
                  f"ms** more (medians {m['nowait_cold_ms'] / m['nowait_warm_ms']:.2f}x). The difference is the path's load "
                  f"(reading its row, decoding it, copying it into a slot): by default a lone request waits "
-                 f"{WAIT_MS:g} ms from its arrival for others to batch with, and a cold path's load is spent in that "
+                 f"{Settings().max_wait_ms:g} ms from its arrival for others to batch with, and a cold path's load is spent in that "
                  f"wait.")  # fmt: skip
     return lines
 
