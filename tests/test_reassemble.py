@@ -23,7 +23,7 @@ from zoo_store.methods.reassemble.layers import (
     stitch_params,
 )
 from zoo_store.methods.reassemble.method import Reassemble, assembled_bytes
-from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot, relus
+from zoo_store.methods.reassemble.naswot import RectifierCodes, logdet, naswot, rectifiers
 from zoo_store.methods.reassemble.partition import SimilarityCache, linear_cka, search_partition
 from zoo_store.methods.reassemble.profile import Block, assembly_cost, card_profile, profile_of
 from zoo_store.methods.reassemble.search import feasible, milp_top
@@ -113,7 +113,7 @@ def test_similarity_cache_hits_on_the_same_probe() -> None:
 def test_naswot_kernel_by_hand() -> None:
     relu = torch.nn.Sequential(torch.nn.ReLU())
     x = torch.tensor([[1.0, -1.0, 1.0], [1.0, 1.0, -1.0], [-1.0, -1.0, -1.0]])
-    codes = ReluCodes([relu[0]])
+    codes = RectifierCodes([relu[0]])
     relu(x)
     codes.close()
     c = (x > 0).double()
@@ -141,7 +141,7 @@ def test_naswot_codes_smooth_rectifiers_by_sign() -> None:
     x = torch.randn(8, 20, generator=torch.Generator().manual_seed(0))
     kernels = []
     for act in (torch.nn.ReLU(), torch.nn.GELU(), torch.nn.SiLU(), torch.nn.Hardswish()):
-        codes = ReluCodes(relus(torch.nn.Sequential(act)))
+        codes = RectifierCodes(rectifiers(torch.nn.Sequential(act)))
         act(x)
         codes.close()
         kernels.append(codes.kernel)

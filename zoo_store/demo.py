@@ -38,7 +38,8 @@ DEMO_BASES = (
 )
 
 
-def train_base(b: DemoBase, samples: int, seed: int = 0) -> tuple[CardIn, dict[str, torch.Tensor]]:
+def train_base(b: DemoBase, samples: int, seed: int = 0, what: str = "demo zoo") -> tuple[CardIn, dict[str, torch.Tensor]]:
+    """``b`` trained with the demo recipe; ``what`` (the set it belongs to) goes into its description."""
     arrays = BUILTINS[b.dataset].make()
     per_label = max(1, samples // len(arrays.labels))
     data = make_task(arrays, TaskSpec(dataset=b.dataset, samples_per_label=per_label), MNIST_INPUT, seed)
@@ -51,7 +52,7 @@ def train_base(b: DemoBase, samples: int, seed: int = 0) -> tuple[CardIn, dict[s
     card = CardIn(
         id=b.id, arch=b.arch, arch_config=b.config, labels=tuple(data.labels), input=MNIST_INPUT,
         metrics={"accuracy": round(acc, 4), "train_samples": len(data.train_x), "test_samples": len(data.test_x)},
-        description=f"{b.description} (demo zoo, seed {seed}, test split: {b.dataset})",
+        description=f"{b.description} ({what}, seed {seed}, test split: {b.dataset})",
     )  # fmt: skip
     return card, net.state_dict()
 
@@ -70,6 +71,6 @@ def ensure_bases(store: Store, bases: tuple[DemoBase, ...], samples: int, say: C
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for i, b in enumerate(todo, 1):
         say(f"{what}: training {b.id} ({b.arch} on {b.dataset}, {samples} samples) [{i}/{len(todo)}]")
-        card_in, state = train_base(b, samples)
+        card_in, state = train_base(b, samples, what=what)
         card, _ = store.add_base(card_in, state)
         say(f"{what}: {b.id} ready, held-out accuracy {card.metrics['accuracy']:.4f}")

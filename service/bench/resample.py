@@ -48,7 +48,7 @@ def _cluttered_base(say: Say, quick: bool):
 
     say("resample table: training resnet-cluttered (resnet_s on mnist-cluttered)")
     b = DemoBase("resnet-cluttered", "resnet_s", "mnist-cluttered", "small ResNet on MNIST over natural patches")
-    card, state = train_base(b, 2000 if quick else 12000)
+    card, state = train_base(b, 2000 if quick else 12000, what="resample bench")
     net = build_arch(b.arch, {"num_classes": len(card.labels)})
     net.load_state_dict(state)
     say(f"resample table: resnet-cluttered test accuracy {card.metrics['accuracy']:.4f}")

@@ -29,7 +29,7 @@ from zoo_store.methods.reassemble.layers import (
     shapes_of,
     stitch_params,
 )
-from zoo_store.methods.reassemble.naswot import ReluCodes, logdet, naswot, relus
+from zoo_store.methods.reassemble.naswot import RectifierCodes, logdet, naswot, rectifiers
 from zoo_store.methods.reassemble.partition import (
     SimilarityCache,
     search_partition,
@@ -195,7 +195,7 @@ class Scorer:
 def block_naswot(net: TapNet, block: Block, batch: Tensor) -> float:
     """The surrogate's term: NASWOT of the ReLUs inside one block, run within its own model."""
     copy = shared_copy(net).eval()
-    codes = ReluCodes([r for m in copy.stage_modules(block.start, block.end) for r in relus(m)])
+    codes = RectifierCodes([r for m in copy.stage_modules(block.start, block.end) for r in rectifiers(m)])
     try:
         copy.run(batch, None, block.end)
     finally:

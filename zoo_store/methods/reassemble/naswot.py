@@ -1,5 +1,5 @@
 """NASWOT (Mellor et al. 2021), the training-free score of step 2: the log-determinant of the kernel
-``K = C Cᵀ + (1 − C)(1 − C)ᵀ`` over the binary codes ``C`` of every rectifier unit (``relus``) on a batch of images.
+``K = C Cᵀ + (1 − C)(1 − C)ᵀ`` over the binary codes ``C`` of every rectifier unit (``rectifiers``) on a batch of images.
 Networks whose units split the images into more distinct activation patterns score higher."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 
-class ReluCodes:
+class RectifierCodes:
     """Accumulates the NASWOT kernel (N, N) from forward hooks on every rectifier of a module tree.
     Hook only structural copies: a hook on a resident module would reach every request."""
 
@@ -29,7 +29,7 @@ class ReluCodes:
 RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)  # output > 0 exactly when the input is > 0
 
 
-def relus(module: nn.Module) -> list[nn.Module]:
+def rectifiers(module: nn.Module) -> list[nn.Module]:
     """The units NASWOT codes: every rectifier, its code the sign of its input (ReLU's, and that of
     the smooth rectifiers GELU, SiLU and Hardswish, which are positive exactly where ReLU is)."""
     return [m for m in module.modules() if isinstance(m, RECTIFIERS)]
@@ -45,7 +45,7 @@ def logdet(kernel: Tensor | None) -> float:
 @torch.no_grad()
 def naswot(model: nn.Module, x: Tensor) -> float:
     """The score of ``model`` (its own structural copy, eval mode) on normalized images (N, C, H, W)."""
-    codes = ReluCodes(relus(model))
+    codes = RectifierCodes(rectifiers(model))
     try:
         model(x)
     finally:
