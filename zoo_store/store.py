@@ -165,16 +165,15 @@ class Store:
                     continue
                 if row.source == "builtin" and row.id in BUILTINS:
                     b = BUILTINS[row.id]
-                    fresh = _dataset_row(row.id, b.name, "builtin", None, BUILTINS[b.like or b.id].make())
+                    fresh = _dataset_row(row.id, b.name, "builtin", None, b.described())
                     row.name, row.num_samples, row.splits = fresh.name, fresh.num_samples, fresh.splits
                 elif row.source == "upload":
                     row.splits = split_sizes(row.num_samples, UPLOAD_VAL, UPLOAD_TEST)
         missing = [b for b in BUILTINS.values() if b.id not in have]
         for b in missing:
-            a = BUILTINS[b.like or b.id].make()  # what the row records: labels, shape, split sizes
             try:
                 with self.db.session() as s:
-                    s.merge(_dataset_row(b.id, b.name, "builtin", None, a))
+                    s.merge(_dataset_row(b.id, b.name, "builtin", None, b.described()))
             except SAIntegrityError:  # another process starting at the same time inserted the same row
                 pass
 

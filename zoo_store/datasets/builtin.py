@@ -41,6 +41,10 @@ class Builtin:
     make: Callable[[], Arrays]
     like: str | None = None  # a builtin with the same labels, shapes and split sizes (registered from it: cheaper)
 
+    def described(self) -> Arrays:
+        """Arrays with this builtin's labels, shapes and split sizes: what its database row records."""
+        return BUILTINS[self.like or self.id].make()
+
 
 @lru_cache(maxsize=1)
 def _mnist() -> Arrays:
