@@ -193,7 +193,7 @@ class Scorer:
 
 @torch.no_grad()
 def block_naswot(net: TapNet, block: Block, batch: Tensor) -> float:
-    """The surrogate's term: NASWOT of the ReLUs inside one block, run within its own model."""
+    """The surrogate's term: NASWOT of the rectifiers inside one block, run within its own model."""
     copy = shared_copy(net).eval()
     codes = RectifierCodes([r for m in copy.stage_modules(block.start, block.end) for r in rectifiers(m)])
     try:
