@@ -65,7 +65,7 @@ def ensure_demo_zoo(store: Store, samples: int, say: Callable[[str], None] = pri
 def ensure_bases(store: Store, bases: tuple[DemoBase, ...], samples: int, say: Callable[[str], None] = print,
                  what: str = "demo zoo") -> None:  # fmt: skip
     """Train and register every one of ``bases`` the store lacks (the demo zoo's recipe); ``what``
-    names them in the progress lines."""
+    names them in the progress lines and in their descriptions."""
     have = store.cards()
     todo = [b for b in bases if b.id not in have]
     torch.set_num_threads(max(1, torch.get_num_threads()))
