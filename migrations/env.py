@@ -1,6 +1,6 @@
 from alembic import context
 
-from zoo_store.db import Base
+from zoo_store.store.db import Base
 
 config = context.config
 target_metadata = Base.metadata

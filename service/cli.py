@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import typer
@@ -131,7 +133,7 @@ def serve(
     child processes). Stops everything it started on Ctrl-C or SIGTERM."""
     import logging
 
-    from service.supervisor import serve as run
+    from service.serve.supervisor import serve as run
 
     if workers is not None:
         os.environ["ZOO_HTTP_WORKERS"] = str(workers)
@@ -145,8 +147,8 @@ def worker() -> None:
     import logging
     import signal
 
-    from service.state import Services
-    from zoo_store.settings import Settings
+    from service.api.state import Services
+    from zoo_store.core.settings import Settings
 
     logging.basicConfig(level=logging.INFO)
     settings = Settings(mode="distributed")
@@ -291,10 +293,10 @@ def keys_create(tenant: Annotated[str, typer.Option(help="The tenant the key act
 def _offline_key(tenant: str, admin: bool, expires_in_days: int | None) -> dict:
     import datetime as dt
 
-    from zoo_store.db import Database, utcnow
-    from zoo_store.errors import ZooError
-    from zoo_store.settings import Settings
-    from zoo_store.tenancy import Keys
+    from zoo_store.store.db import Database, utcnow
+    from zoo_store.core.errors import ZooError
+    from zoo_store.core.settings import Settings
+    from zoo_store.store.tenancy import Keys
 
     db = Database(Settings().db_url)
     try:
@@ -399,10 +401,22 @@ def bench(
     suite: Annotated[str, typer.Option(help="serving | scale | http | reprogram | resample | clone | reassemble | cluster | all")] = "serving",
     quick: Annotated[bool, typer.Option(help="A smaller run (for a first look; not for docs).")] = False,
 ) -> None:
-    """Measure ratios side by side in one run and write them to docs/ with the machine."""
-    from service.bench import run_bench
+    """Measure ratios side by side in one run and write them to docs/ with the machine (from a
+    checkout of the repository: the benchmarks are not in the wheel)."""
+    _bench_package().run_bench(out, suite=suite, quick=quick, say=console.print)
 
-    run_bench(out, suite=suite, quick=quick, say=console.print)
+
+def _bench_package() -> ModuleType:
+    """``bench/`` beside ``service/`` in a checkout; imported by name, since an installed wheel has
+    no benchmarks (and the layers contract keeps ``service`` from depending on them)."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "bench" / "__init__.py").exists() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        return importlib.import_module("bench")
+    except ModuleNotFoundError:
+        console.print("[red]error[/red]: zoo bench runs from a checkout of the repository (bench/ is not installed)")
+        raise typer.Exit(2) from None
 
 
 def main() -> None:  # pragma: no cover

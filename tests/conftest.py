@@ -18,11 +18,11 @@ import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from service.app import create_app
-from service.bench.common import scratch_database
+from service.api.app import create_app
+from bench.common import scratch_database
 from zoo_store.archs import build_arch
-from zoo_store.cards import CardIn, InputSpec
-from zoo_store.settings import Settings
+from zoo_store.core.cards import CardIn, InputSpec
+from zoo_store.core.settings import Settings
 
 PG_URL = os.environ.get("ZOO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ZOO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -121,7 +121,7 @@ def as_admin(client: httpx.Client, settings: Settings) -> None:
 
 
 class Front:
-    """HTTP worker processes (``python -m service.front``) on a loopback port, for a whole session:
+    """HTTP worker processes (``python -m service.serve.front``) on a loopback port, for a whole session:
     each test's app serves them from this process through the sockets in ``ipc``."""
 
     def __init__(self, ipc: Path, workers: int):
@@ -131,7 +131,7 @@ class Front:
             self.port = s.getsockname()[1]
         env = {**os.environ, "ZOO_IPC_DIR": str(ipc), "ZOO_DEMO_ZOO": "false"}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.front", str(self.port), str(workers)], env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.serve.front", str(self.port), str(workers)], env=env)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:

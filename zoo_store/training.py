@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo_store.cards import InputSpec
+from zoo_store.core.cards import InputSpec
 
 
 def normalize(x: Tensor, spec: InputSpec) -> Tensor:

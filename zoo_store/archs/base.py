@@ -10,14 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from zoo_store.archs.groups import TracedGroups
 
 
 @dataclass(frozen=True)
@@ -33,36 +29,6 @@ class Tap:
 
 
 FLATTEN = "<flatten>"  # a stage step that flattens (B, C, 1, 1) -> (B, C)
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    """One set of coupled channels: permuting or resampling it must touch every tensor listed.
-
-    ``producers`` write the channels (output rows of a conv or linear, each with the BatchNorm that
-    follows it, if any); ``depthwise`` convs carry them one to one (with their BatchNorm);
-    ``consumers`` read them (input columns of a conv or linear). Channels that meet a residual
-    addition are never in a group: only the internal channels of blocks are.
-
-    A group that a grouped conv (``G`` groups, not depthwise) reads or writes falls into ``blocks``
-    = G contiguous blocks of equal size: channel i of block b meets only block b of that conv, so
-    a permutation keeps each channel in its block and a resample shrinks every block alike. The
-    grouped convs that read the group are its ``grouped`` consumers (each block of their input
-    columns read by the same block of their output rows); one that writes it is a producer.
-
-    A concatenation puts groups side by side: a layer that reads it reads each group's channels at an
-    offset of its input (``sliced``), a BatchNorm over it (or one that does not directly follow the
-    group's producer) holds each group's statistics at an offset (``carried``).
-    """
-
-    name: str
-    producers: tuple[tuple[str, str | None], ...]  # (conv/linear path, its BatchNorm path or None)
-    consumers: tuple[str, ...]
-    depthwise: tuple[tuple[str, str | None], ...] = ()
-    grouped: tuple[str, ...] = ()  # grouped convs reading the group, block by block
-    blocks: int = 1
-    sliced: tuple[tuple[str, int], ...] = ()  # (conv/linear, offset): reading it within a concatenation
-    carried: tuple[tuple[str, int], ...] = ()  # (BatchNorm, offset): normalizing it, not folded into a producer
 
 
 @dataclass(frozen=True)
@@ -136,16 +102,6 @@ class TapNet(nn.Module):
         paths = [p for stage in self._stages[: self.tap_index(end) + 1] for p in stage.steps if p != FLATTEN]
         return [f"{p}.{name}" if name else p
                 for p in paths for name, m in self.get_submodule(p).named_modules() if isinstance(m, nn.Conv2d)]  # fmt: skip
-
-    def channel_groups(self) -> list[ChannelGroup]:
-        """The coupled channel groups that width resampling may shrink: traced from the graph and
-        proven by permutation (``zoo_store.archs.groups``)."""
-        return self.group_report().groups
-
-    def group_report(self) -> TracedGroups:
-        from zoo_store.archs.groups import proven_groups
-
-        return proven_groups(self)
 
     # -- forward ----------------------------------------------------------------------------
     def stage_fn(self, index: int) -> Callable[[Tensor], Tensor]:

@@ -29,8 +29,9 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.ops import StochasticDepth  # per sample in training, the identity in eval
 
-from zoo_store.archs.base import ChannelGroup
-from zoo_store.archs.traced import config_key
+from zoo_store.archs.registry import build_arch
+from zoo_store.archs.surgery import on_meta
+from zoo_store.archs.traced import config_key, node_tracer
 
 # modules and functions that carry each channel to the same channel, one to one
 CARRY_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
@@ -39,6 +40,36 @@ CARRY_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GE
 CARRY_FUNCTIONS = {F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu, torch.sigmoid, torch.relu, F.dropout,
                    F.adaptive_avg_pool2d, F.max_pool2d, F.avg_pool2d, torch.tanh}  # fmt: skip
 JOIN_FUNCTIONS = {operator.add, operator.mul, torch.add, torch.mul, operator.iadd, operator.imul}
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One set of coupled channels: permuting or resampling it must touch every tensor listed.
+
+    ``producers`` write the channels (output rows of a conv or linear, each with the BatchNorm that
+    follows it, if any); ``depthwise`` convs carry them one to one (with their BatchNorm);
+    ``consumers`` read them (input columns of a conv or linear). Channels that meet a residual
+    addition are never in a group: only the internal channels of blocks are.
+
+    A group that a grouped conv (``G`` groups, not depthwise) reads or writes falls into ``blocks``
+    = G contiguous blocks of equal size: channel i of block b meets only block b of that conv, so
+    a permutation keeps each channel in its block and a resample shrinks every block alike. The
+    grouped convs that read the group are its ``grouped`` consumers (each block of their input
+    columns read by the same block of their output rows); one that writes it is a producer.
+
+    A concatenation puts groups side by side: a layer that reads it reads each group's channels at an
+    offset of its input (``sliced``), a BatchNorm over it (or one that does not directly follow the
+    group's producer) holds each group's statistics at an offset (``carried``).
+    """
+
+    name: str
+    producers: tuple[tuple[str, str | None], ...]  # (conv/linear path, its BatchNorm path or None)
+    consumers: tuple[str, ...]
+    depthwise: tuple[tuple[str, str | None], ...] = ()
+    grouped: tuple[str, ...] = ()  # grouped convs reading the group, block by block
+    blocks: int = 1
+    sliced: tuple[tuple[str, int], ...] = ()  # (conv/linear, offset): reading it within a concatenation
+    carried: tuple[tuple[str, int], ...] = ()  # (BatchNorm, offset): normalizing it, not folded into a producer
 
 
 @dataclass
@@ -79,9 +110,6 @@ def trace_groups(net: nn.Module) -> TracedGroups:
 
 def _traced(net: nn.Module) -> tuple[fx.Graph, dict[fx.Node, tuple[int, ...] | None], tuple[int, int]]:
     """The graph, each node's shape, and the (channels, size) of the probe input it was propagated with."""
-    from zoo_store.archs.surgery import on_meta
-    from zoo_store.archs.traced import node_tracer
-
     graph = node_tracer().trace(net)
     meta = on_meta(net)
     channels = next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), 3)  # the first conv's
@@ -372,6 +400,12 @@ _PROVEN: dict[tuple[str, str], TracedGroups] = {}
 _PROVEN_MAX = 64  # architectures and configs remembered (the oldest forgotten first)
 
 
+def channel_groups(net: nn.Module) -> list[ChannelGroup]:
+    """The coupled channel groups that width resampling may shrink: traced from the graph and
+    proven by permutation."""
+    return proven_groups(net).groups
+
+
 def proven_groups(net: nn.Module) -> TracedGroups:
     """The traced groups whose permutation is proven function-preserving (``_prove``) on a
     random-weight network of the same architecture and config (once per architecture and config
@@ -383,8 +417,6 @@ def proven_groups(net: nn.Module) -> TracedGroups:
         return _PROVEN[key]
     traced = trace_groups(net)
     if arch and config is not None:
-        from zoo_store.archs.registry import build_arch
-
         with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
             sample = build_arch(arch, config).eval()
         kept, failed = _guarded(sample, traced, fresh=True)

@@ -10,8 +10,8 @@ import torch
 
 from zoo_store.archs.base import TapNet
 from zoo_store.archs.traced import build_traced, is_traced
-from zoo_store.cards import CardIn
-from zoo_store.errors import InvalidInput
+from zoo_store.core.cards import CardIn
+from zoo_store.core.errors import InvalidInput
 
 ArchBuilder = Callable[..., TapNet]
 _ARCHS: dict[str, ArchBuilder] = {}

@@ -19,8 +19,8 @@ from torch import nn
 
 from zoo_store.archs import TapNet, build_arch, build_for
 from zoo_store.archs.surgery import replace_module
-from zoo_store.cards import Card
-from zoo_store.errors import BadRequest
+from zoo_store.core.cards import Card
+from zoo_store.core.errors import BadRequest
 
 FORMAT = "zoo-network/1"
 

@@ -31,7 +31,7 @@ from torchvision.ops import SqueezeExcitation
 
 from zoo_store.archs.base import Stage, Tap, TapNet
 from zoo_store.archs.surgery import shared_copy
-from zoo_store.errors import InvalidInput
+from zoo_store.core.errors import InvalidInput
 
 PREFIXES = ("torchvision:", "timm:")
 PROBE_SIZE = 224  # the meta forward's input side, unless the config names an image_size (img_size in timm)

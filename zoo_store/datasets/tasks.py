@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zoo_store.cards import InputSpec
+from zoo_store.core.cards import InputSpec
 from zoo_store.datasets.builtin import Arrays
-from zoo_store.errors import InvalidInput
-from zoo_store.methods.registry import TaskData
-from zoo_store.methods.spec import TaskSpec
+from zoo_store.core.errors import InvalidInput
+from zoo_store.core.spec import TaskSpec
+
+
+
+@dataclass
+class TaskData:
+    """A task's images as float tensors in [0, 1] at the base's input size, plus label names.
+    Choices (insertion tap, candidate, epochs) are made on validation; test only measures."""
+
+    train_x: torch.Tensor  # (N, C, H, W)
+    train_y: torch.Tensor  # (N,)
+    test_x: torch.Tensor  # (M, C, H, W)
+    test_y: torch.Tensor  # (M,)
+    labels: list[str]
+    val_x: torch.Tensor  # (V, C, H, W)
+    val_y: torch.Tensor  # (V,)
 
 
 def resolve_labels(known: tuple[str, ...] | list[str], task: TaskSpec) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from zoo_store.errors import BadRequest, InvalidInput, PayloadTooLarge
+from zoo_store.core.errors import BadRequest, InvalidInput, PayloadTooLarge
 
 #: Pillow formats accepted in an ImageFolder zip (no EPS/PDF/etc: nothing that shells out to a decoder).
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")

@@ -1,131 +1,12 @@
-"""The method registry: one plug-in per composition method, duplicates refused (as peft's)."""
+"""The method registry: one plug-in per composition method, duplicates refused (as peft's).
+
+The plug-ins register themselves when ``zoo_store.methods`` is imported (its ``__init__`` imports
+each folder), so the registry knows no plug-in by name."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-import torch
-from torch import nn
-
-from zoo_store.archs import TapNet, build_for
-from zoo_store.blobs import KeyStore, MemoryKeyStore
-from zoo_store.cards import Card, InputSpec
-from zoo_store.errors import InvalidInput
-from zoo_store.methods.bank import PathBank
-from zoo_store.methods.spec import CompositionSpec, TaskSpec
-from zoo_store.paths import PathArtifact
-
-ExpectedTensors = dict[str, tuple[str, tuple[int, ...]]]
-
-
-@dataclass
-class TaskData:
-    """A task's images as float tensors in [0, 1] at the base's input size, plus label names.
-    Choices (insertion tap, candidate, epochs) are made on validation; test only measures."""
-
-    train_x: torch.Tensor  # (N, C, H, W)
-    train_y: torch.Tensor  # (N,)
-    test_x: torch.Tensor  # (M, C, H, W)
-    test_y: torch.Tensor  # (M,)
-    labels: list[str]
-    val_x: torch.Tensor  # (V, C, H, W)
-    val_y: torch.Tensor  # (V,)
-
-
-class Cancelled(Exception):
-    """Raised inside a build when the job was cancelled."""
-
-
-@dataclass
-class BuildContext:
-    """What a method's build gets: the resident bases, data loading, progress and cancellation."""
-
-    bases: dict[str, tuple[Card, TapNet]]
-    load_task: Callable[[TaskSpec, Card], TaskData]
-    device: str = "cpu"
-    report: Callable[..., None] = lambda **kw: None  # report(fraction=..., epoch=..., loss=...)
-    cancelled: Callable[[], bool] = lambda: False
-    log: list[str] = field(default_factory=list)
-    cache: KeyStore = field(default_factory=MemoryKeyStore)  # derived data (similarity matrices) jobs may reuse
-
-    def progress(self, **info: Any) -> None:
-        if self.cancelled():
-            raise Cancelled("job was cancelled")
-        self.report(**info)
-
-
-class Method(ABC):
-    name: ClassVar[str]
-    standalone: ClassVar[bool] = False  # its materialized paths are plain networks of the base's architecture
-    required: ClassVar[tuple[str, ...]] = ()  # spec fields it cannot do without (the OpenAPI union says so)
-
-    @abstractmethod
-    def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
-        """Check the spec against the zoo's cards; raise InvalidInput; return the base ids it needs."""
-
-    def refusal(self, net: TapNet) -> str | None:
-        """Why this method cannot apply to a base of this architecture, or None when it can."""
-        return None
-
-    def check(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
-        """``validate``, then each base's architecture (shapes only) against ``refusal``: a method that
-        cannot apply is refused before any work starts."""
-        ids = self.validate(spec, cards)
-        for base_id in ids:
-            if reason := self.refusal(build_for(cards[base_id], meta=True)):
-                raise InvalidInput(f"method {self.name!r} cannot apply to base {base_id!r} "
-                                   f"({cards[base_id].arch}): {reason}")  # fmt: skip
-        return ids
-
-    @abstractmethod
-    def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
-        """Train the small parts (bases frozen) and return the path."""
-
-    @abstractmethod
-    def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
-        """Name -> (dtype, shape) of every tensor a path of this config must hold."""
-
-    def check_input(self, config: dict[str, Any], spec: InputSpec) -> None:
-        """Refuse a config that disagrees with the path's input spec (nothing to check unless overridden)."""
-
-    @abstractmethod
-    def materialize(
-        self, config: dict[str, Any], tensors: dict[str, torch.Tensor], bases: dict[str, TapNet]
-    ) -> nn.Module:
-        """A module over the resident bases (sharing their weights) mapping normalized input to logits."""
-
-    def bank_key(self, config: dict[str, Any]) -> str | None:
-        """The key of the ``PathBank`` that serves paths of this config in mixed-path batches, or None
-        when each path is served by its own module (the default)."""
-        return None
-
-    def bank(self, config: dict[str, Any], bases: dict[str, TapNet]) -> PathBank:
-        """A new, empty bank for ``bank_key(config)`` over the resident bases (only if that is not None)."""
-        raise NotImplementedError(f"method {self.name!r} serves each path with its own module")
-
-
-def no_spatial_tap(net: TapNet) -> str | None:
-    """The refusal of the methods that cut networks at taps or join them there."""
-    if net.spatial_taps():
-        return None
-    return (f"it has no spatial tap (a feature map that is the only value the rest of the network reads), so it "
-            f"cannot be cut or joined; its taps: {[t.name for t in net.taps]}")
-
-
-def one_base(method: str, spec: CompositionSpec, cards: dict[str, Card]) -> Card:
-    """The card of ``spec.base`` for a method that composes one base (and takes no sources/models)."""
-    if not spec.base:
-        raise InvalidInput(f"method {method!r} needs 'base': the id of the zoo model it starts from")
-    if spec.base not in cards:
-        raise InvalidInput(f"unknown base {spec.base!r}; the zoo has {sorted(cards)}")
-    unused = [f for f in ("sources", "models", "blocks") if getattr(spec, f)]
-    if unused:
-        raise InvalidInput(f"method {method!r} does not take {unused}")
-    return cards[spec.base]
-
+from zoo_store.core.errors import InvalidInput
+from zoo_store.methods.base import Method
 
 _METHODS: dict[str, Method] = {}
 
@@ -138,16 +19,10 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def get_method(name: str) -> Method:
-    _load_builtin()
     if name not in _METHODS:
         raise InvalidInput(f"unknown method {name!r}; known: {method_names()}")
     return _METHODS[name]
 
 
 def method_names() -> list[str]:
-    _load_builtin()
     return sorted(_METHODS)
-
-
-def _load_builtin() -> None:
-    from zoo_store.methods import clone, reassemble, reprogram, resample  # noqa: F401

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from zoo_store.cards import Card
-from zoo_store.errors import InvalidInput
-from zoo_store.methods.spec import CompositionSpec
+from zoo_store.core.cards import Card
+from zoo_store.core.errors import InvalidInput
+from zoo_store.core.spec import CompositionSpec
 
 
 class CloneSource(BaseModel):

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from zoo_store.archs import TapNet
-from zoo_store.cards import Card
+from zoo_store.core.cards import Card
 from zoo_store.methods.clone.layers import Adapter, Cloned
-from zoo_store.methods.registry import TaskData
+from zoo_store.datasets.tasks import TaskData
 from zoo_store.training import accuracy, fit, init_head_rows
 
 

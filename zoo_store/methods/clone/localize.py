@@ -20,7 +20,7 @@ from torch import Tensor
 
 from zoo_store.archs import TapNet
 from zoo_store.archs.surgery import shared_copy
-from zoo_store.cards import InputSpec
+from zoo_store.core.cards import InputSpec
 from zoo_store.methods.clone.layers import occlude, soft_masks
 from zoo_store.training import normalize
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from zoo_store.cards import Card
-from zoo_store.errors import InvalidInput
+from zoo_store.core.cards import Card
+from zoo_store.core.errors import InvalidInput
 from zoo_store.methods.reassemble.profile import Block, Profile, assembly_cost, card_profile, head_cost
-from zoo_store.methods.spec import CompositionSpec
+from zoo_store.core.spec import CompositionSpec
 
 DEFAULT_BLOCKS = 3
 EXACT_COMBINATIONS = 20_000  # (choice, partitions) pairs the POST-time budget check enumerates at most

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from torch.utils.flop_counter import FlopCounterMode
 
 from zoo_store.archs import TapNet, build_for
-from zoo_store.cards import Card
+from zoo_store.core.cards import Card
 
 
 class Block(BaseModel):

@@ -1,6 +1,6 @@
 """Integral-network conversion and width resampling (INN, CVPR 2023): SPEC section 3.4.
 
-Every coupled channel group of a base (``TapNet.channel_groups``) is treated as samples of a
+Every coupled channel group of a base (``zoo_store.archs.groups.channel_groups``) is treated as samples of a
 smooth function on [-1, 1]: channel ``i`` of ``n`` sits at the centre of the i-th of n equal cells.
 Converting fuses each group's BatchNorms into the convs that feed them (a BatchNorm over a
 concatenation, or one not directly after its conv, is kept: its rows are resampled with the
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
-from zoo_store.archs.base import ChannelGroup
+from zoo_store.archs.groups import ChannelGroup
 from zoo_store.archs.groups import group_width, grouped_columns, in_blocks
 from zoo_store.archs.surgery import replace_module, shared_copy
 

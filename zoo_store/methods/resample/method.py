@@ -19,19 +19,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from zoo_store.archs import TapNet, build_for
-from zoo_store.archs.base import ChannelGroup
-from zoo_store.archs.groups import keeps_blocks, trace_groups
+from zoo_store.archs.groups import ChannelGroup
+from zoo_store.archs.groups import channel_groups, keeps_blocks, proven_groups, trace_groups
 from zoo_store.archs.surgery import state_bytes
-from zoo_store.cards import Card
-from zoo_store.errors import InvalidInput
-from zoo_store.methods.registry import (
-    BuildContext,
-    ExpectedTensors,
-    Method,
-    TaskData,
-    one_base,
-    register_method,
-)
+from zoo_store.core.cards import Card
+from zoo_store.core.errors import InvalidInput
+from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, one_base
+from zoo_store.datasets.tasks import TaskData
+from zoo_store.methods.registry import register_method
 from zoo_store.methods.resample.config import ResampleBudget, ResampleConfig
 from zoo_store.methods.resample.layers import (
     Fused,
@@ -47,8 +42,8 @@ from zoo_store.methods.resample.layers import (
     two_opt_order,
     uniform_cells,
 )
-from zoo_store.methods.spec import CompositionSpec
-from zoo_store.paths import BaseRef, PathArtifact
+from zoo_store.core.spec import CompositionSpec
+from zoo_store.core.bundle import BaseRef, PathArtifact
 from zoo_store.training import normalize, predict_logits
 
 DEFAULT_STEPS = 100  # partition-tuning steps when a task is given and train.steps is not
@@ -69,7 +64,7 @@ class Resample(Method):
     def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:
         assert spec.base
         card, base = ctx.bases[spec.base]
-        groups = base.channel_groups()
+        groups = channel_groups(base)
         widths = widths_for(base, groups, _budget(spec.budget))
         ctx.progress(fraction=0.0, step="ordering channels")
         layers, perms, gains = convert(base, groups, lambda i, g: ctx.progress(fraction=0.5 * (i + 1) / len(groups),
@@ -79,7 +74,7 @@ class Resample(Method):
             "params": resampled_params(base, groups, widths),
             "base_params": sum(p.numel() for p in base.parameters()),
             "groups": len(groups),
-            "channel_groups": base.group_report().report(),  # traced and proven; the rest left at full width, with why
+            "channel_groups": proven_groups(base).report(),  # traced and proven; the rest left at full width, with why
             "tour_length_ratio": sum(gains) / len(gains),  # tour length / identity order, mean over groups
             "dense_bytes": state_bytes(base),  # the base it stands in for
         }
@@ -116,7 +111,7 @@ class Resample(Method):
 
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
         cfg, base, named = _config(config, bases)
-        sizes = group_sizes(base, [g for g in base.channel_groups() if g.name in named])
+        sizes = group_sizes(base, [g for g in channel_groups(base) if g.name in named])
         out: ExpectedTensors = {f"perm.{named[g]}": ("int32", (n,)) for g, n in sizes.items()}
         if cfg.tuned:
             out |= {f"grid.{named[g]}": ("float32", (cfg.widths[g],)) for g in sizes}
@@ -124,7 +119,7 @@ class Resample(Method):
 
     def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
         cfg, base, named = _config(config, bases)
-        groups = [g for g in base.channel_groups() if g.name in named]
+        groups = [g for g in channel_groups(base) if g.name in named]
         perms = {g.name: _checked_perm(tensors[f"perm.{named[g.name]}"], named[g.name], g.blocks) for g in groups}
         if cfg.tuned:
             cells = {g.name: _checked_cells(tensors[f"grid.{named[g.name]}"], named[g.name], g.blocks) for g in groups}
@@ -154,7 +149,7 @@ def widths_for(net: TapNet, groups: list[ChannelGroup], budget: ResampleBudget) 
     """Channels kept per group: ``round(width * n)`` (at least 1; in a group in blocks, the same
     number from every block), or the widest uniform fraction whose network fits ``max_params``."""
     if not groups:
-        full = (trace_groups(net) if next(net.parameters()).is_meta else net.group_report()).opaque
+        full = (trace_groups(net) if next(net.parameters()).is_meta else proven_groups(net)).opaque
         raise InvalidInput(f"architecture {net.arch!r} has no channel group that traces and is proven, so it cannot be "
                            f"resampled" + (f"; left at full width: {full}" if full else ""))  # fmt: skip
     sizes, blocks = group_sizes(net, groups), {g.name: g.blocks for g in groups}
@@ -243,7 +238,7 @@ def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ResampleC
     if cfg.base not in bases:
         raise InvalidInput(f"resample config names base {cfg.base!r}, which the path does not reference")
     base = bases[cfg.base]
-    groups = base.channel_groups()
+    groups = channel_groups(base)
     sizes = group_sizes(base, groups)
     if cfg.widths and set(cfg.widths) <= set(sizes):  # fewer: made before more couplings were traced, those stay at full width
         named: dict[str, str] | None = {g: g for g in cfg.widths}

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import time
+
+import orjson
+import torch
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.api.auth import CallerDep
+from service.api.deps import Cursor, Limit, ReadySvc, Svc
+from service.api.inputs import read_inputs
+from service.api.openapi import CONFLICT, FORBIDDEN, RATE_LIMITED
+from service.runtime.cache import validate_bundle
+from service.api.schemas import Page, Path, PredictResponse, Sharing, SharingIn
+from service.api.state import Services
+from zoo_store.archs.standalone import export_network
+from zoo_store.core.errors import BadRequest, Conflict, Forbidden, NotFound
+from zoo_store.methods import get_method, method_names
+from zoo_store.core.bundle import decode_bundle
+from zoo_store.store.tenancy import Caller
+
+router = APIRouter(prefix="/v1/paths", tags=["paths"])
+
+
+@router.get("")
+def list_paths(svc: Svc, caller: CallerDep, cursor: Cursor = None, limit: Limit = 100) -> Page[Path]:
+    """The paths this key's tenant owns or was granted, and the public ones (an admin: all)."""
+    rows, nxt = svc.store.list_paths(cursor, limit, caller.visible_to)
+    return Page(items=[Path.of(r) for r in rows], next_cursor=nxt)
+
+
+@router.get("/{path_id}")
+def get_path(path_id: str, svc: Svc, caller: CallerDep) -> Path:
+    return Path.of(svc.store.path(path_id, caller.visible_to))
+
+
+@router.delete("/{path_id}", status_code=204, responses=FORBIDDEN)
+def delete_path(path_id: str, svc: Svc, caller: CallerDep) -> Response:
+    """An owner: the path is no longer its own, and it is deleted with its last owner. An admin:
+    deleted for every owner. A tenant it was only granted to: 403."""
+    if svc.store.delete_path(path_id, caller.visible_to):
+        svc.cache.evict(path_id)
+    svc.forget_access(path_id)
+    return Response(status_code=204)
+
+
+@router.get("/{path_id}/sharing", responses=FORBIDDEN)
+def get_sharing(path_id: str, svc: Svc, caller: CallerDep) -> Sharing:
+    """Its owners, and whom this key's tenant lets read and predict it (an admin: every owner's
+    grants). For its owners and admins; a tenant it is shared with gets 403."""
+    _owner_or_admin(svc, caller, path_id)
+    return Sharing(**svc.store.sharing(path_id, caller.visible_to))
+
+
+@router.put("/{path_id}/sharing", responses=FORBIDDEN)
+def put_sharing(path_id: str, sharing: SharingIn, svc: Svc, caller: CallerDep) -> Sharing:
+    """Replace whom this key's tenant lets read and predict the path: every tenant (``public``)
+    and/or the named ones. Each owner's grants are its own (another owner's stay as they are); an
+    owner that deletes the path takes its grants with it."""
+    _owner_or_admin(svc, caller, path_id)
+    out = svc.store.share(path_id, caller.tenant, sharing.public, sharing.tenants)
+    svc.forget_access(path_id)
+    return Sharing(**out)
+
+
+def _owner_or_admin(svc: Services, caller: Caller, path_id: str) -> None:
+    """404 unless the caller sees the path (ids only, not the bundle read); 403 for a reader."""
+    role = ("owner" if svc.store.path_exists(path_id) else None) if caller.admin else svc.store.role(path_id, caller.tenant)
+    if role is None:
+        raise NotFound(f"no path {path_id!r}")
+    if role != "owner":
+        raise Forbidden(f"only an owner of path {path_id!r} may see or change whom it is shared with; "
+                        f"tenant {caller.tenant!r} reads it")  # fmt: skip
+
+
+@router.get("/{path_id}/bundle", response_class=Response)
+def get_bundle(path_id: str, svc: Svc, caller: CallerDep) -> Response:
+    row = svc.store.path(path_id, caller.visible_to)
+    return Response(
+        row.bundle,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{row.id}.zoopath"'},
+    )
+
+
+@router.get("/{path_id}/network", response_class=Response, responses=CONFLICT)
+async def get_network(path_id: str, svc: ReadySvc, caller: CallerDep) -> Response:
+    """The path as a standalone dense network (safetensors + card), for paths that are one (resample)."""
+    svc.check_access(caller, path_id)
+    entry = await run_in_threadpool(svc.cache.get, path_id)
+    if not get_method(entry.manifest.method).standalone:
+        which = [n for n in method_names() if get_method(n).standalone]
+        raise Conflict(f"a {entry.manifest.method!r} path runs on its resident bases and is not a standalone network; "
+                       f"only {' and '.join(which)} paths are")  # fmt: skip
+    card = svc.zoo.bases[entry.manifest.bases[0].id][0]
+    data = await run_in_threadpool(export_network, entry.module, card, path_id)
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{path_id}.safetensors"'})  # fmt: skip
+
+
+@router.post("/import", status_code=201, openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}},
+             responses={**CONFLICT, **FORBIDDEN})  # fmt: skip
+async def import_bundle(request: Request, response: Response, svc: ReadySvc, caller: CallerDep) -> Path:
+    """Import a ``.zoopath`` bundle (raw bytes), owned by this key's tenant from then on. 201 when
+    new to the tenant, 200 when it owned the path already."""
+    data = await request.body()
+    if not data:
+        raise BadRequest("empty body: send the .zoopath bundle bytes")
+    bundle = decode_bundle(data)
+    if svc.store.role(bundle.id, caller.tenant) != "owner":
+        svc.quotas.new_path(caller, len(data))
+    await run_in_threadpool(validate_bundle, bundle, svc.zoo)
+    row, created = svc.store.save_path(bundle, caller.tenant)
+    svc.forget_access(row.id)
+    if not created:
+        response.status_code = 200
+    return Path.of(row)
+
+
+NPY_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+@router.post("/{path_id}/predict", response_model=PredictResponse, openapi_extra={"requestBody": {"content": NPY_BODY}},
+             responses={**CONFLICT, **RATE_LIMITED})  # fmt: skip
+async def predict(path_id: str, request: Request, svc: ReadySvc, caller: CallerDep) -> Response:
+    """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, multipart image files (field ``files``),
+    or ``application/octet-stream``: one ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8
+    (``?top_k=`` in the query)."""
+    arrived = time.monotonic()  # the batch wait counts from here
+    entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
+    manifest = entry.manifest
+    x, top_k = await read_inputs(request, manifest.input, svc.settings)
+    probs = await svc.batcher.submit(entry, x, arrived)  # (N, K)
+    return Response(orjson.dumps(predictions(path_id, manifest.labels, probs, top_k)), media_type="application/json")
+
+
+def predictions(path_id: str, labels: tuple[str, ...], probs: torch.Tensor, top_k: int) -> dict:
+    """The ``PredictResponse`` body as plain data (encoded once, no model round trip on the hot path)."""
+    scores, idx = probs.topk(min(top_k, len(labels)), dim=1)  # (N, k), (N, k)
+    preds = []
+    for s_row, i_row in zip(scores.tolist(), idx.tolist(), strict=True):
+        top = [{"label": labels[i], "score": s} for s, i in zip(s_row, i_row, strict=True)]
+        preds.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+    return {"path_id": path_id, "predictions": preds}

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from service.api.auth import AdminDep, CallerDep
+from service.api.deps import Cursor, Limit, ReadySvc, Svc
+from service.api.openapi import CONFLICT
+from service.api.schemas import Page
+from service.api.state import Services
+from zoo_store.core.cards import Card, CardIn
+from zoo_store.core.errors import BadRequest, InvalidInput
+
+COMPUTED = sorted(set(Card.model_fields) - set(CardIn.model_fields))  # digest, num_params, bytes, taps
+router = APIRouter(prefix="/v1/zoo/models", tags=["zoo"])
+
+
+@router.get("")
+def list_models(svc: Svc, _: CallerDep, cursor: Cursor = None, limit: Limit = 100) -> Page[Card]:
+    items, nxt = svc.store.list_cards(cursor, limit)
+    return Page(items=items, next_cursor=nxt)
+
+
+@router.get("/{model_id}")
+def get_model(model_id: str, svc: Svc, _: CallerDep) -> Card:
+    return svc.store.card(model_id)
+
+
+@router.get("/{model_id}/weights", response_class=Response)
+def get_weights(model_id: str, svc: Svc, _: CallerDep) -> Response:
+    """The base's canonical safetensors file (every tenant may read the zoo; other servers fetch it here)."""
+    card = svc.store.card(model_id)
+    return Response(
+        svc.store.base_weights(model_id),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{card.id}.safetensors"', "X-Zoo-Digest": card.digest},
+    )
+
+
+@router.post("", status_code=201, responses=CONFLICT)
+async def add_model(
+    svc: ReadySvc,
+    _: AdminDep,
+    response: Response,
+    card: Annotated[str, Form(description="the card as JSON: id, arch, arch_config, labels, input, metrics")],
+    weights: Annotated[UploadFile, File(description="safetensors, or a weights-only torch .pth (up to ZOO_MAX_BASE_BYTES)")],
+) -> Card:
+    """Register a base (admins). The weights file is the model's own state dict as the library saves
+    it; it is read from disk where the upload was spooled, never held whole in memory."""
+    try:
+        raw = json.loads(card)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"card is not JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise InvalidInput("card must be a JSON object")
+    computed = {k: raw.pop(k) for k in COMPUTED if k in raw}  # a card as GET returns it: checked, not refused
+    try:
+        card_in = CardIn.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InvalidInput(f"card.{'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+    stored, created = await run_in_threadpool(_add_base, svc, card_in, weights, computed)
+    svc.zoo.add(stored)
+    if not created:
+        response.status_code = 200
+    return stored
+
+
+def _add_base(svc: Services, card_in: CardIn, weights: UploadFile, claimed: dict) -> tuple[Card, bool]:
+    """The upload copied in chunks to a file of its own (the parser spooled it to a temporary file
+    already), then read memory-mapped from there."""
+    with tempfile.NamedTemporaryFile(dir=svc.settings.data_dir, prefix="upload-", suffix=".weights") as f:
+        weights.file.seek(0)
+        shutil.copyfileobj(weights.file, f, 8 * 2**20)
+        f.flush()
+        return svc.store.add_base(card_in, Path(f.name), claimed=claimed)

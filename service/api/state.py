@@ -1,0 +1,168 @@
+"""Everything the routes share, built once per app from the Settings."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from service.api.audit import AuditLog
+from service.api.auth import Auth
+from service.jobs.runner import JobRunner
+from service.common.metrics import Metrics
+from service.jobs.queues import JobQueue, MemoryQueue, RedisQueue
+from service.api.quotas import MemoryBuckets, Quotas, RedisBuckets
+from service.runtime.cache import Batcher, Entry, PathCache, ResidentZoo
+from service.common.ttl import TtlCache
+from zoo_store.store.blobs import BlobStore
+from zoo_store.store.db import DEMO_ZOO_LOCK_KEY, Database
+from zoo_store.store.demo import ensure_demo_zoo
+from zoo_store.core.errors import NotFound, ZooError
+from zoo_store.core.bundle import Manifest
+from zoo_store.core.settings import Settings
+from zoo_store.store.store import Store
+from zoo_store.store.tenancy import Caller
+
+ACCESS_TTL_S = 2.0  # a tenant's access to a path, once checked, is not checked again for this long
+
+log = logging.getLogger("zoo")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    store: Store
+    zoo: ResidentZoo
+    cache: PathCache
+    batcher: Batcher
+    runner: JobRunner
+    metrics: Metrics
+    auth: Auth
+    quotas: Quotas
+    audit: AuditLog
+    ready: threading.Event = field(default_factory=threading.Event)
+    startup_error: str | None = None
+    loading: str = "loading the zoo"  # what /readyz says until ready: the demo build's last step
+    stopping: threading.Event = field(default_factory=threading.Event)
+    _access: TtlCache = field(default_factory=lambda: TtlCache(ACCESS_TTL_S))  # (tenant, path id) -> may use it
+
+    @classmethod
+    def create(cls, settings: Settings, blobs: BlobStore | None = None, queue: JobQueue | None = None) -> Services:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        metrics = Metrics()
+        db = Database(settings.db_url)
+        # the in-memory twin of the blob store comes with an in-memory cache
+        store = Store(db, blobs, None) if blobs else Store.open(settings, db)
+        zoo = ResidentZoo(store, settings.torch_device())
+        cache = PathCache(store, zoo, settings.cache_bytes, metrics, frozenset(settings.pinned_paths),
+                          host_budget=settings.host_cache_bytes, batching=settings.batching,
+                          min_slots=settings.max_batch_size)  # fmt: skip
+        batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics, cache,
+                          settings.max_queue_inputs)  # fmt: skip
+        if queue is None:
+            queue = (RedisQueue(settings.redis_url, stream=settings.jobs_stream, idle_ms=int(settings.job_claim_idle_s * 1000))
+                     if settings.mode == "distributed" else MemoryQueue())  # fmt: skip
+        runner = JobRunner(settings, store, queue, metrics, resident=lambda: zoo.bases)
+        buckets = RedisBuckets(settings.redis_url) if settings.mode == "distributed" else MemoryBuckets()
+        return cls(settings, db, store, zoo, cache, batcher, runner, metrics, Auth(db, settings.auth),
+                   Quotas(settings, db, store, buckets), AuditLog(db))  # fmt: skip
+
+    def start(self) -> None:
+        """Migrate, register built-in datasets, then build/load the zoo on a background thread."""
+        self.db.migrate()
+        self.auth.first_admin_key(self.settings.data_dir)
+        self.store.ensure_builtin_datasets()
+        threading.Thread(target=self._load_zoo, name="zoo-load", daemon=True).start()
+
+    def _load_zoo(self) -> None:
+        try:
+            if self.settings.demo_zoo:
+                self.loading = "demo zoo: waiting for another process that builds it"
+                with self.db.exclusive(DEMO_ZOO_LOCK_KEY):  # replicas starting together train it once
+                    ensure_demo_zoo(self.store, self.settings.demo_samples, say=self._say)
+            self.loading = "loading the bases into memory"
+            self.zoo.load_all()
+            self._warm_pinned()
+            if self.settings.mode == "embedded":
+                self.runner.recover()
+                self.runner.start()
+            gc.collect()
+            gc.freeze()  # the resident zoo and everything loaded so far: never scanned by the collector again
+            self.ready.set()
+            log.warning("zoo ready: %d bases resident on %s", len(self.zoo.bases), self.zoo.device)
+            self.follow_zoo()
+        except Exception as e:
+            self.startup_error = f"{type(e).__name__}: {e}"
+            log.exception("zoo failed to load")
+
+    def follow_zoo(self) -> None:
+        """Every ``zoo_poll_s``, load the bases registered through other processes and drop from
+        the path cache the paths deleted through them (a background thread)."""
+        threading.Thread(target=self._follow, name="zoo-follow", daemon=True).start()
+
+    def _follow(self) -> None:
+        seq, _ = self.store.deletions_since(None)
+        while not self.stopping.wait(self.settings.zoo_poll_s):
+            try:
+                for base_id in self.zoo.follow():
+                    log.warning("zoo version %d: loaded base %s, registered elsewhere", self.zoo.version, base_id)
+                seq, deleted = self.store.deletions_since(seq)
+                for path_id in deleted:
+                    self.cache.evict(path_id)
+            except Exception:  # the database may be away for a moment; the next poll tries again
+                log.warning("could not follow the zoo", exc_info=True)
+
+    def admit_predict(self, caller: Caller, path_id: str) -> None:
+        """A predict: the caller may use the path, and is under its tenant's predict rate."""
+        self.check_access(caller, path_id)
+        self.quotas.predict(caller)
+
+    def admitted_entry(self, caller: Caller, path_id: str) -> Entry:
+        """For a predict, off the event loop (it may ask the database, or Redis): admission, room in
+        the queue (a full one is refused before any work is done), then the path's entry, loaded on
+        first use. One worker-thread hop for all three: a cold predict's load costs none of its own."""
+        self.admit_predict(caller, path_id)
+        self.batcher.check_room()
+        return self.cache.get(path_id)
+
+    def describe(self, key: str | None, path_id: str) -> Manifest:
+        """For a worker's first predict of a path, off the event loop: the key's access to the path
+        (not a use: no rate counted), then its manifest; a path not loaded yet starts loading."""
+        self.check_access(self.auth.caller(key), path_id)
+        return self.cache.manifest(path_id)
+
+    def keyed_entry(self, key: str | None, path_id: str) -> Entry:
+        """``admitted_entry`` for the bearer of ``key`` (the device channel's predicts)."""
+        return self.admitted_entry(self.auth.caller(key), path_id)
+
+    def check_access(self, caller: Caller, path_id: str) -> None:
+        """NotFound unless the caller may use the path (an admin any that exists; the serving path
+        finds out whether it does). Checked once per ``ACCESS_TTL_S`` per tenant and path."""
+        if caller.admin:
+            return
+        if not self._access.get_or((caller.tenant, path_id), lambda: self.store.role(path_id, caller.tenant) is not None):
+            raise NotFound(f"no path {path_id!r}")
+
+    def forget_access(self, path_id: str) -> None:
+        """Access to the path changed here: checked afresh on its next use."""
+        self._access.drop(lambda key: key[1] != path_id)
+
+    def _warm_pinned(self) -> None:
+        for path_id in sorted(self.cache.pinned):
+            try:
+                self.cache.get(path_id)
+            except ZooError as e:  # a pinned path that is gone or broken must not keep the zoo down
+                log.warning("pinned path %s not materialized: %s", path_id, e)
+
+    def _say(self, message: str) -> None:
+        self.loading = message
+        log.warning(message)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.runner.stop()
+        self.batcher.close()
+        self.cache.close()
+        self.db.dispose()
