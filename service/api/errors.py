@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
@@ -35,10 +37,13 @@ def answer(request: Request, status: int, title: str, detail: str, headers: dict
     return problem(status, title, detail, headers)
 
 
+def api_routes(app: FastAPI) -> list[Any]:
+    """Every API route with its effective path (routers included with a prefix included)."""
+    return [ctx for ctx in iter_route_contexts(app.routes) if isinstance(ctx.original_route, APIRoute)]
+
+
 def _allowed(request: Request) -> str:
     """Every method some route takes at this path (Starlette's 405 names only the first route's)."""
-    from service.api.openapi import api_routes
-
     path, routes = request.url.path, api_routes(request.app)
     exact = [r for r in routes if r.path_format == path]  # a fixed path (/v1/paths/import) is not an id
     matching = exact or [r for r in routes if compile_path(r.path_format)[0].fullmatch(path)]

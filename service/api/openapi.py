@@ -16,11 +16,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute, iter_route_contexts
 
 from service.api.auth import get_admin, get_caller
 from service.api.deps import get_ready_services
-from service.api.errors import is_oip
+from service.api.errors import api_routes, is_oip
+from zoo_store.methods import get_method, method_names
 
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": "Conflict"}}  # a route's ``responses=``
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"description": "Unavailable"}}
@@ -54,11 +54,6 @@ def install_openapi(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def api_routes(app: FastAPI) -> list[Any]:
-    """Every API route with its effective path (routers included with a prefix included)."""
-    return [ctx for ctx in iter_route_contexts(app.routes) if isinstance(ctx.original_route, APIRoute)]
 
 
 def _declare_errors(op: dict, route: Any) -> None:
@@ -97,8 +92,6 @@ def _needs(route: Any, dependency: Any) -> bool:
 def _composition_union(doc: dict) -> None:
     """The task spec as a union discriminated by ``method``: each member the spec's fields, with the
     ones that method needs required (the server checks the rest against the zoo: a 422 that says why)."""
-    from zoo_store.methods import get_method, method_names
-
     schemas = doc["components"]["schemas"]
     spec = schemas.pop("CompositionSpec")
     mapping = {}

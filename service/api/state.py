@@ -13,7 +13,9 @@ from service.jobs.runner import JobRunner
 from service.common.metrics import Metrics
 from service.jobs.queues import JobQueue, MemoryQueue, RedisQueue
 from service.api.quotas import MemoryBuckets, Quotas, RedisBuckets
-from service.runtime.cache import Batcher, Entry, PathCache, ResidentZoo
+from service.runtime.batcher import Batcher
+from service.runtime.cache import Entry, PathCache
+from service.runtime.zoo import ResidentZoo
 from service.common.ttl import TtlCache
 from zoo_store.store.blobs import BlobStore
 from zoo_store.store.db import DEMO_ZOO_LOCK_KEY, Database

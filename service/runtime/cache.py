@@ -1,4 +1,5 @@
-"""Serving runtime: the resident zoo, the path memory (slots, host tier, modules) and the batcher.
+"""The path memory: modules in a byte-bounded LRU, decoded tensors in a host tier, and the slot
+tables of each base's bank.
 
 A path is served one of two ways. If its method has a bank (reprogram), its decoded tensors sit in
 a host-memory tier and, when a batch needs it, in a slot of its base's bank: one forward serves a
@@ -7,135 +8,29 @@ and batched with requests for the same path only. Both share the cache's byte bu
 database is beneath both.
 """
 
-from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
-import math
 import threading
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
 from service.common.metrics import Metrics
-from zoo_store.archs import TapNet
-from zoo_store.core.cards import Card
-from zoo_store.core.errors import Conflict, InvalidInput, NotFound, Overloaded, ZooError
-from zoo_store.methods.bank import PathBank
+from zoo_store.core.bundle import Manifest, decode_stored
+from zoo_store.core.errors import ZooError
 from zoo_store.methods import get_method
-from zoo_store.core.bundle import Bundle, Manifest, check_expected, decode_stored
+from zoo_store.methods.bank import PathBank
 from zoo_store.store.store import Store
-from zoo_store.training import normalize
-from zoo_store.core.weights import digest_of
 
 log = logging.getLogger("zoo")
 
-
-class ResidentZoo:
-    """Every base this worker serves, loaded once, frozen, in eval mode; the networks are never
-    written to. ``bases`` is replaced, never changed in place, so readers may iterate it unlocked."""
-
-    def __init__(self, store: Store, device: str):
-        self.store = store
-        self.device = device
-        self.bases: dict[str, tuple[Card, TapNet]] = {}
-        self._ptrs: dict[str, frozenset[int]] = {}  # per base: the storage of its tensors (bases never change)
-        self.unloadable: set[str] = set()  # bases ``follow`` failed to load (e.g. an architecture unknown here)
-        self._lock = threading.Lock()
-
-    def load_all(self) -> None:
-        for card in self.store.cards().values():
-            self.add(card)
-
-    def add(self, card: Card) -> None:
-        if card.id in self.bases:
-            return
-        net = self.store.load_base(card, self.device)  # outside the lock: other bases stay reachable meanwhile
-        with self._lock:
-            if card.id not in self.bases:
-                self.bases = {**self.bases, card.id: (card, net)}
-
-    @property
-    def version(self) -> int:
-        """The zoo version this process has: the bases it holds (see ``Store.zoo_version``)."""
-        return len(self.bases)
-
-    def follow(self) -> list[str]:
-        """Load the bases registered (through any process) since this one last looked; the ids of
-        those it loaded. One that fails to load is logged and skipped: it cannot hold up the rest."""
-        if self.store.zoo_version() == self.version + len(self.unloadable):
-            return []
-        loaded = []
-        for card in self.store.cards().values():
-            if card.id in self.bases or card.id in self.unloadable:
-                continue
-            try:
-                self.add(card)
-                loaded.append(card.id)
-            except Exception:
-                self.unloadable.add(card.id)  # said once; a path that needs it gets the error on its request
-                log.exception("base %s could not be loaded; skipped", card.id)
-        return loaded
-
-    def nets(self) -> dict[str, TapNet]:
-        return {k: net for k, (_, net) in self.bases.items()}
-
-    def nets_of(self, manifest: Manifest) -> dict[str, TapNet]:
-        """Only the bases a path references (and ``check_refs`` verified): its config may name no other."""
-        return {r.id: self.bases[r.id][1] for r in manifest.bases}
-
-    def shared_ptrs(self, manifest: Manifest) -> set[int]:
-        """Data pointers of the tensors of the bases a path references: what its module shares, not adds."""
-        for r in manifest.bases:
-            if r.id not in self._ptrs:
-                net = self.bases[r.id][1]
-                self._ptrs[r.id] = frozenset(t.data_ptr() for t in [*net.parameters(), *net.buffers()])
-        return set().union(*(self._ptrs[r.id] for r in manifest.bases))
-
-    def digests(self) -> dict[str, str]:
-        """Recomputed from the resident tensors: proof that nothing wrote to them."""
-        return {k: digest_of(net) for k, (_, net) in self.bases.items()}
-
-    def check_refs(self, manifest: Manifest) -> None:
-        """Every base a path needs is resident with its digest; one registered since this process
-        started (through another replica) is loaded from the store first."""
-        for ref in manifest.bases:
-            if ref.id not in self.bases:
-                try:
-                    self.add(self.store.card(ref.id))
-                except NotFound:
-                    raise Conflict(f"path needs base {ref.id!r} (digest {ref.digest[:12]}…), which this zoo lacks") from None
-            have = self.bases[ref.id][0].digest
-            if have != ref.digest:
-                raise Conflict(f"path needs base {ref.id!r} with digest {ref.digest[:12]}…; this zoo has {have[:12]}…")
-
-
-def validate_bundle(bundle: Bundle, zoo: ResidentZoo) -> nn.Module:
-    """Everything an import checks beyond the bundle's own digest; returns the built module."""
-    m = bundle.manifest
-    method = get_method(m.method)
-    zoo.check_refs(m)
-    for ref in m.bases:
-        card = zoo.bases[ref.id][0]
-        if m.input != card.input:
-            raise InvalidInput(f"path input spec {m.input.model_dump()} differs from base {card.id!r}'s {card.input.model_dump()}")
-    method.check_input(m.config, m.input)
-    nets = zoo.nets_of(m)
-    check_expected(m, method.expected_tensors(m.config, nets))
-    module = method.materialize(m.config, bundle.tensors, nets)
-    with torch.inference_mode():
-        x = torch.zeros(1, m.input.channels, m.input.size, m.input.size, device=zoo.device)
-        out = module(x)
-    if tuple(out.shape) != (1, len(m.labels)):
-        raise InvalidInput(f"path produces {tuple(out.shape[1:])} outputs for {len(m.labels)} labels")
-    return module
+from service.runtime.zoo import ResidentZoo
 
 
 @dataclass
@@ -398,144 +293,3 @@ class PathCache:
             t.drop(path_id)
         self.metrics.cache_bytes.set(self.nbytes)
         self.metrics.host_bytes.set(self.host.nbytes)
-
-
-@dataclass
-class _Request:
-    entry: Entry
-    x: torch.Tensor  # (n, C, H, W) in [0, 1]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    arrived: float
-
-
-@dataclass
-class _Group:
-    requests: deque[_Request] = field(default_factory=deque)
-    count: int = 0  # inputs pending
-    oldest: float = math.inf  # the earliest arrival among them (requests join in submit order, not arrival order)
-
-
-class Batcher:
-    """The inference loop: one thread owns the device and runs every forward pass.
-
-    Pending requests are grouped by bank (a batch then mixes every path of one base) or, for
-    methods without one, by path. The group holding the oldest request goes next, as soon as it
-    has ``max_batch_size`` inputs or that request has waited ``max_wait_ms``; under load a batch
-    takes whatever arrived while the previous one ran, so no group starves."""
-
-    def __init__(self, device: str, max_batch_size: int, max_wait_ms: float, metrics: Metrics, cache: PathCache,
-                 max_queue: int = 2048):  # fmt: skip
-        self.device, self.max_batch, self.max_wait = device, max_batch_size, max_wait_ms / 1000
-        self.metrics, self.cache, self.max_queue = metrics, cache, max_queue
-        self.groups: dict[str, _Group] = {}
-        self.queued = 0  # inputs waiting for a batch
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    def check_room(self, n: int = 1) -> None:
-        """Refuse at once (503 with Retry-After) when ``n`` more inputs would overfill the queue."""
-        if self.queued + n > self.max_queue:
-            self.metrics.overloaded.inc()
-            raise Overloaded(f"{self.queued} inputs are waiting for the device and {n} more would pass the limit of "
-                             f"{self.max_queue} (ZOO_MAX_QUEUE_INPUTS); retry shortly", retry_after=1)  # fmt: skip
-
-    async def submit(self, entry: Entry, x: torch.Tensor, arrived: float | None = None) -> torch.Tensor:
-        """x: (n, C, H, W) in [0, 1] -> probabilities (n, K), batched with other requests. The batch
-        wait counts from ``arrived`` (the request's ``time.monotonic()`` on arrival; now when None):
-        a lone request's wait for company is spent on its path's load and input decoding first."""
-        loop = asyncio.get_running_loop()
-        request = _Request(entry, x, loop, loop.create_future(), time.monotonic() if arrived is None else arrived)
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the batcher is closed")
-            self.check_room(len(x))
-            self.queued += len(x)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="zoo-infer", daemon=True)
-                self._thread.start()
-            group = self.groups.setdefault(entry.group, _Group())
-            group.requests.append(request)
-            group.count += len(x)
-            group.oldest = min(group.oldest, request.arrived)
-            self._cond.notify()
-        return await request.future
-
-    def _next_batch(self) -> list[_Request] | None:
-        with self._cond:
-            while not self._closed:
-                if not self.groups:
-                    self._cond.wait()
-                    continue
-                key, group = min(self.groups.items(), key=lambda kv: kv[1].oldest)
-                wait = group.oldest + self.max_wait - time.monotonic()
-                if group.count >= self.max_batch or wait <= 0:
-                    return self._take(key, group)
-                self._cond.wait(wait)
-            return None
-
-    def _take(self, key: str, group: _Group) -> list[_Request]:
-        """Whole requests up to max_batch_size inputs (at least one request)."""
-        batch, n = [], 0
-        while group.requests and (not batch or n + len(group.requests[0].x) <= self.max_batch):
-            request = group.requests.popleft()
-            batch.append(request)
-            n += len(request.x)
-        group.count -= n
-        self.queued -= n
-        if not group.requests:
-            del self.groups[key]
-        else:
-            group.oldest = min(r.arrived for r in group.requests)
-        return batch
-
-    def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                with torch.inference_mode():
-                    outs = self._forward(batch)
-            except Exception as e:  # noqa: BLE001  (reaches every waiter of the batch)
-                for r in batch:
-                    r.loop.call_soon_threadsafe(_settle, r.future, None, e)
-                continue
-            for r, out in zip(batch, outs, strict=True):
-                r.loop.call_soon_threadsafe(_settle, r.future, out, None)
-
-    def _forward(self, batch: list[_Request]) -> list[torch.Tensor]:
-        """One forward pass for a batch of one group -> each request's probabilities (n, K)."""
-        first = batch[0].entry
-        x = torch.cat([r.x for r in batch]).to(self.device)  # (B, C, H, W)
-        x = normalize(x, first.manifest.input)  # every path of a bank has its base's input spec
-        self.metrics.batch_size.observe(len(x))
-        self.metrics.paths_per_batch.observe(len({r.entry.path_id for r in batch}))
-        if first.bank_key is None:
-            assert first.module is not None
-            probs = first.module(x).softmax(-1).float().cpu()  # (B, K)
-        else:
-            table = self.cache.table(first)
-            slots = table.assign([r.entry for r in batch])
-            per_input = torch.tensor([s for r, s in zip(batch, slots, strict=True) for _ in range(len(r.x))],
-                                     device=x.device)  # (B,)  # fmt: skip
-            probs = table.bank.forward(x, per_input).softmax(-1).float().cpu()  # (B, K_max)
-        outs = torch.split(probs, [len(r.x) for r in batch])
-        return [out[:, : len(r.entry.manifest.labels)] for r, out in zip(batch, outs, strict=True)]
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            pending = [r for g in self.groups.values() for r in g.requests]
-            self.groups.clear()
-            self.queued = 0
-        for r in pending:
-            r.loop.call_soon_threadsafe(_settle, r.future, None, RuntimeError("the server is shutting down"))
-
-
-def _settle(future: asyncio.Future, result: torch.Tensor | None, error: BaseException | None) -> None:
-    if future.done():  # the request was cancelled (its client went away)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from torch import nn
 
 from service.common.metrics import Metrics
-from service.runtime.cache import Batcher, Entry
+from service.runtime.batcher import Batcher
+from service.runtime.cache import Entry
 from tests.helpers import compose, reprogram_spec
 from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import NotFound

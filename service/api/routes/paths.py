@@ -11,7 +11,7 @@ from service.api.auth import CallerDep
 from service.api.deps import Cursor, Limit, ReadySvc, Svc
 from service.api.inputs import read_inputs
 from service.api.openapi import CONFLICT, FORBIDDEN, RATE_LIMITED
-from service.runtime.cache import validate_bundle
+from service.runtime.zoo import validate_bundle
 from service.api.schemas import Page, Path, PredictResponse, Sharing, SharingIn
 from service.api.state import Services
 from zoo_store.archs.standalone import export_network
