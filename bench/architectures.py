@@ -16,9 +16,15 @@ import torchvision
 from bench.common import Say, dir_store
 from zoo_store.archs import build_arch
 from zoo_store.archs.families import FAMILIES, TIMM_FAMILIES
+from zoo_store.archs.groups import proven_groups
 from zoo_store.core.cards import CardIn, InputSpec
 from zoo_store.core.errors import InvalidInput
-from zoo_store.archs.groups import proven_groups
+from zoo_store.core.spec import CompositionSpec
+from zoo_store.datasets.tasks import TaskData
+from zoo_store.methods import get_method
+from zoo_store.methods.base import BuildContext
+from zoo_store.methods.reprogram.layers import build_reprogrammed, dense_bytes, reprogram_refusal
+from zoo_store.store.store import fits_input
 
 SIZES = (64, 96, 224)  # the input side tried, smallest first: the first the network takes
 QUICK_NAMES = ("resnet18", "mobilenet_v3_small", "squeezenet1_0", "vit_b_16")
@@ -71,8 +77,6 @@ def _family_row(family: str, arch: str) -> str:
         return f"| {family} | `{arch}` | | refused: {_short(e)} | | | |"
     params = sum(p.numel() for p in net.parameters())
     taps = ", ".join(f"{t.name}@{t.stride}" for t in net.taps if t.stride) or "none"
-    from zoo_store.methods.reprogram.layers import build_reprogrammed, dense_bytes, reprogram_refusal
-
     if reprogram_refusal(net) is None:
         delta = build_reprogrammed(net, 10).delta_state()
         delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
@@ -90,8 +94,6 @@ def _family_row(family: str, arch: str) -> str:
 
 def _fitting(arch: str) -> tuple[int, torch.nn.Module]:
     """(input side, the network with random weights) at the first size of SIZES it takes."""
-    from zoo_store.store.store import fits_input
-
     last: InvalidInput | None = None
     for size in SIZES:
         try:
@@ -113,11 +115,6 @@ def _card(arch: str, size: int) -> CardIn:
 
 
 def _name_row(name: str) -> tuple[str, bool]:
-    from zoo_store.methods.base import BuildContext
-    from zoo_store.datasets.tasks import TaskData
-    from zoo_store.methods import get_method
-    from zoo_store.core.spec import CompositionSpec
-
     arch, t = f"torchvision:{name}", time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="zoo-archs-"))
     try:

@@ -11,6 +11,16 @@ from torch import nn
 
 from bench.common import SEEDS, Say, demo_store, full_ft, head_only, mean_std
 from zoo_store.core.bundle import encode_bundle, make_manifest
+from zoo_store.core.spec import CompositionSpec, TaskSpec
+from zoo_store.core.weights import digest_of
+from zoo_store.datasets.builtin import BUILTINS
+from zoo_store.datasets.tasks import make_task
+from zoo_store.methods.base import BuildContext
+from zoo_store.methods.clone.config import plan_clone
+from zoo_store.methods.clone.layers import ADAPTERS
+from zoo_store.methods.clone.localize import localize
+from zoo_store.methods.clone.method import Clone
+from zoo_store.training import accuracy, fit, predict_logits
 
 # (dataset, target, [(source, labels it brings)])
 CASES = [
@@ -23,8 +33,6 @@ CASES = [
 def clone_suite(say: Say, quick: bool) -> list[str]:
     """Adapter kinds on the first case (chosen by validation accuracy), then every case with the
     chosen kind against its baselines; mean ± std over seeds, test data read once per number."""
-    from zoo_store.methods.clone.layers import ADAPTERS
-
     store = demo_store(say, quick)
     spl, epochs = (30, 2) if quick else (200, 5)
     seeds = ", ".join(map(str, SEEDS))
@@ -94,17 +102,11 @@ def _diff(runs: list[dict], baselines: list[dict], key: str) -> str:
 
 
 def _task(store, dataset: str, target_id: str, labels: list[str], spl: int, seed: int):
-    from zoo_store.datasets.builtin import BUILTINS
-    from zoo_store.datasets.tasks import make_task
-    from zoo_store.core.spec import TaskSpec
-
     card = store.card(target_id)
     return make_task(BUILTINS[dataset].make(), TaskSpec(dataset=dataset, labels=labels, samples_per_label=spl), card.input, seed)
 
 
 def _spec(dataset: str, target_id: str, sources, spl: int, epochs: int, seed: int):
-    from zoo_store.core.spec import CompositionSpec
-
     return CompositionSpec.model_validate({
         "method": "clone", "base": target_id, "sources": [{"model": m, "labels": list(ls)} for m, ls in sources],
         "task": {"dataset": dataset, "samples_per_label": spl}, "train": {"epochs": epochs, "seed": seed}})  # fmt: skip
@@ -112,11 +114,6 @@ def _spec(dataset: str, target_id: str, sources, spl: int, epochs: int, seed: in
 
 def _clone_run(store, dataset: str, target_id: str, sources, spl: int, epochs: int, seed: int, kind: str, say: Say) -> dict:
     """One clone build: validation and test accuracies, its joins, kept fraction and stored share."""
-    from zoo_store.methods.clone.config import plan_clone
-    from zoo_store.methods.base import BuildContext
-    from zoo_store.training import accuracy
-    from zoo_store.core.weights import digest_of
-
     say(f"clone table: {target_id} <- {sources} on {dataset}, adapter {kind}, seed {seed}")
     spec = _spec(dataset, target_id, sources, spl, epochs, seed)
     cards = store.cards()
@@ -145,10 +142,6 @@ _LOCALIZED: dict[tuple, object] = {}
 def _memo_clone():
     """The clone method whose localization (step 2, which does not depend on the adapter) runs once
     per source, labels, images and seed in this run: the adapter kinds are compared on the same masks."""
-    from zoo_store.methods.clone.localize import localize
-    from zoo_store.methods.clone.method import Clone
-    from zoo_store.core.weights import digest_of
-
     def memo(source, depth, cols, images, spec, **kw):
         key = (digest_of(source), depth, tuple(cols), hashlib.sha256(images.numpy().tobytes()).hexdigest(),
                kw.get("steps"), kw.get("seed"))  # fmt: skip
@@ -174,8 +167,6 @@ class _LateFusion(nn.Module):
 
 def _baselines(store, dataset: str, target_id: str, sources, spl: int, epochs: int, seed: int, say: Say) -> dict:
     """Late fusion, head-only and full fine-tuning on the seed's correction data; the sources alone."""
-    from zoo_store.training import accuracy, fit, predict_logits
-
     say(f"clone table: baselines for {target_id} <- {sources} on {dataset}, seed {seed}")
     t_card = store.card(target_id)
     labels = [*t_card.labels, *(x for _, ls in sources for x in ls)]

@@ -22,10 +22,13 @@ from pathlib import Path
 import httpx
 
 from bench.common import Say, scratch_database
-from bench.scale import free_port, one_image, run_load, schedule
+from bench.scale import free_port, make_paths, one_image, run_load, schedule
 from service.client import ZooClient
+from zoo_store.archs import build_arch
 from zoo_store.core.cards import InputSpec
-from zoo_store.store.store import TERMINAL
+from zoo_store.store.blobs import DbBlobStore
+from zoo_store.store.db import Database
+from zoo_store.store.store import TERMINAL, Store
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -198,8 +201,6 @@ def tiny_base(seed: int = 0) -> tuple[dict, bytes]:
     import torch
     from safetensors.torch import save
 
-    from zoo_store.archs import build_arch
-
     torch.manual_seed(seed)
     net = build_arch("resnet_s", {"num_classes": 10})
     card = {"id": BASE_ID, "arch": "resnet_s", "labels": list("0123456789"), "input": GRAY.model_dump(mode="json")}
@@ -337,11 +338,6 @@ def scenario(cluster: Cluster, say: Say = print) -> dict:
 def throughput(say: Say, root: Path, database_url: str, redis_url: str, paths: int, requests: int, rounds: int) -> list[dict]:
     """Predicts/s through nginx before both replicas, before one, and at that one directly (same
     processes, same paths), alternated ``rounds`` times; the base of ``scenario`` must be registered."""
-    from bench.scale import make_paths
-    from zoo_store.store.blobs import DbBlobStore
-    from zoo_store.store.db import Database
-    from zoo_store.store.store import Store
-
     cluster = Cluster(root, database_url, redis_url)
     try:
         for name in ("replica0", "replica1"):

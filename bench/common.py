@@ -19,8 +19,14 @@ from torch import nn
 
 from zoo_store.archs import build_arch
 from zoo_store.archs.surgery import replace_module, state_bytes
-from zoo_store.core.cards import Card
-from zoo_store.core.bundle import BaseRef, PathArtifact, encode_bundle, make_manifest
+from zoo_store.core.bundle import BaseRef, PathArtifact, decode_bundle, encode_bundle, make_manifest
+from zoo_store.core.cards import Card, InputSpec
+from zoo_store.methods.reprogram.layers import build_reprogrammed, dense_bytes
+from zoo_store.store.blobs import DirBlobStore
+from zoo_store.store.db import Database
+from zoo_store.store.demo import ensure_demo_zoo
+from zoo_store.store.store import Store
+from zoo_store.training import fit, init_head_rows
 
 Say = Callable[[str], None]
 
@@ -57,9 +63,6 @@ def timeit(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float
 
 def reprogram_bytes(arch: str, input_size: int, channels: int, num_classes: int = 10) -> tuple[int, int]:
     """(bundle bytes, dense bytes) of a reprogram path on ``arch`` (sizes do not depend on values)."""
-    from zoo_store.core.cards import InputSpec
-    from zoo_store.methods.reprogram.layers import build_reprogrammed, dense_bytes
-
     base = build_arch(arch, {"num_classes": 1000 if arch.startswith("tv_") else 10}).eval()
     model = build_reprogrammed(base, num_classes)
     delta = {k: v.contiguous() for k, v in model.delta_state().items()}
@@ -73,8 +76,6 @@ def reprogram_bytes(arch: str, input_size: int, channels: int, num_classes: int 
 
 def path_variants(client: TestClient, path_id: str, n: int) -> list[str]:
     """``path_id`` and n - 1 imported siblings that differ only in the head's bias (same cost per forward)."""
-    from zoo_store.core.bundle import decode_bundle
-
     b = decode_bundle(client.get(f"/v1/paths/{path_id}/bundle").content)
     m, ids = b.manifest, [path_id]
     for i in range(1, n):
@@ -111,10 +112,6 @@ def bench_data_dir() -> Path:
 
 def dir_store(data_dir: Path):
     """The Store of a data directory laid out as the server's (SQLite file and blob directory)."""
-    from zoo_store.store.blobs import DirBlobStore
-    from zoo_store.store.db import Database
-    from zoo_store.store.store import Store
-
     db = Database(f"sqlite:///{(data_dir / 'zoo.db').resolve()}")
     db.migrate()
     return Store(db, DirBlobStore(data_dir / "blobs"))
@@ -122,8 +119,6 @@ def dir_store(data_dir: Path):
 
 def demo_store(say: Say, quick: bool):
     """The demo zoo under ZOO_DATA_DIR (trained there if missing) as a Store."""
-    from zoo_store.store.demo import ensure_demo_zoo
-
     store = dir_store(bench_data_dir())
     ensure_demo_zoo(store, 2000 if quick else 12000, say=say)
     return store
@@ -140,8 +135,6 @@ def mean_std(values: list[float], digits: int = 4) -> str:
 
 def head_only(base: nn.Module, data, card: Card, epochs: int, init_rows: bool = False, seed: int = 0) -> tuple[nn.Module, int]:
     """A new linear head on the frozen base; returns the model and the head's bytes."""
-    from zoo_store.training import fit, init_head_rows
-
     torch.manual_seed(seed)
     head = nn.Linear(base.feature_dim, len(data.labels))
     if init_rows:
@@ -154,8 +147,6 @@ def head_only(base: nn.Module, data, card: Card, epochs: int, init_rows: bool = 
 
 def full_ft(card: Card, store, data, epochs: int, init_rows: bool = False, seed: int = 0) -> nn.Module:
     """A copy of the whole base and a new head, all trained (BatchNorm in train mode)."""
-    from zoo_store.training import fit, init_head_rows
-
     net = store.load_base(card)
     torch.manual_seed(seed)
     head = nn.Linear(net.feature_dim, len(data.labels))

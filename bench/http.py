@@ -17,7 +17,12 @@ import torch
 
 from bench.common import Say, demo_store, dir_store, timeit
 from bench.scale import Server, closed_loop, fresh_dir, make_paths, one_image, settings_for
+from service.api.inputs import npy_input, tensor_input
+from service.api.routes.paths import predictions
+from service.api.schemas import PredictRequest, PredictResponse
+from service.api.state import Services
 from zoo_store.core.bundle import decode_bundle
+from zoo_store.core.settings import Settings
 
 WRK_SCRIPT = """
 local paths = {}
@@ -108,8 +113,6 @@ def http_suite(say: Say, quick: bool) -> list[str]:
 
 
 def _loop_rate(data_dir: Path, base_id: str, path_id: str) -> float:
-    from service.api.state import Services
-
     svc = Services.create(settings_for(data_dir, "mixed"))
     try:
         svc.zoo.add(svc.store.card(base_id))
@@ -125,11 +128,6 @@ def parse_profile(spec, loop_rate: float) -> list[str]:
     """Each step of a single-image predict's parsing and answering, as a share of one image's
     forward time in the inference loop (1 / loop images/s)."""
     import orjson
-
-    from service.api.inputs import npy_input, tensor_input
-    from service.api.routes.paths import predictions
-    from service.api.schemas import PredictRequest, PredictResponse
-    from zoo_store.core.settings import Settings
 
     settings = Settings(demo_zoo=False)
     body = bodies(spec)

@@ -10,8 +10,27 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import SEEDS, Say, bench_data_dir, dir_store, head_only, mean_std
-from zoo_store.store.demo import DemoBase
 from zoo_store.core.bundle import encode_bundle, make_manifest
+from zoo_store.core.spec import CompositionSpec
+from zoo_store.core.weights import digest_of
+from zoo_store.datasets.builtin import BUILTINS
+from zoo_store.datasets.tasks import make_task
+from zoo_store.methods.base import BuildContext
+from zoo_store.methods.reassemble.config import Budget
+from zoo_store.methods.reassemble.method import (
+    EXACT_MAX,
+    MILP_TOP,
+    NASWOT_IMAGES,
+    Scorer,
+    run_modules,
+    search,
+    to_artifact,
+    train_assembly,
+)
+from zoo_store.methods.reassemble.profile import Block, assembly_cost, card_profile
+from zoo_store.methods.reassemble.search import Candidate, feasible
+from zoo_store.store.demo import DemoBase, ensure_bases
+from zoo_store.training import accuracy
 
 # The bench's pool: four families, each with a tap after every block (6-8 spatial taps), trained on
 # MNIST with the demo zoo's recipe (under ZOO_DATA_DIR, once; `zoo serve` never builds them)
@@ -39,10 +58,6 @@ class Run:
 
 
 def reassemble_suite(say: Say, quick: bool) -> list[str]:
-    from zoo_store.datasets.builtin import BUILTINS
-    from zoo_store.store.demo import ensure_bases
-    from zoo_store.core.weights import digest_of
-
     store = dir_store(bench_data_dir())
     ensure_bases(store, POOL, 2000 if quick else 12000, say, what="reassemble pool")
     cards = {b.id: store.cards()[b.id] for b in POOL}
@@ -100,18 +115,11 @@ def reassemble_suite(say: Say, quick: bool) -> list[str]:
 
 def _budget(bases, num_labels: int) -> int:
     """max_params of the tables: the largest single pool model with its new head."""
-    from zoo_store.methods.reassemble.profile import Block, assembly_cost, card_profile
-
     profiles = {m: card_profile(c) for m, (c, _) in bases.items()}
     return max(assembly_cost([Block(model=m, start=None, end=p.stages[-1].tap)], profiles, num_labels)[0] for m, p in profiles.items())
 
 
 def _search(bases, arrays, task: str, k: int, spl: int, epochs: int, seed: int):
-    from zoo_store.datasets.tasks import make_task
-    from zoo_store.methods.reassemble.method import search
-    from zoo_store.methods.base import BuildContext
-    from zoo_store.core.spec import CompositionSpec
-
     spec = CompositionSpec.model_validate({"method": "reassemble", "models": sorted(bases), "blocks": k,
                                            "task": {"dataset": task, "samples_per_label": spl},
                                            "budget": {"max_params": _budget(bases, len(arrays.labels))},
@@ -120,15 +128,10 @@ def _search(bases, arrays, task: str, k: int, spl: int, epochs: int, seed: int):
 
 
 def _train(found, cand, epochs: int, seed: int, stitch_all: bool = False):
-    from zoo_store.methods.reassemble.method import train_assembly
-
     return train_assembly(cand, found.nets, found.card, found.data, found.probe, epochs, 1e-2, 64, seed, "cpu", stitch_all=stitch_all)
 
 
 def _run(found, model, label: str) -> Run:
-    from zoo_store.methods.reassemble.method import run_modules
-    from zoo_store.training import accuracy
-
     d, spec = found.data, found.card.input
     params = sum(p.numel() for p in {id(p): p for m in run_modules(model) for p in m.parameters()}.values())
     return Run(label, params, accuracy(model, d.val_x, d.val_y, spec), accuracy(model, d.test_x, d.test_y, spec))
@@ -136,9 +139,6 @@ def _run(found, model, label: str) -> Run:
 
 def _single(found, m: str):
     """Model ``m`` cut at its own partition cuts: the candidate of all its blocks."""
-    from zoo_store.methods.reassemble.profile import assembly_cost, card_profile
-    from zoo_store.methods.reassemble.search import Candidate
-
     blocks = tuple(b for s in found.sets for b in s if b.model == m)
     p, f = assembly_cost(list(blocks), {m: card_profile(found.cards[m])}, len(found.data.labels))
     return Candidate(blocks, p, f)
@@ -147,9 +147,6 @@ def _single(found, m: str):
 def _exact_rows(say: Say, found, bases, cards, epochs: int, trained: int, seed: int) -> tuple[dict[str, Run], float, float]:
     """One seed of an exact-search table: trained candidates, the single-model controls; tau; stored fraction."""
     from scipy.stats import kendalltau
-
-    from zoo_store.methods.reassemble.method import to_artifact
-    from zoo_store.training import accuracy
 
     ranked = found.ranked
     picks = sorted({*range(min(4, len(ranked))), *(round(i) for i in torch.linspace(4, len(ranked) - 1, max(0, trained - 4)).tolist())})
@@ -189,12 +186,6 @@ def _table_rows(task: str, runs: dict[str, list[Run]]) -> list[str]:
 def _milp_table(say: Say, bases, spl: int, epochs: int, seeds: tuple[int, ...]) -> list[str]:
     """K_MILP blocks: more assemblies than the exact search scores, so the 0-1 program picks; its pick
     checked against SAMPLE feasible assemblies drawn at random (true NASWOT, and a few trained)."""
-    from zoo_store.datasets.builtin import BUILTINS
-    from zoo_store.methods.reassemble.config import Budget
-    from zoo_store.methods.reassemble.method import EXACT_MAX, MILP_TOP, NASWOT_IMAGES, Scorer
-    from zoo_store.methods.reassemble.profile import card_profile
-    from zoo_store.methods.reassemble.search import feasible
-
     task = TASKS[-1]
     arrays = BUILTINS[task].make()
     runs: dict[str, list[Run]] = {}

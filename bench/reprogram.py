@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from bench.common import SEEDS, Say, demo_store, full_ft, head_only, mean_std
-from zoo_store.core.cards import Card
 from zoo_store.core.bundle import encode_bundle, make_manifest
+from zoo_store.core.cards import Card
+from zoo_store.core.spec import CompositionSpec, TaskSpec
+from zoo_store.core.weights import digest_of
+from zoo_store.datasets.builtin import BUILTINS
+from zoo_store.datasets.tasks import make_task
+from zoo_store.methods import get_method
+from zoo_store.methods.base import BuildContext
+from zoo_store.training import accuracy
 
 TASKS = ("mnist-rotated", "mnist-inverted", "mnist-parity", "digits", "mnist-cluttered")
 BASES = ("resnet-mnist", "vgg-mnist", "mobilenet-mnist")
@@ -13,14 +20,6 @@ BASES = ("resnet-mnist", "vgg-mnist", "mobilenet-mnist")
 def reprogram_suite(say: Say, quick: bool) -> list[str]:
     """CLR vs head-only vs full fine-tuning on built-in tasks: held-out accuracy (mean ± std over
     seeds) and stored bytes. Nothing is chosen: every method runs the same fixed budget."""
-    from zoo_store.datasets.builtin import BUILTINS
-    from zoo_store.datasets.tasks import make_task
-    from zoo_store.methods.base import BuildContext
-    from zoo_store.methods import get_method
-    from zoo_store.core.spec import CompositionSpec, TaskSpec
-    from zoo_store.training import accuracy
-    from zoo_store.core.weights import digest_of
-
     store = demo_store(say, quick)
     spl, epochs = (50, 2) if quick else (200, 5)
     lines = [(f"Each task: {spl} training images per label drawn by the seed (all of them where the split holds fewer), {epochs} epochs, Adam, seeds "

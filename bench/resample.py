@@ -7,6 +7,24 @@ import torch
 from bench.common import SEEDS, Say, demo_store, mean_std, timeit
 from zoo_store.archs import build_arch
 from zoo_store.archs.groups import channel_groups
+from zoo_store.core.spec import TaskSpec
+from zoo_store.core.weights import digest_of
+from zoo_store.datasets.builtin import BUILTINS
+from zoo_store.datasets.tasks import make_task
+from zoo_store.methods.base import BuildContext
+from zoo_store.methods.resample.config import ResampleBudget
+from zoo_store.methods.resample.layers import (
+    assemble,
+    group_size,
+    permute_and_resample,
+    recalibrate,
+    resampled_params,
+    select_channels,
+    uniform_cells,
+)
+from zoo_store.methods.resample.method import convert, tune_partition, widths_for
+from zoo_store.store.demo import DemoBase, train_base
+from zoo_store.training import accuracy, normalize
 
 
 def resample_suite(say: Say, quick: bool) -> list[str]:
@@ -45,8 +63,6 @@ RANDOM_DRAWS = 5
 
 def _cluttered_base(say: Say, quick: bool):
     """(id, card, network, dataset) of resnet_s trained here on mnist-cluttered, as the demo zoo trains."""
-    from zoo_store.store.demo import DemoBase, train_base
-
     say("resample table: training resnet-cluttered (resnet_s on mnist-cluttered)")
     b = DemoBase("resnet-cluttered", "resnet_s", "mnist-cluttered", "small ResNet on MNIST over natural patches")
     card, state = train_base(b, 2000 if quick else 12000, what="resample bench")
@@ -57,23 +73,6 @@ def _cluttered_base(say: Say, quick: bool):
 
 
 def _base_rows(say: Say, base_id: str, card, base, dataset: str, steps: int, per_label: int) -> list[str]:
-    from zoo_store.datasets.builtin import BUILTINS
-    from zoo_store.datasets.tasks import make_task
-    from zoo_store.methods.base import BuildContext
-    from zoo_store.methods.resample.config import ResampleBudget
-    from zoo_store.methods.resample.layers import (
-        assemble,
-        group_size,
-        permute_and_resample,
-        resampled_params,
-        select_channels,
-        uniform_cells,
-    )  # fmt: skip
-    from zoo_store.methods.resample.method import convert, tune_partition, widths_for
-    from zoo_store.core.spec import TaskSpec
-    from zoo_store.training import accuracy, normalize
-    from zoo_store.core.weights import digest_of
-
     digest = digest_of(base)
     arrays = BUILTINS[dataset].make()
     data = {s: make_task(arrays, TaskSpec(dataset=dataset, samples_per_label=per_label), card.input, s)
@@ -128,8 +127,6 @@ def _top_l1(base, g, k: int) -> torch.Tensor:
 
 def _recalibrated(base, groups, layers, keep, x: torch.Tensor):
     """The pruned network (rescaled readers) with its folded BatchNorms recalibrated on ``x``."""
-    from zoo_store.methods.resample.layers import assemble, recalibrate, select_channels
-
     net = assemble(base, groups, select_channels(layers, groups, keep))
     recalibrate(net, base, groups, keep, x)
     return net
@@ -137,15 +134,6 @@ def _recalibrated(base, groups, layers, keep, x: torch.Tensor):
 
 def _resnet18_speed(say: Say, ratios: tuple[float, ...], quick: bool) -> list[str]:
     """torchvision resnet18 at 224x224, random weights: exactness of the conversion and speed-ups."""
-    from zoo_store.methods.resample.config import ResampleBudget
-    from zoo_store.methods.resample.layers import (
-        assemble,
-        permute_and_resample,
-        resampled_params,
-        uniform_cells,
-    )
-    from zoo_store.methods.resample.method import convert, widths_for
-
     say("resample: torchvision resnet18 at 224x224")
     torch.manual_seed(0)
     net = build_arch("tv_resnet18", {"num_classes": 1000}).eval()

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from bench.common import Say, bench_data_dir, demo_store, dir_store
+from service.api.state import Services
 from service.common.procs import descendants
 from zoo_store.archs import build_arch
-from zoo_store.core.cards import CardIn, InputSpec
-from zoo_store.methods.reprogram.layers import build_reprogrammed
 from zoo_store.core.bundle import PathArtifact, decode_bundle, encode_bundle, make_manifest
+from zoo_store.core.cards import CardIn, InputSpec
 from zoo_store.core.settings import Settings
+from zoo_store.methods.reprogram.layers import build_reprogrammed
 
 TV_BASE = "tv-resnet18-64"  # torchvision resnet18, random weights, 64 x 64 RGB inputs
 IMAGENET = InputSpec(channels=3, size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -165,8 +166,6 @@ async def closed_loop(svc, ids: list[str], order: list[int], concurrency: int, x
 
 
 def batcher_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan: Plan, executor: str) -> list[Point]:
-    from service.api.state import Services
-
     svc = Services.create(settings_for(data_dir, executor))
     svc.db.migrate()
     svc.zoo.add(svc.store.card(base_id))
@@ -194,8 +193,6 @@ def batcher_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan:
 def slot_memory(data_dir: Path, base_id: str, ids: list[str], max_batch: int) -> dict:
     """RSS per path of the host tier (decoded tensors) and per loaded slot, in a fresh process state:
     every path's tensors read into the host tier, then loaded into slots a batch at a time."""
-    from service.api.state import Services
-
     svc = Services.create(settings_for(data_dir, "mixed"))
     try:
         svc.zoo.add(svc.store.card(base_id))

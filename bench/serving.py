@@ -13,15 +13,14 @@ import torch
 from fastapi.testclient import TestClient
 
 from bench.common import Say, path_variants, reprogram_bytes, timeit
+from service.api.app import create_app
+from zoo_store.core.settings import Settings
 from zoo_store.methods import get_method
 
 
 def serving_suite(say: Say, quick: bool) -> list[str]:
     """Path vs dense bytes, composed vs base forward, cold vs warm predict, batched vs unbatched,
     many paths vs one, memory per path."""
-    from service.api.app import create_app
-    from zoo_store.core.settings import Settings
-
     lines = []
     tmp = Path(tempfile.mkdtemp(prefix="zoo-bench-"))
     data_dir = Path(os.environ.get("ZOO_DATA_DIR", tmp))

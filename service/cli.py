@@ -403,18 +403,20 @@ def bench(
 ) -> None:
     """Measure ratios side by side in one run and write them to docs/ with the machine (from a
     checkout of the repository: the benchmarks are not in the wheel)."""
-    _bench_package().run_bench(out, suite=suite, quick=quick, say=console.print)
+    _bench_runner().run_bench(out, suite=suite, quick=quick, say=console.print)
 
 
-def _bench_package() -> ModuleType:
+def _bench_runner() -> ModuleType:
     """``bench/`` beside ``service/`` in a checkout; imported by name, since an installed wheel has
     no benchmarks (and the layers contract keeps ``service`` from depending on them)."""
     checkout = Path(__file__).resolve().parents[1]
     if (checkout / "bench" / "__init__.py").exists() and str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
     try:
-        return importlib.import_module("bench")
-    except ModuleNotFoundError:
+        return importlib.import_module("bench.run")
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench", "bench.run"):
+            raise
         console.print("[red]error[/red]: zoo bench runs from a checkout of the repository (bench/ is not installed)")
         raise typer.Exit(2) from None
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
-from zoo_store.core.keystore import sha256
 from zoo_store.core.errors import BadRequest, InvalidInput
+from zoo_store.core.keystore import sha256
 
 
 def canonical_bytes(module_or_state: nn.Module | dict[str, torch.Tensor]) -> bytes:

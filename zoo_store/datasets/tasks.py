@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from zoo_store.core.cards import InputSpec
-from zoo_store.datasets.builtin import Arrays
 from zoo_store.core.errors import InvalidInput
 from zoo_store.core.spec import TaskSpec
-
+from zoo_store.datasets.builtin import Arrays
 
 
 @dataclass

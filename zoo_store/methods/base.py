@@ -33,13 +33,13 @@ import torch
 from torch import nn
 
 from zoo_store.archs import TapNet, build_for
-from zoo_store.core.keystore import KeyStore, MemoryKeyStore
+from zoo_store.core.bundle import PathArtifact
 from zoo_store.core.cards import Card, InputSpec
 from zoo_store.core.errors import InvalidInput
-from zoo_store.methods.bank import PathBank
+from zoo_store.core.keystore import KeyStore, MemoryKeyStore
 from zoo_store.core.spec import CompositionSpec, TaskSpec
 from zoo_store.datasets.tasks import TaskData
-from zoo_store.core.bundle import PathArtifact
+from zoo_store.methods.bank import PathBank
 
 ExpectedTensors = dict[str, tuple[str, tuple[int, ...]]]
 

@@ -13,7 +13,6 @@ from zoo_store.core.keystore import sha256
 from zoo_store.store.db import BlobChunkRow, Database
 
 
-
 class BlobStore(Protocol):
     def put(self, data: bytes) -> str: ...  # returns the SHA-256 digest
     def get(self, digest: str) -> bytes: ...  # verified against the digest

@@ -10,9 +10,9 @@ import torch
 
 from zoo_store.archs import build_arch
 from zoo_store.core.cards import CardIn, InputSpec
+from zoo_store.core.spec import TaskSpec
 from zoo_store.datasets.builtin import BUILTINS
 from zoo_store.datasets.tasks import make_task
-from zoo_store.core.spec import TaskSpec
 from zoo_store.store.store import Store
 from zoo_store.training import accuracy, fit
 

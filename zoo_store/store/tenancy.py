@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from zoo_store.store.db import ApiKeyRow, Database, new_id, page, utcnow
 from zoo_store.core.errors import InvalidInput, NotFound
+from zoo_store.store.db import ApiKeyRow, Database, new_id, page, utcnow
 
 TENANT = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 RESERVED = ("admin", "local")  # the tenants of the first admin key and of every caller when auth is off

@@ -12,8 +12,8 @@ from torch import nn
 
 from zoo_store.archs import TapNet
 from zoo_store.core.cards import Card
-from zoo_store.methods.clone.layers import Adapter, Cloned
 from zoo_store.datasets.tasks import TaskData
+from zoo_store.methods.clone.layers import Adapter, Cloned
 from zoo_store.training import accuracy, fit, init_head_rows
 
 

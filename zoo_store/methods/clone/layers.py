@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
 from zoo_store.archs.base import resize_to
+from zoo_store.archs.surgery import replace_module, shared_copy
 
 
 @contextmanager
@@ -142,8 +143,6 @@ class Cloned(nn.Module):
 
 def masked_source(source: TapNet, masks: dict[str, Tensor]) -> TapNet:
     """A structural copy of ``source`` whose masked convs compute only their kept filters."""
-    from zoo_store.archs.surgery import replace_module, shared_copy
-
     net = shared_copy(source).eval()
     for path, keep in masks.items():
         if not bool(keep.all()):

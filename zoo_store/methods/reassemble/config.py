@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
-from zoo_store.methods.reassemble.profile import Block, Profile, assembly_cost, card_profile, head_cost
 from zoo_store.core.spec import CompositionSpec
+from zoo_store.methods.reassemble.profile import Block, Profile, assembly_cost, card_profile, head_cost
 
 DEFAULT_BLOCKS = 3
 EXACT_COMBINATIONS = 20_000  # (choice, partitions) pairs the POST-time budget check enumerates at most

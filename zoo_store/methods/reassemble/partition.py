@@ -23,8 +23,8 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from zoo_store.archs import TapNet
-from zoo_store.core.keystore import KeyStore, MemoryKeyStore
 from zoo_store.core.cards import Card
+from zoo_store.core.keystore import KeyStore, MemoryKeyStore
 from zoo_store.training import normalize
 
 

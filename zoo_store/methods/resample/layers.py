@@ -23,8 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
-from zoo_store.archs.groups import ChannelGroup
-from zoo_store.archs.groups import group_width, grouped_columns, in_blocks
+from zoo_store.archs.groups import ChannelGroup, group_width, grouped_columns, in_blocks
 from zoo_store.archs.surgery import replace_module, shared_copy
 
 Layer = nn.Conv2d | nn.Linear
