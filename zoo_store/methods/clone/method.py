@@ -1,4 +1,4 @@
-"""Partial Network Cloning (PNC, CVPR 2023) as a composition method: SPEC section 3.1.
+"""Partial Network Cloning (PNC, CVPR 2023) as a composition method: docs/methods/clone.md.
 
 build: plan (target, sources, labels) -> per source, localize its filters on the labels it brings
 -> per source, search the insertion tap from deep to shallow -> train the adapters and the new head

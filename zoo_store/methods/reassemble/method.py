@@ -1,4 +1,4 @@
-"""Deep Model Reassembly (DeRy, NeurIPS 2022) as a composition method: SPEC section 3.2.
+"""Deep Model Reassembly (DeRy, NeurIPS 2022) as a composition method: docs/methods/reassemble.md.
 
 build: plan (pool, K, budget) -> partition every pool model into K blocks by CKA (cached per pool
 and probe set) -> one block per set by NASWOT within the budget (exact, or a 0-1 program) ->

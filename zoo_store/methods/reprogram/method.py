@@ -1,4 +1,4 @@
-"""Channel-wise Lightweight Reprogramming (CLR, ICCV 2023): SPEC section 3.3."""
+"""Channel-wise Lightweight Reprogramming (CLR, ICCV 2023): docs/methods/reprogram.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Integral-network conversion and width resampling (INN, CVPR 2023): SPEC section 3.4.
+"""Integral-network conversion and width resampling (INN, CVPR 2023): docs/methods/resample.md.
 
 Every coupled channel group of a base (``zoo_store.archs.groups.channel_groups``) is treated as samples of a
 smooth function on [-1, 1]: channel ``i`` of ``n`` sits at the centre of the i-th of n equal cells.

@@ -1,4 +1,4 @@
-"""Integral Neural Networks (INN, CVPR 2023) as a composition method: SPEC section 3.4.
+"""Integral Neural Networks (INN, CVPR 2023) as a composition method: docs/methods/resample.md.
 
 A path is a base resampled to a smaller width without fine-tuning: per channel group, the
 permutation that orders its channels (int32), the number of channels kept, and, with partition
