@@ -1,6 +1,6 @@
 """Distributed mode as processes on this machine: API replicas (`zoo serve`) and composition
 workers (`zoo worker`) on one PostgreSQL and one Redis, each with its own empty ``ZOO_DATA_DIR``,
-behind nginx with ``deploy/nginx.conf``. ``scenario`` is the kill test (tests/test_cluster.py runs
+behind nginx with ``deploy/nginx.conf``. ``scenario`` is the kill test (tests/system/test_cluster.py runs
 it in CI); ``cluster_suite`` (``zoo bench --suite cluster``) runs it too and measures throughput
 through nginx with two replicas against one, for docs/deploy.md."""
 

@@ -19,8 +19,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
 case "${1:-}" in
   tests)
-    ZOO_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -m "not postgres and not redis" tests/test_mixed_batches.py \
-      tests/test_runtime.py tests/test_channel.py tests/test_methods.py ;;
+    ZOO_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -m "not postgres and not redis" tests/unit/test_mixed_batches.py \
+      tests/api/test_runtime.py tests/api/test_channel.py tests/unit/test_methods.py ;;
   scale)
     work=$(mktemp -d) && cp -r "$3"/. "$work"/ || exit 1
     ZOO_BENCH_SCALE_BASES="$2" ZOO_DATA_DIR="$work" python3 -m service.cli bench --suite scale \
@@ -31,7 +31,7 @@ case "${1:-}" in
       echo "start $(date +%s)" > "$OUT/$name.log"
       timeout -k 5 "$t" bash "$0" "$@" >> "$OUT/$name.log" 2>&1
       echo "rc $? end $(date +%s)" >> "$OUT/$name.log"
-      pkill -f "[s]ervice[.]cli serve"; pkill -f "[s]ervice[.]bench[.]loadgen"; sleep 1  # brackets: not this line
+      pkill -f "[s]ervice[.]cli serve"; pkill -f "[b]ench[.]loadgen"; sleep 1  # brackets: not this line
     }
     step tests 60 tests
     step scale-resnet-mnist 290 scale resnet-mnist "$2"
