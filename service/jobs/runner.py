@@ -14,15 +14,14 @@ from typing import Any
 from service.common.metrics import Metrics
 from service.jobs.queues import JobQueue
 from zoo_store.archs import TapNet
+from zoo_store.core.bundle import Bundle, encode_bundle, make_manifest, path_id_of
 from zoo_store.core.cards import Card
-from zoo_store.datasets.tasks import make_task
-from zoo_store.store.db import Database
-from zoo_store.methods.base import BuildContext, Cancelled
-from zoo_store.datasets.tasks import TaskData
-from zoo_store.methods import get_method
-from zoo_store.core.spec import CompositionSpec, TaskSpec
-from zoo_store.core.bundle import decode_bundle, encode_bundle, make_manifest
 from zoo_store.core.settings import Settings
+from zoo_store.core.spec import CompositionSpec, TaskSpec
+from zoo_store.datasets.tasks import TaskData, make_task
+from zoo_store.methods import get_method
+from zoo_store.methods.base import BuildContext, Cancelled
+from zoo_store.store.db import Database
 from zoo_store.store.store import TERMINAL, Store
 
 log = logging.getLogger("zoo.jobs")
@@ -54,10 +53,10 @@ def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | N
         ctx = BuildContext(bases=bases, load_task=load_task, device=device, report=report, cancelled=cancelled,
                            cache=store.cache)
         art = method.build(spec, ctx)
-        manifest = make_manifest(art)
-        bundle = decode_bundle(encode_bundle(manifest, art.tensors, art.metrics))
-        metrics = {**art.metrics, "bytes": len(bundle.data)}
-        store.finish_job(job_id, bundle, metrics)
+        manifest = make_manifest(art)  # the tensors hashed once, here; encoded once, below
+        data = encode_bundle(manifest, art.tensors, art.metrics)
+        bundle = Bundle(path_id_of(manifest), manifest, art.tensors, art.metrics, data)
+        store.finish_job(job_id, bundle, {**art.metrics, "bytes": len(data)})
     except Cancelled:
         store.cancel_job(job_id)
     except Exception as e:
