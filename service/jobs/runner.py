@@ -21,7 +21,7 @@ from zoo_store.core.spec import CompositionSpec, TaskSpec
 from zoo_store.datasets.tasks import TaskData, make_task
 from zoo_store.methods import get_method
 from zoo_store.methods.base import BuildContext, Cancelled
-from zoo_store.store.db import Database
+from zoo_store.store.db import Database, JobRow
 from zoo_store.store.store import TERMINAL, Store
 
 log = logging.getLogger("zoo.jobs")
@@ -86,6 +86,12 @@ class JobRunner:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.procs: dict[str, mp.Process] = {}
+
+    def submit(self, spec: dict[str, Any], tenant: str | None = None) -> JobRow:
+        """A new job for the spec (checked by the caller), queued for whichever runner takes it first."""
+        row = self.store.create_job(spec, tenant)
+        self.queue.put(row.id)
+        return row
 
     def recover(self) -> None:
         """A job left running by a dead server is failed; queued ones go back on the queue."""

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs.runner import run_job
+from service.common.metrics import Metrics
+from service.jobs.queues import MemoryQueue
+from service.jobs.runner import JobRunner, run_job
 from tests.conftest import tiny_card, tiny_weights
 from tests.helpers import reprogram_spec
 from zoo_store.core import bundle as bundle_module
+from zoo_store.core.settings import Settings
 from zoo_store.store.blobs import DirBlobStore
 from zoo_store.store.db import Database
 from zoo_store.store.store import Store
@@ -42,3 +45,11 @@ def test_run_job_hashes_and_encodes_the_bundle_once(store: Store, monkeypatch: p
     data = store.path_bundle(done.path_id)
     assert bundle_module.decode_bundle(data).id == done.path_id and done.metrics["bytes"] == len(data)
     assert store.path(done.path_id).metrics == {k: v for k, v in done.metrics.items() if k != "bytes"}
+
+
+def test_submit_stores_the_job_and_queues_it(store: Store, tmp_path: Path) -> None:
+    queue = MemoryQueue()
+    runner = JobRunner(Settings(data_dir=tmp_path), store, queue, Metrics())
+    row = runner.submit(reprogram_spec(), "a")
+    assert (store.job(row.id).state, store.job(row.id).tenant) == ("queued", "a")
+    assert queue.get(timeout=1)[1] == row.id

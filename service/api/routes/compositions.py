@@ -6,10 +6,10 @@ from service.api.auth import CallerDep
 from service.api.deps import ReadySvc
 from service.api.openapi import FORBIDDEN
 from service.api.schemas import Job
-from zoo_store.datasets.tasks import resolve_labels
 from zoo_store.core.errors import InvalidInput, NotFound
-from zoo_store.methods import get_method
 from zoo_store.core.spec import CompositionSpec
+from zoo_store.datasets.tasks import resolve_labels
+from zoo_store.methods import get_method
 
 router = APIRouter(prefix="/v1/compositions", tags=["compositions"])
 
@@ -26,6 +26,4 @@ def compose(spec: CompositionSpec, svc: ReadySvc, caller: CallerDep) -> Job:
             raise InvalidInput(f"task.dataset: {e.detail}") from e
         resolve_labels(dataset.labels, spec.task)
     svc.quotas.new_job(caller)
-    row = svc.store.create_job(spec.model_dump(mode="json"), caller.tenant)
-    svc.runner.queue.put(row.id)
-    return Job.of(row)
+    return Job.of(svc.runner.submit(spec.model_dump(mode="json"), caller.tenant))
