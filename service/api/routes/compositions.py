@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
+from service.api.audit import audit_target
 from service.api.auth import CallerDep
 from service.api.deps import ReadySvc
 from service.api.openapi import FORBIDDEN
@@ -15,7 +16,7 @@ router = APIRouter(prefix="/v1/compositions", tags=["compositions"])
 
 
 @router.post("", status_code=202, responses=FORBIDDEN)
-def compose(spec: CompositionSpec, svc: ReadySvc, caller: CallerDep) -> Job:
+def compose(spec: CompositionSpec, request: Request, svc: ReadySvc, caller: CallerDep) -> Job:
     """Validate a task spec, then queue the job that builds its path (this key's tenant's job and path)."""
     method = get_method(spec.method)
     method.check(spec, svc.store.cards())
@@ -26,4 +27,6 @@ def compose(spec: CompositionSpec, svc: ReadySvc, caller: CallerDep) -> Job:
             raise InvalidInput(f"task.dataset: {e.detail}") from e
         resolve_labels(dataset.labels, spec.task)
     svc.quotas.new_job(caller)
-    return Job.of(svc.runner.submit(spec.model_dump(mode="json"), caller.tenant))
+    row = svc.runner.submit(spec.model_dump(mode="json"), caller.tenant)
+    audit_target(request, row.id)
+    return Job.of(row)
