@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -145,6 +146,26 @@ def test_job_events_stream(app_client: TestClient) -> None:
     assert events[-1] == {"state": "succeeded"}
     assert events[-2]["state"] == "succeeded" and events[-2]["path_id"]
 
+
+def test_job_events_check_the_key_off_the_event_loop(app_client: TestClient, monkeypatch) -> None:
+    """The stream's key checks (they may read the database) run on worker threads, not the event loop."""
+    svc = app_client.app.state.services
+    on_loop, check = [], svc.auth.caller
+
+    def caller(key):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return check(key)
+
+    monkeypatch.setattr(svc.auth, "caller", caller)
+    job_id = compose(app_client, reprogram_spec())["id"]
+    on_loop.clear()
+    with app_client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.status_code == 200 and "event: end" in r.read().decode()
+    assert len(on_loop) >= 2 and not any(on_loop)  # the route's own, then the stream's
 
 def test_cancel_job(app_client: TestClient) -> None:
     spec = reprogram_spec(task={"dataset": "mnist", "samples_per_label": 500}, epochs=50)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import CallerDep, bearer_key
 from service.api.deps import Cursor, Limit, Svc
@@ -40,18 +41,18 @@ def cancel_job(job_id: str, svc: Svc, caller: CallerDep) -> Job:
 @router.get("/{job_id}/events")
 async def job_events(job_id: str, request: Request, svc: Svc, caller: CallerDep) -> StreamingResponse:
     """Server-sent events: the job each time it changes, until it ends (or the key stops working)."""
-    svc.store.job(job_id, caller.visible_to)  # 404 before the stream starts
+    await run_in_threadpool(svc.store.job, job_id, caller.visible_to)  # 404 before the stream starts
     key = bearer_key(request.headers.get("authorization"))
 
     async def stream() -> AsyncIterator[str]:
         last = None
         while True:
             try:
-                svc.auth.caller(key)  # revoked or expired since the stream began: it ends
+                await run_in_threadpool(svc.auth.caller, key)  # revoked or expired since the stream began: it ends
             except Unauthorized as e:
                 yield f"event: end\ndata: {json.dumps({'error': e.detail})}\n\n"
                 return
-            job = Job.of(await asyncio.to_thread(svc.store.job, job_id))
+            job = Job.of(await run_in_threadpool(svc.store.job, job_id))
             body = job.model_dump_json()
             if body != last:
                 yield f"event: job\ndata: {body}\n\n"
