@@ -9,20 +9,20 @@ from dataclasses import dataclass, field
 
 from service.api.audit import AuditLog
 from service.api.auth import Auth
-from service.jobs.runner import JobRunner
-from service.common.metrics import Metrics
-from service.jobs.queues import JobQueue, MemoryQueue, RedisQueue
 from service.api.quotas import MemoryBuckets, Quotas, RedisBuckets
+from service.common.metrics import Metrics
+from service.common.ttl import TtlCache
+from service.jobs.queues import JobQueue, MemoryQueue, RedisQueue
+from service.jobs.runner import JobRunner
 from service.runtime.batcher import Batcher
 from service.runtime.cache import Entry, PathCache
 from service.runtime.zoo import ResidentZoo
-from service.common.ttl import TtlCache
+from zoo_store.core.bundle import Manifest
+from zoo_store.core.errors import NotFound, ZooError
+from zoo_store.core.settings import Settings, configure_torch
 from zoo_store.store.blobs import BlobStore
 from zoo_store.store.db import DEMO_ZOO_LOCK_KEY, Database
 from zoo_store.store.demo import ensure_demo_zoo
-from zoo_store.core.errors import NotFound, ZooError
-from zoo_store.core.bundle import Manifest
-from zoo_store.core.settings import Settings
 from zoo_store.store.store import Store
 from zoo_store.store.tenancy import Caller
 
@@ -57,7 +57,7 @@ class Services:
         db = Database(settings.db_url)
         # the in-memory twin of the blob store comes with an in-memory cache
         store = Store(db, blobs, None) if blobs else Store.open(settings, db)
-        zoo = ResidentZoo(store, settings.torch_device())
+        zoo = ResidentZoo(store, configure_torch(settings))
         cache = PathCache(store, zoo, settings.cache_bytes, metrics, frozenset(settings.pinned_paths),
                           host_budget=settings.host_cache_bytes, batching=settings.batching,
                           min_slots=settings.max_batch_size)  # fmt: skip

@@ -16,7 +16,7 @@ from service.jobs.queues import JobQueue
 from zoo_store.archs import TapNet
 from zoo_store.core.bundle import Bundle, encode_bundle, make_manifest, path_id_of
 from zoo_store.core.cards import Card
-from zoo_store.core.settings import Settings
+from zoo_store.core.settings import Settings, configure_torch
 from zoo_store.core.spec import CompositionSpec, TaskSpec
 from zoo_store.datasets.tasks import TaskData, make_task
 from zoo_store.methods import get_method
@@ -69,9 +69,10 @@ def _child_main(settings_json: str, job_id: str, parent: int) -> None:
 
     die_with_parent(parent)  # a job never outlives the process that runs the zoo
     settings = Settings.model_validate_json(settings_json)
+    device = configure_torch(settings)
     db = Database(settings.db_url)
     try:
-        run_job(Store.open(settings, db), job_id, None, settings.torch_device())
+        run_job(Store.open(settings, db), job_id, None, device)
     finally:
         db.dispose()
 
