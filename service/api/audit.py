@@ -57,8 +57,8 @@ class AuditMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", None)
             if route is not None and route not in READS:  # a path no route has is not a call worth a row
-                state = scope.get("state", {})
+                state, in_path = scope.get("state", {}), (scope.get("path_params") or {}).values()
                 caller = state.get("caller")
-                target = state.get("audit_target") or next(iter((scope.get("path_params") or {}).values()), None)
+                target = state.get("audit_target") or next(iter(in_path), None)
                 await run_in_threadpool(self.log.write, getattr(caller, "key_id", None), getattr(caller, "tenant", None),
                                         scope["method"], route, target, status)  # fmt: skip

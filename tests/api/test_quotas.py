@@ -143,15 +143,18 @@ def test_each_audit_row_names_what_the_call_acted_on(zoo) -> None:
 
     client, who, path, other = zoo
     spec = {"method": "reprogram", "base": "res", "task": SMALL_TASK, "train": {"epochs": 1}}
-    card = {**tiny_card("res2").model_dump(mode="json")}
+    card = tiny_card("res2").model_dump(mode="json")
     key = client.post("/v1/keys", json={"tenant": "c"}).json()["id"]
+    weights = {"weights": ("w.safetensors", save(tiny_weights("resnet_s", 10)))}
+    answers = {
+        "POST /v1/paths/import": client.post("/v1/paths/import", content=other, headers=who["b"]),
+        "POST /v1/datasets": client.post("/v1/datasets", files={"file": ("d.npz", _npz(12))}),
+        "POST /v1/compositions": client.post("/v1/compositions", json=spec, headers=who["a"]),
+        "POST /v1/zoo/models": client.post("/v1/zoo/models", data={"card": json.dumps(card)}, files=weights),
+    }
     made = {
         "POST /v1/keys": key,
-        "POST /v1/paths/import": client.post("/v1/paths/import", content=other, headers=who["b"]).json()["id"],
-        "POST /v1/datasets": client.post("/v1/datasets", files={"file": ("d.npz", _npz(12))}).json()["id"],
-        "POST /v1/compositions": client.post("/v1/compositions", json=spec, headers=who["a"]).json()["id"],
-        "POST /v1/zoo/models": client.post("/v1/zoo/models", data={"card": json.dumps(card)},
-                                           files={"weights": ("w.safetensors", save(tiny_weights("resnet_s", 10)))}).json()["id"],
+        **{route: r.json()["id"] for route, r in answers.items()},
         "PUT /v1/paths/{path_id}/sharing": path,
         "PUT /v1/tenants/{tenant}/limits": "c",
         "DELETE /v1/keys/{key_id}": key,

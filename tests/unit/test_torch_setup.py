@@ -28,7 +28,7 @@ print(json.dumps([before, state()]))
 
 def test_only_configure_torch_changes_torchs_global_state() -> None:
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = json.loads(out.stdout.splitlines()[-1])
     assert before == [None, True, True]  # imported, and the device resolved: nothing changed

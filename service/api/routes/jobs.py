@@ -48,7 +48,7 @@ async def job_events(job_id: str, request: Request, svc: Svc, caller: CallerDep)
         last = None
         while True:
             try:
-                await run_in_threadpool(svc.auth.caller, key)  # revoked or expired since the stream began: it ends
+                await run_in_threadpool(svc.auth.caller, key)  # revoked or expired since it began: it ends
             except Unauthorized as e:
                 yield f"event: end\ndata: {json.dumps({'error': e.detail})}\n\n"
                 return
