@@ -146,21 +146,28 @@ def worker() -> None:
     """Distributed mode: consume composition jobs from Redis Streams until stopped."""
     import logging
     import signal
+    import threading
 
-    from service.api.state import Services
-    from zoo_store.core.settings import Settings
+    from service.jobs.runner import JobRunner
+    from zoo_store.core.settings import Settings, configure_torch
 
     logging.basicConfig(level=logging.INFO)
     settings = Settings(mode="distributed")
-    svc = Services.create(settings)
-    svc.db.migrate()
+    runner, stopping = JobRunner.open(settings), threading.Event()
+    runner.store.db.migrate()
     if settings.job_executor == "thread":  # jobs share this process's bases (a job process loads its own)
-        svc.zoo.load_all()
-        svc.follow_zoo()
-    svc.runner.start()
+        from service.runtime.zoo import ResidentZoo
+
+        zoo = ResidentZoo(runner.store, configure_torch(settings))
+        zoo.load_all()
+        zoo.follow_every(settings.zoo_poll_s, stopping)
+        runner.resident = lambda: zoo.bases
+    runner.start()
     console.print(f"worker: consuming jobs from {settings.redis_url}, stream {settings.jobs_stream}")
     signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    svc.stop()
+    stopping.set()
+    runner.stop()
+    runner.store.db.dispose()
 
 
 @command(models_app, "list")
@@ -293,9 +300,9 @@ def keys_create(tenant: Annotated[str, typer.Option(help="The tenant the key act
 def _offline_key(tenant: str, admin: bool, expires_in_days: int | None) -> dict:
     import datetime as dt
 
-    from zoo_store.store.db import Database, utcnow
     from zoo_store.core.errors import ZooError
     from zoo_store.core.settings import Settings
+    from zoo_store.store.db import Database, utcnow
     from zoo_store.store.tenancy import Keys
 
     db = Database(Settings().db_url)

@@ -12,7 +12,7 @@ from service.api.auth import Auth
 from service.api.quotas import MemoryBuckets, Quotas, RedisBuckets
 from service.common.metrics import Metrics
 from service.common.ttl import TtlCache
-from service.jobs.queues import JobQueue, MemoryQueue, RedisQueue
+from service.jobs.queues import JobQueue, job_queue
 from service.jobs.runner import JobRunner
 from service.runtime.batcher import Batcher
 from service.runtime.cache import Entry, PathCache
@@ -63,10 +63,7 @@ class Services:
                           min_slots=settings.max_batch_size)  # fmt: skip
         batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics, cache,
                           settings.max_queue_inputs)  # fmt: skip
-        if queue is None:
-            queue = (RedisQueue(settings.redis_url, stream=settings.jobs_stream, idle_ms=int(settings.job_claim_idle_s * 1000))
-                     if settings.mode == "distributed" else MemoryQueue())  # fmt: skip
-        runner = JobRunner(settings, store, queue, metrics, resident=lambda: zoo.bases)
+        runner = JobRunner(settings, store, queue or job_queue(settings), metrics, resident=lambda: zoo.bases)
         buckets = RedisBuckets(settings.redis_url) if settings.mode == "distributed" else MemoryBuckets()
         return cls(settings, db, store, zoo, cache, batcher, runner, metrics, Auth(db, settings.auth),
                    Quotas(settings, db, store, buckets), AuditLog(db))  # fmt: skip

@@ -7,6 +7,8 @@ import queue
 import socket
 from typing import Protocol
 
+from zoo_store.core.settings import Settings
+
 
 class JobQueue(Protocol):
     heartbeat_s: float  # how often a worker holding a job must ``touch`` it
@@ -86,3 +88,11 @@ class RedisQueue:
     def touch(self, tag: str) -> None:
         # XCLAIM to ourselves with min-idle 0 resets the entry's idle time (JUSTID: no re-delivery count)
         self.r.xclaim(self.stream, self.group, self.consumer, 0, [tag], justid=True)
+
+
+def job_queue(settings: Settings) -> JobQueue:
+    """The Settings' queue: the Redis stream in distributed mode, else one in this process's memory."""
+    if settings.mode == "distributed":
+        idle_ms = int(settings.job_claim_idle_s * 1000)
+        return RedisQueue(settings.redis_url, stream=settings.jobs_stream, idle_ms=idle_ms)
+    return MemoryQueue()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from service.common.metrics import Metrics
-from service.jobs.queues import JobQueue
+from service.jobs.queues import JobQueue, job_queue
 from zoo_store.archs import TapNet
 from zoo_store.core.bundle import Bundle, encode_bundle, make_manifest, path_id_of
 from zoo_store.core.cards import Card
@@ -87,6 +87,12 @@ class JobRunner:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.procs: dict[str, mp.Process] = {}
+
+    @classmethod
+    def open(cls, settings: Settings) -> JobRunner:
+        """A runner and only what it needs: the Settings' database, store and queue (``zoo worker``)."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(settings, Store.open(settings, Database(settings.db_url)), job_queue(settings), Metrics())
 
     def submit(self, spec: dict[str, Any], tenant: str | None = None) -> JobRow:
         """A new job for the spec (checked by the caller), queued for whichever runner takes it first."""
