@@ -24,7 +24,7 @@ app = typer.Typer(help="zoo: compose new models out of a zoo of frozen networks"
 models_app = typer.Typer(help="The zoo's base networks: list, show, add, pull from another server.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Datasets to compose on: list, add (ImageFolder zip or .npz).", no_args_is_help=True)
 paths_app = typer.Typer(help="Composed paths: list, show, delete.", no_args_is_help=True)
-jobs_app = typer.Typer(help="Composition jobs: list, show, watch, cancel.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Composition jobs: list, show, watch, cancel, delete.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Portable .zoopath bundles: export, import, standalone networks.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (an admin's key needed): create, list, revoke.", no_args_is_help=True)
 for name, sub in (("models", models_app), ("datasets", datasets_app), ("paths", paths_app), ("jobs", jobs_app),
@@ -353,9 +353,16 @@ def jobs_watch(job_id: Annotated[str, typer.Argument(help="A job's id.")], url: 
 
 @command(jobs_app, "cancel")
 def jobs_cancel(job_id: Annotated[str, typer.Argument(help="A job's id.")], url: Url = DEFAULT_URL) -> None:
-    """Ask a queued or running job to stop."""
+    """Ask a queued or running job to stop (it stays listed, cancelled)."""
     job = _client(url).cancel(job_id)
-    console.print(f"job {job_id}: {job['state']}{' (cancel requested)' if job.get('cancel_requested') else ''}")
+    console.print(f"job {job_id}: {job['state']}")
+
+
+@command(jobs_app, "delete")
+def jobs_delete(job_id: Annotated[str, typer.Argument(help="A job's id.")], url: Url = DEFAULT_URL) -> None:
+    """Delete a job (cancelled first if it still runs); the path it made stays."""
+    _client(url).delete_job(job_id)
+    console.print(f"deleted job {job_id}")
 
 
 def _follow(client: ZooClient, job_id: str) -> None:

@@ -16,6 +16,7 @@ from service.jobs.queues import JobQueue, job_queue
 from zoo_store.archs import TapNet
 from zoo_store.core.bundle import Bundle, encode_bundle, make_manifest, path_id_of
 from zoo_store.core.cards import Card
+from zoo_store.core.errors import NotFound
 from zoo_store.core.settings import Settings, configure_torch
 from zoo_store.core.spec import CompositionSpec, TaskSpec
 from zoo_store.datasets.tasks import TaskData, make_task
@@ -28,8 +29,12 @@ log = logging.getLogger("zoo.jobs")
 
 
 def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | None, device: str) -> None:
-    """Build one job's path and store it with the job's success in one transaction."""
-    job = store.job(job_id)
+    """Build one job's path and store it with the job's success in one transaction. A job cancelled
+    or deleted meanwhile stops at its next step and stores nothing."""
+    try:
+        job = store.job(job_id)
+    except NotFound:  # deleted before it ran
+        return
     if job.state in TERMINAL:
         return
     spec = CompositionSpec.model_validate(job.spec)
@@ -47,7 +52,10 @@ def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | N
             store.update_job(job_id, progress={k: v for k, v in info.items() if v is not None})
 
         def cancelled() -> bool:
-            j = store.job(job_id)
+            try:
+                j = store.job(job_id)
+            except NotFound:  # deleted
+                return True
             return j.cancel_requested or j.state == "cancelled"
 
         ctx = BuildContext(bases=bases, load_task=load_task, device=device, report=report, cancelled=cancelled,
@@ -119,10 +127,16 @@ class JobRunner:
             t.join(timeout=5)
 
     def cancel(self, job_id: str) -> None:
+        """A queued job stops at once; a running one at its next step (its process here: at once)."""
         self.store.cancel_job(job_id)
         proc = self.procs.get(job_id)
         if proc is not None and proc.is_alive():
             proc.terminate()
+
+    def delete(self, job_id: str) -> None:
+        """Cancel the job, then delete it; the path it made, if any, stays."""
+        self.cancel(job_id)
+        self.store.delete_job(job_id)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -139,7 +153,7 @@ class JobRunner:
                 done.set()
                 beat.join()
                 self.queue.ack(tag)
-                state = self.store.job(job_id).state
+                state = self.store.job_state(job_id) or "cancelled"  # deleted: it was cancelled first
                 self.metrics.jobs.labels(state).inc()
 
     def _heartbeat(self, tag: str, done: threading.Event) -> None:
@@ -161,7 +175,7 @@ class JobRunner:
         while proc.is_alive() and not self._stop.is_set():
             proc.join(timeout=0.2)
         self.procs.pop(job_id, None)
-        if proc.exitcode not in (0, None) and self.store.job(job_id).state not in TERMINAL:
+        if proc.exitcode not in (0, None):  # (a job that ended, or is gone, is not changed)
             self.store.update_job(job_id, state="failed", error=f"job process exited with code {proc.exitcode}")
 
 

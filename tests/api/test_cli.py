@@ -69,6 +69,9 @@ def test_compose_predict_and_bundle_round_trip(zoo: TestClient, tmp_path: Path) 
     assert [j["path_id"] for j in jobs] == [path_id] and "100.00%" in _run("jobs", "list", "--state", "succeeded")
     assert json.loads(_run("jobs", "show", jobs[0]["id"]))["state"] == "succeeded"
     assert f"path {path_id}  accuracy " in _run("jobs", "watch", jobs[0]["id"])  # an ended job: its result at once
+    assert _run("jobs", "cancel", jobs[0]["id"]) == f"job {jobs[0]['id']}: succeeded\n"  # ended: as it was
+    assert _run("jobs", "delete", jobs[0]["id"]) == f"deleted job {jobs[0]['id']}\n"
+    assert _run("jobs", "list", "--json").strip() == "[]" and path_id in _run("paths", "list")  # path stays
     assert "%" in out.splitlines()[-1]  # accuracy for people, not 0.9244999885559082
 
 
@@ -143,8 +146,9 @@ def test_models_add_registers_a_torchvision_network_saved_in_plain_pytorch(zoo: 
 
 
 @pytest.mark.redis
-def test_worker_runs_jobs_with_only_a_store_a_queue_and_a_runner(db_url: str, redis_url: str, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_worker_runs_jobs_with_only_a_store_a_queue_and_a_runner(
+    db_url: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`zoo worker` (jobs in threads here, so with the bases resident) runs a job from the stream,
     and builds none of the app's services (path cache, batcher, auth, quotas)."""
     import signal
