@@ -91,17 +91,14 @@ class Services:
             gc.freeze()  # the resident zoo and everything loaded so far: never scanned by the collector again
             self.ready.set()
             log.warning("zoo ready: %d bases resident on %s", len(self.zoo.bases), self.zoo.device)
-            self.follow_zoo()
+            threading.Thread(target=self._follow, name="zoo-follow", daemon=True).start()
         except Exception as e:
             self.startup_error = f"{type(e).__name__}: {e}"
             log.exception("zoo failed to load")
 
-    def follow_zoo(self) -> None:
-        """Every ``zoo_poll_s``, load the bases registered through other processes and drop from
-        the path cache the paths deleted through them (a background thread)."""
-        threading.Thread(target=self._follow, name="zoo-follow", daemon=True).start()
-
     def _follow(self) -> None:
+        """Every ``zoo_poll_s``, load the bases registered through other processes and drop from
+        the path cache the paths deleted through them (on a background thread)."""
         seq, _ = self.store.deletions_since(None)
         while not self.stopping.wait(self.settings.zoo_poll_s):
             try:

@@ -23,7 +23,6 @@ class MemoryQueue:
 
     def __init__(self) -> None:
         self.q: queue.Queue[str] = queue.Queue()
-        self.unacked: dict[str, str] = {}
         self._n = 0
 
     def put(self, job_id: str) -> None:
@@ -35,12 +34,10 @@ class MemoryQueue:
         except queue.Empty:
             return None
         self._n += 1
-        tag = str(self._n)
-        self.unacked[tag] = job_id
-        return tag, job_id
+        return str(self._n), job_id
 
     def ack(self, tag: str) -> None:
-        self.unacked.pop(tag, None)
+        pass  # one process: a job taken is never delivered again
 
     def touch(self, tag: str) -> None:
         pass  # one process: nobody else could take the job over

@@ -6,7 +6,6 @@ import logging
 import multiprocessing as mp
 import os
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -177,14 +176,3 @@ class JobRunner:
         self.procs.pop(job_id, None)
         if proc.exitcode not in (0, None):  # (a job that ended, or is gone, is not changed)
             self.store.update_job(job_id, state="failed", error=f"job process exited with code {proc.exitcode}")
-
-
-def wait_for(store: Store, job_id: str, timeout: float = 300.0) -> str:
-    """Poll until the job ends; returns its state (for tests and the bench)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        state = store.job(job_id).state
-        if state in TERMINAL:
-            return state
-        time.sleep(0.05)
-    raise TimeoutError(f"job {job_id} still {store.job(job_id).state} after {timeout}s")

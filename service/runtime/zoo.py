@@ -80,9 +80,6 @@ class ResidentZoo:
 
         threading.Thread(target=loop, name="zoo-follow", daemon=True).start()
 
-    def nets(self) -> dict[str, TapNet]:
-        return {k: net for k, (_, net) in self.bases.items()}
-
     def nets_of(self, manifest: Manifest) -> dict[str, TapNet]:
         """Only the bases a path references (and ``check_refs`` verified): its config may name no other."""
         return {r.id: self.bases[r.id][1] for r in manifest.bases}
