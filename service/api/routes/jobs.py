@@ -48,6 +48,8 @@ def delete_job(job_id: str, svc: Svc, caller: CallerDep) -> Response:
 
 
 class EventStream(StreamingResponse):
+    """Server-sent events (the media type the OpenAPI document declares for them)."""
+
     media_type = "text/event-stream"
 
 
