@@ -183,7 +183,7 @@ def test_worker_runs_jobs_with_only_a_store_a_queue_and_a_runner(
     store.add_base(tiny_card("res"), tiny_weights("resnet_s", 10))
     jobs = []
 
-    def sigwait(signals: set) -> signal.Signals:  # the worker is up: one job, then SIGTERM
+    def sigwait(_: set) -> signal.Signals:  # the worker is up: one job, then SIGTERM
         jobs.append(store.create_job(reprogram_spec()).id)
         RedisQueue(redis_url, stream=stream).put(jobs[0])
         end = time.monotonic() + 120
