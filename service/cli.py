@@ -24,7 +24,7 @@ app = typer.Typer(help="zoo: compose new models out of a zoo of frozen networks"
 models_app = typer.Typer(help="The zoo's base networks: list, show, add, pull from another server.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Datasets to compose on: list, add (ImageFolder zip or .npz).", no_args_is_help=True)
 paths_app = typer.Typer(help="Composed paths: list, show, delete.", no_args_is_help=True)
-jobs_app = typer.Typer(help="Composition jobs: list, show, watch, cancel.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Composition jobs: list, show, watch, cancel, delete.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Portable .zoopath bundles: export, import, standalone networks.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (an admin's key needed): create, list, revoke.", no_args_is_help=True)
 for name, sub in (("models", models_app), ("datasets", datasets_app), ("paths", paths_app), ("jobs", jobs_app),
@@ -146,21 +146,28 @@ def worker() -> None:
     """Distributed mode: consume composition jobs from Redis Streams until stopped."""
     import logging
     import signal
+    import threading
 
-    from service.api.state import Services
-    from zoo_store.core.settings import Settings
+    from service.jobs.runner import JobRunner
+    from zoo_store.core.settings import Settings, configure_torch
 
     logging.basicConfig(level=logging.INFO)
     settings = Settings(mode="distributed")
-    svc = Services.create(settings)
-    svc.db.migrate()
+    runner, stopping = JobRunner.open(settings), threading.Event()
+    runner.store.db.migrate()
     if settings.job_executor == "thread":  # jobs share this process's bases (a job process loads its own)
-        svc.zoo.load_all()
-        svc.follow_zoo()
-    svc.runner.start()
+        from service.runtime.zoo import ResidentZoo
+
+        zoo = ResidentZoo(runner.store, configure_torch(settings))
+        zoo.load_all()
+        zoo.follow_every(settings.zoo_poll_s, stopping)
+        runner.resident = lambda: zoo.bases
+    runner.start()
     console.print(f"worker: consuming jobs from {settings.redis_url}, stream {settings.jobs_stream}")
     signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    svc.stop()
+    stopping.set()
+    runner.stop()
+    runner.store.db.dispose()
 
 
 @command(models_app, "list")
@@ -293,9 +300,9 @@ def keys_create(tenant: Annotated[str, typer.Option(help="The tenant the key act
 def _offline_key(tenant: str, admin: bool, expires_in_days: int | None) -> dict:
     import datetime as dt
 
-    from zoo_store.store.db import Database, utcnow
     from zoo_store.core.errors import ZooError
     from zoo_store.core.settings import Settings
+    from zoo_store.store.db import Database, utcnow
     from zoo_store.store.tenancy import Keys
 
     db = Database(Settings().db_url)
@@ -346,9 +353,16 @@ def jobs_watch(job_id: Annotated[str, typer.Argument(help="A job's id.")], url: 
 
 @command(jobs_app, "cancel")
 def jobs_cancel(job_id: Annotated[str, typer.Argument(help="A job's id.")], url: Url = DEFAULT_URL) -> None:
-    """Ask a queued or running job to stop."""
+    """Ask a queued or running job to stop (it stays listed, cancelled)."""
     job = _client(url).cancel(job_id)
-    console.print(f"job {job_id}: {job['state']}{' (cancel requested)' if job.get('cancel_requested') else ''}")
+    console.print(f"job {job_id}: {job['state']}")
+
+
+@command(jobs_app, "delete")
+def jobs_delete(job_id: Annotated[str, typer.Argument(help="A job's id.")], url: Url = DEFAULT_URL) -> None:
+    """Delete a job (cancelled first if it still runs); the path it made stays."""
+    _client(url).delete_job(job_id)
+    console.print(f"deleted job {job_id}")
 
 
 def _follow(client: ZooClient, job_id: str) -> None:

@@ -108,7 +108,12 @@ class ZooClient:
         return self._call("GET", f"/v1/jobs/{job_id}").json()
 
     def cancel(self, job_id: str) -> dict:
-        return self._call("DELETE", f"/v1/jobs/{job_id}").json()
+        """Ask a queued or running job to stop; the job as it is then."""
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a job (cancelled first if it still runs); the path it made stays."""
+        self._call("DELETE", f"/v1/jobs/{job_id}")
 
     def events(self, job_id: str) -> Iterator[dict]:
         """The job's server-sent events, each a job dict, until it ends."""

@@ -1,19 +1,24 @@
 """The audit log: every mutating call (POST, PUT, PATCH, DELETE; not predicts, which only read)
 writes one row after it is answered: when, the key's id and tenant, the method and route, the
-target (the id in the path, or the id of what a POST made) and the status. Never a key or a body."""
+target (what the route named with ``audit_target``, else the id in the path) and the status.
+Never a key or a body."""
 
 from __future__ import annotations
 
-import re
-
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zoo_store.store.db import AuditRow, Database, new_id, page
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 READS = {"/v1/paths/{path_id}/predict", "/v2/models/{path_id}/infer"}  # POSTs that change nothing
-_ID = re.compile(rb'\{"id":"([A-Za-z0-9_.-]{1,200})"')
+
+
+def audit_target(request: Request, target: str) -> None:
+    """Name what the call acted on (what a POST made) as its audit row's target; a route with an id
+    in its path need not: that id is the target."""
+    request.state.audit_target = target
 
 
 class AuditLog:
@@ -39,14 +44,12 @@ class AuditMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in MUTATING:
             return await self.app(scope, receive, send)
-        status, head = 500, b""
+        status = 500
 
         async def watch(message: Message) -> None:
-            nonlocal status, head
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body" and len(head) < 4096:
-                head += message.get("body", b"")[:4096]
             await send(message)
 
         try:
@@ -54,14 +57,8 @@ class AuditMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", None)
             if route is not None and route not in READS:  # a path no route has is not a call worth a row
-                caller = scope.get("state", {}).get("caller")
-                target = next(iter((scope.get("path_params") or {}).values()), None) or _made(head, status)
+                state, in_path = scope.get("state", {}), (scope.get("path_params") or {}).values()
+                caller = state.get("caller")
+                target = state.get("audit_target") or next(iter(in_path), None)
                 await run_in_threadpool(self.log.write, getattr(caller, "key_id", None), getattr(caller, "tenant", None),
                                         scope["method"], route, target, status)  # fmt: skip
-
-
-def _made(body: bytes, status: int) -> str | None:
-    """The id of what a successful POST made (a job, a path, a dataset, a key): the first field of
-    its answer (read from the answer's start: the rest may be long)."""
-    m = _ID.match(body) if 200 <= status < 300 else None
-    return m.group(1).decode() if m else None

@@ -9,20 +9,20 @@ from dataclasses import dataclass, field
 
 from service.api.audit import AuditLog
 from service.api.auth import Auth
-from service.jobs.runner import JobRunner
-from service.common.metrics import Metrics
-from service.jobs.queues import JobQueue, MemoryQueue, RedisQueue
 from service.api.quotas import MemoryBuckets, Quotas, RedisBuckets
+from service.common.metrics import Metrics
+from service.common.ttl import TtlCache
+from service.jobs.queues import JobQueue, job_queue
+from service.jobs.runner import JobRunner
 from service.runtime.batcher import Batcher
 from service.runtime.cache import Entry, PathCache
 from service.runtime.zoo import ResidentZoo
-from service.common.ttl import TtlCache
+from zoo_store.core.bundle import Manifest
+from zoo_store.core.errors import NotFound, ZooError
+from zoo_store.core.settings import Settings, configure_torch
 from zoo_store.store.blobs import BlobStore
 from zoo_store.store.db import DEMO_ZOO_LOCK_KEY, Database
 from zoo_store.store.demo import ensure_demo_zoo
-from zoo_store.core.errors import NotFound, ZooError
-from zoo_store.core.bundle import Manifest
-from zoo_store.core.settings import Settings
 from zoo_store.store.store import Store
 from zoo_store.store.tenancy import Caller
 
@@ -57,16 +57,13 @@ class Services:
         db = Database(settings.db_url)
         # the in-memory twin of the blob store comes with an in-memory cache
         store = Store(db, blobs, None) if blobs else Store.open(settings, db)
-        zoo = ResidentZoo(store, settings.torch_device())
+        zoo = ResidentZoo(store, configure_torch(settings))
         cache = PathCache(store, zoo, settings.cache_bytes, metrics, frozenset(settings.pinned_paths),
                           host_budget=settings.host_cache_bytes, batching=settings.batching,
                           min_slots=settings.max_batch_size)  # fmt: skip
         batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics, cache,
                           settings.max_queue_inputs)  # fmt: skip
-        if queue is None:
-            queue = (RedisQueue(settings.redis_url, stream=settings.jobs_stream, idle_ms=int(settings.job_claim_idle_s * 1000))
-                     if settings.mode == "distributed" else MemoryQueue())  # fmt: skip
-        runner = JobRunner(settings, store, queue, metrics, resident=lambda: zoo.bases)
+        runner = JobRunner(settings, store, queue or job_queue(settings), metrics, resident=lambda: zoo.bases)
         buckets = RedisBuckets(settings.redis_url) if settings.mode == "distributed" else MemoryBuckets()
         return cls(settings, db, store, zoo, cache, batcher, runner, metrics, Auth(db, settings.auth),
                    Quotas(settings, db, store, buckets), AuditLog(db))  # fmt: skip
@@ -94,17 +91,14 @@ class Services:
             gc.freeze()  # the resident zoo and everything loaded so far: never scanned by the collector again
             self.ready.set()
             log.warning("zoo ready: %d bases resident on %s", len(self.zoo.bases), self.zoo.device)
-            self.follow_zoo()
+            threading.Thread(target=self._follow, name="zoo-follow", daemon=True).start()
         except Exception as e:
             self.startup_error = f"{type(e).__name__}: {e}"
             log.exception("zoo failed to load")
 
-    def follow_zoo(self) -> None:
-        """Every ``zoo_poll_s``, load the bases registered through other processes and drop from
-        the path cache the paths deleted through them (a background thread)."""
-        threading.Thread(target=self._follow, name="zoo-follow", daemon=True).start()
-
     def _follow(self) -> None:
+        """Every ``zoo_poll_s``, load the bases registered through other processes and drop from
+        the path cache the paths deleted through them (on a background thread)."""
         seq, _ = self.store.deletions_since(None)
         while not self.stopping.wait(self.settings.zoo_poll_s):
             try:

@@ -7,6 +7,8 @@ import queue
 import socket
 from typing import Protocol
 
+from zoo_store.core.settings import Settings
+
 
 class JobQueue(Protocol):
     heartbeat_s: float  # how often a worker holding a job must ``touch`` it
@@ -21,7 +23,6 @@ class MemoryQueue:
 
     def __init__(self) -> None:
         self.q: queue.Queue[str] = queue.Queue()
-        self.unacked: dict[str, str] = {}
         self._n = 0
 
     def put(self, job_id: str) -> None:
@@ -33,12 +34,10 @@ class MemoryQueue:
         except queue.Empty:
             return None
         self._n += 1
-        tag = str(self._n)
-        self.unacked[tag] = job_id
-        return tag, job_id
+        return str(self._n), job_id
 
     def ack(self, tag: str) -> None:
-        self.unacked.pop(tag, None)
+        pass  # one process: a job taken is never delivered again
 
     def touch(self, tag: str) -> None:
         pass  # one process: nobody else could take the job over
@@ -86,3 +85,11 @@ class RedisQueue:
     def touch(self, tag: str) -> None:
         # XCLAIM to ourselves with min-idle 0 resets the entry's idle time (JUSTID: no re-delivery count)
         self.r.xclaim(self.stream, self.group, self.consumer, 0, [tag], justid=True)
+
+
+def job_queue(settings: Settings) -> JobQueue:
+    """The Settings' queue: the Redis stream in distributed mode, else one in this process's memory."""
+    if settings.mode == "distributed":
+        idle_ms = int(settings.job_claim_idle_s * 1000)
+        return RedisQueue(settings.redis_url, stream=settings.jobs_stream, idle_ms=idle_ms)
+    return MemoryQueue()

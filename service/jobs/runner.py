@@ -6,31 +6,34 @@ import logging
 import multiprocessing as mp
 import os
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 from service.common.metrics import Metrics
-from service.jobs.queues import JobQueue
+from service.jobs.queues import JobQueue, job_queue
 from zoo_store.archs import TapNet
+from zoo_store.core.bundle import Bundle, encode_bundle, make_manifest, path_id_of
 from zoo_store.core.cards import Card
-from zoo_store.datasets.tasks import make_task
-from zoo_store.store.db import Database
-from zoo_store.methods.base import BuildContext, Cancelled
-from zoo_store.datasets.tasks import TaskData
-from zoo_store.methods import get_method
+from zoo_store.core.errors import NotFound
+from zoo_store.core.settings import Settings, configure_torch
 from zoo_store.core.spec import CompositionSpec, TaskSpec
-from zoo_store.core.bundle import decode_bundle, encode_bundle, make_manifest
-from zoo_store.core.settings import Settings
+from zoo_store.datasets.tasks import TaskData, make_task
+from zoo_store.methods import get_method
+from zoo_store.methods.base import BuildContext, Cancelled
+from zoo_store.store.db import Database, JobRow
 from zoo_store.store.store import TERMINAL, Store
 
 log = logging.getLogger("zoo.jobs")
 
 
 def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | None, device: str) -> None:
-    """Build one job's path and store it with the job's success in one transaction."""
-    job = store.job(job_id)
+    """Build one job's path and store it with the job's success in one transaction. A job cancelled
+    or deleted meanwhile stops at its next step and stores nothing."""
+    try:
+        job = store.job(job_id)
+    except NotFound:  # deleted before it ran
+        return
     if job.state in TERMINAL:
         return
     spec = CompositionSpec.model_validate(job.spec)
@@ -48,16 +51,19 @@ def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | N
             store.update_job(job_id, progress={k: v for k, v in info.items() if v is not None})
 
         def cancelled() -> bool:
-            j = store.job(job_id)
+            try:
+                j = store.job(job_id)
+            except NotFound:  # deleted
+                return True
             return j.cancel_requested or j.state == "cancelled"
 
         ctx = BuildContext(bases=bases, load_task=load_task, device=device, report=report, cancelled=cancelled,
                            cache=store.cache)
         art = method.build(spec, ctx)
-        manifest = make_manifest(art)
-        bundle = decode_bundle(encode_bundle(manifest, art.tensors, art.metrics))
-        metrics = {**art.metrics, "bytes": len(bundle.data)}
-        store.finish_job(job_id, bundle, metrics)
+        manifest = make_manifest(art)  # the tensors hashed once, here; encoded once, below
+        data = encode_bundle(manifest, art.tensors, art.metrics)
+        bundle = Bundle(path_id_of(manifest), manifest, art.tensors, art.metrics, data)
+        store.finish_job(job_id, bundle, {**art.metrics, "bytes": len(data)})
     except Cancelled:
         store.cancel_job(job_id)
     except Exception as e:
@@ -70,9 +76,10 @@ def _child_main(settings_json: str, job_id: str, parent: int) -> None:
 
     die_with_parent(parent)  # a job never outlives the process that runs the zoo
     settings = Settings.model_validate_json(settings_json)
+    device = configure_torch(settings)
     db = Database(settings.db_url)
     try:
-        run_job(Store.open(settings, db), job_id, None, settings.torch_device())
+        run_job(Store.open(settings, db), job_id, None, device)
     finally:
         db.dispose()
 
@@ -87,6 +94,18 @@ class JobRunner:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.procs: dict[str, mp.Process] = {}
+
+    @classmethod
+    def open(cls, settings: Settings) -> JobRunner:
+        """A runner and only what it needs: the Settings' database, store and queue (``zoo worker``)."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(settings, Store.open(settings, Database(settings.db_url)), job_queue(settings), Metrics())
+
+    def submit(self, spec: dict[str, Any], tenant: str | None = None) -> JobRow:
+        """A new job for the spec (checked by the caller), queued for whichever runner takes it first."""
+        row = self.store.create_job(spec, tenant)
+        self.queue.put(row.id)
+        return row
 
     def recover(self) -> None:
         """A job left running by a dead server is failed; queued ones go back on the queue."""
@@ -107,10 +126,16 @@ class JobRunner:
             t.join(timeout=5)
 
     def cancel(self, job_id: str) -> None:
+        """A queued job stops at once; a running one at its next step (its process here: at once)."""
         self.store.cancel_job(job_id)
         proc = self.procs.get(job_id)
         if proc is not None and proc.is_alive():
             proc.terminate()
+
+    def delete(self, job_id: str) -> None:
+        """Cancel the job, then delete it; the path it made, if any, stays."""
+        self.cancel(job_id)
+        self.store.delete_job(job_id)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -127,7 +152,7 @@ class JobRunner:
                 done.set()
                 beat.join()
                 self.queue.ack(tag)
-                state = self.store.job(job_id).state
+                state = self.store.job_state(job_id) or "cancelled"  # deleted: it was cancelled first
                 self.metrics.jobs.labels(state).inc()
 
     def _heartbeat(self, tag: str, done: threading.Event) -> None:
@@ -149,16 +174,5 @@ class JobRunner:
         while proc.is_alive() and not self._stop.is_set():
             proc.join(timeout=0.2)
         self.procs.pop(job_id, None)
-        if proc.exitcode not in (0, None) and self.store.job(job_id).state not in TERMINAL:
+        if proc.exitcode not in (0, None):  # (a job that ended, or is gone, is not changed)
             self.store.update_job(job_id, state="failed", error=f"job process exited with code {proc.exitcode}")
-
-
-def wait_for(store: Store, job_id: str, timeout: float = 300.0) -> str:
-    """Poll until the job ends; returns its state (for tests and the bench)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        state = store.job(job_id).state
-        if state in TERMINAL:
-            return state
-        time.sleep(0.05)
-    raise TimeoutError(f"job {job_id} still {store.job(job_id).state} after {timeout}s")

@@ -66,8 +66,19 @@ class ResidentZoo:
                 log.exception("base %s could not be loaded; skipped", card.id)
         return loaded
 
-    def nets(self) -> dict[str, TapNet]:
-        return {k: net for k, (_, net) in self.bases.items()}
+    def follow_every(self, seconds: float, stop: threading.Event) -> None:
+        """``follow`` every ``seconds`` on a background thread until ``stop`` is set."""
+
+        def loop() -> None:
+            while not stop.wait(seconds):
+                try:
+                    for base_id in self.follow():
+                        log.warning("zoo version %d: loaded base %s, registered elsewhere", self.version,
+                                    base_id)  # fmt: skip
+                except Exception:  # the database may be away for a moment; the next look tries again
+                    log.warning("could not follow the zoo", exc_info=True)
+
+        threading.Thread(target=loop, name="zoo-follow", daemon=True).start()
 
     def nets_of(self, manifest: Manifest) -> dict[str, TapNet]:
         """Only the bases a path references (and ``check_refs`` verified): its config may name no other."""

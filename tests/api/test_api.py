@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -139,6 +140,7 @@ def test_job_events_stream(app_client: TestClient) -> None:
     job_id = app_client.post("/v1/compositions", json=reprogram_spec()).json()["id"]
     events = []
     with app_client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
@@ -146,16 +148,79 @@ def test_job_events_stream(app_client: TestClient) -> None:
     assert events[-2]["state"] == "succeeded" and events[-2]["path_id"]
 
 
+def test_job_events_check_the_key_off_the_event_loop(app_client: TestClient, monkeypatch) -> None:
+    """The stream's key checks (they may read the database) run on worker threads, not the event loop."""
+    svc = app_client.app.state.services
+    on_loop, check = [], svc.auth.caller
+
+    def caller(key):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return check(key)
+
+    monkeypatch.setattr(svc.auth, "caller", caller)
+    job_id = compose(app_client, reprogram_spec())["id"]
+    on_loop.clear()
+    with app_client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.status_code == 200 and "event: end" in r.read().decode()
+    assert len(on_loop) >= 2 and not any(on_loop)  # the route's own, then the stream's
+
+LONG = reprogram_spec(task={"dataset": "mnist", "samples_per_label": 500}, epochs=50)
+
+
 def test_cancel_job(app_client: TestClient) -> None:
-    spec = reprogram_spec(task={"dataset": "mnist", "samples_per_label": 500}, epochs=50)
-    job_id = app_client.post("/v1/compositions", json=spec).json()["id"]
-    r = app_client.delete(f"/v1/jobs/{job_id}")
+    job_id = app_client.post("/v1/compositions", json=LONG).json()["id"]
+    r = app_client.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     from tests.helpers import wait_job
 
     job = wait_job(app_client, job_id)
     assert job["state"] == "cancelled" and job["path_id"] is None
     assert app_client.get("/v1/paths").json()["items"] == []
+
+
+def test_delete_job(app_client: TestClient) -> None:
+    """A deleted job is gone (its GET, events and cancel are 404) and the path it made stays; a
+    running one is cancelled first (its event stream ends, it makes no path, it no longer counts
+    against its tenant), and the runner goes on to the next job."""
+    import threading
+    import time
+
+    done = compose(app_client, reprogram_spec())
+    assert app_client.delete(f"/v1/jobs/{done['id']}").status_code == 204
+    for r in (app_client.get(f"/v1/jobs/{done['id']}"), app_client.get(f"/v1/jobs/{done['id']}/events"),
+              app_client.post(f"/v1/jobs/{done['id']}/cancel"), app_client.delete(f"/v1/jobs/{done['id']}")):
+        assert r.status_code == 404, r.text
+    assert app_client.get(f"/v1/paths/{done['path_id']}").status_code == 200
+
+    store = app_client.app.state.services.store
+    running = app_client.post("/v1/compositions", json=LONG).json()
+    end = time.monotonic() + 60
+    while app_client.get(f"/v1/jobs/{running['id']}").json()["state"] != "running" and time.monotonic() < end:
+        time.sleep(0.05)
+    assert store.usage(running["tenant"])["jobs"] == 1
+    events: list[str] = []
+
+    def follow() -> None:
+        with app_client.stream("GET", f"/v1/jobs/{running['id']}/events") as r:
+            events.extend(r.iter_lines())
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    while not events and time.monotonic() < end:
+        time.sleep(0.05)
+    assert app_client.delete(f"/v1/jobs/{running['id']}").status_code == 204
+    reader.join(30)
+    assert not reader.is_alive() and "event: end" in events and "no job" in events[-2]
+    assert app_client.get(f"/v1/jobs/{running['id']}").status_code == 404
+    assert store.usage(running["tenant"])["jobs"] == 0
+    after = compose(app_client, reprogram_spec(seed=5))  # the runner survived the job deleted under it
+    assert after["state"] == "succeeded"
+    paths = {p["id"] for p in app_client.get("/v1/paths").json()["items"]}
+    assert paths == {done["path_id"], after["path_id"]}
 
 
 def test_resident_digests_unchanged(app_client: TestClient) -> None:
@@ -250,6 +315,9 @@ def test_the_openapi_document_declares_each_operations_errors(app_client: TestCl
     assert set(doc["paths"]["/healthz"]["get"]["responses"]) == {"200"}  # nothing to refuse
     assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert "HTTPValidationError" not in doc.get("components", {}).get("schemas", {})
+    events = doc["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]
+    assert set(events["content"]) == {"text/event-stream"}  # what it answers: no JSON
+    assert doc["paths"]["/v1/jobs/{job_id}"]["delete"]["responses"]["204"]
 
 
 def test_an_id_with_any_bytes_is_a_404_not_a_500(app_client: TestClient) -> None:

@@ -49,6 +49,11 @@ class World:
     def throwaway_key(self) -> str:
         return self.client.post("/v1/keys", json={"tenant": "throwaway"}).json()["id"]
 
+    def throwaway_job(self) -> str:
+        """A job of A's that no runner takes (it is not queued)."""
+        spec = {"method": "reprogram", "base": "res", "task": SMALL_TASK}
+        return self.client.app.state.services.store.create_job(spec, "a").id
+
 
 def _npz() -> bytes:
     rng = np.random.default_rng(0)
@@ -82,7 +87,9 @@ MATRIX: dict[tuple[str, str], tuple[Req, dict]] = {
                                    keyed(202)),  # seed 7: not A's path (the same spec makes the same path, owned by each composer)
     ("GET", "/v1/jobs"): (lambda w: ("/v1/jobs", {}), keyed(200)),
     ("GET", "/v1/jobs/{job_id}"): (lambda w: (f"/v1/jobs/{w.job}", {}), keyed(200, 404)),
-    ("DELETE", "/v1/jobs/{job_id}"): (lambda w: (f"/v1/jobs/{w.job}", {}), keyed(200, 404)),  # ended: answered as is
+    # A's job ended: answered as it is
+    ("POST", "/v1/jobs/{job_id}/cancel"): (lambda w: (f"/v1/jobs/{w.job}/cancel", {}), keyed(200, 404)),
+    ("DELETE", "/v1/jobs/{job_id}"): (lambda w: (f"/v1/jobs/{w.throwaway_job()}", {}), keyed(204, 404)),
     ("GET", "/v1/jobs/{job_id}/events"): (lambda w: (f"/v1/jobs/{w.job}/events", {}), keyed(200, 404)),
     ("GET", "/v1/paths"): (lambda w: ("/v1/paths", {}), keyed(200)),
     ("GET", "/v1/paths/{path_id}"): (lambda w: (f"/v1/paths/{w.path}", {}), keyed(200, 404)),

@@ -69,6 +69,9 @@ def test_compose_predict_and_bundle_round_trip(zoo: TestClient, tmp_path: Path) 
     assert [j["path_id"] for j in jobs] == [path_id] and "100.00%" in _run("jobs", "list", "--state", "succeeded")
     assert json.loads(_run("jobs", "show", jobs[0]["id"]))["state"] == "succeeded"
     assert f"path {path_id}  accuracy " in _run("jobs", "watch", jobs[0]["id"])  # an ended job: its result at once
+    assert _run("jobs", "cancel", jobs[0]["id"]) == f"job {jobs[0]['id']}: succeeded\n"  # ended: as it was
+    assert _run("jobs", "delete", jobs[0]["id"]) == f"deleted job {jobs[0]['id']}\n"
+    assert _run("jobs", "list", "--json").strip() == "[]" and path_id in _run("paths", "list")  # path stays
     assert "%" in out.splitlines()[-1]  # accuracy for people, not 0.9244999885559082
 
 
@@ -140,3 +143,61 @@ def test_models_add_registers_a_torchvision_network_saved_in_plain_pytorch(zoo: 
     assert "added: mine digest" in _run("models", "add", str(card), str(weights))
     assert "already there (same weights)" in _run("models", "add", str(card), str(weights))
     assert json.loads(_run("models", "show", "mine"))["arch"] == "torchvision:mobilenet_v3_small"
+
+
+@pytest.mark.redis
+def test_worker_runs_jobs_with_only_a_store_a_queue_and_a_runner(
+    db_url: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`zoo worker` (jobs in threads here, so with the bases resident) runs a job from the stream,
+    and builds none of the app's services (path cache, batcher, auth, quotas)."""
+    import signal
+    import time
+    import uuid
+
+    from service.api.state import Services
+    from service.jobs.queues import RedisQueue
+    from service.runtime.batcher import Batcher
+    from service.runtime.cache import PathCache
+    from tests.conftest import tiny_card, tiny_weights
+    from zoo_store.store.blobs import DbBlobStore
+    from zoo_store.store.db import Database
+    from zoo_store.store.store import TERMINAL, Store
+
+    stream = f"zoo:test:{uuid.uuid4().hex}"
+    env = {"ZOO_DATABASE_URL": db_url, "ZOO_REDIS_URL": redis_url, "ZOO_JOBS_STREAM": stream,
+           "ZOO_DATA_DIR": str(tmp_path), "ZOO_JOB_EXECUTOR": "thread", "ZOO_DEVICE": "cpu"}  # fmt: skip
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("zoo worker built a service it does not need")
+
+    monkeypatch.setattr(Services, "create", refused)
+    for cls in (PathCache, Batcher):
+        monkeypatch.setattr(cls, "__init__", refused)
+    db = Database(db_url)
+    db.migrate()
+    store = Store(db, DbBlobStore(db))  # distributed mode: blobs in the database
+    store.ensure_builtin_datasets()
+    store.add_base(tiny_card("res"), tiny_weights("resnet_s", 10))
+    jobs = []
+
+    def sigwait(_: set) -> signal.Signals:  # the worker is up: one job, then SIGTERM
+        jobs.append(store.create_job(reprogram_spec()).id)
+        RedisQueue(redis_url, stream=stream).put(jobs[0])
+        end = time.monotonic() + 120
+        while store.job(jobs[0]).state not in TERMINAL and time.monotonic() < end:
+            time.sleep(0.05)
+        return signal.SIGTERM
+
+    monkeypatch.setattr(signal, "sigwait", sigwait)
+    try:
+        out = runner.invoke(cli.app, ["worker"], env={"COLUMNS": "200"})
+        assert out.exit_code == 0, out.output
+        assert f"stream {stream}" in out.output
+        job = store.job(jobs[0])
+        assert job.state == "succeeded" and store.path_exists(job.path_id), job.error
+    finally:
+        RedisQueue(redis_url, stream=stream).r.delete(stream)
+        db.dispose()

@@ -135,6 +135,41 @@ def test_the_audit_log(zoo) -> None:
     assert client.get("/v1/audit", headers=who["a"]).status_code == 403
 
 
+def test_each_audit_row_names_what_the_call_acted_on(zoo) -> None:
+    """The target: what a POST made (the id it answers with), else the id in the path; none when refused."""
+    import json
+
+    from safetensors.torch import save
+
+    client, who, path, other = zoo
+    spec = {"method": "reprogram", "base": "res", "task": SMALL_TASK, "train": {"epochs": 1}}
+    card = tiny_card("res2").model_dump(mode="json")
+    key = client.post("/v1/keys", json={"tenant": "c"}).json()["id"]
+    weights = {"weights": ("w.safetensors", save(tiny_weights("resnet_s", 10)))}
+    answers = {
+        "POST /v1/paths/import": client.post("/v1/paths/import", content=other, headers=who["b"]),
+        "POST /v1/datasets": client.post("/v1/datasets", files={"file": ("d.npz", _npz(12))}),
+        "POST /v1/compositions": client.post("/v1/compositions", json=spec, headers=who["a"]),
+        "POST /v1/zoo/models": client.post("/v1/zoo/models", data={"card": json.dumps(card)}, files=weights),
+    }
+    made = {
+        "POST /v1/keys": key,
+        **{route: r.json()["id"] for route, r in answers.items()},
+        "PUT /v1/paths/{path_id}/sharing": path,
+        "PUT /v1/tenants/{tenant}/limits": "c",
+        "DELETE /v1/keys/{key_id}": key,
+    }  # fmt: skip
+    assert client.put(f"/v1/paths/{path}/sharing", json={"public": True}, headers=who["a"]).status_code == 200
+    assert client.put("/v1/tenants/c/limits", json={}).status_code == 200
+    assert client.delete(f"/v1/keys/{key}").status_code == 200
+    assert client.post("/v1/compositions", json={**spec, "base": "nope"}, headers=who["b"]).status_code == 422
+    rows = client.get("/v1/audit").json()["items"]
+    targets = {f"{r['method']} {r['route']}": r["target"] for r in rows if r["status"] < 300}
+    assert {k: targets.get(k) for k in made} == made
+    refused = [r for r in rows if r["route"] == "/v1/compositions" and r["status"] == 422]
+    assert [r["target"] for r in refused] == [None]
+
+
 def test_no_key_or_hash_leaks(tmp_path) -> None:
     """Through a live `zoo serve`: the keys of good and bad requests, and their hashes, appear in no
     log line, error body, metric or audit row."""

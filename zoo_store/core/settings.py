@@ -82,12 +82,21 @@ class Settings(BaseSettings):
         return self.data_dir / "cache"
 
     def torch_device(self) -> str:
+        """``device`` with ``auto`` resolved: CUDA where there is one, else the CPU."""
         import torch
 
-        device = self.device if self.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda"):
-            exact_float32()
-        return device
+        return self.device if self.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def configure_torch(settings: Settings) -> str:
+    """Set torch up for this process's device; returns the device. Called once where a process
+    starts using it (the app, a job's process, ``zoo worker``), before CUDA starts: seeded
+    compositions repeat exactly (cuBLAS's deterministic workspace) and, on CUDA, float32 is exact."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA starts
+    device = settings.torch_device()
+    if device.startswith("cuda"):
+        exact_float32()
+    return device
 
 
 def exact_float32() -> None:

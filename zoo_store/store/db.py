@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
-import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -262,7 +261,3 @@ def page(s: Session, row_type: type[Base], cursor: str | None, limit: int, where
     rows = list(s.scalars(q))
     nxt = rows[limit - 1].id if len(rows) > limit else None
     return rows[:limit], nxt
-
-
-def default_sqlite_url(data_dir: str | os.PathLike) -> str:
-    return f"sqlite:///{Path(data_dir).resolve() / 'zoo.db'}"

@@ -225,25 +225,30 @@ class Store:
         with self.db.session() as s:
             return page(s, JobRow, cursor, limit, state=state, tenant=visible_to)
 
-    def update_job(self, job_id: str, **fields: Any) -> JobRow:
-        """Update a job unless it already ended (a cancelled job stays cancelled)."""
+    def job_state(self, job_id: str) -> str | None:
+        """The job's state; None once it is deleted."""
+        with self.db.session() as s:
+            return s.scalar(select(JobRow.state).where(JobRow.id == job_id))
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Update a job unless it already ended (a cancelled job stays cancelled) or was deleted."""
         with self.db.session() as s:
             row = s.get(JobRow, job_id, with_for_update=True)
-            if row is None:
-                raise NotFound(f"no job {job_id!r}")
-            if row.state not in TERMINAL:
+            if row is not None and row.state not in TERMINAL:
                 for k, v in fields.items():
                     setattr(row, k, v)
-            return row
 
-    def cancel_job(self, job_id: str) -> JobRow:
+    def cancel_job(self, job_id: str) -> None:
+        """Cancel a job unless it already ended or was deleted."""
         with self.db.session() as s:
             row = s.get(JobRow, job_id, with_for_update=True)
-            if row is None:
-                raise NotFound(f"no job {job_id!r}")
-            if row.state not in TERMINAL:
+            if row is not None and row.state not in TERMINAL:
                 row.state, row.cancel_requested = "cancelled", True
-            return row
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a job (the caller cancels it first if it may still run); the path it made stays."""
+        with self.db.session() as s:
+            s.execute(delete(JobRow).where(JobRow.id == job_id))
 
     def finish_job(self, job_id: str, bundle: Bundle, metrics: dict[str, Any]) -> None:
         """Store the path and mark the job succeeded in one transaction (or neither)."""

@@ -4,16 +4,17 @@ import io
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from service.api.audit import audit_target
 from service.api.auth import CallerDep
 from service.api.deps import Cursor, Limit, Svc
 from service.api.openapi import FORBIDDEN
 from service.api.schemas import Dataset, Page
-from zoo_store.datasets.upload import Limits, parse_upload
 from zoo_store.core.errors import PayloadTooLarge
+from zoo_store.datasets.upload import Limits, parse_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -45,6 +46,7 @@ def dataset_samples(dataset_id: str, svc: Svc, caller: CallerDep, n: Annotated[i
 
 @router.post("", status_code=201, responses=FORBIDDEN)
 async def upload_dataset(
+    request: Request,
     svc: Svc,
     caller: CallerDep,
     file: Annotated[UploadFile, File(description="an ImageFolder zip, or an .npz with x, y, labels")],
@@ -57,4 +59,5 @@ async def upload_dataset(
     parsed = await run_in_threadpool(parse_upload, data, file.filename or "", Limits(max_bytes=limit))
     svc.quotas.new_dataset(caller, parsed.x.nbytes + parsed.y.nbytes)
     row = svc.store.add_dataset(name or file.filename or "upload", parsed.x, parsed.y, parsed.labels, caller.tenant)
+    audit_target(request, row.id)
     return Dataset.of(row)

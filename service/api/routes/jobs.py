@@ -4,13 +4,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import CallerDep, bearer_key
 from service.api.deps import Cursor, Limit, Svc
 from service.api.schemas import Job, Page
-from zoo_store.core.errors import Unauthorized
+from zoo_store.core.errors import NotFound, Unauthorized
 from zoo_store.store.store import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -28,30 +29,51 @@ def get_job(job_id: str, svc: Svc, caller: CallerDep) -> Job:
     return Job.of(svc.store.job(job_id, caller.visible_to))
 
 
-@router.delete("/{job_id}")
+@router.post("/{job_id}/cancel")
 def cancel_job(job_id: str, svc: Svc, caller: CallerDep) -> Job:
     """Cancel: a queued job stops at once, a running one at its next step. The job stays readable
-    (``GET`` answers it, with state ``cancelled`` once it stopped); an ended job is answered as it is."""
+    (``GET`` answers it, with state ``cancelled``); an ended job is answered as it is."""
     svc.store.job(job_id, caller.visible_to)
     svc.runner.cancel(job_id)
     return Job.of(svc.store.job(job_id))
 
 
-@router.get("/{job_id}/events")
-async def job_events(job_id: str, request: Request, svc: Svc, caller: CallerDep) -> StreamingResponse:
-    """Server-sent events: the job each time it changes, until it ends (or the key stops working)."""
-    svc.store.job(job_id, caller.visible_to)  # 404 before the stream starts
+@router.delete("/{job_id}", status_code=204)
+def delete_job(job_id: str, svc: Svc, caller: CallerDep) -> Response:
+    """Delete a job (one queued or running is cancelled first): ``GET`` and its events answer 404
+    from then on. The path it made stays."""
+    svc.store.job(job_id, caller.visible_to)
+    svc.runner.delete(job_id)
+    return Response(status_code=204)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events (the media type the OpenAPI document declares for them)."""
+
+    media_type = "text/event-stream"
+
+
+EVENTS = {200: {"description": "Server-sent events: `job` (the job as `GET` answers it) each time it "
+                               "changes, then one `end` (its final state, or what ended the stream)",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}}}}  # fmt: skip
+
+
+@router.get("/{job_id}/events", response_class=EventStream, responses=EVENTS)
+async def job_events(job_id: str, request: Request, svc: Svc, caller: CallerDep) -> EventStream:
+    """Server-sent events: the job each time it changes, until it ends (or is deleted, or the key
+    stops working)."""
+    await run_in_threadpool(svc.store.job, job_id, caller.visible_to)  # 404 before the stream starts
     key = bearer_key(request.headers.get("authorization"))
 
     async def stream() -> AsyncIterator[str]:
         last = None
         while True:
             try:
-                svc.auth.caller(key)  # revoked or expired since the stream began: it ends
-            except Unauthorized as e:
+                await run_in_threadpool(svc.auth.caller, key)  # revoked or expired since it began: it ends
+                job = Job.of(await run_in_threadpool(svc.store.job, job_id))
+            except (Unauthorized, NotFound) as e:
                 yield f"event: end\ndata: {json.dumps({'error': e.detail})}\n\n"
                 return
-            job = Job.of(await asyncio.to_thread(svc.store.job, job_id))
             body = job.model_dump_json()
             if body != last:
                 yield f"event: job\ndata: {body}\n\n"
@@ -61,4 +83,4 @@ async def job_events(job_id: str, request: Request, svc: Svc, caller: CallerDep)
                 return
             await asyncio.sleep(0.25)
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return EventStream(stream(), headers={"Cache-Control": "no-cache"})

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
+from service.api.audit import audit_target
 from service.api.auth import AdminDep
 from service.api.deps import Cursor, Limit, Svc
 from service.api.openapi import CONFLICT
 from service.api.schemas import Key, KeyIn, NewKey, Page
-from zoo_store.store.db import utcnow
 from zoo_store.core.errors import Conflict
+from zoo_store.store.db import utcnow
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
 
 @router.post("", status_code=201)
-def create_key(body: KeyIn, svc: Svc, _: AdminDep) -> NewKey:
+def create_key(body: KeyIn, request: Request, svc: Svc, _: AdminDep) -> NewKey:
     """A new key for a tenant (an admin's with ``admin``). The answer is the only time the key is shown."""
     expires = None if body.expires_in_days is None else utcnow() + dt.timedelta(days=body.expires_in_days)
     row, key = svc.auth.keys.create(body.tenant, body.admin, expires)
+    audit_target(request, row.id)
     return NewKey(**Key.of(row).model_dump(), key=key)
 
 

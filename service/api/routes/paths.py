@@ -7,6 +7,7 @@ import torch
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from service.api.audit import audit_target
 from service.api.auth import CallerDep
 from service.api.deps import Cursor, Limit, ReadySvc, Svc
 from service.api.inputs import read_inputs
@@ -113,6 +114,7 @@ async def import_bundle(request: Request, response: Response, svc: ReadySvc, cal
     await run_in_threadpool(validate_bundle, bundle, svc.zoo)
     row, created = svc.store.save_path(bundle, caller.tenant)
     svc.forget_access(row.id)
+    audit_target(request, row.id)
     if not created:
         response.status_code = 200
     return Path.of(row)

@@ -6,10 +6,11 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from service.api.audit import audit_target
 from service.api.auth import AdminDep, CallerDep
 from service.api.deps import Cursor, Limit, ReadySvc, Svc
 from service.api.openapi import CONFLICT
@@ -46,6 +47,7 @@ def get_weights(model_id: str, svc: Svc, _: CallerDep) -> Response:
 
 @router.post("", status_code=201, responses=CONFLICT)
 async def add_model(
+    request: Request,
     svc: ReadySvc,
     _: AdminDep,
     response: Response,
@@ -68,6 +70,7 @@ async def add_model(
         raise InvalidInput(f"card.{'.'.join(map(str, err['loc']))}: {err['msg']}") from e
     stored, created = await run_in_threadpool(_add_base, svc, card_in, weights, computed)
     svc.zoo.add(stored)
+    audit_target(request, stored.id)
     if not created:
         response.status_code = 200
     return stored
