@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.ops import StochasticDepth  # per sample in training, the identity in eval
 
+from zoo_store.archs.fxtrace import trace
 from zoo_store.archs.registry import build_arch
 from zoo_store.archs.surgery import on_meta
 from zoo_store.archs.traced import config_key, node_tracer
@@ -110,7 +111,7 @@ def trace_groups(net: nn.Module) -> TracedGroups:
 
 def _traced(net: nn.Module) -> tuple[fx.Graph, dict[fx.Node, tuple[int, ...] | None], tuple[int, int]]:
     """The graph, each node's shape, and the (channels, size) of the probe input it was propagated with."""
-    graph = node_tracer().trace(net)
+    graph = trace(node_tracer(), net)
     meta = on_meta(net)
     channels = next((m.in_channels for m in net.modules() if isinstance(m, nn.Conv2d)), 3)  # the first conv's
     size = getattr(net, "probe_size", 64)

@@ -30,6 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.ops import SqueezeExcitation
 
 from zoo_store.archs.base import Stage, Tap, TapNet
+from zoo_store.archs.fxtrace import trace
 from zoo_store.archs.surgery import shared_copy
 from zoo_store.core.errors import InvalidInput
 
@@ -209,7 +210,7 @@ def node_tracer():
 def _trace(model: nn.Module, arch: str) -> tuple[fx.Graph, dict[fx.Node, str]]:
     tracer = node_tracer()
     try:
-        graph = tracer.trace(model)
+        graph = trace(tracer, model)
     except Exception as e:
         raise InvalidInput(f"{arch}: torch.fx cannot trace this model ({type(e).__name__}: {e})") from e
     return graph, dict(tracer.node_to_qualname)
