@@ -96,11 +96,25 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {"Allow": _allowed(request)} if _allowed(request) else headers
         return answer(request, e.status_code, str(e.detail), str(e.detail), headers)
 
-    @app.exception_handler(Exception)
-    async def _other(request: Request, e: Exception) -> JSONResponse:
+    async def _below(request: Request, e: Exception) -> JSONResponse:
+        """What may come from below as a known condition (a full disk, a server away), handled here
+        rather than as an ``Exception``: Starlette raises those again after answering, and the server
+        then logs a traceback per request."""
         if (found := known(e)) is not None:
             found.__cause__ = e
             return await _zoo(request, found)
-        ref = secrets.token_hex(4)  # the body says nothing of the error (driver text, hosts, paths): the log does
-        log.exception("unhandled error %s on %s %s", ref, request.method, request.url.path)
-        return answer(request, 500, "Internal error", f"an unexpected error (ref {ref}); the server's log has it")
+        return _internal(request, e)
+
+    for kind in (OSError, DBAPIError, PoolTimeout, redis.ConnectionError, redis.TimeoutError):
+        app.add_exception_handler(kind, _below)
+
+    @app.exception_handler(Exception)
+    async def _other(request: Request, e: Exception) -> JSONResponse:
+        return _internal(request, e)
+
+
+def _internal(request: Request, e: Exception) -> JSONResponse:
+    """500 for a bug: the body says nothing of the error (driver text, hosts, paths), the log does."""
+    ref = secrets.token_hex(4)
+    log.error("unhandled error %s on %s %s", ref, request.method, request.url.path, exc_info=e)
+    return answer(request, 500, "Internal error", f"an unexpected error (ref {ref}); the server's log has it")
