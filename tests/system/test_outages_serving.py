@@ -60,7 +60,8 @@ class Stack:
         data.mkdir(parents=True)
         env = {**os.environ, "ZOO_MODE": "distributed", "ZOO_DATABASE_URL": self.pg.url,
                "ZOO_REDIS_URL": self.redis.url, "ZOO_DATA_DIR": str(data), "ZOO_DEMO_ZOO": "false",
-               "ZOO_JOBS_STREAM": "zoo:outages", "ZOO_HTTP_WORKERS": "1", "ZOO_DEVICE": "cpu", "ZOO_ZOO_POLL_S": "0.5", "PYTHONUNBUFFERED": "1",
+               "ZOO_JOBS_STREAM": "zoo:outages", "ZOO_HTTP_WORKERS": "1", "ZOO_DEVICE": "cpu", "ZOO_ZOO_POLL_S": "0.5",
+               "PYTHONUNBUFFERED": "1",
                "ZOO_TENANT_PREDICT_RATE": "100000", "ZOO_TENANT_PREDICT_BURST": "100000"}  # fmt: skip
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.log = root / "replica.log"
@@ -343,3 +344,98 @@ def test_redis_stopped_for_6_s_under_load(stack: Stack) -> None:
     print(f"outage figures: Redis stopped: /readyz 'ready' again {ready_again} s after the start")
     assert _log_lines(stack, "Redis unreachable:") - lines == 1, stack.tail()  # once, however many predicts
     assert "Redis unreachable: predict rates are held per process until it is back: over after" in stack.tail()
+
+
+# -- by hand, under wrk ---------------------------------------------------------------------------
+
+_WRK_LUA = """
+local paths = {%(paths)s}
+local method, body, n = "%(method)s", nil, 0
+counts = {}
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args)
+  if method == "POST" then local f = io.open("%(body)s", "rb"); body = f:read("*a"); f:close() end
+  wrk.headers["Authorization"] = "Bearer %(key)s"
+  wrk.headers["Content-Type"] = "application/octet-stream"
+end
+function request()
+  n = n + 1
+  local id = paths[(n %% #paths) + 1]
+  if method == "POST" then return wrk.format("POST", "/v1/paths/" .. id .. "/predict", nil, body) end
+  return wrk.format("GET", "/v1/paths/" .. id)
+end
+function response(status, headers, body) counts[status] = (counts[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local all = {}
+  for _, t in ipairs(threads) do
+    for s, c in pairs(t:get("counts")) do all[s] = (all[s] or 0) + c end
+  end
+  local parts = {}
+  for s, c in pairs(all) do table.insert(parts, '"' .. s .. '": ' .. c) end
+  local e = summary.errors
+  table.insert(parts, '"socket errors": ' .. (e.connect + e.read + e.write + e.timeout))
+  io.write("wrk-counts {" .. table.concat(parts, ", ") .. "}\\n")
+end
+"""
+
+
+def _wrk(stack: Stack, seconds: float, work: Path) -> dict[str, dict]:
+    """wrk for ``seconds``: 14 connections of warm predicts and 2 of GET /v1/paths/{id} (needs the
+    database), at once, on loopback; the status counts of each."""
+    body = work / "body.npy"
+    body.write_bytes(stack.body)
+    procs = {}
+    for kind, method, conns in (("predict", "POST", 14), ("db", "GET", 2)):
+        lua = work / f"{kind}.lua"
+        lua.write_text(_WRK_LUA % {"paths": ", ".join(f'"{i}"' for i in stack.ids), "method": method,
+                                   "body": body, "key": stack.key["key"]})  # fmt: skip
+        cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(lua),
+               stack.url]  # fmt: skip
+        procs[kind] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    out = {}
+    for kind, p in procs.items():
+        text, _ = p.communicate(timeout=seconds + 60)
+        line = next(x for x in text.splitlines() if x.startswith("wrk-counts "))
+        out[kind] = json.loads(line.removeprefix("wrk-counts "))
+    return out
+
+
+def wrk_scenarios(phase_s: float = 4.0) -> list[dict]:
+    """The three outages of the tests above, each phase (before, during, after) one wrk run; a
+    restart happens 1 s into its "during" run."""
+    root = Path(tempfile.mkdtemp(prefix="zoo-outages-wrk-"))
+    stack = Stack(root)
+    results = []
+    try:
+        scenarios = (("PostgreSQL restarted", stack.pg.restart, None, 0.0),
+                     ("PostgreSQL stopped for 12 s", stack.pg.stop, stack.pg.start, 12.0),
+                     ("Redis stopped for 6 s", stack.redis.stop, stack.redis.start, 6.0))  # fmt: skip
+        for name, fault, heal, hold_s in scenarios:
+            before = _wrk(stack, phase_s, root)
+            if heal is None:
+                done: dict = {}
+                t = threading.Thread(target=lambda: done.update(_wrk(stack, phase_s, root)))
+                t.start()
+                time.sleep(1)
+                fault()
+                t.join()
+                during = done
+            else:
+                fault()
+                during = _wrk(stack, hold_s, root)
+                heal()
+            after = _wrk(stack, phase_s, root)
+            phases = {"before": before, "during": during, "after": after}
+            errors = sum(c.get("500", 0) for p in phases.values() for c in p.values())
+            results.append({"scenario": name, "500": errors, **phases})
+            print(json.dumps(results[-1]), flush=True)
+        assert "Traceback" not in stack.log.read_text(errors="replace"), stack.tail()
+    finally:
+        stack.close()
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+if __name__ == "__main__":  # python -m tests.system.test_outages_serving
+    wrk_scenarios()
