@@ -1,8 +1,9 @@
-"""A full disk, without filling one: blob writes land on /dev/full (the write itself fails with
+"""Faults below the service. A full disk, without filling one: blob writes land on /dev/full (the write itself fails with
 ENOSPC), SQLite may not grow past its pages (``max_page_count``: its own "database or disk is full"),
 an upload's spooled copy fails with ENOSPC. Dataset uploads, base uploads and imports answer 507 with
 a clear message that names no file, the log has one line for the episode and no traceback, and no
-temporary file is left behind. A bug's 500 carries no exception text either."""
+temporary file is left behind. A bug's 500 carries no exception text either, and a job's event
+stream waits while the database is away instead of breaking off."""
 
 from __future__ import annotations
 
@@ -142,3 +143,30 @@ def test_a_bug_is_500_without_its_text_and_logged_with_a_ref(tmp_path, monkeypat
         ref = r.json()["detail"].split("ref ")[1].split(")")[0]
         logged = [rec for rec in caplog.records if rec.name == "zoo.errors"]
         assert len(logged) == 1 and ref in logged[0].getMessage() and "10.1.2.3" in str(logged[0].exc_info[1])
+
+
+def test_a_job_event_stream_waits_while_the_database_is_away(client, monkeypatch, caplog) -> None:
+    from tests.helpers import SMALL_TASK
+    from zoo_store.core.errors import Unavailable
+
+    svc = client.app.state.services
+    job = svc.store.create_job({"method": "reprogram", "base": "res", "task": SMALL_TASK}, None)  # no runner takes it
+    real, away = svc.store.job, [0]
+
+    def job_or_away(*a, **kw):
+        if away[0]:
+            away[0] -= 1
+            raise Unavailable("the database is unreachable for a moment; retry shortly", retry_after=2)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(svc.store, "job", job_or_away)
+    events = []
+    with caplog.at_level(logging.WARNING), client.stream("GET", f"/v1/jobs/{job.id}/events") as r:
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                events.append(line.removeprefix("event: "))
+                if events == ["job"]:
+                    away[0] = 2  # the next two polls find the database away
+                    svc.runner.delete(job.id)  # then the job is gone: the stream ends, as it would have
+    assert events == ["job", "end"] and away == [0]
+    assert not [rec for rec in caplog.records if rec.exc_info]
