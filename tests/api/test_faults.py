@@ -1,9 +1,10 @@
 """Faults below the service. A full disk, without filling one: blob writes land on /dev/full (the
 write itself fails with ENOSPC), SQLite may not grow past its pages (``max_page_count``: its own
-"database or disk is full"), an upload's spooled copy fails with ENOSPC. Dataset uploads, base uploads and imports answer 507 with
-a clear message that names no file, the log has one line for the episode and no traceback, and no
-temporary file is left behind. A bug's 500 carries no exception text either, and a job's event
-stream waits while the database is away instead of breaking off."""
+"database or disk is full"), an upload's spooled copy fails with ENOSPC. Dataset uploads, base
+uploads and imports answer 507 with a clear message that names no file, the log has one line for
+the episode and no traceback, and no temporary file is left behind. A bug's 500 carries no
+exception text either, and a job's event stream waits while the database is away instead of
+breaking off."""
 
 from __future__ import annotations
 
