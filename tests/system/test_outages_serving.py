@@ -52,7 +52,15 @@ class Stack:
     two keys and four imported reprogram paths, each predicted once (warm)."""
 
     def __init__(self, root: Path):
-        self.root = root
+        self.root, self.pg, self.redis, self.proc = root, None, None, None
+        try:
+            self._start()
+        except BaseException:
+            self.close()  # what did start is stopped
+            raise
+
+    def _start(self) -> None:
+        root = self.root
         self.pg, self.redis = PrivatePostgres(), PrivateRedis()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -61,8 +69,8 @@ class Stack:
         env = {**os.environ, "ZOO_MODE": "distributed", "ZOO_DATABASE_URL": self.pg.url,
                "ZOO_REDIS_URL": self.redis.url, "ZOO_DATA_DIR": str(data), "ZOO_DEMO_ZOO": "false",
                "ZOO_JOBS_STREAM": "zoo:outages", "ZOO_HTTP_WORKERS": "1", "ZOO_DEVICE": "cpu", "ZOO_ZOO_POLL_S": "0.5",
-               "PYTHONUNBUFFERED": "1",
-               "ZOO_TENANT_PREDICT_RATE": "100000", "ZOO_TENANT_PREDICT_BURST": "100000"}  # fmt: skip
+               "PYTHONUNBUFFERED": "1", "ZOO_TENANT_PREDICT_RATE": "100000",
+               "ZOO_TENANT_PREDICT_BURST": "100000"}  # fmt: skip
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.log = root / "replica.log"
         cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -107,21 +115,23 @@ class Stack:
                            headers={"content-type": "application/octet-stream"})  # fmt: skip
 
     def tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
+        log = getattr(self, "log", None)
+        return log.read_text(errors="replace")[-n:] if log is not None and log.exists() else ""
 
     def close(self) -> None:
         for c in (getattr(self, "admin", None), getattr(self, "tenant", None)):
             if c is not None:
                 c.close()
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait(30)
-        self.pg.close()
-        self.redis.close()
+        for server in (self.pg, self.redis):
+            if server is not None:
+                server.close()
 
 
 @dataclass
