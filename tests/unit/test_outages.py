@@ -54,11 +54,12 @@ def test_which_driver_errors_are_which() -> None:
     assert isinstance(full, InsufficientStorage) and full.status == 507
     assert driver_problem(sqlite3.OperationalError("no such table: x")) is None  # a bug stays a bug (500)
     assert driver_problem(sqlite3.IntegrityError("UNIQUE constraint failed")) is None
+    assert driver_problem(sqlite3.InterfaceError("misuse")) is None
     assert isinstance(driver_problem(sqlite3.OperationalError("anything"), is_disconnect=True), Unavailable)
     from psycopg import errors as pg
 
     assert isinstance(driver_problem(pg.DiskFull("could not extend file")), InsufficientStorage)
-    for away in (pg.AdminShutdown, pg.CannotConnectNow, pg.TooManyConnections, pg.ConnectionFailure):
+    for away in (pg.AdminShutdown, pg.CannotConnectNow, pg.TooManyConnections, pg.ConnectionFailure, pg.InterfaceError):
         assert isinstance(driver_problem(away("x")), Unavailable), away
     assert driver_problem(pg.UniqueViolation("x")) is None and driver_problem(pg.UndefinedTable("x")) is None
 

@@ -199,9 +199,9 @@ def driver_problem(e: BaseException, is_disconnect: bool = False, connecting: bo
     if state == _PG_DISK_FULL or (isinstance(e, sqlite3.OperationalError) and (
             getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(e))):
         return InsufficientStorage("the server's storage is full: nothing was stored; try again once space is freed")
-    name = type(e).__name__
-    if is_disconnect or state in _PG_AWAY or state.startswith("08") or name == "InterfaceError" or (
-            connecting and name == "OperationalError"):  # fmt: skip
+    name = type(e).__name__  # the DB-API's classes, whatever the driver: a server's InterfaceError is a lost connection
+    if is_disconnect or state in _PG_AWAY or state.startswith("08") or (connecting and name == "OperationalError") or (
+            name == "InterfaceError" and not isinstance(e, sqlite3.Error)):  # fmt: skip
         return Unavailable("the database is unreachable for a moment; retry shortly", retry_after=DB_RETRY_AFTER_S)
     return None
 
