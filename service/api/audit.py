@@ -5,11 +5,16 @@ Never a key or a body."""
 
 from __future__ import annotations
 
+import logging
+
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from zoo_store.core.errors import ZooError
 from zoo_store.store.db import AuditRow, Database, new_id, page
+
+log = logging.getLogger("zoo.audit")
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 READS = {"/v1/paths/{path_id}/predict", "/v2/models/{path_id}/infer"}  # POSTs that change nothing
@@ -60,5 +65,11 @@ class AuditMiddleware:
                 state, in_path = scope.get("state", {}), (scope.get("path_params") or {}).values()
                 caller = state.get("caller")
                 target = state.get("audit_target") or next(iter(in_path), None)
-                await run_in_threadpool(self.log.write, getattr(caller, "key_id", None), getattr(caller, "tenant", None),
-                                        scope["method"], route, target, status)  # fmt: skip
+                row = (getattr(caller, "key_id", None), getattr(caller, "tenant", None), scope["method"], route, target,
+                       status)  # fmt: skip
+                try:
+                    await run_in_threadpool(self.log.write, *row)
+                except ZooError as e:  # the database away (its Database logs that once), or its disk full
+                    if status < 500:  # the call did something: this line is its record (a 5xx changed nothing)
+                        log.warning("audit row not written (%s): key %s, tenant %s, %s %s, target %s, status %s",
+                                    e.title, *row)  # fmt: skip

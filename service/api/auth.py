@@ -1,9 +1,11 @@
 """Who is calling: the bearer key of a request checked against the keys (a few seconds' cache, so
-that a revoked key stops working everywhere within ``KEY_TTL_S``), the admin key made on first
-start, and the FastAPI dependencies the routes declare (which also put the scheme in OpenAPI)."""
+that a revoked key stops working everywhere within ``KEY_TTL_S``; while the database is unreachable,
+a key seen at most ``stale_s`` ago is still taken), the admin key made on first start, and the
+FastAPI dependencies the routes declare (which also put the scheme in OpenAPI)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -14,8 +16,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.common.ttl import TtlCache
-from zoo_store.store.db import Database
-from zoo_store.core.errors import Forbidden, Unauthorized
+from zoo_store.core.errors import Forbidden, Unauthorized, Unavailable
+from zoo_store.store.db import Database, utcnow
 from zoo_store.store.tenancy import Caller, Keys, well_formed
 
 log = logging.getLogger("zoo.auth")
@@ -26,9 +28,10 @@ LOCAL = Caller(tenant="local", admin=True)  # every caller when ZOO_AUTH=off
 
 
 class Auth:
-    def __init__(self, db: Database, enabled: bool):
-        self.keys, self.enabled = Keys(db), enabled
-        self._seen = TtlCache(KEY_TTL_S, max_items=10_000)  # sha256(key) -> Caller, or None: not a live key
+    def __init__(self, db: Database, enabled: bool, stale_s: float = 0.0):
+        self.keys, self.enabled, self.stale_s = Keys(db), enabled, stale_s
+        # sha256(key) -> (Caller, when it expires or None), or None: not a live key
+        self._seen = TtlCache(KEY_TTL_S, max_items=10_000)
 
     def caller(self, key: str | None) -> Caller:
         """The caller a bearer key is; Unauthorized when there is none or it is not a live key."""
@@ -38,14 +41,18 @@ class Auth:
             raise Unauthorized("this route needs an API key: Authorization: Bearer <key> (zoo keys create)")
         if not well_formed(key):  # refused without a lookup, and never cached: no one fills the cache with junk
             raise Unauthorized("the API key is unknown, revoked or expired")
-        caller = self._seen.get_or(hashlib.sha256(key.encode()).digest(), lambda: self._lookup(key))
-        if caller is None:
+        found = self._seen.get_or(hashlib.sha256(key.encode()).digest(), lambda: self._lookup(key),
+                                  stale_s=self.stale_s, stale_on=(Unavailable,))  # fmt: skip
+        if found is None or (found[1] is not None and found[1] <= utcnow()):
             raise Unauthorized("the API key is unknown, revoked or expired")
-        return caller
+        return found[0]
 
-    def _lookup(self, key: str) -> Caller | None:
+    def _lookup(self, key: str) -> tuple[Caller, dt.datetime | None] | None:
         row = self.keys.find(key)
-        return None if row is None else Caller(row.tenant, row.admin, row.id)
+        if row is None:
+            return None
+        expires = row.expires_at.replace(tzinfo=row.expires_at.tzinfo or dt.UTC) if row.expires_at else None
+        return Caller(row.tenant, row.admin, row.id), expires
 
     def first_admin_key(self, data_dir: Path) -> Path | None:
         """With auth on and no key at all, an admin key written to ``data_dir/admin.key`` (mode 0600);

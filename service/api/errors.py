@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, iter_route_contexts
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from zoo_store.core.errors import ZooError
+from zoo_store.core.errors import Unavailable, ZooError, storage_full
+from zoo_store.core.outage import Outage
+from zoo_store.store.db import driver_problem
 
 log = logging.getLogger("zoo.errors")
+DISK_FULL = Outage("disk full: uploads and imports answered 507", log)
+RETRY_AFTER_S = 2
 
 
 def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -50,9 +58,26 @@ def _allowed(request: Request) -> str:
     return ", ".join(sorted({m for r in matching for m in r.methods}))
 
 
+def known(e: BaseException) -> ZooError | None:
+    """The ZooError that an exception from below is when it is a known condition rather than a bug:
+    a full disk (507), the database or Redis unreachable (503 with Retry-After); None otherwise.
+    Driver errors are mostly mapped where they arise (``Database``); this catches the rest."""
+    if (full := storage_full(e)) is not None:
+        return full
+    if isinstance(e, DBAPIError):
+        return driver_problem(e.orig, e.connection_invalidated)
+    if isinstance(e, PoolTimeout):  # every pooled connection busy for the pool's timeout
+        return Unavailable("the database is busy; retry shortly", retry_after=RETRY_AFTER_S)
+    if isinstance(e, redis.ConnectionError | redis.TimeoutError):  # the job queue's Redis (the rate limiter falls back)
+        return Unavailable("the job queue is unreachable for a moment; retry shortly", retry_after=RETRY_AFTER_S)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ZooError)
     async def _zoo(request: Request, e: ZooError) -> JSONResponse:
+        if isinstance(cause := e.__cause__, OSError) and e.status == 507:  # (the database's own: its Database logs)
+            DISK_FULL.failed(f"{request.method} {request.url.path}: {type(cause).__name__}: {cause}")  # once an episode
         return answer(request, e.status, e.title, e.detail, e.headers() or None)
 
     @app.exception_handler(RequestValidationError)
@@ -63,12 +88,33 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400 and e.__cause__ is not None and (found := known(e.__cause__)) is not None:
+            found.__cause__ = e.__cause__  # FastAPI's "error parsing the body": the disk full spooling an upload
+            return await _zoo(request, found)
         headers = getattr(e, "headers", None)
         if e.status_code == 405:  # every method of the path (static files: Starlette's own answer)
             headers = {"Allow": _allowed(request)} if _allowed(request) else headers
         return answer(request, e.status_code, str(e.detail), str(e.detail), headers)
 
+    async def _below(request: Request, e: Exception) -> JSONResponse:
+        """What may come from below as a known condition (a full disk, a server away), handled here
+        rather than as an ``Exception``: Starlette raises those again after answering, and the server
+        then logs a traceback per request."""
+        if (found := known(e)) is not None:
+            found.__cause__ = e
+            return await _zoo(request, found)
+        return _internal(request, e)
+
+    for kind in (OSError, DBAPIError, PoolTimeout, redis.ConnectionError, redis.TimeoutError):
+        app.add_exception_handler(kind, _below)
+
     @app.exception_handler(Exception)
     async def _other(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return answer(request, 500, "Internal error", f"{type(e).__name__}: {e}")
+        return _internal(request, e)
+
+
+def _internal(request: Request, e: Exception) -> JSONResponse:
+    """500 for a bug: the body says nothing of the error (driver text, hosts, paths), the log does."""
+    ref = secrets.token_hex(4)
+    log.error("unhandled error %s on %s %s", ref, request.method, request.url.path, exc_info=e)
+    return answer(request, 500, "Internal error", f"an unexpected error (ref {ref}); the server's log has it")

@@ -8,7 +8,9 @@ Protocol surface). Which ones follow from the route itself, in one place:
 - 409, 429: routes that declare them (``CONFLICT``, ``RATE_LIMITED``), and 503 as well (``UNAVAILABLE``);
 - 413: a request body (limits);
 - 422: parameters or a body;
-- 503: routes that need the zoo loaded, and predicts refused when the queue is full."""
+- 503: routes that need the zoo loaded, predicts refused when the queue is full, and routes that need a
+  key (checked in the database, which may be unreachable for a moment: docs/deploy.md);
+- 507: routes that store something (every mutating one but predicts), when the disk is full."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.api.audit import MUTATING, READS
 from service.api.auth import get_admin, get_caller
 from service.api.deps import get_ready_services
 from service.api.errors import api_routes, is_oip
@@ -36,7 +39,8 @@ OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"
 REASONS = {400: "Bad request", 401: "No API key, or one unknown, revoked or expired", 403: "Forbidden",
            404: "Not found", 409: "Conflict", 413: "Payload too large", 422: "Invalid input",
            429: "Over the tenant's rate limit: see Retry-After",
-           503: "Unavailable (loading, or too many inputs waiting: see Retry-After)"}  # fmt: skip
+           503: "Unavailable (loading, the database unreachable for a moment, or too many inputs waiting: see "
+                "Retry-After)", 507: "Insufficient storage: the server's disk is full, nothing was stored"}  # fmt: skip
 
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
@@ -45,7 +49,7 @@ def install_openapi(app: FastAPI) -> None:
             for route in api_routes(app):
                 if route.include_in_schema:
                     for method in route.methods:
-                        _declare_errors(doc["paths"][route.path_format][method.lower()], route)
+                        _declare_errors(doc["paths"][route.path_format][method.lower()], route, method)
             schemas = doc.get("components", {}).get("schemas", {})
             schemas.pop("HTTPValidationError", None)
             schemas.pop("ValidationError", None)
@@ -56,14 +60,16 @@ def install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _declare_errors(op: dict, route: Any) -> None:
+def _declare_errors(op: dict, route: Any, method: str) -> None:
     has_body = route.body_field is not None or "requestBody" in (route.openapi_extra or {})
     codes = set()
     if route.dependant.path_params:
         codes.add(404)
     codes |= {c for c in (403, 409, 429, 503) if c in route.responses}
     if _needs(route, get_caller):
-        codes.add(401)
+        codes |= {401, 503}  # a key this process has not seen checked in the database, which may be away
+        if method in MUTATING and route.path_format not in READS:
+            codes.add(507)
     if _needs(route, get_admin):
         codes.add(403)
     if has_body:  # one that does not parse (JSON, multipart, bytes), or one past the limits

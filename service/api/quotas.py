@@ -1,10 +1,11 @@
 """Per-tenant quotas (403 naming the limit) and the predict rate limit (429 with Retry-After): the
 Settings' defaults, overridden per tenant in the database; a token bucket per tenant, in this
-process (embedded mode) or in Redis (distributed mode: one bucket for every replica). Admins' keys
-are not limited."""
+process (embedded mode) or in Redis (distributed mode: one bucket for every replica; while Redis is
+unreachable, one in each process, so that predicts go on). Admins' keys are not limited."""
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -14,13 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.schemas import WHOLE
 from service.common.ttl import TtlCache
-from zoo_store.store.db import Database, TenantLimitsRow
-from zoo_store.core.errors import Forbidden, TooManyRequests
+from zoo_store.core.errors import Forbidden, TooManyRequests, Unavailable
+from zoo_store.core.outage import Outage
 from zoo_store.core.settings import Settings
+from zoo_store.store.db import Database, TenantLimitsRow
 from zoo_store.store.store import Store
 from zoo_store.store.tenancy import Caller
 
 LIMITS_TTL_S = 2.0  # a tenant's limits, once read, are read again after this long
+REDIS_RETRY_S = 1.0  # while Redis is unreachable, it is tried again this often (the buckets of this process meanwhile)
+REDIS_TIMEOUT_S = 1.0  # a bucket's round trip: beyond it, Redis counts as unreachable
+log = logging.getLogger("zoo.quotas")
 Count = Annotated[int, Field(ge=0), WHOLE]
 
 
@@ -45,6 +50,7 @@ class Limits(BaseModel):
 
 class Buckets(Protocol):
     def take(self, tenant: str, rate: float, burst: int) -> float: ...  # 0 when allowed, else seconds to wait
+    def unreachable(self) -> str | None: ...  # why the shared buckets cannot be reached now (None: they can)
 
 
 class MemoryBuckets:
@@ -65,6 +71,9 @@ class MemoryBuckets:
             self._state[tenant] = (tokens, now)
             return (1 - tokens) / rate
 
+    def unreachable(self) -> str | None:
+        return None
+
 
 # KEYS[1]: the bucket; ARGV: rate, burst. Redis's own clock, so that every replica agrees.
 _TAKE = """
@@ -82,17 +91,42 @@ return tostring(wait)
 
 
 class RedisBuckets:
-    """One token bucket per tenant shared by every replica (a Lua script: atomic)."""
+    """One token bucket per tenant shared by every replica (a Lua script: atomic). While Redis is
+    unreachable, the buckets of this process (``MemoryBuckets``) take over: predicts are answered,
+    each replica holding a tenant to its rate by itself; Redis is tried again every ``REDIS_RETRY_S``
+    and its buckets are used again as soon as it answers. Logged once per outage."""
 
     def __init__(self, url: str, prefix: str = "zoo:rate:"):
         import redis
 
-        self.r = redis.Redis.from_url(url)
+        self.r = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
         self.script = self.r.register_script(_TAKE)
         self.prefix = prefix
+        self.local = MemoryBuckets()
+        self.outage = Outage("Redis unreachable: predict rates are held per process until it is back", log)
+        self._retry_at = 0.0
+        self._down = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError (starting up) is one too
 
     def take(self, tenant: str, rate: float, burst: int) -> float:
-        return float(self.script(keys=[self.prefix + tenant], args=[rate, burst]))
+        if self.outage.down and time.monotonic() < self._retry_at:
+            return self.local.take(tenant, rate, burst)
+        try:
+            wait = float(self.script(keys=[self.prefix + tenant], args=[rate, burst]))
+        except self._down as e:
+            self._retry_at = time.monotonic() + REDIS_RETRY_S
+            self.outage.failed(f"{type(e).__name__}: {e}")
+            return self.local.take(tenant, rate, burst)
+        self.outage.recovered()
+        return wait
+
+    def unreachable(self) -> str | None:
+        """None when Redis answers a PING; else why not (for /readyz)."""
+        try:
+            self.r.ping()
+        except self._down as e:
+            self.outage.failed(f"{type(e).__name__}: {e}")
+            return "unreachable"
+        return None
 
 
 class Quotas:
@@ -101,8 +135,10 @@ class Quotas:
         self._seen = TtlCache(LIMITS_TTL_S)
 
     def limits(self, tenant: str) -> Limits:
-        """The tenant's limits: its overrides over the Settings' defaults."""
-        return self._seen.get_or(tenant, lambda: self._read(tenant))
+        """The tenant's limits: its overrides over the Settings' defaults (while the database is
+        unreachable, as read at most ``outage_stale_s`` ago)."""
+        return self._seen.get_or(tenant, lambda: self._read(tenant), stale_s=self.settings.outage_stale_s,
+                                 stale_on=(Unavailable,))  # fmt: skip
 
     def _read(self, tenant: str) -> Limits:
         with self.db.session() as s:

@@ -18,7 +18,7 @@ from service.runtime.batcher import Batcher
 from service.runtime.cache import Entry, PathCache
 from service.runtime.zoo import ResidentZoo
 from zoo_store.core.bundle import Manifest
-from zoo_store.core.errors import NotFound, ZooError
+from zoo_store.core.errors import NotFound, Unavailable, ZooError
 from zoo_store.core.settings import Settings, configure_torch
 from zoo_store.store.blobs import BlobStore
 from zoo_store.store.db import DEMO_ZOO_LOCK_KEY, Database
@@ -65,7 +65,8 @@ class Services:
                           settings.max_queue_inputs)  # fmt: skip
         runner = JobRunner(settings, store, queue or job_queue(settings), metrics, resident=lambda: zoo.bases)
         buckets = RedisBuckets(settings.redis_url) if settings.mode == "distributed" else MemoryBuckets()
-        return cls(settings, db, store, zoo, cache, batcher, runner, metrics, Auth(db, settings.auth),
+        auth = Auth(db, settings.auth, settings.outage_stale_s)
+        return cls(settings, db, store, zoo, cache, batcher, runner, metrics, auth,
                    Quotas(settings, db, store, buckets), AuditLog(db))  # fmt: skip
 
     def start(self) -> None:
@@ -107,7 +108,9 @@ class Services:
                 seq, deleted = self.store.deletions_since(seq)
                 for path_id in deleted:
                     self.cache.evict(path_id)
-            except Exception:  # the database may be away for a moment; the next poll tries again
+            except Unavailable:  # the database is away for a moment (its Database logs that once); the next poll
+                pass
+            except Exception:
                 log.warning("could not follow the zoo", exc_info=True)
 
     def admit_predict(self, caller: Caller, path_id: str) -> None:
@@ -135,10 +138,13 @@ class Services:
 
     def check_access(self, caller: Caller, path_id: str) -> None:
         """NotFound unless the caller may use the path (an admin any that exists; the serving path
-        finds out whether it does). Checked once per ``ACCESS_TTL_S`` per tenant and path."""
+        finds out whether it does). Checked once per ``ACCESS_TTL_S`` per tenant and path; while the
+        database is unreachable, a decision made at most ``outage_stale_s`` ago stands."""
         if caller.admin:
             return
-        if not self._access.get_or((caller.tenant, path_id), lambda: self.store.role(path_id, caller.tenant) is not None):
+        role = self._access.get_or((caller.tenant, path_id), lambda: self.store.role(path_id, caller.tenant),
+                                   stale_s=self.settings.outage_stale_s, stale_on=(Unavailable,))  # fmt: skip
+        if role is None:
             raise NotFound(f"no path {path_id!r}")
 
     def forget_access(self, path_id: str) -> None:

@@ -309,6 +309,8 @@ def test_the_openapi_document_declares_each_operations_errors(app_client: TestCl
     predict = doc["paths"]["/v1/paths/{path_id}/predict"]["post"]["responses"]
     assert {"400", "404", "413", "422", "503"} <= set(predict)
     assert set(predict["422"]["content"]) == {"application/problem+json"}
+    assert "507" not in predict and "507" in doc["paths"]["/v1/paths/import"]["post"]["responses"]  # it stores
+    assert "503" in doc["paths"]["/v1/paths"]["get"]["responses"]  # the database may be away
     infer = doc["paths"]["/v2/models/{path_id}/infer"]["post"]["responses"]
     assert infer["404"]["content"]["application/json"]["schema"]["required"] == ["error"]
     assert "409" in doc["paths"]["/v1/paths/{path_id}/network"]["get"]["responses"]

@@ -1,5 +1,7 @@
 """One small tree of domain errors; the service maps each class to one HTTP status in one place."""
 
+import errno
+
 
 class ZooError(Exception):
     """Base of every error the service reports to a user."""
@@ -81,6 +83,24 @@ class Overloaded(Unavailable):
 
     def __init__(self, detail: str, retry_after: int | None = 1):
         super().__init__(detail, retry_after)
+
+
+class InsufficientStorage(ZooError):
+    """The disk (or the database's) is full: what was sent was not stored, and nothing of it is left."""
+
+    status = 507
+    title = "Insufficient storage"
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_full(e: BaseException, what: str = "the upload") -> InsufficientStorage | None:
+    """The InsufficientStorage that an ``OSError`` of a full disk (or quota) is; None for any other error."""
+    if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+        return InsufficientStorage(f"the server's storage is full: {what} was not stored; try again once "
+                                   "space has been freed")  # fmt: skip
+    return None
 
 
 class IntegrityError(ZooError):

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     # where base weights, datasets and other blobs live: "dir" (under data_dir) or "database" (chunked
     # rows, so that no two processes share a disk); default: dir embedded, database distributed
     blob_store: Literal["dir", "database"] | None = None
+    # while the database is unreachable, a key's caller, a tenant's access to a path and its limits, read at
+    # most this long ago, are still used (warm predicts go on); 0: never (every such check answers 503)
+    outage_stale_s: float = Field(60.0, ge=0)
     zoo_poll_s: float = Field(2.0, gt=0)  # how often a process looks for bases registered through another
     jobs_stream: str = "zoo:jobs"  # distributed mode: the Redis stream of composition jobs
     job_claim_idle_s: float = Field(60.0, gt=0)  # a dead worker's job is taken over after this long

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from zoo_store.core.errors import IntegrityError, NotFound
+from zoo_store.core.errors import IntegrityError, NotFound, storage_full
 from zoo_store.core.keystore import sha256
 from zoo_store.store.db import BlobChunkRow, Database
 
@@ -35,11 +35,19 @@ class DirBlobStore:
         path = self._path(digest)
         if path.exists():
             return digest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".put-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException as e:
+            if tmp is not None:  # written in part, or not moved in place: no temporary file is left behind
+                Path(tmp).unlink(missing_ok=True)
+            if (full := storage_full(e, f"a blob of {len(data):,} bytes")) is not None:
+                raise full from e
+            raise
         return digest
 
     def get(self, digest: str) -> bytes:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +27,13 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from zoo_store.core.errors import InsufficientStorage, Unavailable, ZooError
+from zoo_store.core.outage import Outage
+
+log = logging.getLogger("zoo.db")
 MIGRATIONS_DIR = Path(str(files("zoo_store.migrations")))  # migrations/ in a checkout, inside the wheel otherwise
 
 
@@ -178,6 +184,28 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cur.close()
 
 
+DB_RETRY_AFTER_S = 2  # what a 503 for an unreachable database tells clients
+# PostgreSQL's SQLSTATEs of a server that is away for a while: too many connections, shutting down
+# (admin, crash), starting up; class 08: the connection itself
+_PG_AWAY = {"53300", "57P01", "57P02", "57P03"}
+_PG_DISK_FULL = "53100"
+
+
+def driver_problem(e: BaseException, is_disconnect: bool = False, connecting: bool = False) -> ZooError | None:
+    """What a driver's exception is to a client, when it is a known condition rather than a bug: the
+    database's disk full (507), the database unreachable (503 with Retry-After); None otherwise.
+    The message says nothing of the server (no host, port or driver text): the log has that."""
+    state = getattr(e, "sqlstate", None) or ""
+    if state == _PG_DISK_FULL or (isinstance(e, sqlite3.OperationalError) and (
+            getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(e))):
+        return InsufficientStorage("the server's storage is full: nothing was stored; try again once space is freed")
+    name = type(e).__name__  # the DB-API's classes, whatever the driver: a server's InterfaceError is a lost connection
+    if is_disconnect or state in _PG_AWAY or state.startswith("08") or (connecting and name == "OperationalError") or (
+            name == "InterfaceError" and not isinstance(e, sqlite3.Error)):  # fmt: skip
+        return Unavailable("the database is unreachable for a moment; retry shortly", retry_after=DB_RETRY_AFTER_S)
+    return None
+
+
 MIGRATION_LOCK_KEY = 0x5A00_0001  # one migrating process at a time
 DEMO_ZOO_LOCK_KEY = 0x5A00_0002  # one process training the demo zoo at a time
 
@@ -192,7 +220,23 @@ class Database:
         self.engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), hide_parameters=True)
         if self.engine.dialect.name == "sqlite":
             _sqlite_pragmas(self.engine)
+        self.unreachable = Outage("database unreachable", log)  # logged once per outage, not per request
+        self.full = Outage("database storage full", log)
+        event.listen(self.engine, "handle_error", self._on_error)
+        event.listen(self.engine, "connect", lambda *_: self.unreachable.recovered())  # a new connection: it is back
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _on_error(self, ctx: ExceptionContext) -> ZooError | None:
+        """Every driver error, in one place: a known condition becomes the ZooError it is (raised in
+        place of SQLAlchemy's; the pool still invalidates a lost connection), anything else is left as is."""
+        if ctx.is_pre_ping:  # the pool's check of an idle connection: a lost one is replaced quietly
+            return None
+        e = ctx.original_exception
+        found = driver_problem(e, ctx.is_disconnect, connecting=ctx.connection is None)
+        if found is not None:
+            outage = self.full if found.status == 507 else self.unreachable
+            outage.failed(f"{type(e).__name__}: {' '.join(str(e).split())}")
+        return found
 
     def migrate(self) -> None:
         """``alembic upgrade head`` against this database."""

@@ -4,8 +4,8 @@ from fastapi import APIRouter, Response
 
 from service.api.deps import Svc
 from service.api.errors import problem
-from service.common.metrics import render_metrics
 from service.api.openapi import UNAVAILABLE
+from service.common.metrics import render_metrics
 
 router = APIRouter(tags=["health"])
 
@@ -17,12 +17,23 @@ def healthz() -> dict:
 
 @router.get("/readyz", responses=UNAVAILABLE)
 def readyz(svc: Svc) -> object:
-    db_ok = svc.db.ping()
-    if db_ok and svc.ready.is_set():
-        return {"status": "ready", "bases": len(svc.zoo.bases), "zoo_version": svc.zoo.version, "device": svc.zoo.device,
-                "auth": "on" if svc.settings.auth else "off (ZOO_AUTH=off: every caller is an admin)"}  # fmt: skip
-    why = "database unreachable" if not db_ok else (svc.startup_error or svc.loading)
-    return problem(503, "Not ready", why)
+    """200 once this replica can serve: the zoo loaded. A shared service that is unreachable (the
+    database, Redis) leaves it 200 with ``"status": "degraded"`` and a ``degraded`` field naming it:
+    every replica shares them, so a 503 would take every replica out of the load balancer at once,
+    warm predicts and all, for what they still answer (see docs/deploy.md)."""
+    if not svc.ready.is_set():
+        return problem(503, "Not ready", svc.startup_error or svc.loading)
+    degraded = {}
+    if not svc.db.ping():
+        degraded["database"] = ("unreachable: warm predicts are answered from this replica's caches; "
+                                "what needs the database answers 503 with Retry-After")  # fmt: skip
+    if svc.quotas.buckets.unreachable():
+        degraded["redis"] = ("unreachable: predict rates are held by each replica alone; "
+                             "compositions answer 503 with Retry-After")  # fmt: skip
+    auth = "on" if svc.settings.auth else "off (ZOO_AUTH=off: every caller is an admin)"
+    body = {"status": "degraded" if degraded else "ready", "bases": len(svc.zoo.bases), "zoo_version": svc.zoo.version,
+            "device": svc.zoo.device, "auth": auth}  # fmt: skip
+    return {**body, "degraded": degraded} if degraded else body
 
 
 @router.get("/metrics", response_class=Response,

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.auth import CallerDep, bearer_key
 from service.api.deps import Cursor, Limit, Svc
 from service.api.schemas import Job, Page
-from zoo_store.core.errors import NotFound, Unauthorized
+from zoo_store.core.errors import NotFound, Unauthorized, Unavailable
 from zoo_store.store.store import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -61,7 +61,7 @@ EVENTS = {200: {"description": "Server-sent events: `job` (the job as `GET` answ
 @router.get("/{job_id}/events", response_class=EventStream, responses=EVENTS)
 async def job_events(job_id: str, request: Request, svc: Svc, caller: CallerDep) -> EventStream:
     """Server-sent events: the job each time it changes, until it ends (or is deleted, or the key
-    stops working)."""
+    stops working); while the database is unreachable, the stream waits."""
     await run_in_threadpool(svc.store.job, job_id, caller.visible_to)  # 404 before the stream starts
     key = bearer_key(request.headers.get("authorization"))
 
@@ -74,6 +74,9 @@ async def job_events(job_id: str, request: Request, svc: Svc, caller: CallerDep)
             except (Unauthorized, NotFound) as e:
                 yield f"event: end\ndata: {json.dumps({'error': e.detail})}\n\n"
                 return
+            except Unavailable:  # the database away for a moment (an unseen key: too): the stream waits for it
+                await asyncio.sleep(1)
+                continue
             body = job.model_dump_json()
             if body != last:
                 yield f"event: job\ndata: {body}\n\n"
