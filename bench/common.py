@@ -19,8 +19,9 @@ from torch import nn
 
 from zoo_store.archs import build_arch
 from zoo_store.archs.surgery import replace_module, state_bytes
+from zoo_store.core.bundle import PathArtifact, encode_bundle, make_manifest
 from zoo_store.core.cards import Card
-from zoo_store.core.bundle import BaseRef, PathArtifact, encode_bundle, make_manifest
+from zoo_store.core.manifest import BaseRef
 
 Say = Callable[[str], None]
 

@@ -19,7 +19,7 @@ import torch
 
 from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import BadRequest, InvalidInput, PayloadTooLarge
-from zoo_store.core.bundle import Manifest
+from zoo_store.core.manifest import Manifest
 
 HEADER = "Inference-Header-Content-Length"
 INPUT, PROBS, LABEL = "input", "probabilities", "label"

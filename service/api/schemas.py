@@ -8,8 +8,8 @@ from typing import Annotated, Any, Generic, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from zoo_store.core.cards import InputSpec
+from zoo_store.core.manifest import BaseRef
 from zoo_store.store.db import ApiKeyRow, DatasetRow, JobRow, PathRow
-from zoo_store.core.bundle import BaseRef
 from zoo_store.store.tenancy import TENANT
 
 T = TypeVar("T")

@@ -9,20 +9,20 @@ from dataclasses import dataclass, field
 
 from service.api.audit import AuditLog
 from service.api.auth import Auth
-from service.jobs.runner import JobRunner
-from service.common.metrics import Metrics
-from service.jobs.queues import JobQueue, MemoryQueue, RedisQueue
 from service.api.quotas import MemoryBuckets, Quotas, RedisBuckets
+from service.common.metrics import Metrics
+from service.common.ttl import TtlCache
+from service.jobs.queues import JobQueue, MemoryQueue, RedisQueue
+from service.jobs.runner import JobRunner
 from service.runtime.batcher import Batcher
 from service.runtime.cache import Entry, PathCache
 from service.runtime.zoo import ResidentZoo
-from service.common.ttl import TtlCache
+from zoo_store.core.errors import NotFound, ZooError
+from zoo_store.core.manifest import Manifest
+from zoo_store.core.settings import Settings
 from zoo_store.store.blobs import BlobStore
 from zoo_store.store.db import DEMO_ZOO_LOCK_KEY, Database
 from zoo_store.store.demo import ensure_demo_zoo
-from zoo_store.core.errors import NotFound, ZooError
-from zoo_store.core.bundle import Manifest
-from zoo_store.core.settings import Settings
 from zoo_store.store.store import Store
 from zoo_store.store.tenancy import Caller
 

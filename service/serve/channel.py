@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.inputs import check_npy_shape
 from zoo_store.core import errors
 from zoo_store.core.errors import Unavailable, ZooError
-from zoo_store.core.bundle import Manifest
+from zoo_store.core.manifest import Manifest
 
 if TYPE_CHECKING:
     from service.api.state import Services

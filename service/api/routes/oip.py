@@ -13,7 +13,7 @@ from service.api.deps import ReadySvc, Svc
 from service.api.oip import HEADER, infer_response, model_metadata, parse_infer
 from service.api.openapi import CONFLICT, RATE_LIMITED, UNAVAILABLE
 from zoo_store.core.errors import Unavailable
-from zoo_store.core.bundle import Manifest
+from zoo_store.core.manifest import Manifest
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 

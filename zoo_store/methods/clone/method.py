@@ -14,17 +14,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
+from zoo_store.core.bundle import PathArtifact
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
+from zoo_store.core.manifest import BaseRef
+from zoo_store.core.spec import CompositionSpec
+from zoo_store.datasets.tasks import TaskData
+from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, no_spatial_tap
 from zoo_store.methods.clone.config import plan_clone
 from zoo_store.methods.clone.insert import Part, build_cloned, fresh_cloned, search_join, train_cloned
 from zoo_store.methods.clone.layers import ADAPTERS, masked_source, pack_mask, unpack_mask
 from zoo_store.methods.clone.localize import kept_fraction, localize
-from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, no_spatial_tap
-from zoo_store.datasets.tasks import TaskData
 from zoo_store.methods.registry import register_method
-from zoo_store.core.spec import CompositionSpec
-from zoo_store.core.bundle import BaseRef, PathArtifact
 from zoo_store.training import predict_logits
 
 LOCALIZE_STEPS = 150  # mask-fitting steps per source unless train.steps says otherwise

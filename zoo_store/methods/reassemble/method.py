@@ -17,8 +17,13 @@ from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
 from zoo_store.archs.surgery import shared_copy
+from zoo_store.core.bundle import PathArtifact
 from zoo_store.core.cards import Card, InputSpec
 from zoo_store.core.errors import InvalidInput
+from zoo_store.core.manifest import BaseRef
+from zoo_store.core.spec import CompositionSpec
+from zoo_store.datasets.tasks import TaskData
+from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, no_spatial_tap
 from zoo_store.methods.reassemble.config import ReassembleConfig, check_budget, parse_config, plan_reassemble
 from zoo_store.methods.reassemble.layers import (
     Assembled,
@@ -38,11 +43,7 @@ from zoo_store.methods.reassemble.partition import (
 )
 from zoo_store.methods.reassemble.profile import Block, card_profile, needs_stitch
 from zoo_store.methods.reassemble.search import Candidate, exact, feasible, milp_top
-from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, no_spatial_tap
-from zoo_store.datasets.tasks import TaskData
 from zoo_store.methods.registry import register_method
-from zoo_store.core.spec import CompositionSpec
-from zoo_store.core.bundle import BaseRef, PathArtifact
 from zoo_store.training import accuracy, fit, normalize
 
 PROBE_IMAGES = 256  # images the CKA partition and the stitch initialisation see

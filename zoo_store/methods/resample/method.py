@@ -19,13 +19,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from zoo_store.archs import TapNet, build_for
-from zoo_store.archs.groups import ChannelGroup
-from zoo_store.archs.groups import channel_groups, keeps_blocks, proven_groups, trace_groups
+from zoo_store.archs.groups import ChannelGroup, channel_groups, keeps_blocks, proven_groups, trace_groups
 from zoo_store.archs.surgery import state_bytes
+from zoo_store.core.bundle import PathArtifact
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
-from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, one_base
+from zoo_store.core.manifest import BaseRef
+from zoo_store.core.spec import CompositionSpec
 from zoo_store.datasets.tasks import TaskData
+from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, one_base
 from zoo_store.methods.registry import register_method
 from zoo_store.methods.resample.config import ResampleBudget, ResampleConfig
 from zoo_store.methods.resample.layers import (
@@ -42,8 +44,6 @@ from zoo_store.methods.resample.layers import (
     two_opt_order,
     uniform_cells,
 )
-from zoo_store.core.spec import CompositionSpec
-from zoo_store.core.bundle import BaseRef, PathArtifact
 from zoo_store.training import normalize, predict_logits
 
 DEFAULT_STEPS = 100  # partition-tuning steps when a task is given and train.steps is not
