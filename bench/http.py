@@ -126,15 +126,14 @@ def parse_profile(spec, loop_rate: float) -> list[str]:
     forward time in the inference loop (1 / loop images/s)."""
     import orjson
 
+    from service.api.bodies import PredictRequest, PredictResponse, predictions
     from service.api.inputs import npy_input, tensor_input
-    from service.api.routes.paths import predictions
-    from service.api.schemas import PredictRequest, PredictResponse
     from zoo_store.core.settings import Settings
 
     settings = Settings(demo_zoo=False)
     body = bodies(spec)
     labels = tuple(str(i) for i in range(10))
-    probs = torch.rand(1, 10).softmax(-1)
+    probs = torch.rand(1, 10).softmax(-1).numpy()
     answer = predictions("p_" + "0" * 32, labels, probs, 1)
     values = PredictRequest.model_validate_json(body["json"][0]).inputs[0].tensor
     steps = {

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from service.api.auth import CallerDep, bearer_key
+from service.api.auth import CallerDep
 from service.api.deps import Cursor, Limit, Svc
 from service.api.schemas import Job, Page
+from service.common.edge import bearer_key
 from zoo_store.core.errors import Unauthorized
 from zoo_store.store.store import TERMINAL
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -61,6 +62,6 @@ async def infer(path_id: str, request: Request, svc: ReadySvc, caller: CallerDep
     entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
     m = entry.manifest
     req = parse_infer(await request.body(), request.headers.get(HEADER), m.input, svc.settings.max_predict_inputs)
-    probs = await svc.batcher.submit(entry, req.x, arrived)  # (N, K)
-    body, headers = infer_response(path_id, m.labels, probs, req)
+    probs = await svc.batcher.submit(entry, torch.from_numpy(req.x), arrived)  # (N, K)
+    body, headers = infer_response(path_id, m.labels, probs.numpy(), req)
     return Response(body, headers=headers)
