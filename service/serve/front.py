@@ -1,6 +1,7 @@
 """An HTTP worker process of `zoo serve`: it parses, validates and decodes predict requests itself
-and hands the tensors to the inference process over the device channel; every other route is
-passed through to the inference process's app (on a Unix socket) unchanged.
+(``/v1/paths/{id}/predict`` and the Open Inference Protocol's ``/v2/models/{id}/infer``, with numpy
+and Pillow: no torch here) and hands the tensors to the inference process over the device channel;
+every other route is passed through to the inference process's app (on a Unix socket) unchanged.
 
 `zoo serve` runs ``ZOO_HTTP_WORKERS`` of these (uvicorn's worker processes, one listening port);
 ``create_front_app`` is their factory."""
@@ -24,6 +25,8 @@ from service.api.bodies import predictions
 from service.api.errors import install_error_handlers
 from service.api.inputs import npy_array, npy_values, query_top_k, read_inputs
 from service.api.limits import BodyLimit
+from service.api.oip import HEADER as OIP_HEADER
+from service.api.oip import InferRequest, infer_response, parse_infer
 from service.common.edge import FRONT_HEADER, KEY_TTL_S, bearer_key
 from service.common.metrics import Metrics, RequestMetrics, render_metrics
 from service.common.procs import die_with_supervisor
@@ -79,7 +82,7 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     async def path_info(path_id: str, key: str | None) -> PathInfo:
         """What decoding needs; asked once per key and path (the inference process checks the key
         and the tenant's access first, so a request that may not use the path is refused unread;
-        a small ``.npy`` body is the exception, see ``first_npy_predict``)."""
+        a small body is the exception, see ``first_predict``)."""
         info = described.get((key, path_id))
         if info is MISSING:  # asked again after KEY_TTL_S: a revoked key is refused before its body is read
             info = described.put((key, path_id), PathInfo(await state["device"].describe(path_id, key)))
@@ -103,6 +106,26 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
             probs = await state["device"].predict(path_id, x, key)  # (N, K): checked again, and counted
         body = predictions(path_id, info.labels, probs, top_k)
         return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.post("/v2/models/{path_id}/infer")
+    async def infer(path_id: str, request: Request) -> Response:
+        """The Open Inference Protocol's infer, decoded here like a ``/v1`` predict (same checks, in
+        the same order, with the same answers as the inference process's own route)."""
+        key = bearer_key(request.headers.get("authorization"))
+        length = request.headers.get(OIP_HEADER)
+
+        def decode(body: bytes, spec: InputSpec | None) -> tuple[np.ndarray, InferRequest]:
+            req = parse_infer(body, length, spec, settings.max_predict_inputs)
+            return req.x, req
+
+        if described.get((key, path_id)) is MISSING and _small(request, settings.shm_slot_bytes):
+            info, probs, req = await first_predict(path_id, key, request, decode, "oip")
+        else:
+            info = await path_info(path_id, key)
+            x, req = decode(await request.body(), info.input)  # (N, C, H, W) in [0, 1]
+            probs = await state["device"].predict(path_id, x, key)  # (N, K): checked again, and counted
+        body, headers = infer_response(path_id, info.labels, probs, req)
+        return Response(body, headers=headers)
 
     async def first_predict(path_id: str, key: str | None, request: Request, decode: Decode,
                             form: str) -> tuple[PathInfo, np.ndarray, object]:  # fmt: skip
