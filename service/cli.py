@@ -293,9 +293,9 @@ def keys_create(tenant: Annotated[str, typer.Option(help="The tenant the key act
 def _offline_key(tenant: str, admin: bool, expires_in_days: int | None) -> dict:
     import datetime as dt
 
-    from zoo_store.store.db import Database, utcnow
     from zoo_store.core.errors import ZooError
     from zoo_store.core.settings import Settings
+    from zoo_store.store.db import Database, utcnow
     from zoo_store.store.tenancy import Keys
 
     db = Database(Settings().db_url)
@@ -398,7 +398,8 @@ def bundle_import(file: Annotated[Path, typer.Argument(help="A .zoopath file.")]
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="The doc whose generated block is rewritten.")] = Path("docs/benchmarks.md"),
-    suite: Annotated[str, typer.Option(help="serving | scale | http | reprogram | resample | clone | reassemble | cluster | all")] = "serving",
+    suite: Annotated[str, typer.Option(help="serving | scale | http | edge | reprogram | resample | clone | "
+                                            "reassemble | cluster | all")] = "serving",
     quick: Annotated[bool, typer.Option(help="A smaller run (for a first look; not for docs).")] = False,
 ) -> None:
     """Measure ratios side by side in one run and write them to docs/ with the machine (from a

@@ -21,8 +21,12 @@ from zoo_store.core.settings import Settings
 from zoo_store.store.blobs import BlobStore
 
 
-def create_app(settings: Settings | None = None, blobs: BlobStore | None = None, queue: JobQueue | None = None,
-               beside: Callable[[Services], AbstractAsyncContextManager] | None = None) -> FastAPI:  # fmt: skip
+def create_app(
+    settings: Settings | None = None,
+    blobs: BlobStore | None = None,
+    queue: JobQueue | None = None,
+    beside: Callable[[Services], AbstractAsyncContextManager] | None = None,
+) -> FastAPI:
     """``beside``: what runs for the app's lifetime once its services started, given them (the
     inference process of `zoo serve` serves the HTTP workers' device channel there)."""
     settings = settings or Settings()

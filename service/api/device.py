@@ -42,9 +42,9 @@ class DeviceOps:
         shape = header["shape"]  # (N, C, H, W)
         if header.get("describe"):  # the worker has not seen the path: it could not check the shape
             SHAPE_CHECKS[header.get("form", "npy")](shape, entry.manifest.input)
-        buffer = bytearray(data) if data.readonly else data  # a payload's bytes; an arena slot is used in place
+        buffer = bytearray(data) if data.readonly else data  # a payload: copied; an arena slot: used in place
         x = torch.frombuffer(buffer, dtype=torch.float32).view(shape)
-        probs = await svc.batcher.submit(entry, x, arrived)  # (N, K): the worker's slot is read before this returns
+        probs = await svc.batcher.submit(entry, x, arrived)  # (N, K): the slot is read before this returns
         answer: dict[str, Any] = {"shape": list(probs.shape)}
         if header.get("describe"):
             answer["path"] = described(entry.manifest)

@@ -50,7 +50,8 @@ def image_bytes_input(data: bytes, spec: InputSpec, settings: Settings, name: st
         raise InvalidInput(f"{name} is not a decodable PNG or JPEG image: {e}") from e
     img = img.convert("L" if spec.channels == 1 else "RGB").resize((spec.size, spec.size), Image.BILINEAR)
     t = np.frombuffer(img.tobytes(), dtype=np.uint8).astype(np.float32) / 255.0
-    return np.ascontiguousarray(t.reshape(spec.size, spec.size, spec.channels).transpose(2, 0, 1))  # (C, H, W)
+    hwc = t.reshape(spec.size, spec.size, spec.channels)
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))  # (C, H, W)
 
 
 def image_input(b64: str, spec: InputSpec, settings: Settings, i: int) -> np.ndarray:

@@ -41,7 +41,9 @@ def model_metadata(path_id: str, m: Manifest) -> dict[str, Any]:
                         {"name": LABEL, "datatype": "BYTES", "shape": [-1]}]}  # fmt: skip
 
 
-def parse_infer(body: bytes, header_length: str | None, spec: InputSpec | None, max_inputs: int) -> InferRequest:
+def parse_infer(
+    body: bytes, header_length: str | None, spec: InputSpec | None, max_inputs: int
+) -> InferRequest:
     """An infer request (JSON, or JSON and binary tensors) as the path's input in [0, 1]. With
     ``spec`` None the input's C, H and W are left to whoever knows the path (``check_input_shape``)."""
     split = _header_length(header_length, len(body))
@@ -136,7 +138,9 @@ def _input_tensor(tensor: dict, binary: memoryview, spec: InputSpec | None, max_
     return t
 
 
-def infer_response(path_id: str, labels: tuple[str, ...], probs: np.ndarray, req: InferRequest) -> tuple[bytes, dict]:
+def infer_response(
+    path_id: str, labels: tuple[str, ...], probs: np.ndarray, req: InferRequest
+) -> tuple[bytes, dict]:
     """The response body and its headers: JSON, or a JSON header and binary tensors."""
     probs = probs[:, : len(labels)].astype(np.float32, copy=False)  # (N, K)
     top = [labels[i] for i in probs.argmax(1).tolist()]

@@ -162,11 +162,13 @@ class DeviceClient:
         -> (probabilities (N, K), what ``describe`` answers)."""
         return await self._predict(path_id, x, key, {"describe": True, "form": form})
 
-    async def _predict(self, path_id: str, x: np.ndarray, key: str | None, more: dict) -> tuple[np.ndarray, Any]:
+    async def _predict(
+        self, path_id: str, x: np.ndarray, key: str | None, more: dict
+    ) -> tuple[np.ndarray, Any]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         slot = self.arena.put(x)
-        header = {"op": "predict", "path": path_id, "shape": list(x.shape), "slot": slot, "nbytes": x.nbytes, "key": key,
-                  **more}  # fmt: skip
+        header = {"op": "predict", "path": path_id, "shape": list(x.shape), "slot": slot, "nbytes": x.nbytes,
+                  "key": key, **more}  # fmt: skip
         try:
             answer, data = await self.call(header, b"" if slot is not None else x.tobytes())
         finally:
@@ -235,7 +237,9 @@ class DeviceServer:
             writer.write(frame({**answer, "id": header["id"]}, data))
 
 
-def _tensor_bytes(header: dict, payload: bytes, arena: shared_memory.SharedMemory | None, slot_bytes: int) -> memoryview:
+def _tensor_bytes(
+    header: dict, payload: bytes, arena: shared_memory.SharedMemory | None, slot_bytes: int
+) -> memoryview:
     """The request's tensor: its bytes in the worker's arena slot, or the frame's payload."""
     slot = header.get("slot")
     if slot is None:

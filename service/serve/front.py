@@ -91,7 +91,8 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/paths/{path_id}/predict")
     async def predict(path_id: str, request: Request) -> Response:
         key = bearer_key(request.headers.get("authorization"))
-        if described.get((key, path_id)) is MISSING and _small(request, settings.shm_slot_bytes, "application/octet-stream"):
+        first = described.get((key, path_id)) is MISSING
+        if first and _small(request, settings.shm_slot_bytes, "application/octet-stream"):
 
             def decode(body: bytes, spec: InputSpec | None) -> tuple[np.ndarray, int]:
                 top_k, arr = query_top_k(request), npy_array(body)
@@ -142,7 +143,7 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
             x, extra = decode(body, None)
         except ZooError:
             info = await path_info(path_id, key)  # a key or path that may not be used is refused first
-            x, extra = decode(body, info.input)  # refused again, naming the path's input (or decoded after all)
+            x, extra = decode(body, info.input)  # refused again, naming the path's input (or decoded)
             return info, await state["device"].predict(path_id, x, key), extra
         probs, path = await state["device"].predict_described(path_id, x, key, form)
         return described.put((key, path_id), PathInfo(path)), probs, extra

@@ -41,7 +41,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
     assert settings.ipc_dir is not None, "started by `zoo serve`, which sets ZOO_IPC_DIR"
-    uvicorn.run(inference_app(settings), uds=str(settings.ipc_dir / "app.sock"), log_level="warning", access_log=False)
+    app = inference_app(settings)
+    uvicorn.run(app, uds=str(settings.ipc_dir / "app.sock"), log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

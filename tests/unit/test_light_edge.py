@@ -20,5 +20,5 @@ assert not heavy, f"imported {{heavy}}"
 
 
 def test_the_supervisor_and_the_http_workers_import_no_torch() -> None:
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

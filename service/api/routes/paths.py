@@ -133,5 +133,6 @@ async def predict(path_id: str, request: Request, svc: ReadySvc, caller: CallerD
     manifest = entry.manifest
     x, top_k = await read_inputs(request, manifest.input, svc.settings)
     probs = await svc.batcher.submit(entry, torch.from_numpy(x), arrived)  # (N, K)
-    return Response(orjson.dumps(predictions(path_id, manifest.labels, probs.numpy(), top_k)), media_type="application/json")
+    body = predictions(path_id, manifest.labels, probs.numpy(), top_k)
+    return Response(orjson.dumps(body), media_type="application/json")
 
