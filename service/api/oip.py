@@ -90,10 +90,15 @@ def _header_length(value: str | None, total: int) -> int:
 
 
 def check_input_shape(shape: object, spec: InputSpec | None) -> None:
-    """The input's shape: N x C x H x W, whole numbers, C, H and W the path's (unless ``spec`` is None)."""
+    """The input's shape: N x C x H x W, whole numbers, C, H and W the path's (``spec`` None: what
+    any path's could be, 1 to 1024)."""
     want = (spec.channels, spec.size, spec.size) if spec is not None else None
-    if (not isinstance(shape, list) or len(shape) != 4 or not all(type(d) is int for d in shape)
-            or (want is not None and tuple(shape[1:]) != want)):  # fmt: skip
+    fits = isinstance(shape, list) and len(shape) == 4 and all(type(d) is int for d in shape)
+    if fits and want is not None:
+        fits = tuple(shape[1:]) == want
+    elif fits:
+        fits = all(1 <= d <= 1024 for d in shape[1:])  # type: ignore[index]
+    if not fits:
         takes = ", ".join(map(str, want)) if want is not None else "C, H, W"
         raise InvalidInput(f"input shape {shape!r}; this path takes [N, {takes}]")
 

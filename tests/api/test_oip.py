@@ -87,6 +87,8 @@ def test_binary_infer(app_client: TestClient) -> None:
         (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 28, 28],
                                  "data": [0.5] * 2352}]}).encode(),
          None, 422, "input shape [1, 3, 28, 28]; this path takes [N, 1, 28, 28]"),  # C, H, W wrong, alone
+        (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 0, 28, 28], "data": []}]}).encode(),
+         None, 422, "input shape [1, 0, 28, 28]; this path takes [N, 1, 28, 28]"),
         (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.5] * 10}]}).encode(),
          None, 422, "holds 10 values"),
         (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [2.0] * 784}]}).encode(),
