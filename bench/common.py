@@ -19,8 +19,9 @@ from torch import nn
 
 from zoo_store.archs import build_arch
 from zoo_store.archs.surgery import replace_module, state_bytes
-from zoo_store.core.bundle import BaseRef, PathArtifact, decode_bundle, encode_bundle, make_manifest
+from zoo_store.core.bundle import PathArtifact, decode_bundle, encode_bundle, make_manifest
 from zoo_store.core.cards import Card, InputSpec
+from zoo_store.core.manifest import BaseRef
 from zoo_store.methods.reprogram.layers import build_reprogrammed, dense_bytes
 from zoo_store.store.blobs import DirBlobStore
 from zoo_store.store.db import Database

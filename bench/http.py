@@ -17,9 +17,8 @@ import torch
 
 from bench.common import Say, demo_store, dir_store, timeit
 from bench.scale import Server, closed_loop, fresh_dir, make_paths, one_image, settings_for
+from service.api.bodies import PredictRequest, PredictResponse, predictions
 from service.api.inputs import npy_input, tensor_input
-from service.api.routes.paths import predictions
-from service.api.schemas import PredictRequest, PredictResponse
 from service.api.state import Services
 from zoo_store.core.bundle import decode_bundle
 from zoo_store.core.settings import Settings
@@ -33,10 +32,20 @@ wrk.body = f:read("*all")
 f:close()
 wrk.headers["Content-Type"] = os.getenv("ZOO_WRK_TYPE")
 wrk.headers["Authorization"] = os.getenv("ZOO_WRK_AUTH")
-local n = 0
+for name, value in string.gmatch(os.getenv("ZOO_WRK_HEADERS") or "", "([^:\\n]+): ([^\\n]*)") do
+  wrk.headers[name] = value
+end
+local route = os.getenv("ZOO_WRK_ROUTE")
 request = function()
-  n = n + 1
-  return wrk.format(nil, "/v1/paths/" .. paths[math.random(#paths)] .. "/predict")
+  return wrk.format(nil, string.format(route, paths[math.random(#paths)]))
+end
+local cap = tonumber(os.getenv("ZOO_WRK_MAX") or "")
+if cap then  -- bounded in count as well as in time
+  local answered = 0
+  response = function(status, headers, body)
+    answered = answered + 1
+    if answered >= cap then wrk.thread:stop() end
+  end
 end
 done = function(summary, latency, requests)
   local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout
@@ -53,12 +62,20 @@ def wrk_path() -> str:
     return found
 
 
-def wrk(url: str, ids: list[str], body: bytes, ctype: str, connections: int, seconds: int, work: Path, key: str) -> dict:
+def wrk(url: str, ids: list[str], body: bytes, ctype: str, connections: int, seconds: int, work: Path,
+        key: str, route: str = "/v1/paths/%s/predict", headers: dict[str, str] | None = None,
+        max_requests: int | None = None) -> dict:  # fmt: skip
+    """``seconds`` of POSTs of ``body`` to ``route`` (``%s``: a path of ``ids``, drawn uniformly) over
+    ``connections`` connections; no more than ``max_requests`` are sent (a bound: a run that reaches
+    it still lasts ``seconds``, so its rate is understated)."""
     (work / "paths.txt").write_text("\n".join(ids) + "\n")
     (work / "body").write_bytes(body)
     (work / "zoo.lua").write_text(WRK_SCRIPT)
     env = {**os.environ, "ZOO_WRK_PATHS": str(work / "paths.txt"), "ZOO_WRK_BODY": str(work / "body"), "ZOO_WRK_TYPE": ctype,
-           "ZOO_WRK_AUTH": f"Bearer {key}"}
+           "ZOO_WRK_AUTH": f"Bearer {key}", "ZOO_WRK_ROUTE": route,
+           "ZOO_WRK_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items())}  # fmt: skip
+    if max_requests is not None:
+        env["ZOO_WRK_MAX"] = str(max_requests)
     cmd = [wrk_path(), "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(work / "zoo.lua"), url]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("ZOO "))
@@ -132,7 +149,7 @@ def parse_profile(spec, loop_rate: float) -> list[str]:
     settings = Settings(demo_zoo=False)
     body = bodies(spec)
     labels = tuple(str(i) for i in range(10))
-    probs = torch.rand(1, 10).softmax(-1)
+    probs = torch.rand(1, 10).softmax(-1).numpy()
     answer = predictions("p_" + "0" * 32, labels, probs, 1)
     values = PredictRequest.model_validate_json(body["json"][0]).inputs[0].tensor
     steps = {

@@ -9,6 +9,7 @@ from bench.architectures import architectures_suite
 from bench.clone import clone_suite
 from bench.cluster import cluster_suite
 from bench.common import Say, machine, write_block
+from bench.edge import edge_suite
 from bench.http import http_suite
 from bench.reassemble import reassemble_suite
 from bench.reprogram import reprogram_suite
@@ -23,6 +24,7 @@ def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
         "serving": (serving_suite, out, "Benchmarks", ""),
         "scale": (scale_suite, out, "Benchmarks", "scale"),
         "http": (http_suite, out, "Benchmarks", "http"),
+        "edge": (edge_suite, out.parent / "serving.md", "Serving many paths over one resident zoo", "edge"),
         "reprogram": (reprogram_suite, out.parent / "methods" / "reprogram.md", "Reprogram (CLR)", ""),
         "resample": (resample_suite, out.parent / "methods" / "resample.md", "Resample (INN)", ""),
         "clone": (clone_suite, out.parent / "methods" / "clone.md", "Clone (PNC)", ""),

@@ -241,22 +241,32 @@ def run_load(url: str, ids: list[str], order: list[int], body: bytes, concurrenc
 class Server:
     """``zoo serve`` in a child process on a loopback port, with the bench's settings."""
 
-    def __init__(self, data_dir: Path, executor: str = "mixed", workers: int | None = None, **settings: str):
-        """``settings``: more of the server's environment (``ZOO_MAX_WAIT_MS="0"``)."""
+    def __init__(self, data_dir: Path, executor: str = "mixed", workers: int | None = None,
+                 checkout: Path | None = None, ready_s: float = 120, **settings: str):  # fmt: skip
+        """``checkout``: the source tree to serve from (default: this one's ``service``, as installed);
+        ``settings``: more of the server's environment (``ZOO_MAX_WAIT_MS="0"``)."""
         self.port, self.data_dir = free_port(), data_dir
-        env = {**os.environ, "ZOO_DATA_DIR": str(data_dir), "ZOO_DEMO_ZOO": "false", "ZOO_CACHE_BYTES": str(2 * GiB),
-               "ZOO_HOST_CACHE_BYTES": str(2 * GiB), "ZOO_BATCHING": "base" if executor == "mixed" else "path",
-               **settings}  # fmt: skip
+        env = {**os.environ, "ZOO_DATA_DIR": str(data_dir.resolve()), "ZOO_DEMO_ZOO": "false",
+               "ZOO_CACHE_BYTES": str(2 * GiB), "ZOO_HOST_CACHE_BYTES": str(2 * GiB),
+               "ZOO_BATCHING": "base" if executor == "mixed" else "path", **settings}  # fmt: skip
         if workers is not None:
             env["ZOO_HTTP_WORKERS"] = str(workers)
+        if checkout is not None:  # ahead of the installed one (-m puts the working directory first too)
+            env["PYTHONPATH"] = str(checkout.resolve())
         cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--no-access-log"]
         self.log = data_dir / f"serve-{self.port}.log"  # a file, not a pipe nobody drains: the server never blocks on it
+        cwd = checkout.resolve() if checkout is not None else None
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, cwd=cwd)
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, timeout=120)
-        if not self.wait_ready(120):
-            raise RuntimeError(f"the server was not ready within 120 s: {self.log.read_text(errors='replace')[-2000:]}")
+        try:
+            if not self.wait_ready(ready_s):
+                log = self.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the server was not ready within {ready_s:.0f} s: {log}")
+        except RuntimeError:
+            self.close()  # nothing left running
+            raise
         self.key = (data_dir / "admin.key").read_text().strip()  # written on the data dir's first start
         self.client.headers["Authorization"] = f"Bearer {self.key}"
 

@@ -412,7 +412,8 @@ def bundle_import(file: Annotated[Path, typer.Argument(help="A .zoopath file.")]
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="The doc whose generated block is rewritten.")] = Path("docs/benchmarks.md"),
-    suite: Annotated[str, typer.Option(help="serving | scale | http | reprogram | resample | clone | reassemble | cluster | all")] = "serving",
+    suite: Annotated[str, typer.Option(help="serving | scale | http | edge | reprogram | resample | clone | "
+                                            "reassemble | cluster | all")] = "serving",
     quick: Annotated[bool, typer.Option(help="A smaller run (for a first look; not for docs).")] = False,
 ) -> None:
     """Measure ratios side by side in one run and write them to docs/ with the machine (from a

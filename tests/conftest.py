@@ -18,8 +18,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from service.api.app import create_app
 from bench.common import scratch_database
+from service.api.app import create_app
+from service.serve.infer import inference_app
 from zoo_store.archs import build_arch
 from zoo_store.core.cards import CardIn, InputSpec
 from zoo_store.core.settings import Settings
@@ -145,7 +146,7 @@ class FrontClient(httpx.Client):
 
     def __init__(self, settings: Settings, front: Front):
         super().__init__(base_url=front.url, timeout=120)
-        self.app = create_app(settings)
+        self.app = inference_app(settings)
         (front.ipc / "app.sock").unlink(missing_ok=True)
         config = uvicorn.Config(self.app, uds=str(front.ipc / "app.sock"), log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)

@@ -2,42 +2,46 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service.api.audit import AuditMiddleware
-from service.serve.channel import DeviceServer
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimit
-from service.common.metrics import RequestMetrics
 from service.api.openapi import install_openapi
-from service.jobs.queues import JobQueue
 from service.api.routes import compositions, datasets, health, jobs, keys, oip, paths, tenants, ui, zoo
 from service.api.state import Services
-
-FRONT_HEADER = "x-zoo-front"  # set by the HTTP workers of `zoo serve` on what they pass through
-from zoo_store.store.blobs import BlobStore
+from service.common.edge import FRONT_HEADER
+from service.common.metrics import RequestMetrics
+from service.jobs.queues import JobQueue
 from zoo_store.core.settings import Settings
+from zoo_store.store.blobs import BlobStore
 
 
-def create_app(settings: Settings | None = None, blobs: BlobStore | None = None, queue: JobQueue | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    blobs: BlobStore | None = None,
+    queue: JobQueue | None = None,
+    beside: Callable[[Services], AbstractAsyncContextManager] | None = None,
+) -> FastAPI:
+    """``beside``: what runs for the app's lifetime once its services started, given them (the
+    inference process of `zoo serve` serves the HTTP workers' device channel there)."""
     settings = settings or Settings()
     services = Services.create(settings, blobs=blobs, queue=queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.start()
-        device = DeviceServer(services, settings.ipc_dir / "device.sock") if settings.ipc_dir else None
-        if device:  # the inference process of `zoo serve`: HTTP workers hand it their tensors
-            await device.start()
         try:
-            yield
+            if beside is None:
+                yield
+            else:
+                async with beside(services):
+                    yield
         finally:
-            if device:
-                await device.stop()
             services.stop()
 
     app = FastAPIOffline(title="zoo", version="0.1.0", lifespan=lifespan,  # /docs, /redoc: packaged files, no CDN

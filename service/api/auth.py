@@ -15,13 +15,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.common.edge import KEY_TTL_S
 from service.common.ttl import TtlCache
 from zoo_store.core.errors import Forbidden, Unauthorized, Unavailable
 from zoo_store.store.db import Database, utcnow
 from zoo_store.store.tenancy import Caller, Keys, well_formed
 
 log = logging.getLogger("zoo.auth")
-KEY_TTL_S = 2.0
 ADMIN_KEY_FILE = "admin.key"
 ADMIN_KEY_LOCK = 0x5A00_0003  # one process makes the first admin key
 LOCAL = Caller(tenant="local", admin=True)  # every caller when ZOO_AUTH=off
@@ -92,8 +92,3 @@ def get_admin(caller: CallerDep) -> Caller:
 
 AdminDep = Annotated[Caller, Depends(get_admin)]
 
-
-def bearer_key(authorization: str | None) -> str | None:
-    """The key of an ``Authorization: Bearer <key>`` header value (the front's requests)."""
-    scheme, _, key = (authorization or "").partition(" ")
-    return key.strip() if scheme.lower() == "bearer" and key.strip() else None

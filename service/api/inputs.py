@@ -1,4 +1,6 @@
-"""Decoding predict inputs (nested-list tensors, ``.npy`` bodies, base64 or uploaded images) to (N, C, H, W)."""
+"""Decoding predict inputs (nested-list tensors, ``.npy`` bodies, base64 or uploaded images) to
+(N, C, H, W) float32 arrays in [0, 1], with numpy and Pillow only: the HTTP workers of `zoo serve`
+decode with this, without torch; the inference process turns the arrays into tensors."""
 
 from __future__ import annotations
 
@@ -9,30 +11,29 @@ import math
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
 
-from service.api.schemas import PredictRequest
+from service.api.bodies import PredictRequest
 from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import InvalidInput, PayloadTooLarge
 from zoo_store.core.settings import Settings
 
 
-def tensor_input(values: list, spec: InputSpec, i: int) -> torch.Tensor:
+def tensor_input(values: list, spec: InputSpec, i: int) -> np.ndarray:
     try:
-        t = torch.from_numpy(np.asarray(values, dtype=np.float32))  # one C loop over the nested lists
+        t = np.asarray(values, dtype=np.float32)  # one C loop over the nested lists
     except (ValueError, TypeError) as e:
         raise InvalidInput(f"inputs[{i}].tensor is not a rectangular array of numbers: {e}") from e
     want = (spec.channels, spec.size, spec.size)
     if tuple(t.shape) != want:
         raise InvalidInput(f"inputs[{i}].tensor has shape {list(t.shape)}, expected {list(want)} (C x H x W)")
-    if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+    if not np.isfinite(t).all() or t.min() < 0 or t.max() > 1:
         raise InvalidInput(f"inputs[{i}].tensor values must be finite and in [0, 1]")
     return t  # (C, H, W)
 
 
-def image_bytes_input(data: bytes, spec: InputSpec, settings: Settings, name: str) -> torch.Tensor:
+def image_bytes_input(data: bytes, spec: InputSpec, settings: Settings, name: str) -> np.ndarray:
     if len(data) > settings.max_image_bytes:
         raise PayloadTooLarge(f"{name} is {len(data)} bytes; the limit is {settings.max_image_bytes}")
     try:
@@ -48,11 +49,12 @@ def image_bytes_input(data: bytes, spec: InputSpec, settings: Settings, name: st
             Image.DecompressionBombError) as e:  # fmt: skip
         raise InvalidInput(f"{name} is not a decodable PNG or JPEG image: {e}") from e
     img = img.convert("L" if spec.channels == 1 else "RGB").resize((spec.size, spec.size), Image.BILINEAR)
-    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float() / 255.0
-    return t.view(spec.size, spec.size, spec.channels).permute(2, 0, 1).contiguous()  # (C, H, W)
+    t = np.frombuffer(img.tobytes(), dtype=np.uint8).astype(np.float32) / 255.0
+    hwc = t.reshape(spec.size, spec.size, spec.channels)
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))  # (C, H, W)
 
 
-def image_input(b64: str, spec: InputSpec, settings: Settings, i: int) -> torch.Tensor:
+def image_input(b64: str, spec: InputSpec, settings: Settings, i: int) -> np.ndarray:
     if len(b64) > math.ceil(settings.max_image_bytes * 4 / 3) + 4:
         raise PayloadTooLarge(f"inputs[{i}].image is larger than {settings.max_image_bytes} bytes")
     if b64.startswith("data:"):
@@ -67,7 +69,7 @@ def image_input(b64: str, spec: InputSpec, settings: Settings, i: int) -> torch.
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def npy_input(data: bytes, spec: InputSpec, settings: Settings) -> torch.Tensor:
+def npy_input(data: bytes, spec: InputSpec, settings: Settings) -> np.ndarray:
     """One ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8 in [0, 255] -> (N, C, H, W) float32.
     Read with ``allow_pickle=False``; anything but a plain numeric array is refused."""
     return npy_values(npy_array(data), spec, settings)
@@ -84,7 +86,7 @@ def npy_array(data: bytes) -> np.ndarray:
         raise InvalidInput(f"the .npy body cannot be read: {e}") from e
 
 
-def npy_values(arr: np.ndarray, spec: InputSpec | None, settings: Settings) -> torch.Tensor:
+def npy_values(arr: np.ndarray, spec: InputSpec | None, settings: Settings) -> np.ndarray:
     """A ``.npy`` body's array, (N, C, H, W), as float32 in [0, 1]. With ``spec`` None the C, H and W
     are left to whoever knows the path (``check_npy_shape``): only the batch axis is checked here."""
     if spec is not None:
@@ -95,11 +97,11 @@ def npy_values(arr: np.ndarray, spec: InputSpec | None, settings: Settings) -> t
         raise InvalidInput(f"the .npy array has shape {list(arr.shape)}: it holds no values")
     kind = (arr.dtype.kind, arr.dtype.itemsize)
     if kind == ("u", 1):
-        return torch.from_numpy(arr.astype(np.float32)) / 255.0  # (N, C, H, W)
+        return arr.astype(np.float32) / 255.0  # (N, C, H, W)
     if kind != ("f", 4):
         raise InvalidInput(f"the .npy array is {arr.dtype}; send float32 in [0, 1] or uint8 in [0, 255]")
-    t = torch.from_numpy(arr.astype(np.float32, copy=False))  # native byte order
-    if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+    t = arr.astype(np.float32, copy=False)  # native byte order
+    if not np.isfinite(t).all() or t.min() < 0 or t.max() > 1:
         raise InvalidInput("the .npy float32 values must be finite and in [0, 1]")
     return t  # (N, C, H, W)
 
@@ -110,7 +112,7 @@ def check_npy_shape(shape: tuple[int, ...], spec: InputSpec) -> None:
         raise InvalidInput(f"the .npy array has shape {list(shape)}, expected [N, {', '.join(map(str, want))}]")
 
 
-async def read_inputs(request: Request, spec: InputSpec, settings: Settings) -> tuple[torch.Tensor, int]:
+async def read_inputs(request: Request, spec: InputSpec, settings: Settings) -> tuple[np.ndarray, int]:
     """A predict body, whatever its content type, as (N, C, H, W) in [0, 1] and top_k."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/octet-stream"):
@@ -136,7 +138,7 @@ async def read_inputs(request: Request, spec: InputSpec, settings: Settings) -> 
         ]
     if len(xs) > settings.max_predict_inputs:
         raise PayloadTooLarge(f"{len(xs)} inputs in one request; the limit is {settings.max_predict_inputs}")
-    return torch.stack(xs), top_k  # (N, C, H, W)
+    return np.stack(xs), top_k  # (N, C, H, W)
 
 
 def query_top_k(request: Request) -> int:

@@ -5,7 +5,8 @@ A path is a model named by its id with one input, ``input`` (N x C x H x W, FP32
 in [0, 255]), and two outputs: ``probabilities`` (N x K, FP32) and ``label`` (N, BYTES: the top
 label). A binary body is the JSON header (``Inference-Header-Content-Length`` bytes) followed by
 the raw bytes of each tensor that declares ``binary_data_size``, in order; BYTES elements are each a
-4-byte little-endian length and the UTF-8 bytes."""
+4-byte little-endian length and the UTF-8 bytes. numpy only: the HTTP workers of `zoo serve` decode
+and answer infer requests with this, without torch."""
 
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ from typing import Any
 
 import numpy as np
 import orjson
-import torch
 
 from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import BadRequest, InvalidInput, PayloadTooLarge
-from zoo_store.core.bundle import Manifest
+from zoo_store.core.manifest import Manifest
 
 HEADER = "Inference-Header-Content-Length"
 INPUT, PROBS, LABEL = "input", "probabilities", "label"
@@ -29,7 +29,7 @@ DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 @dataclass
 class InferRequest:
     id: str | None
-    x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    x: np.ndarray  # (N, C, H, W) float32 in [0, 1]
     outputs: dict[str, bool]  # output name -> in binary
 
 
@@ -41,8 +41,11 @@ def model_metadata(path_id: str, m: Manifest) -> dict[str, Any]:
                         {"name": LABEL, "datatype": "BYTES", "shape": [-1]}]}  # fmt: skip
 
 
-def parse_infer(body: bytes, header_length: str | None, spec: InputSpec, max_inputs: int) -> InferRequest:
-    """An infer request (JSON, or JSON and binary tensors) as the path's input in [0, 1]."""
+def parse_infer(
+    body: bytes, header_length: str | None, spec: InputSpec | None, max_inputs: int
+) -> InferRequest:
+    """An infer request (JSON, or JSON and binary tensors) as the path's input in [0, 1]. With
+    ``spec`` None the input's C, H and W are left to whoever knows the path (``check_input_shape``)."""
     split = _header_length(header_length, len(body))
     try:
         req = orjson.loads(body[:split])
@@ -86,16 +89,27 @@ def _header_length(value: str | None, total: int) -> int:
     return int(value)
 
 
-def _input_tensor(tensor: dict, binary: memoryview, spec: InputSpec, max_inputs: int) -> torch.Tensor:
+def check_input_shape(shape: object, spec: InputSpec | None) -> None:
+    """The input's shape: N x C x H x W, whole numbers, C, H and W the path's (``spec`` None: what
+    any path's could be, 1 to 1024)."""
+    want = (spec.channels, spec.size, spec.size) if spec is not None else None
+    fits = isinstance(shape, list) and len(shape) == 4 and all(type(d) is int for d in shape)
+    if fits and want is not None:
+        fits = tuple(shape[1:]) == want
+    elif fits:
+        fits = all(1 <= d <= 1024 for d in shape[1:])  # type: ignore[index]
+    if not fits:
+        takes = ", ".join(map(str, want)) if want is not None else "C, H, W"
+        raise InvalidInput(f"input shape {shape!r}; this path takes [N, {takes}]")
+
+
+def _input_tensor(tensor: dict, binary: memoryview, spec: InputSpec | None, max_inputs: int) -> np.ndarray:
     name = tensor.get("datatype")
     dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise InvalidInput(f'input datatype {tensor.get("datatype")!r}; send one of {sorted(DTYPES)}')
     shape = tensor.get("shape")
-    want = (spec.channels, spec.size, spec.size)
-    if (not isinstance(shape, list) or len(shape) != 4 or not all(type(d) is int for d in shape)
-            or tuple(shape[1:]) != want):  # fmt: skip
-        raise InvalidInput(f"input shape {shape!r}; this path takes [N, {', '.join(map(str, want))}]")
+    check_input_shape(shape, spec)
     if not 1 <= shape[0] <= max_inputs:
         raise PayloadTooLarge(f"{shape[0]} inputs in one request; send 1 to {max_inputs}")
     count = int(np.prod(shape))
@@ -121,23 +135,25 @@ def _input_tensor(tensor: dict, binary: memoryview, spec: InputSpec, max_inputs:
         if dtype == DTYPES["UINT8"] and not (np.all(values == np.round(values)) and np.all((values >= 0) & (values <= 255))):
             raise InvalidInput("UINT8 input values must be integers in [0, 255]")
         arr = values.astype(dtype)
-    t = torch.from_numpy(arr.astype(np.float32)).view(shape)  # (N, C, H, W)
+    t = arr.astype(np.float32).reshape(shape)  # (N, C, H, W)
     if dtype == DTYPES["UINT8"]:
         return t / 255.0
-    if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+    if not np.isfinite(t).all() or t.min() < 0 or t.max() > 1:
         raise InvalidInput("FP32 input values must be finite and in [0, 1]")
     return t
 
 
-def infer_response(path_id: str, labels: tuple[str, ...], probs: torch.Tensor, req: InferRequest) -> tuple[bytes, dict]:
+def infer_response(
+    path_id: str, labels: tuple[str, ...], probs: np.ndarray, req: InferRequest
+) -> tuple[bytes, dict]:
     """The response body and its headers: JSON, or a JSON header and binary tensors."""
-    probs = probs[:, : len(labels)].float()  # (N, K)
+    probs = probs[:, : len(labels)].astype(np.float32, copy=False)  # (N, K)
     top = [labels[i] for i in probs.argmax(1).tolist()]
     outputs, tail = [], []
     for name, binary in req.outputs.items():
         if name == PROBS:
             out = {"name": PROBS, "datatype": "FP32", "shape": list(probs.shape)}
-            raw = probs.numpy().astype("<f4").tobytes() if binary else None
+            raw = probs.astype("<f4").tobytes() if binary else None
             data: list = probs.reshape(-1).tolist()
         else:
             out = {"name": LABEL, "datatype": "BYTES", "shape": [len(top)]}

@@ -1,15 +1,15 @@
-"""Response and request bodies of the HTTP API (v1)."""
+"""Response and request bodies of the HTTP API (v1); a predict's are in ``service.api.bodies``."""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from zoo_store.core.cards import InputSpec
+from zoo_store.core.manifest import BaseRef
 from zoo_store.store.db import ApiKeyRow, DatasetRow, JobRow, PathRow
-from zoo_store.core.bundle import BaseRef
 from zoo_store.store.tenancy import TENANT
 
 T = TypeVar("T")
@@ -76,38 +76,6 @@ class Dataset(BaseModel):
     def of(cls, r: DatasetRow) -> Dataset:
         return cls(id=r.id, name=r.name, source=r.source, labels=r.labels, num_samples=r.num_samples,
                    shape=r.shape, splits=r.splits, created_at=r.created_at)  # fmt: skip
-
-
-class PredictInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    tensor: list[Any] | None = Field(None, description="C x H x W pixel values in [0, 1] at the base's input size")
-    image: str | None = Field(None, description="base64 PNG or JPEG")
-
-    @model_validator(mode="after")
-    def _one(self) -> PredictInput:
-        if (self.tensor is None) == (self.image is None):
-            raise ValueError("each input needs exactly one of 'tensor' or 'image'")
-        return self
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    inputs: list[PredictInput] = Field(min_length=1)
-    top_k: int = Field(1, ge=1, le=1000)
-
-
-class Scored(BaseModel):
-    label: str
-    score: float
-
-
-class Prediction(Scored):
-    top_k: list[Scored]
-
-
-class PredictResponse(BaseModel):
-    path_id: str
-    predictions: list[Prediction]
 
 
 Tenant = Annotated[str, Field(pattern=f"^{TENANT.pattern}$", description="a tenant's name")]

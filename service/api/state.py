@@ -17,8 +17,8 @@ from service.jobs.runner import JobRunner
 from service.runtime.batcher import Batcher
 from service.runtime.cache import Entry, PathCache
 from service.runtime.zoo import ResidentZoo
-from zoo_store.core.bundle import Manifest
 from zoo_store.core.errors import NotFound, Unavailable, ZooError
+from zoo_store.core.manifest import Manifest
 from zoo_store.core.settings import Settings, configure_torch
 from zoo_store.store.blobs import BlobStore
 from zoo_store.store.db import DEMO_ZOO_LOCK_KEY, Database

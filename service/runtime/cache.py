@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from service.common.metrics import Metrics
-from zoo_store.core.bundle import Manifest, decode_stored
+from zoo_store.core.bundle import decode_stored
 from zoo_store.core.errors import ZooError
+from zoo_store.core.manifest import Manifest
 from zoo_store.methods import get_method
 from zoo_store.methods.bank import PathBank
 from zoo_store.store.store import Store

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from zoo_store.archs import TapNet
-from zoo_store.core.bundle import Bundle, Manifest, check_expected
+from zoo_store.core.bundle import Bundle, check_expected
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import Conflict, InvalidInput, NotFound
+from zoo_store.core.manifest import Manifest
 from zoo_store.core.weights import digest_of
 from zoo_store.methods import get_method
 from zoo_store.store.store import Store

@@ -1,14 +1,17 @@
 """The device channel: HTTP worker processes hand decoded tensors to the one inference process
-that owns the device, and get scores back.
+that owns the device, and get scores back. Wire protocol only: what an op means is the handler's
+(``service.api.device``), which the inference process gives ``DeviceServer``.
 
 Frames on a Unix stream socket: a 4-byte big-endian header length, the header (JSON), then
 ``header["payload"]`` bytes. A request's tensor travels through a shared-memory arena that its
-worker owns (one slot per request in flight) when it fits a slot, inline in the frame otherwise;
-the scores come back inline (they are small). Nothing on this channel is pickled.
+worker owns (one slot per request in flight, ``header["slot"]`` and ``header["nbytes"]``) when it
+fits a slot, inline in the frame otherwise; the answer's bytes come back inline (scores: small).
+Nothing on this channel is pickled.
 
-Ops: ``hello`` (a worker names its arena), ``describe`` (a path's input spec and labels) and
-``predict`` (with ``"describe": true``, a worker's first predict of a path: the tensor's C, H and
-W are checked there and the answer carries the description too). An error comes back as ``{"error": {"kind", "detail", "retry_after"}}`` and is
+Ops: ``hello`` (a worker names its arena; the server's own), ``describe`` (a path's input spec and
+labels) and ``predict`` (with ``"describe": true``, a worker's first predict of a path: the tensor's
+C, H and W are checked there, the error naming ``"form"``'s input, and the answer carries the
+description too). An error comes back as ``{"error": {"kind", "detail", "retry_after"}}`` and is
 raised again on the worker's side as the same ``ZooError``, so it maps to the same HTTP answer.
 """
 
@@ -18,30 +21,27 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import struct
-import time
+from collections.abc import Awaitable, Callable
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import orjson
-import torch
-from starlette.concurrency import run_in_threadpool
 
-from service.api.inputs import check_npy_shape
 from zoo_store.core import errors
 from zoo_store.core.errors import Unavailable, ZooError
-from zoo_store.core.bundle import Manifest
-
-if TYPE_CHECKING:
-    from service.api.state import Services
 
 log = logging.getLogger("zoo.channel")
 HEADER = struct.Struct(">I")
 ERRORS: dict[str, type[ZooError]] = {
     c.__name__: c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, ZooError)
 }
+# a request's header and its tensor's bytes (a view of the worker's arena slot, or the frame's
+# payload: valid until the handler returns) -> the answer's header and bytes
+Handler = Callable[[dict[str, Any], memoryview], Awaitable[tuple[dict[str, Any], bytes]]]
 
 
 def frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
@@ -152,35 +152,41 @@ class DeviceClient:
         answer, _ = await self.call({"op": "describe", "path": path_id, "key": key})
         return answer["path"]
 
-    async def predict(self, path_id: str, x: np.ndarray, key: str | None) -> torch.Tensor:
+    async def predict(self, path_id: str, x: np.ndarray, key: str | None) -> np.ndarray:
         """x: (N, C, H, W) float32 -> probabilities (N, K) float32, for the bearer of ``key``."""
-        return (await self._predict(path_id, x, key, describe=False))[0]
+        return (await self._predict(path_id, x, key, {}))[0]
 
-    async def predict_described(self, path_id: str, x: np.ndarray, key: str | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    async def predict_described(self, path_id: str, x: np.ndarray, key: str | None,
+                                form: str = "npy") -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
         """A worker's first predict of a path, in one round trip: x (N, C, H, W) is checked against
-        the path's input there -> (probabilities (N, K), what ``describe`` answers)."""
-        return await self._predict(path_id, x, key, describe=True)
+        the path's input there (a mismatch is refused as ``form``'s input: "npy" or "oip")
+        -> (probabilities (N, K), what ``describe`` answers)."""
+        return await self._predict(path_id, x, key, {"describe": True, "form": form})
 
-    async def _predict(self, path_id: str, x: np.ndarray, key: str | None, describe: bool) -> tuple[torch.Tensor, Any]:
+    async def _predict(
+        self, path_id: str, x: np.ndarray, key: str | None, more: dict
+    ) -> tuple[np.ndarray, Any]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         slot = self.arena.put(x)
-        header = {"op": "predict", "path": path_id, "shape": list(x.shape), "slot": slot, "key": key, "describe": describe}
+        header = {"op": "predict", "path": path_id, "shape": list(x.shape), "slot": slot, "nbytes": x.nbytes,
+                  "key": key, **more}  # fmt: skip
         try:
             answer, data = await self.call(header, b"" if slot is not None else x.tobytes())
         finally:
             if slot is not None:
                 self.arena.release(slot)
-        return torch.frombuffer(bytearray(data), dtype=torch.float32).view(answer["shape"]), answer.get("path")
+        return np.frombuffer(data, dtype=np.float32).reshape(answer["shape"]), answer.get("path")
 
 
 # -- the inference process's side ---------------------------------------------------------------
 
 
 class DeviceServer:
-    """Serves the channel inside the inference process, on the app's event loop."""
+    """Serves the channel inside the inference process, on the app's event loop: each request's
+    header and tensor bytes go to ``handler``; its answer, or the ``ZooError`` it raised, goes back."""
 
-    def __init__(self, svc: Services, socket_path: Path):
-        self.svc, self.socket_path = svc, socket_path
+    def __init__(self, handler: Handler, socket_path: Path):
+        self.handler, self.socket_path = handler, socket_path
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -216,44 +222,33 @@ class DeviceServer:
                     arena.close()
 
     async def _answer(self, header: dict, payload: bytes, arena, slot_bytes: int, writer: asyncio.StreamWriter) -> None:
+        tensor = memoryview(b"")
         try:
-            answer, data = await self._op(header, payload, arena, slot_bytes)
+            tensor = _tensor_bytes(header, payload, arena, slot_bytes)
+            answer, data = await self.handler(header, tensor)
         except ZooError as e:
             answer, data = error_header(e), b""
-        except Exception as e:
-            log.exception("channel op %s failed", header.get("op"))
-            answer, data = error_header(ZooError(f"{type(e).__name__}: {e}")), b""
+        except Exception:  # a bug: its text goes to the log, not into the worker's 500 body
+            ref = secrets.token_hex(4)
+            log.exception("channel op %s failed (ref %s)", header.get("op"), ref)
+            answer, data = error_header(ZooError(f"an unexpected error (ref {ref}); the server's log has it")), b""
+        finally:
+            with contextlib.suppress(BufferError):
+                tensor.release()  # no longer holds the arena: it closes when the worker goes away
         if not writer.is_closing():
             writer.write(frame({**answer, "id": header["id"]}, data))
 
-    async def _op(self, header: dict, payload: bytes, arena, slot_bytes: int) -> tuple[dict, bytes]:
-        import torch
-        svc = self.svc
-        if not svc.ready.is_set():
-            raise Unavailable(svc.startup_error or "the zoo is still loading; see /readyz")
-        path_id, arrived = header["path"], time.monotonic()
-        # the request's bearer key, checked here (off the event loop: it may ask the database, or Redis)
-        if header["op"] == "describe":  # not a use of the path: the predict that follows is
-            return {"path": described(await run_in_threadpool(svc.describe, header.get("key"), path_id))}, b""
-        entry = await run_in_threadpool(svc.keyed_entry, header.get("key"), path_id)
-        shape = tuple(header["shape"])  # (N, C, H, W)
-        if header.get("describe"):  # the worker has not seen the path: it could not check the shape
-            check_npy_shape(shape, entry.manifest.input)
-        if header["slot"] is not None and arena is not None:
-            start = header["slot"] * slot_bytes
-            x = torch.frombuffer(arena.buf, dtype=torch.float32, count=int(np.prod(shape)), offset=start).view(shape)
-        else:
-            x = torch.frombuffer(bytearray(payload), dtype=torch.float32).view(shape)
-        probs = await svc.batcher.submit(entry, x, arrived)  # (N, K): the worker's slot is read before this returns
-        answer = {"shape": list(probs.shape)}
-        if header.get("describe"):
-            answer["path"] = described(entry.manifest)
-        return answer, probs.numpy().tobytes()
 
-
-def described(m: Manifest) -> dict[str, Any]:
-    """What a worker needs of a path to decode and answer its predicts."""
-    return {"input": m.input.model_dump(mode="json"), "labels": list(m.labels)}
+def _tensor_bytes(
+    header: dict, payload: bytes, arena: shared_memory.SharedMemory | None, slot_bytes: int
+) -> memoryview:
+    """The request's tensor: its bytes in the worker's arena slot, or the frame's payload."""
+    slot = header.get("slot")
+    if slot is None:
+        return memoryview(payload)
+    if arena is None or not 0 <= header["nbytes"] <= slot_bytes:
+        raise ZooError(f"arena slot {slot} named without an arena that holds {header['nbytes']} bytes")
+    return arena.buf[slot * slot_bytes : slot * slot_bytes + header["nbytes"]]
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:

@@ -1,6 +1,7 @@
 """An HTTP worker process of `zoo serve`: it parses, validates and decodes predict requests itself
-and hands the tensors to the inference process over the device channel; every other route is
-passed through to the inference process's app (on a Unix socket) unchanged.
+(``/v1/paths/{id}/predict`` and the Open Inference Protocol's ``/v2/models/{id}/infer``, with numpy
+and Pillow: no torch here) and hands the tensors to the inference process over the device channel;
+every other route is passed through to the inference process's app (on a Unix socket) unchanged.
 
 `zoo serve` runs ``ZOO_HTTP_WORKERS`` of these (uvicorn's worker processes, one listening port);
 ``create_front_app`` is their factory."""
@@ -10,30 +11,34 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
+import numpy as np
 import orjson
-import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from service.api.app import FRONT_HEADER
-from service.api.auth import KEY_TTL_S, bearer_key
-from service.serve.channel import Arena, DeviceClient
+from service.api.bodies import predictions
 from service.api.errors import install_error_handlers
 from service.api.inputs import npy_array, npy_values, query_top_k, read_inputs
 from service.api.limits import BodyLimit
+from service.api.oip import HEADER as OIP_HEADER
+from service.api.oip import InferRequest, infer_response, parse_infer
+from service.common.edge import FRONT_HEADER, KEY_TTL_S, bearer_key
 from service.common.metrics import Metrics, RequestMetrics, render_metrics
 from service.common.procs import die_with_supervisor
-from service.api.routes.paths import predictions
 from service.common.ttl import MISSING, TtlCache
+from service.serve.channel import Arena, DeviceClient
 from zoo_store.core.cards import InputSpec
-from zoo_store.core.errors import InvalidInput, Unavailable
+from zoo_store.core.errors import Unavailable, ZooError
 from zoo_store.core.settings import Settings
 
+# a body and the path's input (None: not known yet) -> (N, C, H, W) float32 in [0, 1], and what else
+# the request asks (its top_k, its outputs); raises the ZooError that refuses the body
+Decode = Callable[[bytes, InputSpec | None], tuple[np.ndarray, object]]
 HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection", b"host"}
 
 
@@ -50,7 +55,6 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     if settings.ipc_dir is None:
         raise RuntimeError("the front needs ZOO_IPC_DIR: it is started by `zoo serve`")
     die_with_supervisor()
-    torch.set_num_threads(1)  # a worker's tensor work is small; the cores belong to the inference process
     metrics = Metrics()
     described = TtlCache(KEY_TTL_S, max_items=65_536)  # (key, path id) -> PathInfo: checked that recently
     state: dict = {}
@@ -78,7 +82,7 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     async def path_info(path_id: str, key: str | None) -> PathInfo:
         """What decoding needs; asked once per key and path (the inference process checks the key
         and the tenant's access first, so a request that may not use the path is refused unread;
-        a small ``.npy`` body is the exception, see ``first_npy_predict``)."""
+        a small body is the exception, see ``first_predict``)."""
         info = described.get((key, path_id))
         if info is MISSING:  # asked again after KEY_TTL_S: a revoked key is refused before its body is read
             info = described.put((key, path_id), PathInfo(await state["device"].describe(path_id, key)))
@@ -87,32 +91,62 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/paths/{path_id}/predict")
     async def predict(path_id: str, request: Request) -> Response:
         key = bearer_key(request.headers.get("authorization"))
-        info = described.get((key, path_id))
-        if info is MISSING and _small_npy(request, settings.shm_slot_bytes):
-            info, probs, top_k = await first_npy_predict(path_id, key, request)
+        first = described.get((key, path_id)) is MISSING
+        if first and _small(request, settings.shm_slot_bytes, "application/octet-stream"):
+
+            def decode(body: bytes, spec: InputSpec | None) -> tuple[np.ndarray, int]:
+                top_k, arr = query_top_k(request), npy_array(body)
+                if spec is None and arr.ndim != 4:  # refused by the second try, naming the path's input
+                    raise ZooError("not N x C x H x W")
+                return npy_values(arr, spec, settings), top_k
+
+            info, probs, top_k = await first_predict(path_id, key, request, decode, "npy")
         else:
             info = await path_info(path_id, key)
             x, top_k = await read_inputs(request, info.input, settings)  # (N, C, H, W) in [0, 1]
-            probs = await state["device"].predict(path_id, x.numpy(), key)  # (N, K): checked again, and counted
+            probs = await state["device"].predict(path_id, x, key)  # (N, K): checked again, and counted
         body = predictions(path_id, info.labels, probs, top_k)
         return Response(orjson.dumps(body), media_type="application/json")
 
-    async def first_npy_predict(path_id: str, key: str | None, request: Request) -> tuple[PathInfo, torch.Tensor, int]:
-        """A small ``.npy`` predict of a path this worker has not described for this key: one round
-        trip, which checks the key, the array's C, H and W against the path's input, and answers
-        with the path's description too (a cold path's predict costs no describe of its own; the
-        body, at most one arena slot, is read before the key is checked, but a body refused here
-        waits for the key's and the path's check, so errors come in the same order as otherwise)."""
+    @app.post("/v2/models/{path_id}/infer")
+    async def infer(path_id: str, request: Request) -> Response:
+        """The Open Inference Protocol's infer, decoded here like a ``/v1`` predict (same checks, in
+        the same order, with the same answers as the inference process's own route)."""
+        key = bearer_key(request.headers.get("authorization"))
+        length = request.headers.get(OIP_HEADER)
+
+        def decode(body: bytes, spec: InputSpec | None) -> tuple[np.ndarray, InferRequest]:
+            req = parse_infer(body, length, spec, settings.max_predict_inputs)
+            return req.x, req
+
+        if described.get((key, path_id)) is MISSING and _small(request, settings.shm_slot_bytes):
+            info, probs, req = await first_predict(path_id, key, request, decode, "oip")
+        else:
+            info = await path_info(path_id, key)
+            x, req = decode(await request.body(), info.input)  # (N, C, H, W) in [0, 1]
+            probs = await state["device"].predict(path_id, x, key)  # (N, K): checked again, and counted
+        body, headers = infer_response(path_id, info.labels, probs, req)
+        return Response(body, headers=headers)
+
+    async def first_predict(path_id: str, key: str | None, request: Request, decode: Decode,
+                            form: str) -> tuple[PathInfo, np.ndarray, object]:  # fmt: skip
+        """A small predict of a path this worker has not described for this key: one round trip,
+        which checks the key, the input's C, H and W against the path's (the error naming ``form``'s
+        input) and answers with the path's description too (a cold path's predict costs no describe
+        of its own). ``decode(body, None)`` leaves C, H and W to the inference process. The body, at
+        most one arena slot, is read before the key is checked, but a body refused here waits for
+        the key's and the path's check and is decoded again knowing the path's input, so errors come
+        in the same order, and say the same, as otherwise. -> (path, probabilities, what ``decode``
+        gave besides the input)."""
+        body = await request.body()
         try:
-            top_k, arr = query_top_k(request), npy_array(await request.body())
-            x = npy_values(arr, None, settings) if arr.ndim == 4 else None
-        except InvalidInput:
-            await path_info(path_id, key)  # a key or path that may not be used is refused first, as for any body
-            raise
-        if x is None:  # not N x C x H x W: refused, naming the path's input
-            x = npy_values(arr, (await path_info(path_id, key)).input, settings)
-        probs, path = await state["device"].predict_described(path_id, x.numpy(), key)
-        return described.put((key, path_id), PathInfo(path)), probs, top_k
+            x, extra = decode(body, None)
+        except ZooError:
+            info = await path_info(path_id, key)  # a key or path that may not be used is refused first
+            x, extra = decode(body, info.input)  # refused again, naming the path's input (or decoded)
+            return info, await state["device"].predict(path_id, x, key), extra
+        probs, path = await state["device"].predict_described(path_id, x, key, form)
+        return described.put((key, path_id), PathInfo(path)), probs, extra
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -135,10 +169,11 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _small_npy(request: Request, limit: int) -> bool:
+def _small(request: Request, limit: int, ctype: str = "") -> bool:
+    """A body of at most ``limit`` bytes (by its Content-Length), of content type ``ctype`` when given."""
     length = request.headers.get("content-length", "")
-    ctype = request.headers.get("content-type", "")
-    return ctype.startswith("application/octet-stream") and length.isascii() and length.isdigit() and int(length) <= limit
+    ok_type = request.headers.get("content-type", "").startswith(ctype)
+    return ok_type and length.isascii() and length.isdigit() and int(length) <= limit
 
 
 async def _pass(client: httpx.AsyncClient, request: Request) -> Response:

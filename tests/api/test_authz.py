@@ -248,7 +248,7 @@ def test_expired_and_revoked_keys(world: World) -> None:
     """An expired key is refused; a key revoked after use is refused within the 2 s its check is cached."""
     import datetime as dt
 
-    from service.api.auth import KEY_TTL_S
+    from service.common.edge import KEY_TTL_S
     from zoo_store.store.db import ApiKeyRow
 
     svc = world.client.app.state.services

@@ -14,7 +14,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from tests.helpers import compose, png_b64, reprogram_spec, tensor_inputs
-from zoo_store.core.bundle import PathArtifact, canonical_json, decode_bundle, make_manifest
+from zoo_store.core.bundle import PathArtifact, decode_bundle, make_manifest
+from zoo_store.core.manifest import canonical_json
 
 
 def _counts(c: TestClient) -> tuple[int, int, int, int]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from service.api.device import DeviceOps
 from service.serve.channel import Arena, DeviceClient, DeviceServer
 from tests.helpers import compose, reprogram_spec
 from zoo_store.core.errors import InvalidInput, NotFound, Unauthorized
@@ -25,7 +27,7 @@ def test_predict_describe_and_errors_over_the_channel(app_client: TestClient, tm
     x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # (N, C, H, W)
 
     async def go() -> None:
-        server = DeviceServer(svc, tmp_path / "device.sock")
+        server = DeviceServer(DeviceOps(svc), tmp_path / "device.sock")
         await server.start()
         arena = Arena(slot_bytes=28 * 28 * 4, slots=1)  # one image fits a slot; two travel inline
         client = DeviceClient(tmp_path / "device.sock", arena)
@@ -35,11 +37,11 @@ def test_predict_describe_and_errors_over_the_channel(app_client: TestClient, tm
             want = await svc.batcher.submit(entry, x)  # (2, K)
             one = await client.predict(pid, x[:1].numpy(), admin)  # through the arena
             two = await client.predict(pid, x.numpy(), admin)  # inline: larger than a slot
-            torch.testing.assert_close(one, want[:1], atol=1e-6, rtol=0)
-            torch.testing.assert_close(two, want, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(one, want[:1].numpy(), atol=1e-6, rtol=0)
+            np.testing.assert_allclose(two, want.numpy(), atol=1e-6, rtol=0)
             assert arena.free == [0]  # the slot is handed back after the answer
             got, path = await client.predict_described(pid, x[:1].numpy(), admin)  # a first predict: one round trip
-            torch.testing.assert_close(got, want[:1], atol=1e-6, rtol=0)
+            np.testing.assert_allclose(got, want[:1].numpy(), atol=1e-6, rtol=0)
             assert path == info
             with pytest.raises(InvalidInput, match=r"has shape \[1, 1, 27, 28\], expected \[N, 1, 28, 28\]"):
                 await client.predict_described(pid, x[:1, :, 1:].numpy(), admin)  # C, H, W checked there

@@ -84,6 +84,11 @@ def test_binary_infer(app_client: TestClient) -> None:
          None, 422, "datatype 'INT64'"),
         (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 28, 28], "data": [0]}]}).encode(),
          None, 422, "this path takes [N, 1, 28, 28]"),
+        (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 28, 28],
+                                 "data": [0.5] * 2352}]}).encode(),
+         None, 422, "input shape [1, 3, 28, 28]; this path takes [N, 1, 28, 28]"),  # C, H, W wrong, alone
+        (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 0, 28, 28], "data": []}]}).encode(),
+         None, 422, "input shape [1, 0, 28, 28]; this path takes [N, 1, 28, 28]"),
         (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.5] * 10}]}).encode(),
          None, 422, "holds 10 values"),
         (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [2.0] * 784}]}).encode(),
@@ -120,6 +125,19 @@ def test_bad_infer_requests_are_4xx_with_the_protocols_error_body(app_client: Te
     r = app_client.post(f"/v2/models/{pid}/infer", content=body, headers=headers)
     assert r.status_code == status and says in r.json()["error"], r.text
     assert app_client.get("/v2/models/p_" + "0" * 32).json() == {"error": "no path 'p_" + "0" * 32 + "'"}
+
+
+def test_the_key_and_the_path_are_checked_before_the_body(app_client: TestClient) -> None:
+    """Whatever serves it (an HTTP worker reads a small body of a path it has not described before
+    it asks the inference process), a bad key is a 401 and an unknown path a 404 before the body's 400."""
+    pid = compose(app_client, reprogram_spec())["path_id"]
+    nope = {"authorization": "Bearer nope"}
+    r = app_client.post(f"/v2/models/{pid}/infer", content=b"{not json", headers=nope)
+    assert r.status_code == 401 and "unknown, revoked or expired" in r.json()["error"], r.text
+    r = app_client.post(f"/v2/models/p_{'0' * 32}/infer", content=b"{not json")
+    assert r.status_code == 404 and r.json() == {"error": f"no path 'p_{'0' * 32}'"}, r.text
+    r = app_client.post(f"/v2/models/{pid}/infer", content=b"{not json")
+    assert r.status_code == 400 and "not JSON" in r.json()["error"], r.text
 
 
 def test_tritonclient_against_a_live_server(tmp_path: Path) -> None:

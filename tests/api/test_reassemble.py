@@ -14,6 +14,8 @@ from tests.conftest import tiny_card, tiny_weights
 from zoo_store.archs import build_arch
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
+from zoo_store.core.spec import CompositionSpec
+from zoo_store.core.weights import digest_of
 from zoo_store.methods.reassemble.config import Budget, partitions, plan_reassemble, smallest_assembly
 from zoo_store.methods.reassemble.layers import (
     Stitch,
@@ -27,10 +29,8 @@ from zoo_store.methods.reassemble.naswot import RectifierCodes, logdet, naswot, 
 from zoo_store.methods.reassemble.partition import SimilarityCache, linear_cka, search_partition
 from zoo_store.methods.reassemble.profile import Block, assembly_cost, card_profile, profile_of
 from zoo_store.methods.reassemble.search import feasible, milp_top
-from zoo_store.core.spec import CompositionSpec
 from zoo_store.store.store import card_for
 from zoo_store.training import freeze
-from zoo_store.core.weights import digest_of
 
 
 def _base(base_id: str, arch: str, seed: int = 0, labels=tuple("0123456789")) -> tuple[Card, torch.nn.Module]:
@@ -340,10 +340,11 @@ def test_cross_architecture_path_is_served_and_bundled(app_client) -> None:
     """Blocks of a ResNet and a VGG net, stitched and tuned, imported as a bundle, served, exported,
     deleted and imported again: the same id and the same predictions."""
     from tests.helpers import bundle_roundtrip, tensor_inputs
+    from zoo_store.core.bundle import PathArtifact, encode_bundle, make_manifest
+    from zoo_store.core.manifest import BaseRef
+    from zoo_store.datasets.tasks import TaskData
     from zoo_store.methods.reassemble.method import path_tensors, train_assembly
     from zoo_store.methods.reassemble.search import Candidate
-    from zoo_store.datasets.tasks import TaskData
-    from zoo_store.core.bundle import BaseRef, PathArtifact, encode_bundle, make_manifest
 
     svc = app_client.app.state.services
     bases = svc.zoo.bases

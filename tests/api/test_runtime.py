@@ -16,10 +16,11 @@ from service.common.metrics import Metrics
 from service.runtime.batcher import Batcher
 from service.runtime.cache import Entry
 from tests.helpers import compose, reprogram_spec
+from zoo_store.core.bundle import decode_bundle
 from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import NotFound
+from zoo_store.core.manifest import Manifest
 from zoo_store.methods import get_method
-from zoo_store.core.bundle import Manifest, decode_bundle
 from zoo_store.training import normalize
 
 

@@ -28,7 +28,9 @@ def _served(tmp_path: Path) -> tuple[list[str], bytes]:
 
 
 def test_wrk_drives_a_real_server(tmp_path: Path) -> None:
-    """The http suite's load generator (wrk and its Lua script) against `zoo serve`, one second."""
+    """The http and edge suites' load generator (wrk and its Lua script) against `zoo serve`, one
+    second a run: /v1 predicts with both bodies, /v2 infers with binary tensors (a header of their own)."""
+    from bench.edge import infer_body
     from bench.http import bodies, wrk
 
     ids, _ = _served(tmp_path)
@@ -38,6 +40,11 @@ def test_wrk_drives_a_real_server(tmp_path: Path) -> None:
         for body, ctype in bodies(spec).values():
             r = wrk(server.url, ids, body, ctype, connections=4, seconds=1, work=tmp_path, key=server.key)
             assert r["requests"] > 0 and r["errors"] == 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
+        pixels = (one_image(spec)[0].numpy() * 255).round().astype("uint8")
+        body, headers = infer_body(pixels)
+        r = wrk(server.url, ids, body, "application/octet-stream", 4, 1, tmp_path, server.key,
+                "/v2/models/%s/infer", headers, max_requests=100_000)  # fmt: skip
+        assert r["requests"] > 0 and r["errors"] == 0, r
     finally:
         server.close()
 

@@ -1,8 +1,9 @@
 """Connection paths and their portable form, the ``.zoopath`` bundle (one safetensors file).
 
-The manifest is canonical JSON (sorted keys, no spaces) holding the format version, method, base
-references, labels, input spec, the method's config, the tensor index and the digest of the tensor
-bytes. The path ID is derived from the manifest, so a path keeps its ID on every server.
+The manifest (``zoo_store.core.manifest``) is canonical JSON (sorted keys, no spaces) holding the
+format version, method, base references, labels, input spec, the method's config, the tensor index
+and the digest of the tensor bytes. The path ID is derived from the manifest, so a path keeps its ID
+on every server. Here: the tensors, their digest, and the bundle's encoding and decoding.
 """
 
 from __future__ import annotations
@@ -13,46 +14,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import BadRequest, InvalidInput
+from zoo_store.core.manifest import (
+    FORMAT_VERSION,
+    BaseRef,
+    Manifest,
+    TensorInfo,
+    canonical_json,
+    manifest_json,
+    path_id_of,
+)
 
-FORMAT_VERSION = "1"
 ALLOWED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8, "int32": torch.int32}
 DTYPE_NAMES = {v: k for k, v in ALLOWED_DTYPES.items()}
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
-class BaseRef(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    id: str
-    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class TensorInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    dtype: str
-    shape: tuple[int, ...]
-
-
-class Manifest(BaseModel):
-    """The schema every bundle's manifest is validated against."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    format: str
-    method: str
-    bases: tuple[BaseRef, ...] = Field(min_length=1)
-    labels: tuple[str, ...] = Field(min_length=1)
-    input: InputSpec
-    config: dict[str, Any]
-    tensors: dict[str, TensorInfo]
-    tensor_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -91,14 +70,6 @@ def make_manifest(art: PathArtifact) -> Manifest:
         tensors={n: TensorInfo(dtype=DTYPE_NAMES[t.dtype], shape=tuple(t.shape)) for n, t in art.tensors.items()},
         tensor_digest=tensor_digest(art.tensors),
     )
-
-
-def manifest_json(m: Manifest) -> str:
-    return canonical_json(m.model_dump(mode="json"))
-
-
-def path_id_of(m: Manifest) -> str:
-    return "p_" + hashlib.sha256(manifest_json(m).encode()).hexdigest()[:32]
 
 
 def encode_bundle(m: Manifest, tensors: dict[str, torch.Tensor], metrics: dict[str, Any]) -> bytes:

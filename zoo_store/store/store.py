@@ -14,10 +14,11 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
 from zoo_store.archs import TapNet, build_for
-from zoo_store.core.bundle import Bundle, Manifest
+from zoo_store.core.bundle import Bundle
 from zoo_store.core.cards import Card, CardIn, TapInfo
 from zoo_store.core.errors import Conflict, Forbidden, IntegrityError, InvalidInput, NotFound
 from zoo_store.core.keystore import DirKeyStore, KeyStore, MemoryKeyStore, sha256
+from zoo_store.core.manifest import Manifest
 from zoo_store.core.settings import Settings
 from zoo_store.core.weights import canonical_bytes, load_into, read_weights
 from zoo_store.datasets.builtin import BUILTINS, Arrays, split_sizes, split_three

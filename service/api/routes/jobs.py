@@ -8,9 +8,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.api.auth import CallerDep, bearer_key
+from service.api.auth import CallerDep
 from service.api.deps import Cursor, Limit, Svc
 from service.api.schemas import Job, Page
+from service.common.edge import bearer_key
 from zoo_store.core.errors import NotFound, Unauthorized, Unavailable
 from zoo_store.store.store import TERMINAL
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -13,7 +14,7 @@ from service.api.deps import ReadySvc, Svc
 from service.api.oip import HEADER, infer_response, model_metadata, parse_infer
 from service.api.openapi import CONFLICT, RATE_LIMITED, UNAVAILABLE
 from zoo_store.core.errors import Unavailable
-from zoo_store.core.bundle import Manifest
+from zoo_store.core.manifest import Manifest
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 
@@ -61,6 +62,6 @@ async def infer(path_id: str, request: Request, svc: ReadySvc, caller: CallerDep
     entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
     m = entry.manifest
     req = parse_infer(await request.body(), request.headers.get(HEADER), m.input, svc.settings.max_predict_inputs)
-    probs = await svc.batcher.submit(entry, req.x, arrived)  # (N, K)
-    body, headers = infer_response(path_id, m.labels, probs, req)
+    probs = await svc.batcher.submit(entry, torch.from_numpy(req.x), arrived)  # (N, K)
+    body, headers = infer_response(path_id, m.labels, probs.numpy(), req)
     return Response(body, headers=headers)

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
 from zoo_store.archs.surgery import state_bytes
-from zoo_store.core.bundle import BaseRef, PathArtifact
+from zoo_store.core.bundle import PathArtifact
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
+from zoo_store.core.manifest import BaseRef
 from zoo_store.core.spec import CompositionSpec
 from zoo_store.datasets.tasks import TaskData
 from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, no_spatial_tap

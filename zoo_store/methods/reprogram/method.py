@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from zoo_store.archs import TapNet
-from zoo_store.core.bundle import BaseRef, PathArtifact
+from zoo_store.core.bundle import PathArtifact
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
+from zoo_store.core.manifest import BaseRef
 from zoo_store.core.spec import CompositionSpec
 from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, one_base
 from zoo_store.methods.registry import register_method

@@ -21,9 +21,10 @@ from torch.func import functional_call
 from zoo_store.archs import TapNet, build_for
 from zoo_store.archs.groups import ChannelGroup, channel_groups, keeps_blocks, proven_groups, trace_groups
 from zoo_store.archs.surgery import state_bytes
-from zoo_store.core.bundle import BaseRef, PathArtifact
+from zoo_store.core.bundle import PathArtifact
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
+from zoo_store.core.manifest import BaseRef
 from zoo_store.core.spec import CompositionSpec
 from zoo_store.datasets.tasks import TaskData
 from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, one_base
