@@ -149,7 +149,8 @@ def worker() -> None:
     import threading
 
     from service.jobs.runner import JobRunner
-    from zoo_store.core.settings import Settings, configure_torch
+    from zoo_store.core.device import configure_torch
+    from zoo_store.core.settings import Settings
 
     logging.basicConfig(level=logging.INFO)
     settings = Settings(mode="distributed")

@@ -10,6 +10,7 @@ from fastapi_offline import FastAPIOffline
 
 from service.api.audit import AuditMiddleware
 from service.api.errors import install_error_handlers
+from service.api.faults import BELOW, known
 from service.api.limits import BodyLimit
 from service.api.openapi import install_openapi
 from service.api.routes import compositions, datasets, health, jobs, keys, oip, paths, tenants, ui, zoo
@@ -47,7 +48,7 @@ def create_app(
     app = FastAPIOffline(title="zoo", version="0.1.0", lifespan=lifespan,  # /docs, /redoc: packaged files, no CDN
                          description="Compose new models out of a zoo of frozen networks; serve them lazily.")  # fmt: skip
     app.state.services = services
-    install_error_handlers(app)
+    install_error_handlers(app, below=(BELOW, known))
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(AuditMiddleware, log=services.audit)
     app.add_middleware(RequestMetrics, metrics=services.metrics, skip_header=FRONT_HEADER)

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
-import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, iter_route_contexts
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from zoo_store.core.errors import Unavailable, ZooError, storage_full
+from zoo_store.core.errors import ZooError
 from zoo_store.core.outage import Outage
-from zoo_store.store.db import driver_problem
 
 log = logging.getLogger("zoo.errors")
 DISK_FULL = Outage("disk full: uploads and imports answered 507", log)
-RETRY_AFTER_S = 2
 
 
 def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -58,22 +54,15 @@ def _allowed(request: Request) -> str:
     return ", ".join(sorted({m for r in matching for m in r.methods}))
 
 
-def known(e: BaseException) -> ZooError | None:
-    """The ZooError that an exception from below is when it is a known condition rather than a bug:
-    a full disk (507), the database or Redis unreachable (503 with Retry-After); None otherwise.
-    Driver errors are mostly mapped where they arise (``Database``); this catches the rest."""
-    if (full := storage_full(e)) is not None:
-        return full
-    if isinstance(e, DBAPIError):
-        return driver_problem(e.orig, e.connection_invalidated)
-    if isinstance(e, PoolTimeout):  # every pooled connection busy for the pool's timeout
-        return Unavailable("the database is busy; retry shortly", retry_after=RETRY_AFTER_S)
-    if isinstance(e, redis.ConnectionError | redis.TimeoutError):  # the job queue's Redis (the rate limiter falls back)
-        return Unavailable("the job queue is unreachable for a moment; retry shortly", retry_after=RETRY_AFTER_S)
-    return None
+Known = Callable[[BaseException], ZooError | None]
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, below: tuple[tuple[type[BaseException], ...], Known] = ((), lambda e: None)) -> None:
+    """The handlers, and for the app that reaches a database, Redis and a disk, ``below``: the
+    classes of exception from there and what each known condition is as a ``ZooError``
+    (``service.api.faults``); the HTTP workers' app has none of those, and none of their drivers."""
+    classes, known = below
+
     @app.exception_handler(ZooError)
     async def _zoo(request: Request, e: ZooError) -> JSONResponse:
         if isinstance(cause := e.__cause__, OSError) and e.status == 507:  # (the database's own: its Database logs)
@@ -105,7 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return await _zoo(request, found)
         return _internal(request, e)
 
-    for kind in (OSError, DBAPIError, PoolTimeout, redis.ConnectionError, redis.TimeoutError):
+    for kind in classes:
         app.add_exception_handler(kind, _below)
 
     @app.exception_handler(Exception)

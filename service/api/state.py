@@ -17,9 +17,10 @@ from service.jobs.runner import JobRunner
 from service.runtime.batcher import Batcher
 from service.runtime.cache import Entry, PathCache
 from service.runtime.zoo import ResidentZoo
+from zoo_store.core.device import configure_torch
 from zoo_store.core.errors import NotFound, Unavailable, ZooError
 from zoo_store.core.manifest import Manifest
-from zoo_store.core.settings import Settings, configure_torch
+from zoo_store.core.settings import Settings
 from zoo_store.store.blobs import BlobStore
 from zoo_store.store.db import DEMO_ZOO_LOCK_KEY, Database
 from zoo_store.store.demo import ensure_demo_zoo

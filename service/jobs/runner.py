@@ -15,8 +15,9 @@ from service.jobs.queues import JobQueue, job_queue
 from zoo_store.archs import TapNet
 from zoo_store.core.bundle import Bundle, encode_bundle, make_manifest, path_id_of
 from zoo_store.core.cards import Card
+from zoo_store.core.device import configure_torch, torch_device
 from zoo_store.core.errors import NotFound
-from zoo_store.core.settings import Settings, configure_torch
+from zoo_store.core.settings import Settings
 from zoo_store.core.spec import CompositionSpec, TaskSpec
 from zoo_store.datasets.tasks import TaskData, make_task
 from zoo_store.methods import get_method
@@ -165,7 +166,7 @@ class JobRunner:
 
     def _execute(self, job_id: str) -> None:
         if self.settings.job_executor == "thread":
-            run_job(self.store, job_id, self.resident() if self.resident else None, self.settings.torch_device())
+            run_job(self.store, job_id, self.resident() if self.resident else None, torch_device(self.settings))
             return
         ctx = mp.get_context("spawn")
         proc = ctx.Process(target=_child_main, args=(self.settings.model_dump_json(), job_id, os.getpid()), daemon=True)

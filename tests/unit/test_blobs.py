@@ -14,10 +14,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import update
 
-from zoo_store.store.blobs import BlobStore, DbBlobStore, DirBlobStore, MemoryBlobStore
-from zoo_store.core.keystore import sha256
-from zoo_store.store.db import Base, BlobChunkRow, Database
 from zoo_store.core.errors import IntegrityError, NotFound
+from zoo_store.core.keystore import sha256
+from zoo_store.store.blobs import BlobStore, DbBlobStore, DirBlobStore, MemoryBlobStore
+from zoo_store.store.db import Base, BlobChunkRow, Database
 
 
 @pytest.fixture(params=["dir", "memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -11,8 +11,7 @@ from torch import nn
 
 from tests.conftest import tiny_weights
 from zoo_store.archs import build_arch
-from zoo_store.archs.groups import ChannelGroup
-from zoo_store.archs.groups import TracedGroups, _prove, channel_groups, proven_groups, trace_groups
+from zoo_store.archs.groups import ChannelGroup, TracedGroups, _prove, channel_groups, proven_groups, trace_groups
 
 
 def _cbn(p: str) -> tuple[str, str]:

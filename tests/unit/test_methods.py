@@ -7,13 +7,6 @@ import torch
 
 from tests.conftest import GRAY, tiny_card, tiny_weights
 from zoo_store.archs import arch_names, build_arch
-from zoo_store.core.cards import Card
-from zoo_store.methods.base import BuildContext
-from zoo_store.datasets.tasks import TaskData
-from zoo_store.methods import get_method, method_names
-from zoo_store.methods.registry import register_method
-from zoo_store.methods.reprogram import Reprogram
-from zoo_store.core.spec import CompositionSpec
 from zoo_store.core.bundle import (
     PathArtifact,
     check_expected,
@@ -22,9 +15,16 @@ from zoo_store.core.bundle import (
     encode_bundle,
     make_manifest,
 )
+from zoo_store.core.cards import Card
+from zoo_store.core.spec import CompositionSpec
+from zoo_store.core.weights import digest_of
+from zoo_store.datasets.tasks import TaskData
+from zoo_store.methods import get_method, method_names
+from zoo_store.methods.base import BuildContext
+from zoo_store.methods.registry import register_method
+from zoo_store.methods.reprogram import Reprogram
 from zoo_store.store.store import card_for
 from zoo_store.training import freeze
-from zoo_store.core.weights import digest_of
 
 SMALL_ARCHS = [a for a in arch_names() if not a.startswith("tv_")]
 

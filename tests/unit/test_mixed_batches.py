@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from zoo_store.archs import build_arch
+from zoo_store.core.device import exact_float32
 from zoo_store.methods import get_method
 from zoo_store.methods.reprogram.layers import build_reprogrammed
-from zoo_store.core.settings import exact_float32
 
 # (architecture, input channels, input size): the demo families and two torchvision classifiers
 BASES = [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from zoo_store.store.blobs import DirBlobStore
 from zoo_store.datasets.builtin import BUILTINS
+from zoo_store.store.blobs import DirBlobStore
 from zoo_store.store.db import Database, DatasetRow
 from zoo_store.store.store import Store
 

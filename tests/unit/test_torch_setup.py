@@ -12,14 +12,15 @@ CHECK = """
 import json, os, torch
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 import zoo_store, service.api.app, service.jobs.runner, service.cli
-from zoo_store.core.settings import Settings, configure_torch
+from zoo_store.core.device import configure_torch, torch_device
+from zoo_store.core.settings import Settings
 
 def state():
     return [os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.backends.cuda.matmul.allow_tf32,
             torch.backends.cudnn.allow_tf32]
 
 settings = Settings(device="cuda:0")
-assert settings.torch_device() == "cuda:0"
+assert torch_device(settings) == "cuda:0"
 before = state()
 assert configure_torch(settings) == "cuda:0"  # nothing touches the device itself: no GPU needed
 print(json.dumps([before, state()]))

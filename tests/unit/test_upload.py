@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoo_store.datasets.upload import Limits, ParsedDataset, parse_upload
 from zoo_store.core.errors import BadRequest, InvalidInput, PayloadTooLarge, ZooError
+from zoo_store.datasets.upload import Limits, ParsedDataset, parse_upload
 
 # -- builders ---------------------------------------------------------------------------------
 
