@@ -48,7 +48,7 @@ def create_app(
     app = FastAPIOffline(title="zoo", version="0.1.0", lifespan=lifespan,  # /docs, /redoc: packaged files, no CDN
                          description="Compose new models out of a zoo of frozen networks; serve them lazily.")  # fmt: skip
     app.state.services = services
-    install_error_handlers(app, below=(BELOW, known))
+    install_error_handlers(app, below=BELOW, known=known)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(AuditMiddleware, log=services.audit)
     app.add_middleware(RequestMetrics, metrics=services.metrics, skip_header=FRONT_HEADER)

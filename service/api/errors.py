@@ -57,11 +57,11 @@ def _allowed(request: Request) -> str:
 Known = Callable[[BaseException], ZooError | None]
 
 
-def install_error_handlers(app: FastAPI, below: tuple[tuple[type[BaseException], ...], Known] = ((), lambda e: None)) -> None:
-    """The handlers, and for the app that reaches a database, Redis and a disk, ``below``: the
-    classes of exception from there and what each known condition is as a ``ZooError``
+def install_error_handlers(app: FastAPI, below: tuple[type[BaseException], ...] = (), known: Known | None = None) -> None:
+    """The handlers, and for the app that reaches a database, Redis and a disk, the classes of
+    exception from ``below`` there and what each ``known`` condition is as a ``ZooError``
     (``service.api.faults``); the HTTP workers' app has none of those, and none of their drivers."""
-    classes, known = below
+    known = known or (lambda e: None)
 
     @app.exception_handler(ZooError)
     async def _zoo(request: Request, e: ZooError) -> JSONResponse:
@@ -94,7 +94,7 @@ def install_error_handlers(app: FastAPI, below: tuple[tuple[type[BaseException],
             return await _zoo(request, found)
         return _internal(request, e)
 
-    for kind in classes:
+    for kind in below:
         app.add_exception_handler(kind, _below)
 
     @app.exception_handler(Exception)

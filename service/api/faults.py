@@ -18,8 +18,7 @@ BELOW: tuple[type[BaseException], ...] = (OSError, DBAPIError, PoolTimeout, redi
 
 def known(e: BaseException) -> ZooError | None:
     """The ZooError that an exception from below is when it is a known condition rather than a bug:
-    a full disk (507), the database or Redis unreachable (503 with Retry-After); None otherwise.
-    Driver errors are mostly mapped where they arise (``Database``); this catches the rest."""
+    a full disk (507), the database or Redis unreachable (503 with Retry-After); None otherwise."""
     if (full := storage_full(e)) is not None:
         return full
     if isinstance(e, DBAPIError):

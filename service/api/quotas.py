@@ -105,11 +105,18 @@ class RedisBuckets:
         self.local = MemoryBuckets()
         self.outage = Outage("Redis unreachable: predict rates are held per process until it is back", log)
         self._retry_at = 0.0
+        self._probing = threading.Lock()
         self._down = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError (starting up) is one too
 
     def take(self, tenant: str, rate: float, burst: int) -> float:
-        if self.outage.down and time.monotonic() < self._retry_at:
-            return self.local.take(tenant, rate, burst)
+        if self.outage.down:
+            with self._probing:  # one request asks Redis again, once per REDIS_RETRY_S; the others use local buckets
+                now = time.monotonic()
+                probe = now >= self._retry_at
+                if probe:
+                    self._retry_at = now + REDIS_RETRY_S
+            if not probe:
+                return self.local.take(tenant, rate, burst)
         try:
             wait = float(self.script(keys=[self.prefix + tenant], args=[rate, burst]))
         except self._down as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import secrets
 import threading
 from dataclasses import dataclass, field
 
@@ -94,9 +95,10 @@ class Services:
             self.ready.set()
             log.warning("zoo ready: %d bases resident on %s", len(self.zoo.bases), self.zoo.device)
             threading.Thread(target=self._follow, name="zoo-follow", daemon=True).start()
-        except Exception as e:
-            self.startup_error = f"{type(e).__name__}: {e}"
-            log.exception("zoo failed to load")
+        except Exception:  # the cause goes to the log only: /readyz answers anyone
+            ref = secrets.token_hex(4)
+            self.startup_error = f"the zoo failed to load (ref {ref}); the server's log has the cause"
+            log.exception("zoo failed to load (ref %s)", ref)
 
     def _follow(self) -> None:
         """Every ``zoo_poll_s``, load the bases registered through other processes and drop from

@@ -1,6 +1,7 @@
 """The inference loop: requests queue per worker and are collected into batches grouped by base;
 one forward serves a batch that mixes many paths of a bank, other paths are batched per path."""
 
+from __future__ import annotations
 
 import asyncio
 import logging
@@ -13,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 
 from service.common.metrics import Metrics
+from service.runtime.cache import Entry, PathCache
 from zoo_store.core.errors import Overloaded
 from zoo_store.training import normalize
 
 log = logging.getLogger("zoo")
 
-from service.runtime.cache import Entry, PathCache
 
 
 @dataclass

@@ -8,6 +8,7 @@ and batched with requests for the same path only. Both share the cache's byte bu
 database is beneath both.
 """
 
+from __future__ import annotations
 
 import ctypes
 import logging
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from service.common.metrics import Metrics
+from service.runtime.zoo import ResidentZoo
 from zoo_store.core.bundle import decode_stored
 from zoo_store.core.errors import ZooError
 from zoo_store.core.manifest import Manifest
@@ -31,7 +33,6 @@ from zoo_store.store.store import Store
 
 log = logging.getLogger("zoo")
 
-from service.runtime.zoo import ResidentZoo
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The resident zoo: every base a worker serves, loaded once on its device, frozen, never written;
 and the one check a bundle passes before it is stored or served."""
 
+from __future__ import annotations
 
 import logging
 import threading

@@ -50,7 +50,7 @@ def _full_blob_disk(monkeypatch) -> list[str]:
         os.close(fd)
         return os.open("/dev/full", os.O_WRONLY), name
 
-    monkeypatch.setattr("zoo_store.store.blobs.tempfile.mkstemp", mkstemp)
+    monkeypatch.setattr("zoo_store.core.keystore.tempfile.mkstemp", mkstemp)
     return made
 
 

@@ -87,7 +87,7 @@ def _full_disk(monkeypatch, made: list[str]) -> None:
         os.close(fd)
         return os.open("/dev/full", os.O_WRONLY), name
 
-    monkeypatch.setattr("zoo_store.store.blobs.tempfile.mkstemp", mkstemp)
+    monkeypatch.setattr("zoo_store.core.keystore.tempfile.mkstemp", mkstemp)
 
 
 def test_a_blob_write_on_a_full_disk_is_507_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
@@ -133,7 +133,6 @@ def test_a_known_key_is_taken_while_the_database_is_down_and_a_revocation_counts
     db.migrate()
     row, key = Keys(db).create("a")
     auth = Auth(db, enabled=True, stale_s=60)
-    monkeypatch.setattr("service.api.auth.KEY_TTL_S", 0.1)
     auth._seen.ttl = 0.1
     monkeypatch.setattr(ttl, "RETRY_S", 0.1)
     assert auth.caller(key).tenant == "a"

@@ -9,9 +9,29 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from zoo_store.core.errors import storage_full
+
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write(path: Path, data: bytes, what: str) -> None:
+    """``data`` at ``path`` all at once (a temporary file beside it, then renamed): never a partial
+    file, and no temporary one left on any failure. A full disk is ``InsufficientStorage`` naming ``what``."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".put-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if (full := storage_full(e, what)) is not None:
+            raise full from e
+        raise
 
 
 class KeyStore(Protocol):
@@ -35,12 +55,7 @@ class DirKeyStore:
         return path.read_bytes() if path.exists() else None
 
     def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        atomic_write(self._path(key), data, f"cached data {key!r}")
 
 
 class MemoryKeyStore:

@@ -3,13 +3,14 @@ database (distributed mode: nothing on a shared disk) and an in-memory twin."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from zoo_store.core.errors import IntegrityError, NotFound, storage_full
-from zoo_store.core.keystore import sha256
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+
+from zoo_store.core.errors import IntegrityError, NotFound
+from zoo_store.core.keystore import atomic_write, sha256
 from zoo_store.store.db import BlobChunkRow, Database
 
 
@@ -35,19 +36,7 @@ class DirBlobStore:
         path = self._path(digest)
         if path.exists():
             return digest
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".put-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException as e:
-            if tmp is not None:  # written in part, or not moved in place: no temporary file is left behind
-                Path(tmp).unlink(missing_ok=True)
-            if (full := storage_full(e, f"a blob of {len(data):,} bytes")) is not None:
-                raise full from e
-            raise
+        atomic_write(path, data, f"a blob of {len(data):,} bytes")
         return digest
 
     def get(self, digest: str) -> bytes:
@@ -76,8 +65,6 @@ class DbBlobStore:
         self.db, self.chunk_bytes = db, chunk_bytes
 
     def put(self, data: bytes) -> str:
-        from sqlalchemy.exc import IntegrityError as SAIntegrityError
-
         digest = sha256(data)
         if self.has(digest):
             return digest
@@ -94,8 +81,6 @@ class DbBlobStore:
         return digest
 
     def get(self, digest: str) -> bytes:
-        from sqlalchemy import select
-
         _check_digest(digest)
         with self.db.session() as s:
             chunks = list(s.scalars(select(BlobChunkRow.data).where(BlobChunkRow.digest == digest).order_by(BlobChunkRow.seq)))
@@ -107,8 +92,6 @@ class DbBlobStore:
         return data
 
     def has(self, digest: str) -> bool:
-        from sqlalchemy import select
-
         _check_digest(digest)
         with self.db.session() as s:
             return s.scalar(select(BlobChunkRow.seq).where(BlobChunkRow.digest == digest, BlobChunkRow.seq == 0)) is not None

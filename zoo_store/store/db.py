@@ -34,7 +34,19 @@ from zoo_store.core.errors import InsufficientStorage, Unavailable, ZooError
 from zoo_store.core.outage import Outage
 
 log = logging.getLogger("zoo.db")
-MIGRATIONS_DIR = Path(str(files("zoo_store.migrations")))  # migrations/ in a checkout, inside the wheel otherwise
+
+
+def _migrations_dir() -> Path:
+    """``migrations/`` at the repository's top, shipped inside the wheel as ``zoo_store.migrations``
+    (an install, editable or not, resolves it); a checkout used without installing it falls back to
+    the folder beside ``zoo_store/``."""
+    try:
+        return Path(str(files("zoo_store.migrations")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 
 def utcnow() -> dt.datetime:
