@@ -94,7 +94,7 @@ class Services:
             gc.freeze()  # the resident zoo and everything loaded so far: never scanned by the collector again
             self.ready.set()
             log.warning("zoo ready: %d bases resident on %s", len(self.zoo.bases), self.zoo.device)
-            threading.Thread(target=self._follow, name="zoo-follow", daemon=True).start()
+            self._follow()
         except Exception:  # the cause goes to the log only: /readyz answers anyone
             ref = secrets.token_hex(4)
             self.startup_error = f"the zoo failed to load (ref {ref}); the server's log has the cause"
@@ -103,18 +103,15 @@ class Services:
     def _follow(self) -> None:
         """Every ``zoo_poll_s``, load the bases registered through other processes and drop from
         the path cache the paths deleted through them (on a background thread)."""
-        seq, _ = self.store.deletions_since(None)
-        while not self.stopping.wait(self.settings.zoo_poll_s):
-            try:
-                for base_id in self.zoo.follow():
-                    log.warning("zoo version %d: loaded base %s, registered elsewhere", self.zoo.version, base_id)
-                seq, deleted = self.store.deletions_since(seq)
-                for path_id in deleted:
-                    self.cache.evict(path_id)
-            except Unavailable:  # the database is away for a moment (its Database logs that once); the next poll
-                pass
-            except Exception:
-                log.warning("could not follow the zoo", exc_info=True)
+        seq = self.store.deletions_since(None)[0]
+
+        def evict_deleted() -> None:
+            nonlocal seq
+            seq, deleted = self.store.deletions_since(seq)
+            for path_id in deleted:
+                self.cache.evict(path_id)
+
+        self.zoo.follow_every(self.settings.zoo_poll_s, self.stopping, also=evict_deleted)
 
     def admit_predict(self, caller: Caller, path_id: str) -> None:
         """A predict: the caller may use the path, and is under its tenant's predict rate."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from torch import nn
 from zoo_store.archs import TapNet
 from zoo_store.core.bundle import Bundle, check_expected
 from zoo_store.core.cards import Card
-from zoo_store.core.errors import Conflict, InvalidInput, NotFound
+from zoo_store.core.errors import Conflict, InvalidInput, NotFound, Unavailable
 from zoo_store.core.manifest import Manifest
 from zoo_store.core.weights import digest_of
 from zoo_store.methods import get_method
@@ -68,16 +69,18 @@ class ResidentZoo:
                 log.exception("base %s could not be loaded; skipped", card.id)
         return loaded
 
-    def follow_every(self, seconds: float, stop: threading.Event) -> None:
-        """``follow`` every ``seconds`` on a background thread until ``stop`` is set."""
+    def follow_every(self, seconds: float, stop: threading.Event, also: Callable[[], None] = lambda: None) -> None:
+        """``follow`` (then ``also``) every ``seconds`` on a background thread until ``stop`` is set."""
 
         def loop() -> None:
             while not stop.wait(seconds):
                 try:
                     for base_id in self.follow():
-                        log.warning("zoo version %d: loaded base %s, registered elsewhere", self.version,
-                                    base_id)  # fmt: skip
-                except Exception:  # the database may be away for a moment; the next look tries again
+                        log.warning("zoo version %d: loaded base %s, registered elsewhere", self.version, base_id)
+                    also()
+                except Unavailable:  # the database is away for a moment (its Database logs that once); the next look
+                    pass
+                except Exception:
                     log.warning("could not follow the zoo", exc_info=True)
 
         threading.Thread(target=loop, name="zoo-follow", daemon=True).start()
