@@ -222,19 +222,32 @@ async def _pass(client: httpx.AsyncClient, request: Request) -> Response:
     return response
 
 
+def _workers_class():
+    from uvicorn.supervisors import Multiprocess
+
+    class Workers(Multiprocess):
+        """uvicorn's worker processes, whose parent lets go of the listening socket when they are
+        stopped: no connection waits in its backlog for workers that no longer take any."""
+
+        def terminate_all(self) -> None:
+            for sock in self.sockets:
+                sock.close()
+            super().terminate_all()
+
+    return Workers
+
+
 def run_workers(host: str, port: int, workers: int, access_log: bool = False, log_level: str = "info",
                 stop: threading.Event | None = None) -> None:
     """``workers`` HTTP worker processes on one port (in this process when 1); returns when stopped:
     by SIGTERM (each worker drains, for at most ``drain_s``) or when ``stop`` is set."""
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
-
     config = uvicorn.Config("service.serve.front:create_front_app", factory=True, host=host, port=port,
                             log_level=log_level, access_log=access_log, workers=workers if workers > 1 else None,
                             http=EdgeProtocol, timeout_graceful_shutdown=Settings().drain_s)  # fmt: skip
     server = uvicorn.Server(config)
     if workers > 1:
-        runner = Multiprocess(config, sockets=[config.bind_socket()])
+        runner = _workers_class()(config, sockets=[config.bind_socket()])
         halt: Callable[[], None] = runner.should_exit.set
     else:
         runner, halt = server, lambda: setattr(server, "should_exit", True)
