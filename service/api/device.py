@@ -1,5 +1,5 @@
-"""The inference process's answers to the HTTP workers' device-channel ops (``describe`` and
-``predict``, see ``service.serve.channel``), next to the services they call: readiness, the
+"""The inference process's answers to the HTTP workers' device-channel ops (``caller``, ``describe``
+and ``predict``, see ``service.serve.channel``), next to the services they call: readiness, the
 request's key and the tenant's access, the input's shape on a worker's first predict of a path,
 then the batcher."""
 
@@ -30,6 +30,9 @@ class DeviceOps:
 
     async def __call__(self, header: dict[str, Any], data: memoryview) -> tuple[dict[str, Any], bytes]:
         svc = self.svc
+        if header["op"] == "caller":  # a passed-through request's key, checked before its body is read
+            await run_in_threadpool(svc.auth.caller, header.get("key"))  # (works before the zoo is loaded)
+            return {}, b""
         if not svc.ready.is_set():
             raise Unavailable(svc.startup_error or "the zoo is still loading; see /readyz")
         path_id, arrived = header["path"], time.monotonic()

@@ -8,7 +8,8 @@ worker owns (one slot per request in flight, ``header["slot"]`` and ``header["nb
 fits a slot, inline in the frame otherwise; the answer's bytes come back inline (scores: small).
 Nothing on this channel is pickled.
 
-Ops: ``hello`` (a worker names its arena; the server's own), ``describe`` (a path's input spec and
+Ops: ``hello`` (a worker names its arena; the server's own), ``caller`` (is a bearer key live: an
+answer, or Unauthorized, before the request's body is read), ``describe`` (a path's input spec and
 labels) and ``predict`` (with ``"describe": true``, a worker's first predict of a path: the tensor's
 C, H and W are checked there, the error naming ``"form"``'s input, and the answer carries the
 description too). An error comes back as ``{"error": {"kind", "detail", "retry_after"}}`` and is
@@ -147,6 +148,11 @@ class DeviceClient:
         if "error" in answer:
             raise_error(answer["error"])
         return answer, data
+
+    async def caller(self, key: str | None) -> bool:
+        """True when ``key`` may come in (the inference process checks it); Unauthorized otherwise."""
+        await self.call({"op": "caller", "key": key})
+        return True
 
     async def describe(self, path_id: str, key: str | None) -> dict[str, Any]:
         answer, _ = await self.call({"op": "describe", "path": path_id, "key": key})

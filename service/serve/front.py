@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -20,8 +21,10 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from service.api.bodies import predictions
+from service.api.errors import answer as error_answer
 from service.api.errors import install_error_handlers
 from service.api.inputs import npy_array, npy_values, query_top_k, read_inputs
 from service.api.limits import BodyLimit
@@ -32,8 +35,9 @@ from service.common.metrics import Metrics, RequestMetrics, render_metrics
 from service.common.procs import die_with_supervisor
 from service.common.ttl import MISSING, TtlCache
 from service.serve.channel import Arena, DeviceClient
+from service.serve.edge_http import EdgeProtocol
 from zoo_store.core.cards import InputSpec
-from zoo_store.core.errors import Unavailable, ZooError
+from zoo_store.core.errors import Unauthorized, Unavailable, ZooError
 from zoo_store.core.settings import Settings
 
 # a body and the path's input (None: not known yet) -> (N, C, H, W) float32 in [0, 1], and what else
@@ -57,6 +61,8 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     die_with_supervisor()
     metrics = Metrics()
     described = TtlCache(KEY_TTL_S, max_items=65_536)  # (key, path id) -> PathInfo: checked that recently
+    callers = TtlCache(KEY_TTL_S, max_items=65_536)  # key -> True: a live key that recently
+    EdgeProtocol.configure(settings)  # this worker's header limit, read timeout and drain
     state: dict = {}
 
     @asynccontextmanager
@@ -161,12 +167,33 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                    include_in_schema=False)  # fmt: skip
     async def passthrough(request: Request) -> Response:
+        if _needs_key(request.url.path):  # the key first: a request that may not come in is refused unread
+            key = bearer_key(request.headers.get("authorization"))
+            if callers.get(key) is MISSING:
+                try:
+                    callers.put(key, await state["device"].caller(key))
+                except Unauthorized as e:  # its body unread: not kept alive to read (and drop) it
+                    refused = error_answer(request, e.status, e.title, e.detail, e.headers())
+                    if _has_body(request):
+                        refused.headers["connection"] = "close"
+                    return refused
         if request.url.path.startswith("/v1/paths/") and request.method in ("DELETE", "PUT"):  # access changes
             path_id = request.url.path.removeprefix("/v1/paths/").split("/")[0]
             described.drop(lambda k: k[1] != path_id)
         return await _pass(state["app"], request)
 
     return app
+
+
+def _needs_key(path: str) -> bool:
+    """Whether the app asks a key of a route: all of /v1 and /v2 (not /healthz, /readyz, /metrics,
+    the dashboard's files, /docs, /redoc, /openapi.json)."""
+    return path.startswith("/v1/") or path == "/v2" or path.startswith("/v2/")
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length", "0")
+    return "transfer-encoding" in request.headers or length != "0"
 
 
 def _small(request: Request, limit: int, ctype: str = "") -> bool:
@@ -182,9 +209,12 @@ async def _pass(client: httpx.AsyncClient, request: Request) -> Response:
     headers.append((FRONT_HEADER.encode(), b"1"))
     raw = request.scope.get("raw_path") or request.url.path.encode()  # as sent: still percent-encoded
     url = httpx.URL(raw_path=raw + (b"?" + request.scope["query_string"] if request.scope.get("query_string") else b""))
-    body = await request.body()
+    content = request.stream() if _has_body(request) else b""  # streamed: never whole in this process
     try:
-        answer = await client.send(client.build_request(request.method, url, headers=headers, content=body), stream=True)
+        answer = await client.send(client.build_request(request.method, url, headers=headers, content=content),
+                                   stream=True)  # fmt: skip
+    except ClientDisconnect:  # the client went away, or BodyLimit cut its body off (and answers 413)
+        return Response(status_code=400)
     except httpx.TransportError as e:
         raise Unavailable(f"the inference process is not answering (restarting?): {type(e).__name__}") from e
     response = StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose))
@@ -192,12 +222,41 @@ async def _pass(client: httpx.AsyncClient, request: Request) -> Response:
     return response
 
 
-def run_workers(host: str, port: int, workers: int, access_log: bool = False, log_level: str = "info") -> None:
-    """``workers`` HTTP worker processes on one port (in this process when 1); returns when stopped."""
-    import uvicorn
+def _workers_class():
+    from uvicorn.supervisors import Multiprocess
 
-    uvicorn.run("service.serve.front:create_front_app", factory=True, host=host, port=port, log_level=log_level,
-                access_log=access_log, workers=workers if workers > 1 else None)  # fmt: skip
+    class Workers(Multiprocess):
+        """uvicorn's worker processes, whose parent lets go of the listening socket when they are
+        stopped: no connection waits in its backlog for workers that no longer take any."""
+
+        def terminate_all(self) -> None:
+            for sock in self.sockets:
+                sock.close()
+            super().terminate_all()
+
+    return Workers
+
+
+def run_workers(host: str, port: int, workers: int, access_log: bool = False, log_level: str = "info",
+                stop: threading.Event | None = None) -> None:
+    """``workers`` HTTP worker processes on one port (in this process when 1); returns when stopped:
+    by SIGTERM (each worker drains, for at most ``drain_s``) or when ``stop`` is set."""
+    import uvicorn
+    config = uvicorn.Config("service.serve.front:create_front_app", factory=True, host=host, port=port,
+                            log_level=log_level, access_log=access_log, workers=workers if workers > 1 else None,
+                            http=EdgeProtocol, timeout_graceful_shutdown=Settings().drain_s)  # fmt: skip
+    server = uvicorn.Server(config)
+    if workers > 1:
+        runner = _workers_class()(config, sockets=[config.bind_socket()])
+        halt: Callable[[], None] = runner.should_exit.set
+    else:
+        runner, halt = server, lambda: setattr(server, "should_exit", True)
+    if stop is not None:
+        threading.Thread(target=lambda: stop.wait() and halt(), name="zoo-front-stop", daemon=True).start()
+    try:
+        runner.run()
+    except KeyboardInterrupt:  # Ctrl-C (raised again by uvicorn once it stopped)
+        pass
 
 
 if __name__ == "__main__":  # by hand or from tests, with ZOO_IPC_DIR set: python -m service.serve.front PORT WORKERS

@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     # `zoo serve`: HTTP worker processes that parse and decode requests in front of the one inference
     # process that owns the device (0: everything in one process)
     http_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0)
+    # the edge (`zoo serve`'s HTTP server): request headers above this get 431; a request whose headers
+    # do not arrive within read_timeout_s, or whose body stops for that long, gets 408 (and is closed)
+    max_header_bytes: int = Field(64 * 2**10, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+    # on SIGTERM: requests in flight are answered for at most drain_s, then cut; an idle keep-alive
+    # connection is kept drain_idle_s more, and a request arriving on it is answered (Connection: close)
+    drain_s: float = Field(20.0, gt=0)
+    drain_idle_s: float = Field(1.0, ge=0)
     ipc_dir: Path | None = None  # set by `zoo serve` for its processes: where their sockets live
     shm_slot_bytes: int = Field(2**20, gt=0)  # per request in flight: tensors up to this go through shared memory
     shm_slots: int = Field(16, gt=0)  # per HTTP worker (larger or extra requests travel inline on the socket)
