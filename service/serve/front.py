@@ -37,12 +37,13 @@ from service.common.ttl import MISSING, TtlCache
 from service.serve.channel import Arena, DeviceClient
 from service.serve.edge_http import EdgeProtocol
 from zoo_store.core.cards import InputSpec
-from zoo_store.core.errors import Unauthorized, Unavailable, ZooError
+from zoo_store.core.errors import InvalidInput, Unauthorized, Unavailable, ZooError
 from zoo_store.core.settings import Settings
 
 # a body and the path's input (None: not known yet) -> (N, C, H, W) float32 in [0, 1], and what else
 # the request asks (its top_k, its outputs); raises the ZooError that refuses the body
 Decode = Callable[[bytes, InputSpec | None], tuple[np.ndarray, object]]
+SMALL_JSON_BYTES = 16 * 1024  # a JSON infer body decoded before its key is checked (one round trip) up to this size
 HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection", b"host"}
 
 
@@ -103,7 +104,7 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
             def decode(body: bytes, spec: InputSpec | None) -> tuple[np.ndarray, int]:
                 top_k, arr = query_top_k(request), npy_array(body)
                 if spec is None and arr.ndim != 4:  # refused by the second try, naming the path's input
-                    raise ZooError("not N x C x H x W")
+                    raise InvalidInput("not N x C x H x W")
                 return npy_values(arr, spec, settings), top_k
 
             info, probs, top_k = await first_predict(path_id, key, request, decode, "npy")
@@ -125,7 +126,10 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
             req = parse_infer(body, length, spec, settings.max_predict_inputs)
             return req.x, req
 
-        if described.get((key, path_id)) is MISSING and _small(request, settings.shm_slot_bytes):
+        # the one-trip shortcut decodes before the key is checked: only for what is cheap to decode (the
+        # binary extension's small JSON header, or a small JSON body), so no one can keep a worker busy for free
+        cheap = _small(request, settings.shm_slot_bytes) if length is not None else _small(request, SMALL_JSON_BYTES)
+        if described.get((key, path_id)) is MISSING and cheap:
             info, probs, req = await first_predict(path_id, key, request, decode, "oip")
         else:
             info = await path_info(path_id, key)
