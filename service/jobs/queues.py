@@ -6,12 +6,17 @@ import logging
 import os
 import queue
 import socket
+import time
+import uuid
 from collections.abc import Callable
 from typing import Protocol
 
 from zoo_store.core.settings import Settings
 
 log = logging.getLogger("zoo.jobs")
+
+EPOCH_CHECK_S = 5.0  # how often a consumer looks whether Redis lost its data (and at once after an error)
+EPOCH_TTL_S = 86_400  # the marker outlives every consumer by a day; one expired costs a look at the stream
 
 
 class JobQueue(Protocol):
@@ -66,9 +71,10 @@ class RedisQueue:
     A live worker calls ``touch`` more often than that (the job runner does, every idle_ms / 4),
     so a long job is never taken from a worker that is still running it.
 
-    A Redis that restarted empty (no persistence) has lost the stream and its group: ``get`` makes
-    the group again, and the consumer that made it calls ``on_reset`` (the job runner sends the
-    jobs still queued in the database again)."""
+    A Redis that restarted empty (no persistence) has lost the stream, its group and its entries.
+    Consumers keep a marker beside the stream (``<stream>:epoch``) and look at it every
+    EPOCH_CHECK_S; the first to find it gone sets a new one and calls ``on_reset`` (the job runner
+    sends the jobs still queued in the database again); ``get`` makes a group that is gone again."""
 
     def __init__(self, url: str, stream: str = "zoo:jobs", group: str = "workers", consumer: str | None = None,
                  idle_ms: int = 60_000, on_reset: Callable[[], None] | None = None):  # fmt: skip
@@ -80,22 +86,43 @@ class RedisQueue:
         self.heartbeat_s = idle_ms / 4000
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.on_reset = on_reset
+        self._epoch: str | None = None  # the marker this consumer saw last
+        self._next_look = 0.0
         try:
             self._make_group()
         except redis.ConnectionError:  # Redis away at start: the first ``get`` that reaches it makes the group
             log.warning("jobs: Redis unreachable at %s; the consumer group is made when it answers", url)
 
-    def _make_group(self) -> bool:
-        """Create the consumer group (and the stream); whether this call created it."""
+    def _make_group(self) -> None:
         import redis
 
         try:
             self.r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-            return True
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
-            return False
+
+    def _look_for_a_reset(self) -> None:
+        """Every EPOCH_CHECK_S: a marker gone means Redis lost its data since the last look (or none
+        was ever set); the consumer that sets the new one first calls ``on_reset``, once."""
+        if time.monotonic() < self._next_look:
+            return
+        key = f"{self.stream}:epoch"
+        seen = self.r.getex(key, ex=EPOCH_TTL_S)
+        if seen is None:
+            mine = uuid.uuid4().hex
+            if self.r.set(key, mine, nx=True, ex=EPOCH_TTL_S):
+                if self._epoch is not None:
+                    log.warning("jobs: Redis lost the job stream %s (restarted empty?)", self.stream)
+                self._epoch = mine
+                self._make_group()
+                if self.on_reset is not None:
+                    self.on_reset()
+            else:  # another consumer saw it first
+                self._epoch = self.r.get(key)
+        else:
+            self._epoch = seen
+        self._next_look = time.monotonic() + EPOCH_CHECK_S
 
     def check(self) -> None:
         self.r.ping()
@@ -107,16 +134,17 @@ class RedisQueue:
         import redis
 
         try:
+            self._look_for_a_reset()
             return self._get(timeout)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
-            if self._make_group():
-                log.warning("jobs: the stream %s or its group was gone (Redis restarted empty?); made again",
-                            self.stream)  # fmt: skip
-                if self.on_reset is not None:
-                    self.on_reset()
+            self._make_group()
+            self._next_look = 0.0  # at once: Redis may have lost everything
             return None
+        except redis.ConnectionError:
+            self._next_look = 0.0
+            raise
 
     def _get(self, timeout: float) -> tuple[str, str] | None:
         _next, claimed, *_ = self.r.xautoclaim(

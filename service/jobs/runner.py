@@ -235,10 +235,10 @@ class JobRunner:
         backoff, away = Backoff(), None
         while not self._stop.is_set():
             try:
-                if self._lost.is_set():
-                    self._requeue_lost()
+                self._resend_lost()
                 got = self.queue.get(timeout=0.2)
                 self.outages.up("queue")
+                self._resend_lost()  # (before a job taken at the same look: it may run long)
                 if away:
                     self.outages.up(away)
                     away = None
@@ -256,15 +256,27 @@ class JobRunner:
                 if backoff.wait(self._stop):
                     return
 
-    def _requeue_lost(self) -> None:
+    def _resend_lost(self) -> None:
         """The queue lost its entries (Redis restarted empty): the jobs the database still has queued
-        go on it again (each once: those already there again are left)."""
-        present = self.queue.job_ids()
-        missing = [j for j in self.store.queued_jobs() if j not in present]
-        for job_id in missing:
-            self.queue.put(job_id)
+        go on it again (each once: those on it already are left). Tried again at the next look when
+        the database is away."""
+        if not self._lost.is_set():
+            return
+        try:
+            present = self.queue.job_ids()
+            missing = [j for j in self.store.queued_jobs() if j not in present]
+            for job_id in missing:
+                self.queue.put(job_id)
+        except Exception as e:
+            if not outage_of(e):
+                raise
+            self.outages.down(outage_of(e), e)
+            return
+        self.outages.up("database")
+        self.outages.up("queue")
         self._lost.clear()
-        log.warning("jobs: %d job(s) queued in the database sent again to the new stream", len(missing))
+        if missing:
+            log.warning("jobs: %d job(s) queued in the database sent again to the new stream", len(missing))
 
     def _take(self, tag: str, job_id: str) -> None:
         """Run one job taken from the queue to an outcome committed to the database, then acknowledge it;

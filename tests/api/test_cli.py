@@ -207,5 +207,5 @@ def test_worker_runs_jobs_with_only_a_store_a_queue_and_a_runner(
         job = store.job(jobs[0])
         assert job.state == "succeeded" and store.path_exists(job.path_id), job.error
     finally:
-        RedisQueue(redis_url, stream=stream).r.delete(stream)
+        RedisQueue(redis_url, stream=stream).r.delete(stream, f"{stream}:epoch")
         db.dispose()

@@ -252,3 +252,24 @@ def test_a_queue_lost_between_the_check_and_the_put_leaves_no_row(store: Store, 
     with pytest.raises(Unavailable):
         runner.submit(reprogram_spec(), "a")
     assert store.list_jobs(None, 10)[0] == []
+
+
+@pytest.mark.redis
+def test_jobs_whose_entries_redis_lost_are_sent_again(store: Store, tmp_path: Path, redis_url: str) -> None:
+    """The jobs the database has queued but the stream has not (Redis restarted empty) are put on it
+    again by the consumer that finds the marker gone; a job still on the stream is not put twice."""
+    import uuid
+
+    from service.jobs.queues import RedisQueue
+
+    stream = f"zoo:test:{uuid.uuid4().hex}"
+    queue = RedisQueue(redis_url, stream=stream)
+    jobs = [store.create_job(reprogram_spec(seed=i)).id for i in range(2)]  # queued; entries lost
+    queue.put(jobs[0])
+    runner = _runner(store, queue, tmp_path)
+    try:
+        _until(lambda: all(store.job_state(j) == "succeeded" for j in jobs))
+        assert sorted(f["job"] for _, f in queue.r.xrange(stream)) == sorted(jobs)
+    finally:
+        runner.stop()
+        queue.r.delete(stream, f"{stream}:epoch")
