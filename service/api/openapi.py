@@ -36,7 +36,7 @@ OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"
 REASONS = {400: "Bad request", 401: "No API key, or one unknown, revoked or expired", 403: "Forbidden",
            404: "Not found", 409: "Conflict", 413: "Payload too large", 422: "Invalid input",
            429: "Over the tenant's rate limit: see Retry-After",
-           503: "Unavailable (loading, or too many inputs waiting: see Retry-After)"}  # fmt: skip
+           503: "Unavailable (loading, too many inputs waiting, the job queue away: see Retry-After)"}  # fmt: skip
 
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
