@@ -95,13 +95,14 @@ class Cluster:
         self.procs[name] = Proc(name, popen, log, url)
         return self.procs[name]
 
-    def replica(self, name: str) -> Proc:
+    def replica(self, name: str, **env: str) -> Proc:
         port = free_port()
         cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-        return self._spawn(name, cmd, self.env(name), f"http://127.0.0.1:{port}")
+        return self._spawn(name, cmd, {**self.env(name), **env}, f"http://127.0.0.1:{port}")
 
-    def worker(self, name: str) -> Proc:
-        return self._spawn(name, [sys.executable, "-m", "service.cli", "worker"], self.env(name))
+    def worker(self, name: str, **env: str) -> Proc:
+        """``zoo worker``; ``env``: settings of its own (``ZOO_JOB_STOP_GRACE_S="1"``) over the cluster's."""
+        return self._spawn(name, [sys.executable, "-m", "service.cli", "worker"], {**self.env(name), **env})
 
     def nginx(self, name: str, replicas: list[str]) -> Proc:
         """nginx with deploy/nginx.conf unchanged but for its port, before the replicas ``replicas``."""
@@ -189,7 +190,7 @@ class Cluster:
         import redis
 
         r = redis.Redis.from_url(self.redis_url)
-        r.delete(self.stream)
+        r.delete(self.stream, f"{self.stream}:epoch")
         r.close()
 
 

@@ -143,7 +143,9 @@ def serve(
 
 @app.command()
 def worker() -> None:
-    """Distributed mode: consume composition jobs from Redis Streams until stopped."""
+    """Distributed mode: consume composition jobs from Redis Streams until stopped. SIGTERM or SIGINT:
+    no more jobs taken; the running one finishes within ZOO_JOB_STOP_GRACE_S or is handed back to
+    another worker (a second signal hands it back at once)."""
     import logging
     import signal
     import threading
@@ -155,20 +157,33 @@ def worker() -> None:
     logging.basicConfig(level=logging.INFO)
     settings = Settings(mode="distributed")
     runner, stopping = JobRunner.open(settings), threading.Event()
-    runner.store.db.migrate()
-    if settings.job_executor == "thread":  # jobs share this process's bases (a job process loads its own)
-        from service.runtime.zoo import ResidentZoo
 
-        zoo = ResidentZoo(runner.store, configure_torch(settings))
-        zoo.load_all()
-        zoo.follow_every(settings.zoo_poll_s, stopping)
-        runner.resident = lambda: zoo.bases
-    runner.start()
-    console.print(f"worker: consuming jobs from {settings.redis_url}, stream {settings.jobs_stream}")
-    signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    stopping.set()
-    runner.stop()
-    runner.store.db.dispose()
+    def on_signal(signum: int, _frame: object) -> None:  # handlers, not a blocked mask: job processes inherit a mask
+        if stopping.is_set():
+            runner.abort()
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        runner.store.db.migrate()
+        if settings.job_executor == "thread":  # jobs share this process's bases (a job process loads its own)
+            from service.runtime.zoo import ResidentZoo
+
+            zoo = ResidentZoo(runner.store, configure_torch(settings))
+            zoo.load_all()
+            zoo.follow_every(settings.zoo_poll_s, stopping)
+            runner.resident = lambda: zoo.bases
+        runner.start()
+        console.print(f"worker: consuming jobs from {settings.redis_url}, stream {settings.jobs_stream}")
+        while not stopping.wait(1.0):
+            pass
+        console.print(f"worker: stopping; running jobs get {settings.job_stop_grace_s:g} s to finish")
+        runner.stop(settings.job_stop_grace_s)
+        runner.store.db.dispose()
+        console.print("worker: stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @command(models_app, "list")

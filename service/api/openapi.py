@@ -39,8 +39,8 @@ OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"
 REASONS = {400: "Bad request", 401: "No API key, or one unknown, revoked or expired", 403: "Forbidden",
            404: "Not found", 409: "Conflict", 413: "Payload too large", 422: "Invalid input",
            429: "Over the tenant's rate limit: see Retry-After",
-           503: "Unavailable (loading, the database unreachable for a moment, or too many inputs waiting: see "
-                "Retry-After)", 507: "Insufficient storage: the server's disk is full, nothing was stored"}  # fmt: skip
+           503: "Unavailable (loading, the database or the job queue unreachable for a moment, or too many inputs "
+                "waiting: see Retry-After)", 507: "Insufficient storage: the server's disk is full, nothing was stored"}  # fmt: skip
 
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:

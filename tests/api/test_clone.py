@@ -11,13 +11,13 @@ from zoo_store.archs.base import resize_to
 from zoo_store.archs.surgery import replace_module, shared_copy
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
+from zoo_store.core.spec import CompositionSpec
+from zoo_store.core.weights import digest_of
 from zoo_store.methods.clone.config import plan_clone
 from zoo_store.methods.clone.layers import ADAPTERS, KeptFilters, occlude, soft_masks
 from zoo_store.methods.clone.localize import localize
-from zoo_store.core.spec import CompositionSpec
 from zoo_store.store.store import card_for
 from zoo_store.training import freeze
-from zoo_store.core.weights import digest_of
 
 LOW, HIGH, ALL = tuple("01234"), tuple("56789"), tuple("0123456789")
 
@@ -183,10 +183,10 @@ def test_clone_builds_and_materializes_end_to_end(kind: str) -> None:
     """The whole build on tiny bases (not yet behind the registry), for each adapter kind: every
     (source depth, insertion tap) pair scored on validation, the path's tensors are what the method
     expects, survive a bundle, and materialize to the network that was trained."""
-    from zoo_store.methods.clone.method import Clone
-    from zoo_store.methods.base import BuildContext
-    from zoo_store.datasets.tasks import TaskData
     from zoo_store.core.bundle import check_expected, decode_bundle, encode_bundle, make_manifest
+    from zoo_store.datasets.tasks import TaskData
+    from zoo_store.methods.base import BuildContext
+    from zoo_store.methods.clone.method import Clone
 
     t_card, target = _base("low", LOW)
     s_card, src = _base("high", HIGH, seed=1)
@@ -226,9 +226,9 @@ def test_clone_builds_and_materializes_end_to_end(kind: str) -> None:
 
 def test_a_task_without_validation_images_is_refused() -> None:
     """The join is chosen on validation images: none is a 4xx naming why, before any training."""
-    from zoo_store.methods.clone.method import Clone
-    from zoo_store.methods.base import BuildContext
     from zoo_store.datasets.tasks import TaskData
+    from zoo_store.methods.base import BuildContext
+    from zoo_store.methods.clone.method import Clone
 
     t_card, target = _base("low", LOW)
     s_card, src = _base("high", HIGH, seed=1)

@@ -8,10 +8,10 @@ import hashlib
 import numpy as np
 import pytest
 
+from zoo_store.core.spec import TaskSpec
 from zoo_store.datasets.builtin import BUILTINS, _mnist, split_sizes, split_three
 from zoo_store.datasets.tasks import VAL_PER_LABEL, make_task
 from zoo_store.store.demo import MNIST_INPUT
-from zoo_store.core.spec import TaskSpec
 
 
 def _rows(x: np.ndarray) -> set[bytes]:

@@ -20,6 +20,7 @@ from tests.conftest import make_settings, start_app
 from zoo_store.archs import build_arch
 from zoo_store.archs.families import FAMILIES, TIMM_FAMILIES
 from zoo_store.archs.groups import block_perm, channel_groups, proven_groups
+from zoo_store.core.bundle import PathArtifact, encode_bundle, make_manifest
 from zoo_store.methods import get_method
 from zoo_store.methods.reprogram.layers import build_reprogrammed
 from zoo_store.methods.resample.config import ResampleBudget, ResampleConfig
@@ -32,7 +33,6 @@ from zoo_store.methods.resample.layers import (
     uniform_cells,
 )
 from zoo_store.methods.resample.method import widths_for
-from zoo_store.core.bundle import PathArtifact, encode_bundle, make_manifest
 
 RGB = {"channels": 3, "size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 LABELS = [str(i) for i in range(10)]

@@ -11,12 +11,12 @@ from safetensors.torch import save
 
 from tests.conftest import make_settings, start_app, tiny_card, tiny_weights
 from zoo_store.archs import build_arch
-from zoo_store.store.blobs import DirBlobStore
-from zoo_store.core.keystore import sha256
 from zoo_store.core.cards import Card
+from zoo_store.core.errors import Conflict
+from zoo_store.core.keystore import sha256
+from zoo_store.store.blobs import DirBlobStore
 from zoo_store.store.db import Database
 from zoo_store.store.demo import DEMO_BASES
-from zoo_store.core.errors import Conflict
 from zoo_store.store.store import Store
 
 

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # jobs
     job_workers: int = 1  # concurrent composition jobs in embedded mode
     job_executor: Literal["process", "thread"] = "process"
+    job_attempts: int = Field(3, ge=1)  # runs of a job that outages of the database or Redis cut short, then failed
+    # `zoo worker` on SIGTERM: how long its running jobs may take to finish before they are handed back
+    # (under the 10 s a service manager commonly waits before SIGKILL)
+    job_stop_grace_s: float = Field(8.0, ge=0)
 
     @cached_property
     def db_url(self) -> str:

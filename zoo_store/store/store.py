@@ -264,12 +264,23 @@ class Store:
             row.state, row.path_id, row.metrics = "succeeded", bundle.id, metrics
             row.progress = {**row.progress, "fraction": 1.0}
 
+    def requeue_job(self, job_id: str) -> None:
+        """A running job handed back by its runner (stopping): queued again, its progress from the start."""
+        with self.db.session() as s:
+            row = s.get(JobRow, job_id, with_for_update=True)
+            if row is not None and row.state == "running":
+                row.state, row.progress = "queued", {"fraction": 0.0}
+
+    def queued_jobs(self) -> list[str]:
+        with self.db.session() as s:
+            return list(s.scalars(select(JobRow.id).where(JobRow.state == "queued").order_by(JobRow.id)))
+
     def fail_stale_jobs(self, reason: str) -> list[str]:
         """Jobs left running by a server that died are failed; queued ones are returned to requeue."""
         with self.db.session() as s:
             for row in s.scalars(select(JobRow).where(JobRow.state == "running")):
                 row.state, row.error = "failed", reason
-            return list(s.scalars(select(JobRow.id).where(JobRow.state == "queued").order_by(JobRow.id)))
+        return self.queued_jobs()
 
     # -- paths --------------------------------------------------------------------------------
     def save_path(self, bundle: Bundle, tenant: str | None = None) -> tuple[PathRow, bool]:
