@@ -83,10 +83,20 @@ class Cluster:
     def env(self, name: str) -> dict[str, str]:
         data = self.root / f"gen{self.generation}" / name
         data.mkdir(parents=True, exist_ok=True)
-        return {**os.environ, "ZOO_MODE": "distributed", "ZOO_DATABASE_URL": self.database_url,
-                "ZOO_REDIS_URL": self.redis_url, "ZOO_DATA_DIR": str(data), "ZOO_DEMO_ZOO": "false",
-                "ZOO_JOBS_STREAM": self.stream, "ZOO_JOB_CLAIM_IDLE_S": "3", "ZOO_ZOO_POLL_S": "0.5",
-                "ZOO_HTTP_WORKERS": "1", "ZOO_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        return {
+            **os.environ,
+            "ZOO_MODE": "distributed",
+            "ZOO_DATABASE_URL": self.database_url,
+            "ZOO_REDIS_URL": self.redis_url,
+            "ZOO_DATA_DIR": str(data),
+            "ZOO_DEMO_ZOO": "false",
+            "ZOO_JOBS_STREAM": self.stream,
+            "ZOO_JOB_CLAIM_IDLE_S": "3",
+            "ZOO_ZOO_POLL_S": "0.5",
+            "ZOO_HTTP_WORKERS": "1",
+            "ZOO_DEVICE": "cpu",
+            "PYTHONUNBUFFERED": "1",
+        }
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str], url: str = "") -> Proc:
         log = self.root / f"{name}.gen{self.generation}.log"
@@ -97,7 +107,17 @@ class Cluster:
 
     def replica(self, name: str, **env: str) -> Proc:
         port = free_port()
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ]
         return self._spawn(name, cmd, {**self.env(name), **env}, f"http://127.0.0.1:{port}")
 
     def worker(self, name: str, **env: str) -> Proc:
@@ -219,11 +239,15 @@ def wait_job(client: ZooClient, job_id: str, until: tuple[str, ...] = TERMINAL, 
 
 
 def compose(client: ZooClient, task: dict = SMALL, epochs: int = 1) -> str:
-    return client.compose({"method": "reprogram", "base": BASE_ID, "task": task, "train": {"epochs": epochs, "seed": 0}})["id"]
+    return client.compose(
+        {"method": "reprogram", "base": BASE_ID, "task": task, "train": {"epochs": epochs, "seed": 0}}
+    )["id"]
 
 
 def predict(client: ZooClient, path_id: str, body: bytes) -> dict:
-    r = client.http.post(f"/v1/paths/{path_id}/predict", content=body, headers={"content-type": "application/octet-stream"})
+    r = client.http.post(
+        f"/v1/paths/{path_id}/predict", content=body, headers={"content-type": "application/octet-stream"}
+    )
     r.raise_for_status()
     return r.json()
 
@@ -234,8 +258,15 @@ def predicts_served(url: str) -> int:
 
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
         if family.name == "zoo_http_requests":
-            return int(sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels["status"] == "200"
-                           and s.labels["route"] == "/v1/paths/{path_id}/predict"))  # fmt: skip
+            return int(
+                sum(
+                    s.value
+                    for s in family.samples
+                    if s.name.endswith("_total")
+                    and s.labels["status"] == "200"
+                    and s.labels["route"] == "/v1/paths/{path_id}/predict"
+                )
+            )
     return 0
 
 
@@ -327,7 +358,9 @@ def scenario(cluster: Cluster, say: Say = print) -> dict:
     clients = [cluster.client(n) for n in ("replica0", "replica1", "nginx")]
     for c in clients:
         for pid in ids:
-            assert predict(c, pid, body) == baseline[pid], f"{c.http.base_url} predicts {pid} differently after the restart"
+            assert predict(c, pid, body) == baseline[pid], (
+                f"{c.http.base_url} predicts {pid} differently after the restart"
+            )
     states = {j["id"]: j["state"] for j in clients[2].jobs()}
     assert states == {first_job: "succeeded", job_id: "succeeded"}, states
     return report
@@ -336,7 +369,9 @@ def scenario(cluster: Cluster, say: Say = print) -> dict:
 # -- the suite ------------------------------------------------------------------------------------
 
 
-def throughput(say: Say, root: Path, database_url: str, redis_url: str, paths: int, requests: int, rounds: int) -> list[dict]:
+def throughput(
+    say: Say, root: Path, database_url: str, redis_url: str, paths: int, requests: int, rounds: int
+) -> list[dict]:
     """Predicts/s through nginx before both replicas, before one, and at that one directly (same
     processes, same paths), alternated ``rounds`` times; the base of ``scenario`` must be registered."""
     cluster = Cluster(root, database_url, redis_url)
@@ -352,7 +387,11 @@ def throughput(say: Say, root: Path, database_url: str, redis_url: str, paths: i
         ids = [cluster.client("nginx").import_bundle(b)[0]["id"] for b in bundles]
         _, body = one_image(GRAY)
         runs = []
-        setups = (("nginx", "2, through nginx"), ("nginx-one", "1, through nginx"), ("replica0", "1, direct (no nginx)"))
+        setups = (
+            ("nginx", "2, through nginx"),
+            ("nginx-one", "1, through nginx"),
+            ("replica0", "1, direct (no nginx)"),
+        )
         for name, _ in setups:  # warm: every path materialized where nginx sends it
             load(cluster.procs[name], cluster.admin_key, ids, body, requests=4 * paths)
         for i in range(rounds):
@@ -384,23 +423,35 @@ def cluster_suite(say: Say, quick: bool) -> list[str]:
         runs = throughput(say, root / "load", database_url, redis_url, paths, requests, rounds)
     shutil.rmtree(root, ignore_errors=True)
     during, after = report["load_during_kill"], report["load_after_kill"]
-    mean = {label: statistics.mean(r["per_second"] for r in runs if r["replicas"] == label) for label in {r["replicas"] for r in runs}}
+    mean = {
+        label: statistics.mean(r["per_second"] for r in runs if r["replicas"] == label)
+        for label in {r["replicas"] for r in runs}
+    }
     lines = [
         "2 replicas (`zoo serve`, 1 HTTP worker each) and 2 workers (`zoo worker`) behind nginx with",
         "`deploy/nginx.conf`, on one PostgreSQL and one Redis, each process with its own empty data dir.\n",
-        "| Kill test | Measured |", "|---|---|",
-        f"| worker SIGKILLed in the middle of a job: finished by the other worker after | {report['worker_takeover_s']} s |",
-        f"| rows afterwards (bases, jobs, paths) | {', '.join(str(v) for v in report['rows_after_worker_kill'].values())} |",
-        f"| predicts through nginx while a replica was SIGKILLed: failed / sent | {during['errors']} / {during['sent']} |",
+        "| Kill test | Measured |",
+        "|---|---|",
+        "| worker SIGKILLed in the middle of a job: finished by the other worker after | "
+        f"{report['worker_takeover_s']} s |",
+        "| rows afterwards (bases, jobs, paths) | "
+        f"{', '.join(str(v) for v in report['rows_after_worker_kill'].values())} |",
+        f"| predicts through nginx while a replica was SIGKILLed: failed / sent | {during['errors']} / "
+        f"{during['sent']} |",
         f"| predicts through nginx after the kill: failed / sent | {after['errors']} / {after['sent']} |",
-        "| every process restarted with a new empty data dir: bases, paths, jobs and predictions | all there, identical |",
+        "| every process restarted with a new empty data dir: bases, paths, jobs and predictions | all there, "
+        "identical |",
         "",
-        f"Throughput through nginx, {paths} reprogram paths of one base (uniform traffic, `.npy` bodies, 16 connections,",
+        f"Throughput through nginx, {paths} reprogram paths of one base (uniform traffic, `.npy` bodies, 16 "
+        "connections,",
         f"{requests} predicts a run, {rounds} run(s) each, alternated):\n",
-        "| Replicas | predicts/s | p50 ms | p99 ms |", "|---|---|---|---|",
+        "| Replicas | predicts/s | p50 ms | p99 ms |",
+        "|---|---|---|---|",
         *(f"| {r['replicas']} | {r['per_second']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |" for r in runs),
     ]
     two, one, direct = (mean[k] for k in ("2, through nginx", "1, through nginx", "1, direct (no nginx)"))
-    lines.append(f"\n**2 replicas / 1 replica: {two / one:.2f}x** (means of the runs); nginx's own cost, "
-                 f"1 replica through nginx / directly: {one / direct:.2f}x.")  # fmt: skip
+    lines.append(
+        f"\n**2 replicas / 1 replica: {two / one:.2f}x** (means of the runs); nginx's own cost, "
+        f"1 replica through nginx / directly: {one / direct:.2f}x."
+    )
     return lines

@@ -42,8 +42,10 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads){gpu}, Python {platform.python_version()}")  # fmt: skip
+    return (
+        f"{platform.machine()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads){gpu}, Python {platform.python_version()}"
+    )
 
 
 def timeit(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float:
@@ -68,8 +70,14 @@ def reprogram_bytes(arch: str, input_size: int, channels: int, num_classes: int 
     model = build_reprogrammed(base, num_classes)
     delta = {k: v.contiguous() for k, v in model.delta_state().items()}
     spec = InputSpec(channels=channels, size=input_size, mean=(0.5,) * channels, std=(0.5,) * channels)
-    art = PathArtifact("reprogram", [BaseRef(id=arch, digest="0" * 64)], [str(i) for i in range(num_classes)], spec,
-                       {"base": arch, "num_classes": num_classes, "kernel": 3}, delta)  # fmt: skip
+    art = PathArtifact(
+        "reprogram",
+        [BaseRef(id=arch, digest="0" * 64)],
+        [str(i) for i in range(num_classes)],
+        spec,
+        {"base": arch, "num_classes": num_classes, "kernel": 3},
+        delta,
+    )
     delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
     dense = dense_bytes(base, delta_bytes)
     return len(encode_bundle(make_manifest(art), delta, {})), dense
@@ -134,7 +142,9 @@ def mean_std(values: list[float], digits: int = 4) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
 
-def head_only(base: nn.Module, data, card: Card, epochs: int, init_rows: bool = False, seed: int = 0) -> tuple[nn.Module, int]:
+def head_only(
+    base: nn.Module, data, card: Card, epochs: int, init_rows: bool = False, seed: int = 0
+) -> tuple[nn.Module, int]:
     """A new linear head on the frozen base; returns the model and the head's bytes."""
     torch.manual_seed(seed)
     head = nn.Linear(base.feature_dim, len(data.labels))
@@ -142,7 +152,17 @@ def head_only(base: nn.Module, data, card: Card, epochs: int, init_rows: bool = 
         init_head_rows(head, base.head_layer, card.labels, data.labels)
     model = nn.Sequential()
     model.forward = lambda x: head(base.embed(x))  # type: ignore[method-assign]
-    fit(model, head.parameters(), data.train_x, data.train_y, card.input, epochs=epochs, lr=1e-2, batch_size=64, seed=seed)
+    fit(
+        model,
+        head.parameters(),
+        data.train_x,
+        data.train_y,
+        card.input,
+        epochs=epochs,
+        lr=1e-2,
+        batch_size=64,
+        seed=seed,
+    )
     return model, state_bytes(head)
 
 

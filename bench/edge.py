@@ -34,10 +34,19 @@ def infer_body(npy_pixels) -> tuple[bytes, dict[str, str]]:
     outputs; and its headers."""
     raw = npy_pixels.tobytes()
     binary = {"binary_data": True}
-    head = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(npy_pixels.shape),
-                                   "parameters": {"binary_data_size": len(raw)}}],
-                       "outputs": [{"name": "probabilities", "parameters": binary},
-                                   {"name": "label", "parameters": binary}]}).encode()  # fmt: skip
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "UINT8",
+                    "shape": list(npy_pixels.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": binary}, {"name": "label", "parameters": binary}],
+        }
+    ).encode()
     return head + raw, {"Inference-Header-Content-Length": str(len(head))}
 
 
@@ -83,8 +92,9 @@ def measure(say: Say, quick: bool, checkout: Path | None = None) -> dict:
         for r in range(rounds):
             for name, (route, body, headers) in runs.items():
                 say(f"edge: round {r + 1} of {rounds}, {name}, {CONNECTIONS} connections, {seconds} s")
-                result = wrk(server.url, [pid], body, octet, CONNECTIONS, seconds, work, server.key, route,
-                             headers, 200_000)  # fmt: skip
+                result = wrk(
+                    server.url, [pid], body, octet, CONNECTIONS, seconds, work, server.key, route, headers, 200_000
+                )
                 if result["errors"]:
                     raise RuntimeError(f"{result['errors']} of wrk's requests to {route} failed")
                 points[name].append(result)
@@ -97,12 +107,15 @@ def measure(say: Say, quick: bool, checkout: Path | None = None) -> dict:
 
 def lines(m: dict) -> list[str]:
     """The figures as markdown: each process's RSS, then the throughput of each round."""
-    out = [f"`zoo serve` with its defaults ({os.cpu_count()} HTTP workers, one per core), the demo zoo "
-           f"(`ZOO_DEMO_SAMPLES=1000`, built on the first start), one reprogram path on {BASE}; one "
-           f"28 x 28 image a request, binary tensors both ways (`/v1`: a `.npy` body; `/v2`: UINT8 with "
-           f"`binary_data_size`, both outputs binary). wrk: 1 thread, {CONNECTIONS} connections, "
-           f"{m['seconds']} s a run, `/v1` and `/v2` alternating.\n",
-           "| process | RSS after 1,000 predicts | after the wrk runs |", "|---|---:|---:|"]  # fmt: skip
+    out = [
+        f"`zoo serve` with its defaults ({os.cpu_count()} HTTP workers, one per core), the demo zoo "
+        f"(`ZOO_DEMO_SAMPLES=1000`, built on the first start), one reprogram path on {BASE}; one "
+        f"28 x 28 image a request, binary tensors both ways (`/v1`: a `.npy` body; `/v2`: UINT8 with "
+        f"`binary_data_size`, both outputs binary). wrk: 1 thread, {CONNECTIONS} connections, "
+        f"{m['seconds']} s a run, `/v1` and `/v2` alternating.\n",
+        "| process | RSS after 1,000 predicts | after the wrk runs |",
+        "|---|---:|---:|",
+    ]
     later = {pid: rss for _, pid, rss in m["after_wrk"]}
     for role, pid, rss in m["after_predicts"]:
         out.append(f"| {role} | {rss / MiB:,.0f} MiB | {later.get(pid, 0) / MiB:,.0f} MiB |")

@@ -48,7 +48,8 @@ if cap then  -- bounded in count as well as in time
   end
 end
 done = function(summary, latency, requests)
-  local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.status + summary.errors.timeout
   io.write(string.format('ZOO {"requests": %d, "seconds": %f, "p50_ms": %f, "p99_ms": %f, "errors": %d}\\n',
     summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3, errors))
 end
@@ -62,18 +63,34 @@ def wrk_path() -> str:
     return found
 
 
-def wrk(url: str, ids: list[str], body: bytes, ctype: str, connections: int, seconds: int, work: Path,
-        key: str, route: str = "/v1/paths/%s/predict", headers: dict[str, str] | None = None,
-        max_requests: int | None = None) -> dict:  # fmt: skip
+def wrk(
+    url: str,
+    ids: list[str],
+    body: bytes,
+    ctype: str,
+    connections: int,
+    seconds: int,
+    work: Path,
+    key: str,
+    route: str = "/v1/paths/%s/predict",
+    headers: dict[str, str] | None = None,
+    max_requests: int | None = None,
+) -> dict:
     """``seconds`` of POSTs of ``body`` to ``route`` (``%s``: a path of ``ids``, drawn uniformly) over
     ``connections`` connections; no more than ``max_requests`` are sent (a bound: a run that reaches
     it still lasts ``seconds``, so its rate is understated)."""
     (work / "paths.txt").write_text("\n".join(ids) + "\n")
     (work / "body").write_bytes(body)
     (work / "zoo.lua").write_text(WRK_SCRIPT)
-    env = {**os.environ, "ZOO_WRK_PATHS": str(work / "paths.txt"), "ZOO_WRK_BODY": str(work / "body"), "ZOO_WRK_TYPE": ctype,
-           "ZOO_WRK_AUTH": f"Bearer {key}", "ZOO_WRK_ROUTE": route,
-           "ZOO_WRK_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items())}  # fmt: skip
+    env = {
+        **os.environ,
+        "ZOO_WRK_PATHS": str(work / "paths.txt"),
+        "ZOO_WRK_BODY": str(work / "body"),
+        "ZOO_WRK_TYPE": ctype,
+        "ZOO_WRK_AUTH": f"Bearer {key}",
+        "ZOO_WRK_ROUTE": route,
+        "ZOO_WRK_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items()),
+    }
     if max_requests is not None:
         env["ZOO_WRK_MAX"] = str(max_requests)
     cmd = [wrk_path(), "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(work / "zoo.lua"), url]
@@ -102,13 +119,17 @@ def http_suite(say: Say, quick: bool) -> list[str]:
     spec = target.card(base_id).input
     say("http: the inference loop alone on one path")
     loop_rate = _loop_rate(fresh, base_id, ids[0])
-    lines = [(f"`zoo serve` with {workers} HTTP workers (one per core) in front of one inference process, "
-              f"{base_id}, single-image predicts; wrk (1 thread, {seconds} s a point, closed loop) picks a path "
-              f"uniformly per request. *loop*: the inference loop alone in process on one path, 4,096 requests "
-              f"at concurrency 256, in this run: {loop_rate:,.0f} images/s on this CPU. Ratio: HTTP requests/s "
-              f"over that.\n"),
-             "| body | paths | connections | requests/s | HTTP / loop | p50 ms | p99 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        (
+            f"`zoo serve` with {workers} HTTP workers (one per core) in front of one inference process, "
+            f"{base_id}, single-image predicts; wrk (1 thread, {seconds} s a point, closed loop) picks a path "
+            f"uniformly per request. *loop*: the inference loop alone in process on one path, 4,096 requests "
+            f"at concurrency 256, in this run: {loop_rate:,.0f} images/s on this CPU. Ratio: HTTP requests/s "
+            f"over that.\n"
+        ),
+        "| body | paths | connections | requests/s | HTTP / loop | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     server = Server(fresh, workers=workers)
     url = server.url
     work = Path(tempfile.mkdtemp(prefix="zoo-wrk-"))
@@ -120,8 +141,11 @@ def http_suite(say: Say, quick: bool) -> list[str]:
                     say(f"http: {name} body, {n} paths, {c} connections")
                     r = wrk(url, ids[:n], body, ctype, c, seconds, work, server.key)
                     errors = f" ({r['errors']} errors)" if r["errors"] else ""
-                    lines.append(f"| {name} | {n:,} | {c} | {r['per_second']:,.0f}{errors} | **{r['per_second'] / loop_rate:.2f}x** | "
-                                 f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")  # fmt: skip
+                    lines.append(
+                        f"| {name} | {n:,} | {c} | {r['per_second']:,.0f}{errors} | "
+                        f"**{r['per_second'] / loop_rate:.2f}x** | "
+                        f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+                    )
     finally:
         server.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -158,11 +182,15 @@ def parse_profile(spec, loop_rate: float) -> list[str]:
         "the same via torch.tensor(nested lists) (before)": lambda: torch.tensor(values, dtype=torch.float32),
         ".npy body -> (N, C, H, W)": lambda: npy_input(body["binary"][0], spec, settings),
         "answer -> JSON bytes (orjson, plain data)": lambda: orjson.dumps(answer),
-        "answer -> JSON bytes (pydantic model, before)": lambda: PredictResponse.model_validate(answer).model_dump_json(),
-    }  # fmt: skip
+        "answer -> JSON bytes (pydantic model, before)": lambda: PredictResponse.model_validate(
+            answer
+        ).model_dump_json(),
+    }
     per_image = 1 / loop_rate
-    intro = ("Parsing profile: each step of one single-image predict, as a share of one image's forward time in "
-             "the inference loop (median of 200 runs, this process):\n")
+    intro = (
+        "Parsing profile: each step of one single-image predict, as a share of one image's forward time in "
+        "the inference loop (median of 200 runs, this process):\n"
+    )
     lines = [intro, "| step | share of a forward |", "|---|---:|"]
     for name, fn in steps.items():
         lines.append(f"| {name} | {timeit(fn, repeat=200, warmup=20) / per_image:.2f}x |")

@@ -2,8 +2,9 @@
 interpreter: ``python -m bench.loadgen < job.json`` prints one JSON result line.
 
 The job: ``{"host", "port", "paths": [...], "schedule": [path index per request], "concurrency",
-"body_b64", "content_type", "query", "authorization"}`` (the last two optional). Each of ``concurrency`` keep-alive connections sends its
-next request as soon as the previous answer arrives, until the schedule is spent (bounded in count).
+"body_b64", "content_type", "query", "authorization"}`` (the last two optional). Each of ``concurrency``
+keep-alive connections sends its next request as soon as the previous answer arrives, until the schedule
+is spent (bounded in count).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import time
 
 async def _connection(job: dict, todo: list[int], body: bytes, latencies: list[float], errors: list[str]) -> None:
     auth = f"Authorization: {job['authorization']}\r\n" if job.get("authorization") else ""
-    head = (f"Host: {job['host']}\r\n{auth}Content-Type: {job['content_type']}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"Host: {job['host']}\r\n{auth}Content-Type: {job['content_type']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     writer = None
     try:
         while todo:
@@ -29,7 +32,9 @@ async def _connection(job: dict, todo: list[int], body: bytes, latencies: list[f
             path_id = job["paths"][todo.pop()]
             t = time.perf_counter()
             try:
-                writer.write(f"POST /v1/paths/{path_id}/predict{job.get('query', '')} HTTP/1.1\r\n".encode() + head + body)
+                writer.write(
+                    f"POST /v1/paths/{path_id}/predict{job.get('query', '')} HTTP/1.1\r\n".encode() + head + body
+                )
                 status, length = await _response_head(reader)
                 payload = await reader.readexactly(length)
             except (OSError, asyncio.IncompleteReadError) as e:  # the server dropped the connection: a failed request
@@ -62,8 +67,16 @@ async def run(job: dict) -> dict:
     await asyncio.gather(*(_connection(job, todo, body, latencies, errors) for _ in range(job["concurrency"])))
     seconds = time.perf_counter() - t
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    return {"sent": len(job["schedule"]), "requests": len(latencies), "seconds": seconds, "per_second": len(latencies) / seconds,
-            "p50_ms": 1e3 * q[49], "p99_ms": 1e3 * q[98], "errors": len(errors), "first_error": errors[:1]}  # fmt: skip
+    return {
+        "sent": len(job["schedule"]),
+        "requests": len(latencies),
+        "seconds": seconds,
+        "per_second": len(latencies) / seconds,
+        "p50_ms": 1e3 * q[49],
+        "p99_ms": 1e3 * q[98],
+        "errors": len(errors),
+        "first_error": errors[:1],
+    }
 
 
 def main() -> None:

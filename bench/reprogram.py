@@ -22,16 +22,22 @@ def reprogram_suite(say: Say, quick: bool) -> list[str]:
     seeds) and stored bytes. Nothing is chosen: every method runs the same fixed budget."""
     store = demo_store(say, quick)
     spl, epochs = (50, 2) if quick else (200, 5)
-    lines = [(f"Each task: {spl} training images per label drawn by the seed (all of them where the split holds fewer), {epochs} epochs, Adam, seeds "
-              f"{', '.join(map(str, SEEDS))} (the seed draws the training images and initialises the training); "
-              "accuracy on the task's test split, mean ± std over the seeds. Nothing is tuned: epochs and learning "
-              "rates are fixed in advance for every method (CLR and head 1e-2, full fine-tuning 1e-3), so no "
-              "validation choice is made and test data is read once per number. Head-only trains a new linear "
-              "head on the frozen base; full fine-tuning trains a copy of the whole base (BatchNorm in train "
-              "mode) plus the head; CLR trains the depthwise 3x3 reprogramming kernels plus the head, the base "
-              "frozen. Stored % = bytes the method must keep per task / dense bytes of the base.\n"),
-             "| base | task | CLR acc | head-only acc | full FT acc | CLR stored % | head-only stored % | full FT stored % |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        (
+            f"Each task: {spl} training images per label drawn by the seed (all of them where the split holds "
+            f"fewer), {epochs} epochs, Adam, seeds "
+            f"{', '.join(map(str, SEEDS))} (the seed draws the training images and initialises the training); "
+            "accuracy on the task's test split, mean ± std over the seeds. Nothing is tuned: epochs and learning "
+            "rates are fixed in advance for every method (CLR and head 1e-2, full fine-tuning 1e-3), so no "
+            "validation choice is made and test data is read once per number. Head-only trains a new linear "
+            "head on the frozen base; full fine-tuning trains a copy of the whole base (BatchNorm in train "
+            "mode) plus the head; CLR trains the depthwise 3x3 reprogramming kernels plus the head, the base "
+            "frozen. Stored % = bytes the method must keep per task / dense bytes of the base.\n"
+        ),
+        "| base | task | CLR acc | head-only acc | full FT acc | CLR stored % | head-only stored % | full FT stored "
+        "% |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for base_id in BASES:
         card: Card = store.card(base_id)
         base = store.load_base(card)
@@ -40,9 +46,12 @@ def reprogram_suite(say: Say, quick: bool) -> list[str]:
             accs: dict[str, list[float]] = {"clr": [], "head": [], "ft": []}
             for seed in SEEDS:
                 say(f"reprogram table: {base_id} on {task_id}, seed {seed}")
-                spec = CompositionSpec(method="reprogram", base=base_id,
-                                       task=TaskSpec(dataset=task_id, samples_per_label=spl),
-                                       train={"epochs": epochs, "seed": seed, "lr": 1e-2})  # fmt: skip
+                spec = CompositionSpec(
+                    method="reprogram",
+                    base=base_id,
+                    task=TaskSpec(dataset=task_id, samples_per_label=spl),
+                    train={"epochs": epochs, "seed": seed, "lr": 1e-2},
+                )
                 data = make_task(BUILTINS[task_id].make(), spec.task, card.input, seed)
                 ctx = BuildContext(bases={base_id: (card, base)}, load_task=lambda t, c, d=data: d)
                 art = get_method("reprogram").build(spec, ctx)
@@ -50,8 +59,12 @@ def reprogram_suite(say: Say, quick: bool) -> list[str]:
                 head_model, head_bytes = head_only(base, data, card, epochs, seed=seed)
                 accs["clr"].append(art.metrics["accuracy"])
                 accs["head"].append(accuracy(head_model, data.test_x, data.test_y, card.input))
-                accs["ft"].append(accuracy(full_ft(card, store, data, epochs, seed=seed), data.test_x, data.test_y, card.input))
-            lines.append(f"| {base_id} | {task_id} | {mean_std(accs['clr'])} | {mean_std(accs['head'])} | "
-                         f"{mean_std(accs['ft'])} | {clr_bytes / card.bytes:.2%} | {head_bytes / card.bytes:.2%} | 100% |")  # fmt: skip
+                accs["ft"].append(
+                    accuracy(full_ft(card, store, data, epochs, seed=seed), data.test_x, data.test_y, card.input)
+                )
+            lines.append(
+                f"| {base_id} | {task_id} | {mean_std(accs['clr'])} | {mean_std(accs['head'])} | "
+                f"{mean_std(accs['ft'])} | {clr_bytes / card.bytes:.2%} | {head_bytes / card.bytes:.2%} | 100% |"
+            )
         assert digest_of(base) == digest, "the base changed during the experiment"
     return lines

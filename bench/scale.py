@@ -77,8 +77,14 @@ def add_tv_base(store) -> None:
     """torchvision resnet18 with seeded random weights at 64 x 64 (the same digest every run)."""
     torch.manual_seed(0)
     weights = build_arch("tv_resnet18", {"num_classes": 1000}).state_dict()
-    card = CardIn(id=TV_BASE, arch="tv_resnet18", arch_config={"num_classes": 1000}, input=IMAGENET,
-                  labels=tuple(str(i) for i in range(1000)), description="torchvision resnet18, random weights")  # fmt: skip
+    card = CardIn(
+        id=TV_BASE,
+        arch="tv_resnet18",
+        arch_config={"num_classes": 1000},
+        input=IMAGENET,
+        labels=tuple(str(i) for i in range(1000)),
+        description="torchvision resnet18, random weights",
+    )
     store.add_base(card, weights)
 
 
@@ -92,8 +98,14 @@ def make_paths(store, base_id: str, n: int) -> list[bytes]:
     bundles = []
     for _ in range(n):
         tensors = {k: (v + 0.05 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in template.items()}
-        art = PathArtifact("reprogram", [{"id": card.id, "digest": card.digest}], [str(i) for i in range(10)],
-                           card.input, {"base": card.id, "num_classes": 10, "kernel": 3}, tensors)  # fmt: skip
+        art = PathArtifact(
+            "reprogram",
+            [{"id": card.id, "digest": card.digest}],
+            [str(i) for i in range(10)],
+            card.input,
+            {"base": card.id, "num_classes": 10, "kernel": 3},
+            tensors,
+        )
         bundles.append(encode_bundle(make_manifest(art), tensors, {}))
     return bundles
 
@@ -144,11 +156,19 @@ def _rss_of(pid: int) -> int:
 
 
 def settings_for(data_dir: Path, executor: str) -> Settings:
-    return Settings(data_dir=data_dir, demo_zoo=False, job_executor="thread", cache_bytes=2 * GiB,
-                    host_cache_bytes=2 * GiB, batching="base" if executor == "mixed" else "path")  # fmt: skip
+    return Settings(
+        data_dir=data_dir,
+        demo_zoo=False,
+        job_executor="thread",
+        cache_bytes=2 * GiB,
+        host_cache_bytes=2 * GiB,
+        batching="base" if executor == "mixed" else "path",
+    )
 
 
-async def closed_loop(svc, ids: list[str], order: list[int], concurrency: int, x: torch.Tensor) -> tuple[float, list[float]]:
+async def closed_loop(
+    svc, ids: list[str], order: list[int], concurrency: int, x: torch.Tensor
+) -> tuple[float, list[float]]:
     """``concurrency`` clients, each sending its next request when the last one is answered."""
     todo = list(reversed(order))
     latencies: list[float] = []
@@ -181,7 +201,9 @@ def batcher_points(say: Say, data_dir: Path, base_id: str, ids: list[str], plan:
                 svc.cache.get(p)  # host tier (mixed) or materialized modules (per-path)
             asyncio.run(closed_loop(svc, ids, list(range(n)), plan.concurrency, x))  # warm: every path once
             for r, traffic in runs(plan, executor):
-                rate, lat = asyncio.run(closed_loop(svc, ids, schedule(n, plan.requests, traffic, r), plan.concurrency, x))
+                rate, lat = asyncio.run(
+                    closed_loop(svc, ids, schedule(n, plan.requests, traffic, r), plan.concurrency, x)
+                )
                 q = statistics.quantiles(lat, n=100)
                 points.append(Point(base_id, executor, "batcher", n, traffic, rate, 1e3 * q[49], 1e3 * q[98]))
                 say(f"scale: {points[-1]}")  # the raw figure, kept in the log if the run is cut short
@@ -208,9 +230,14 @@ def slot_memory(data_dir: Path, base_id: str, ids: list[str], max_batch: int) ->
             table.assign(entries[i : i + max_batch])
         gc.collect()
         loaded, n = slot_memory_now(), len(ids) - 1
-        return {"tensor_bytes": entries[0].nbytes, "slot_bytes": table.bank.nbytes() / table.bank.capacity,
-                "rss_per_slot": (loaded - hosted_slots) / n, "rss_per_host_entry": (hosted - start) / n, "n": n,
-                "capacity": table.bank.capacity}  # fmt: skip
+        return {
+            "tensor_bytes": entries[0].nbytes,
+            "slot_bytes": table.bank.nbytes() / table.bank.capacity,
+            "rss_per_slot": (loaded - hosted_slots) / n,
+            "rss_per_host_entry": (hosted - start) / n,
+            "n": n,
+            "capacity": table.bank.capacity,
+        }
     finally:
         svc.stop()
 
@@ -228,11 +255,24 @@ def run_load(url: str, ids: list[str], order: list[int], body: bytes, concurrenc
     """Predicts of ``.npy`` ``body`` to paths ``ids`` in ``order`` over ``concurrency`` keep-alive
     connections to ``url`` with bearer ``key`` (``bench.loadgen`` in a process of its own); its result."""
     host, port = url.removeprefix("http://").split(":")
-    job = {"host": host, "port": int(port), "paths": ids, "schedule": order, "concurrency": concurrency,
-           "body_b64": base64.b64encode(body).decode(), "content_type": "application/octet-stream",
-           "authorization": f"Bearer {key}" if key else None}  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "bench.loadgen"], input=json.dumps(job), text=True,
-                         capture_output=True, check=False, timeout=900)  # fmt: skip
+    job = {
+        "host": host,
+        "port": int(port),
+        "paths": ids,
+        "schedule": order,
+        "concurrency": concurrency,
+        "body_b64": base64.b64encode(body).decode(),
+        "content_type": "application/octet-stream",
+        "authorization": f"Bearer {key}" if key else None,
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen"],
+        input=json.dumps(job),
+        text=True,
+        capture_output=True,
+        check=False,
+        timeout=900,
+    )
     if out.returncode:
         raise RuntimeError(f"the load generator failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout)
@@ -241,20 +281,35 @@ def run_load(url: str, ids: list[str], order: list[int], body: bytes, concurrenc
 class Server:
     """``zoo serve`` in a child process on a loopback port, with the bench's settings."""
 
-    def __init__(self, data_dir: Path, executor: str = "mixed", workers: int | None = None,
-                 checkout: Path | None = None, ready_s: float = 120, **settings: str):  # fmt: skip
+    def __init__(
+        self,
+        data_dir: Path,
+        executor: str = "mixed",
+        workers: int | None = None,
+        checkout: Path | None = None,
+        ready_s: float = 120,
+        **settings: str,
+    ):
         """``checkout``: the source tree to serve from (default: this one's ``service``, as installed);
         ``settings``: more of the server's environment (``ZOO_MAX_WAIT_MS="0"``)."""
         self.port, self.data_dir = free_port(), data_dir
-        env = {**os.environ, "ZOO_DATA_DIR": str(data_dir.resolve()), "ZOO_DEMO_ZOO": "false",
-               "ZOO_CACHE_BYTES": str(2 * GiB), "ZOO_HOST_CACHE_BYTES": str(2 * GiB),
-               "ZOO_BATCHING": "base" if executor == "mixed" else "path", **settings}  # fmt: skip
+        env = {
+            **os.environ,
+            "ZOO_DATA_DIR": str(data_dir.resolve()),
+            "ZOO_DEMO_ZOO": "false",
+            "ZOO_CACHE_BYTES": str(2 * GiB),
+            "ZOO_HOST_CACHE_BYTES": str(2 * GiB),
+            "ZOO_BATCHING": "base" if executor == "mixed" else "path",
+            **settings,
+        }
         if workers is not None:
             env["ZOO_HTTP_WORKERS"] = str(workers)
         if checkout is not None:  # ahead of the installed one (-m puts the working directory first too)
             env["PYTHONPATH"] = str(checkout.resolve())
         cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--no-access-log"]
-        self.log = data_dir / f"serve-{self.port}.log"  # a file, not a pipe nobody drains: the server never blocks on it
+        self.log = (
+            data_dir / f"serve-{self.port}.log"
+        )  # a file, not a pipe nobody drains: the server never blocks on it
         cwd = checkout.resolve() if checkout is not None else None
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, cwd=cwd)
@@ -296,7 +351,9 @@ class Server:
 
     def predict_ms(self, path_id: str, body: bytes) -> float:
         t = time.perf_counter()
-        r = self.client.post(f"/v1/paths/{path_id}/predict", content=body, headers={"content-type": "application/octet-stream"})
+        r = self.client.post(
+            f"/v1/paths/{path_id}/predict", content=body, headers={"content-type": "application/octet-stream"}
+        )
         elapsed = time.perf_counter() - t
         r.raise_for_status()
         return 1e3 * elapsed
@@ -340,8 +397,11 @@ def registered_memory(say: Say, data_dir: Path, base_id: str, bundles: list[byte
             server.client.post("/v1/paths/import", content=b).raise_for_status()
         grown = (server.rss() - before) / (plan.imported - warmup)
         fresh = [decode_bundle(b).id for b in bundles[plan.imported - plan.cold : plan.imported]]
-        memory = {"per_path": grown, "bundle": statistics.mean(len(b) for b in bundles[: plan.imported]),
-                  **cold_warm(server, base_id, decode_bundle(bundles[0]).id, fresh)}  # fmt: skip
+        memory = {
+            "per_path": grown,
+            "bundle": statistics.mean(len(b) for b in bundles[: plan.imported]),
+            **cold_warm(server, base_id, decode_bundle(bundles[0]).id, fresh),
+        }
     finally:
         server.close()
     say(f"scale: {base_id}, cold / warm predicts with no batch wait")
@@ -361,8 +421,12 @@ def cold_warm(server: Server, base_id: str, first: str, fresh: list[str]) -> dic
     for pid in fresh:
         colds.append(server.predict_ms(pid, body))
         warms.append(server.predict_ms(pid, body))
-    return {"cold_ms": statistics.median(colds), "warm_ms": statistics.median(warms), "cold_n": len(colds),
-            "cold_extra_ms": statistics.median(c - w for c, w in zip(colds, warms, strict=True))}  # fmt: skip
+    return {
+        "cold_ms": statistics.median(colds),
+        "warm_ms": statistics.median(warms),
+        "cold_n": len(colds),
+        "cold_extra_ms": statistics.median(c - w for c, w in zip(colds, warms, strict=True)),
+    }
 
 
 # -- the suite ----------------------------------------------------------------------------------
@@ -409,25 +473,38 @@ def fresh_dir(src, base_id: str) -> Path:
 
 
 def _intro(plan: Plan) -> list[str]:
-    return [(f"N reprogram paths (10 labels each, distinct tensors) of one base; a closed loop of {plan.requests:,} "
-             f"single-image requests at concurrency {plan.concurrency}, after a warm-up pass that touches every "
-             f"path once; uniform or Zipf(1.1) choice of path per request. *Batcher*: the inference loop in "
-             f"process (no HTTP). *HTTP*: `zoo serve` on a loopback port, a uint8 `.npy` body per request, the "
-             f"load generator (`bench/loadgen.py`) in its own process. *mixed*: `ZOO_BATCHING=base` "
-             f"(one forward per batch mixing paths, slots); *per-path*: `ZOO_BATCHING=path` (a module and a "
-             f"batch per path). The mixed executor runs each N and traffic {plan.repeats} time{'s' if plan.repeats > 1 else ''} (uniform and Zipf "
-             f"back to back, alternating which goes first, a schedule drawn per run), the per-path one once: a "
-             f"cell is the mean ± the standard deviation of its runs. Ratios are against the same executor and "
-             f"route with one path (the mean of all its uniform and Zipf runs, which are the same workload "
-             f"there), in this run; an untimed closed loop warms each executor and route up first.\n")]
+    return [
+        (
+            f"N reprogram paths (10 labels each, distinct tensors) of one base; a closed loop of {plan.requests:,} "
+            f"single-image requests at concurrency {plan.concurrency}, after a warm-up pass that touches every "
+            f"path once; uniform or Zipf(1.1) choice of path per request. *Batcher*: the inference loop in "
+            f"process (no HTTP). *HTTP*: `zoo serve` on a loopback port, a uint8 `.npy` body per request, the "
+            f"load generator (`bench/loadgen.py`) in its own process. *mixed*: `ZOO_BATCHING=base` "
+            f"(one forward per batch mixing paths, slots); *per-path*: `ZOO_BATCHING=path` (a module and a "
+            f"batch per path). The mixed executor runs each N and traffic {plan.repeats} "
+            f"time{'s' if plan.repeats > 1 else ''} (uniform and Zipf "
+            f"back to back, alternating which goes first, a schedule drawn per run), the per-path one once: a "
+            f"cell is the mean ± the standard deviation of its runs. Ratios are against the same executor and "
+            f"route with one path (the mean of all its uniform and Zipf runs, which are the same workload "
+            f"there), in this run; an untimed closed loop warms each executor and route up first.\n"
+        )
+    ]
 
 
 def _mean_point(runs: list[Point]) -> Point:
     """The mean of several runs (one path's reference: uniform and Zipf traffic are the same
     workload there, so every run of both)."""
     r = runs[0]
-    return Point(r.base, r.executor, r.via, 1, "both", statistics.mean(p.per_second for p in runs),
-                 statistics.mean(p.p50_ms for p in runs), statistics.mean(p.p99_ms for p in runs))  # fmt: skip
+    return Point(
+        r.base,
+        r.executor,
+        r.via,
+        1,
+        "both",
+        statistics.mean(p.per_second for p in runs),
+        statistics.mean(p.p50_ms for p in runs),
+        statistics.mean(p.p99_ms for p in runs),
+    )
 
 
 def _tables(base_id: str, points: list[Point], memory: dict, plan: Plan) -> list[str]:
@@ -435,29 +512,39 @@ def _tables(base_id: str, points: list[Point], memory: dict, plan: Plan) -> list
     ref = _references(points)
     lines = [f"\n### {base_id}\n", *_ratio_table(points, ref, absolute=gpu), *zipf_against_uniform(points)]
     where = "this GPU" if gpu else "this CPU, for scale only (absolute figures belong to a GPU run)"
-    lines.append(f"\nOne path (the mean of its runs, the reference of each ratio above), {where}: " + "; ".join(
-                     f"{via} {ex}: {r.per_second:,.0f} images/s" for (via, ex), r in sorted(ref.items())) +
-                 ". The mixed executor on one path against the per-path one: " + ", ".join(
-                     f"{via} {ref[(via, 'mixed')].per_second / ref[(via, 'per-path')].per_second:.2f}x"
-                     for via in sorted({v for v, _ in ref})) + ".")  # fmt: skip
+    lines.append(
+        f"\nOne path (the mean of its runs, the reference of each ratio above), {where}: "
+        + "; ".join(f"{via} {ex}: {r.per_second:,.0f} images/s" for (via, ex), r in sorted(ref.items()))
+        + ". The mixed executor on one path against the per-path one: "
+        + ", ".join(
+            f"{via} {ref[(via, 'mixed')].per_second / ref[(via, 'per-path')].per_second:.2f}x"
+            for via in sorted({v for v, _ in ref})
+        )
+        + "."
+    )
     m, slot = memory, memory["slot"]
     held = "bytes of CUDA memory" if gpu else "bytes of RSS"
-    lines.append(f"\nMemory: a registered, idle path costs the server {m['per_path']:,.0f} bytes of RSS "
-                 f"({m['per_path'] / m['bundle']:.2f}x its {m['bundle']:,.0f}-byte bundle; {plan.imported} imported "
-                 f"over HTTP after {plan.imported // 8} uncounted ones). A resident slot: {slot['slot_bytes']:,.0f} bytes "
-                 f"allocated per slot and {slot['rss_per_slot']:,.0f} {held} per slot loaded "
-                 f"({slot['rss_per_slot'] / slot['tensor_bytes']:.2f}x the path's {slot['tensor_bytes']:,} tensor bytes; "
-                 f"{slot['n']:,} slots, capacity {slot['capacity']:,}); its decoded tensors in the host tier: "
-                 f"{slot['rss_per_host_entry']:,.0f} bytes.")  # fmt: skip
+    lines.append(
+        f"\nMemory: a registered, idle path costs the server {m['per_path']:,.0f} bytes of RSS "
+        f"({m['per_path'] / m['bundle']:.2f}x its {m['bundle']:,.0f}-byte bundle; {plan.imported} imported "
+        f"over HTTP after {plan.imported // 8} uncounted ones). A resident slot: {slot['slot_bytes']:,.0f} bytes "
+        f"allocated per slot and {slot['rss_per_slot']:,.0f} {held} per slot loaded "
+        f"({slot['rss_per_slot'] / slot['tensor_bytes']:.2f}x the path's {slot['tensor_bytes']:,} tensor bytes; "
+        f"{slot['n']:,} slots, capacity {slot['capacity']:,}); its decoded tensors in the host tier: "
+        f"{slot['rss_per_host_entry']:,.0f} bytes."
+    )
     absolute = f" (medians: cold {m['cold_ms']:.2f} ms, warm {m['warm_ms']:.2f} ms)" if gpu else ""
-    lines.append(f"\nCold / warm predict over HTTP ({m['cold_n']} paths never served before, one image each, then the "
-                 f"same image again): a cold predict costs **{m['cold_extra_ms']:.2f} ms** more than the warm one after "
-                 f"it (median of the differences; medians {m['cold_ms'] / m['warm_ms']:.2f}x){absolute}. With no batch "
-                 f"wait (`ZOO_MAX_WAIT_MS=0`, a fresh server, the same paths cold again): **{m['nowait_cold_extra_ms']:.2f} "
-                 f"ms** more (medians {m['nowait_cold_ms'] / m['nowait_warm_ms']:.2f}x). The difference is the path's load "
-                 f"(reading its row, decoding it, copying it into a slot): by default a lone request waits "
-                 f"{Settings().max_wait_ms:g} ms from its arrival for others to batch with, and a cold path's load is spent in that "
-                 f"wait.")  # fmt: skip
+    lines.append(
+        f"\nCold / warm predict over HTTP ({m['cold_n']} paths never served before, one image each, then the "
+        f"same image again): a cold predict costs **{m['cold_extra_ms']:.2f} ms** more than the warm one after "
+        f"it (median of the differences; medians {m['cold_ms'] / m['warm_ms']:.2f}x){absolute}. With no batch "
+        f"wait (`ZOO_MAX_WAIT_MS=0`, a fresh server, the same paths cold again): **{m['nowait_cold_extra_ms']:.2f} "
+        f"ms** more (medians {m['nowait_cold_ms'] / m['nowait_warm_ms']:.2f}x). The difference is the path's load "
+        f"(reading its row, decoding it, copying it into a slot): by default a lone request waits "
+        f"{Settings().max_wait_ms:g} ms from its arrival for others to batch with, and a cold path's load is spent "
+        "in that "
+        f"wait."
+    )
     return lines
 
 
@@ -465,9 +552,14 @@ def points_from_log(text: str) -> list[Point]:
     """The figures a run printed (``scale: Point(...)`` lines, wrapped or not): what is left of a run
     that a GPU lease cut short."""
     flat = " ".join(text.split())
-    fields = r"base='([^']+)', executor='([^']+)', via='([^']+)', n=(\d+), traffic='([^']+)', per_second=([\d.e+-]+), p50_ms=([\d.e+-]+), p99_ms=([\d.e+-]+)"
-    return [Point(b, e, v, int(n), t, float(r), float(p50), float(p99))
-            for b, e, v, n, t, r, p50, p99 in re.findall(r"Point\(" + fields + r"\)", flat)]  # fmt: skip
+    fields = (
+        r"base='([^']+)', executor='([^']+)', via='([^']+)', n=(\d+), traffic='([^']+)', "
+        r"per_second=([\d.e+-]+), p50_ms=([\d.e+-]+), p99_ms=([\d.e+-]+)"
+    )
+    return [
+        Point(b, e, v, int(n), t, float(r), float(p50), float(p99))
+        for b, e, v, n, t, r, p50, p99 in re.findall(r"Point\(" + fields + r"\)", flat)
+    ]
 
 
 def log_table(text: str) -> list[str]:
@@ -479,8 +571,10 @@ def log_table(text: str) -> list[str]:
 
 def _references(points: list[Point]) -> dict[tuple[str, str], Point]:
     """Per route and executor, the one-path point every ratio is taken against."""
-    return {key: _mean_point([p for p in points if p.n == 1 and (p.via, p.executor) == key])
-            for key in {(p.via, p.executor) for p in points}}  # fmt: skip
+    return {
+        key: _mean_point([p for p in points if p.n == 1 and (p.via, p.executor) == key])
+        for key in {(p.via, p.executor) for p in points}
+    }
 
 
 def _groups(points: list[Point]) -> dict[tuple[str, str, int, str], list[Point]]:
@@ -498,17 +592,21 @@ def _spread(values: list[float]) -> str:
 
 
 def _ratio_table(points: list[Point], ref: dict[tuple[str, str], Point], absolute: bool) -> list[str]:
-    lines = ["| route | executor | paths | traffic | runs | throughput / one path | p50 / one path's | p99 / one path's |"
-             + (" images/s | p50 ms | p99 ms |" if absolute else ""),
-             "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if absolute else "")]  # fmt: skip
+    lines = [
+        "| route | executor | paths | traffic | runs | throughput / one path | p50 / one path's | p99 / one path's |"
+        + (" images/s | p50 ms | p99 ms |" if absolute else ""),
+        "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if absolute else ""),
+    ]
     for (via, executor, n, traffic), group in _groups(points).items():
         r = ref[(via, executor)]
         mean = _mean_point(group)
         figures = f" {mean.per_second:,.0f} | {mean.p50_ms:.2f} | {mean.p99_ms:.2f} |" if absolute else ""
-        lines.append(f"| {via} | {executor} | {n:,} | {traffic} | {len(group)} | "
-                     f"**{_spread([p.per_second / r.per_second for p in group])}** | "
-                     f"{_spread([p.p50_ms / r.p50_ms for p in group])} | {_spread([p.p99_ms / r.p99_ms for p in group])} |"
-                     f"{figures}")  # fmt: skip
+        lines.append(
+            f"| {via} | {executor} | {n:,} | {traffic} | {len(group)} | "
+            f"**{_spread([p.per_second / r.per_second for p in group])}** | "
+            f"{_spread([p.p50_ms / r.p50_ms for p in group])} | {_spread([p.p99_ms / r.p99_ms for p in group])} |"
+            f"{figures}"
+        )
     return lines
 
 
@@ -520,7 +618,9 @@ def zipf_against_uniform(points: list[Point]) -> list[str]:
     for (via, _, n, traffic), zipf in groups.items():
         uniform = groups.get((via, "mixed", n, "uniform"))
         if traffic == "zipf" and uniform:  # a cut-short run's log: the runs both have
-            cells.append(f"{via} {n:,}: {_spread([z.per_second / u.per_second for z, u in zip(zipf, uniform)])}")
+            cells.append(
+                f"{via} {n:,}: {_spread([z.per_second / u.per_second for z, u in zip(zipf, uniform, strict=False)])}"
+            )
     return [f"\nZipf against uniform, mixed executor (throughput, paired runs): {'; '.join(cells)}."] if cells else []
 
 

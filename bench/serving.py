@@ -29,9 +29,12 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
     with TestClient(create_app(settings)) as client:
         svc = client.app.state.services
         svc.ready.wait(900)
-        spec = {"method": "reprogram", "base": "resnet-mnist",
-                "task": {"dataset": "mnist-rotated", "samples_per_label": 20 if quick else 100},
-                "train": {"epochs": 1 if quick else 3}}  # fmt: skip
+        spec = {
+            "method": "reprogram",
+            "base": "resnet-mnist",
+            "task": {"dataset": "mnist-rotated", "samples_per_label": 20 if quick else 100},
+            "train": {"epochs": 1 if quick else 3},
+        }
         job = client.post("/v1/compositions", json=spec).json()
         while (job := client.get(f"/v1/jobs/{job['id']}").json())["state"] not in ("succeeded", "failed"):
             time.sleep(0.2)
@@ -40,8 +43,10 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
         path = client.get(f"/v1/paths/{pid}").json()
         lines.append("## Path bytes / dense bytes\n")
         lines.append("| base | path bytes | dense bytes | ratio |\n|---|---:|---:|---:|")
-        lines.append(f"| resnet-mnist (demo, trained path) | {path['bytes']:,} | {path['dense_bytes']:,} | "
-                     f"{path['bytes'] / path['dense_bytes']:.2%} |")  # fmt: skip
+        lines.append(
+            f"| resnet-mnist (demo, trained path) | {path['bytes']:,} | {path['dense_bytes']:,} | "
+            f"{path['bytes'] / path['dense_bytes']:.2%} |"
+        )
         for arch, size, ch in (("tv_resnet18", 224, 3), ("tv_resnet50", 224, 3), ("tv_mobilenet_v3_small", 224, 3)):
             b, d = reprogram_bytes(arch, size, ch)
             lines.append(f"| {arch} (10-class reprogram path) | {b:,} | {d:,} | {b / d:.2%} |")
@@ -49,7 +54,9 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
         # composed forward vs base forward, same batch, same run
         _card, base = svc.zoo.bases["resnet-mnist"]
         entry = svc.cache.get(pid)
-        module = get_method("reprogram").materialize(entry.manifest.config, entry.tensors, svc.zoo.nets_of(entry.manifest))
+        module = get_method("reprogram").materialize(
+            entry.manifest.config, entry.tensors, svc.zoo.nets_of(entry.manifest)
+        )
         table = svc.cache.table(entry)
         slots = torch.tensor(table.assign([entry]) * 64, device=svc.zoo.device)  # (64,)
         x = torch.rand(64, 1, 28, 28, device=svc.zoo.device)
@@ -58,10 +65,15 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
             t_comp = timeit(lambda: module(x))
             t_bank = timeit(lambda: table.bank.forward(x, slots))
         lines.append("\n## Composed forward / base forward (batch 64)\n")
-        lines.append(f"reprogram path on resnet-mnist / resnet-mnist: **{t_comp / t_base:.2f}x** the base's time as its own "
-                     f"module, **{t_bank / t_base:.2f}x** through its base's bank (per-sample kernels from slots)")  # fmt: skip
+        lines.append(
+            f"reprogram path on resnet-mnist / resnet-mnist: **{t_comp / t_base:.2f}x** the base's time as its own "
+            f"module, **{t_bank / t_base:.2f}x** through its base's bank (per-sample kernels from slots)"
+        )
         if svc.zoo.device.startswith("cuda"):
-            lines.append(f"(absolute, {torch.cuda.get_device_name(0)}: base {1e3 * t_base:.3f} ms, composed {1e3 * t_comp:.3f} ms)")
+            lines.append(
+                f"(absolute, {torch.cuda.get_device_name(0)}: base {1e3 * t_base:.3f} ms, composed "
+                f"{1e3 * t_comp:.3f} ms)"
+            )
         lines += ["", *per_sample_kernels(svc.zoo.device)]
 
         # cold first predict vs warm predict, over several fresh materializations
@@ -77,8 +89,10 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
             warms.append(time.perf_counter() - t)
         cold, warm = statistics.median(colds), statistics.median(warms)
         lines.append("\n## Cold first predict / warm predict (one 28x28 image, over HTTP in-process)\n")
-        lines.append(f"cold / warm = **{cold / warm:.2f}x**; cold costs {1000 * (cold - warm):.1f} ms more than warm "
-                     f"(median of {len(colds)} fresh materializations)")  # fmt: skip
+        lines.append(
+            f"cold / warm = **{cold / warm:.2f}x**; cold costs {1000 * (cold - warm):.1f} ms more than warm "
+            f"(median of {len(colds)} fresh materializations)"
+        )
         if svc.zoo.device.startswith("cuda"):
             lines.append(f"(absolute: cold {1e3 * cold:.2f} ms, warm {1e3 * warm:.2f} ms)")
 
@@ -99,20 +113,27 @@ def serving_suite(say: Say, quick: bool) -> list[str]:
         mixed = asyncio.run(burst(64, many))
         svc.batcher.max_batch = settings.max_batch_size
         lines.append("\n## Batched throughput / batch-size-1 throughput\n")
-        lines.append(f"{n} concurrent single-image requests to one path: max_batch_size 64 vs 1 = "
-                     f"**{batched / unbatched:.1f}x** the throughput")  # fmt: skip
+        lines.append(
+            f"{n} concurrent single-image requests to one path: max_batch_size 64 vs 1 = "
+            f"**{batched / unbatched:.1f}x** the throughput"
+        )
         if svc.zoo.device.startswith("cuda"):
             lines.append(f"(absolute: {batched:,.0f} vs {unbatched:,.0f} images/s)")
         lines.append("\n## Mixed traffic over many paths / one path\n")
-        lines.append(f"the same {n} requests spread round-robin over {len(many)} reprogram paths of one base "
-                     f"(one forward per batch mixing the paths, max_batch_size 64): **{mixed / batched:.2f}x** the one-path throughput")  # fmt: skip
+        lines.append(
+            f"the same {n} requests spread round-robin over {len(many)} reprogram paths of one base "
+            f"(one forward per batch mixing the paths, max_batch_size 64): **{mixed / batched:.2f}x** the one-path "
+            "throughput"
+        )
         tensors = statistics.median(svc.cache.get(p).nbytes for p in many)
         slot = table.bank.nbytes() / table.bank.capacity
         lines.append("\n## Memory per added path\n")
-        lines.append(f"a reprogram path on resnet-mnist holds its decoded tensors in the host tier ({tensors:,.0f} bytes, "
-                     f"{tensors / path['dense_bytes']:.2%} of its dense bytes) and, while it is served, one slot of its "
-                     f"base's bank ({slot:,.0f} bytes); the base's weights are shared, never copied. `zoo bench --suite "
-                     f"scale` measures both as RSS.")  # fmt: skip
+        lines.append(
+            f"a reprogram path on resnet-mnist holds its decoded tensors in the host tier ({tensors:,.0f} bytes, "
+            f"{tensors / path['dense_bytes']:.2%} of its dense bytes) and, while it is served, one slot of its "
+            f"base's bank ({slot:,.0f} bytes); the base's weights are shared, never copied. `zoo bench --suite "
+            f"scale` measures both as RSS."
+        )
     return lines
 
 
@@ -121,9 +142,14 @@ def per_sample_kernels(device: str) -> list[str]:
     (1, B*C, H, W) against ``torch.func.vmap`` of the per-sample conv, at two layer shapes."""
     import torch.nn.functional as F
 
-    lines = [("Per-sample CLR kernels, one layer, batch 64: `torch.func.vmap` of the per-sample depthwise conv "
-             "/ one grouped convolution with B*C groups (what the bank runs):\n"),
-             "| layer (C x H x W) | vmap / grouped |", "|---|---:|"]  # fmt: skip
+    lines = [
+        (
+            "Per-sample CLR kernels, one layer, batch 64: `torch.func.vmap` of the per-sample depthwise conv "
+            "/ one grouped convolution with B*C groups (what the bank runs):\n"
+        ),
+        "| layer (C x H x W) | vmap / grouped |",
+        "|---|---:|",
+    ]
     for c, size in ((32, 14), (64, 32)):  # resnet-mnist's first stage; resnet18's stem at 64 x 64
         h = torch.randn(64, c, size, size, device=device)  # (B, C, H, W)
         w = torch.randn(64, c, 1, 3, 3, device=device)  # (B, C, 1, k, k)

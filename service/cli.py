@@ -19,16 +19,27 @@ from rich.table import Column, Table
 
 from service.client import ApiError, ZooClient
 
-app = typer.Typer(help="zoo: compose new models out of a zoo of frozen networks", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)  # fmt: skip
-models_app = typer.Typer(help="The zoo's base networks: list, show, add, pull from another server.", no_args_is_help=True)
+app = typer.Typer(
+    help="zoo: compose new models out of a zoo of frozen networks",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+models_app = typer.Typer(
+    help="The zoo's base networks: list, show, add, pull from another server.", no_args_is_help=True
+)
 datasets_app = typer.Typer(help="Datasets to compose on: list, add (ImageFolder zip or .npz).", no_args_is_help=True)
 paths_app = typer.Typer(help="Composed paths: list, show, delete.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Composition jobs: list, show, watch, cancel, delete.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Portable .zoopath bundles: export, import, standalone networks.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (an admin's key needed): create, list, revoke.", no_args_is_help=True)
-for name, sub in (("models", models_app), ("datasets", datasets_app), ("paths", paths_app), ("jobs", jobs_app),
-                  ("bundle", bundle_app), ("keys", keys_app)):  # fmt: skip
+for name, sub in (
+    ("models", models_app),
+    ("datasets", datasets_app),
+    ("paths", paths_app),
+    ("jobs", jobs_app),
+    ("bundle", bundle_app),
+    ("keys", keys_app),
+):
     app.add_typer(sub, name=name)
 console = Console()
 err_console = Console(stderr=True)
@@ -54,8 +65,10 @@ def command(typer_app: typer.Typer, name: str | None = None) -> Callable[[Callab
             try:
                 return fn(*args, **kwargs)
             except ApiError as e:
-                console.print(f"[red]error{f' {e.status}' if e.status else ''}[/red]: {e.problem.get('detail', e.problem)}",
-                              soft_wrap=True)  # fmt: skip
+                console.print(
+                    f"[red]error{f' {e.status}' if e.status else ''}[/red]: {e.problem.get('detail', e.problem)}",
+                    soft_wrap=True,
+                )
                 raise typer.Exit(1) from None
             except (LocalMistake, OSError) as e:
                 console.print(f"[red]error[/red]: {_local_reason(e)}", soft_wrap=True)
@@ -111,7 +124,12 @@ def _show(items: list[dict], cols: list[str], as_json: bool, fmt: Callable[[dict
     rows = [fmt(i) for i in items]
     t = Table()
     for c in cols:  # ids are what users copy: never cut
-        t.add_column(c, no_wrap=c == "id", overflow="fold", min_width=max((len(str(r[c])) for r in rows), default=2) if c == "id" else None)  # fmt: skip
+        t.add_column(
+            c,
+            no_wrap=c == "id",
+            overflow="fold",
+            min_width=max((len(str(r[c])) for r in rows), default=2) if c == "id" else None,
+        )
     for r in rows:
         t.add_row(*[_cell(r.get(c, "")) for c in cols])
     console.print(t)
@@ -126,8 +144,10 @@ def serve(
     host: Annotated[str, typer.Option(help="The address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The port to listen on.")] = 8000,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
-    workers: Annotated[int | None, typer.Option(help="HTTP worker processes (ZOO_HTTP_WORKERS; default: cores; "
-                                                     "0: one process for everything)")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="HTTP worker processes (ZOO_HTTP_WORKERS; default: cores; 0: one process for everything)"),
+    ] = None,
 ) -> None:
     """Run the API (embedded mode: SQLite, HTTP workers in front of one inference process, jobs in
     child processes). Stops everything it started on Ctrl-C or SIGTERM."""
@@ -189,8 +209,12 @@ def worker() -> None:
 @command(models_app, "list")
 def models_list(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
     """The bases every path is composed from."""
-    _show(_client(url).models(), ["id", "arch", "num_params", "bytes", "labels", "accuracy"], as_json,
-          lambda m: {**m, "bytes": _size(m["bytes"]), "accuracy": _percent(m["metrics"].get("accuracy"))})
+    _show(
+        _client(url).models(),
+        ["id", "arch", "num_params", "bytes", "labels", "accuracy"],
+        as_json,
+        lambda m: {**m, "bytes": _size(m["bytes"]), "accuracy": _percent(m["metrics"].get("accuracy"))},
+    )
 
 
 @command(models_app, "show")
@@ -200,9 +224,11 @@ def models_show(model_id: Annotated[str, typer.Argument(help="A base's id.")], u
 
 
 @command(models_app, "add")
-def models_add(card: Annotated[Path, typer.Argument(help="The card: a JSON file (id, arch, labels, input, ...).")],
-               weights: Annotated[Path, typer.Argument(help="The weights: .safetensors or .pth (weights only).")],
-               url: Url = DEFAULT_URL) -> None:  # fmt: skip
+def models_add(
+    card: Annotated[Path, typer.Argument(help="The card: a JSON file (id, arch, labels, input, ...).")],
+    weights: Annotated[Path, typer.Argument(help="The weights: .safetensors or .pth (weights only).")],
+    url: Url = DEFAULT_URL,
+) -> None:
     """Register a base from a card JSON file and a weights file."""
     body = _read_json(card)
     with weights.open("rb") as f:  # streamed
@@ -211,11 +237,14 @@ def models_add(card: Annotated[Path, typer.Argument(help="The card: a JSON file 
 
 
 @command(models_app, "pull")
-def models_pull(source: Annotated[str, typer.Argument(help="The other server's URL.")],
-                model_ids: Annotated[list[str] | None, typer.Argument(help="Bases to copy (default: all).")] = None,
-                from_key: Annotated[str | None, typer.Option(envvar="ZOO_FROM_API_KEY",
-                                                             help="A key of the other server (default: none).")] = None,
-                url: Url = DEFAULT_URL) -> None:  # fmt: skip
+def models_pull(
+    source: Annotated[str, typer.Argument(help="The other server's URL.")],
+    model_ids: Annotated[list[str] | None, typer.Argument(help="Bases to copy (default: all).")] = None,
+    from_key: Annotated[
+        str | None, typer.Option(envvar="ZOO_FROM_API_KEY", help="A key of the other server (default: none).")
+    ] = None,
+    url: Url = DEFAULT_URL,
+) -> None:
     """Copy bases from another server's zoo into this one (the weights travel; digests are checked;
     this server's key must be an admin's)."""
     src, dst = ZooClient(source, api_key=from_key or ""), _client(url)  # this server's key never goes to the other
@@ -234,17 +263,20 @@ def datasets_list(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
 
 
 @command(datasets_app, "add")
-def datasets_add(file: Annotated[Path, typer.Argument(help="An ImageFolder zip, or an .npz with x, y, labels.")],
-                 name: Annotated[str | None, typer.Option(help="A name to show in lists.")] = None,
-                 url: Url = DEFAULT_URL) -> None:  # fmt: skip
+def datasets_add(
+    file: Annotated[Path, typer.Argument(help="An ImageFolder zip, or an .npz with x, y, labels.")],
+    name: Annotated[str | None, typer.Option(help="A name to show in lists.")] = None,
+    url: Url = DEFAULT_URL,
+) -> None:
     """Upload a dataset; its id goes into a task spec's "dataset"."""
     out = _client(url).add_dataset(file, name)
     console.print(f"added dataset {out['id']}: {out['num_samples']:,} samples, labels {_cell(out['labels'])}")
 
 
 @command(app)
-def compose(spec: Annotated[Path, typer.Argument(help="The task spec, a JSON file (see README).")],
-            url: Url = DEFAULT_URL) -> None:  # fmt: skip
+def compose(
+    spec: Annotated[Path, typer.Argument(help="The task spec, a JSON file (see README).")], url: Url = DEFAULT_URL
+) -> None:
     """Submit a task spec and follow the job until it ends; prints the new path's id."""
     client = _client(url)
     job = client.compose(_read_json(spec))
@@ -253,10 +285,12 @@ def compose(spec: Annotated[Path, typer.Argument(help="The task spec, a JSON fil
 
 
 @command(app)
-def predict(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
-            images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.")],
-            top_k: Annotated[int, typer.Option(help="How many labels to show per image.")] = 1,
-            url: Url = DEFAULT_URL) -> None:  # fmt: skip
+def predict(
+    path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.")],
+    top_k: Annotated[int, typer.Option(help="How many labels to show per image.")] = 1,
+    url: Url = DEFAULT_URL,
+) -> None:
     """Predict images with a path."""
     out = _client(url).predict_images(path_id, images, top_k)
     for img, p in zip(images, out["predictions"], strict=True):
@@ -267,9 +301,17 @@ def predict(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")]
 @command(paths_app, "list")
 def paths_list(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
     """Every path this server holds."""
-    _show(_client(url).paths(), ["id", "method", "bases", "labels", "bytes", "accuracy"], as_json,
-          lambda p: {**p, "bases": [b["id"] for b in p["bases"]], "bytes": _size(p["bytes"]),
-                     "accuracy": _percent(p["metrics"].get("accuracy"))})  # fmt: skip
+    _show(
+        _client(url).paths(),
+        ["id", "method", "bases", "labels", "bytes", "accuracy"],
+        as_json,
+        lambda p: {
+            **p,
+            "bases": [b["id"] for b in p["bases"]],
+            "bytes": _size(p["bytes"]),
+            "accuracy": _percent(p["metrics"].get("accuracy")),
+        },
+    )
 
 
 @command(paths_app, "show")
@@ -286,10 +328,12 @@ def paths_delete(path_id: Annotated[str, typer.Argument(help="A path's id (p_...
 
 
 @command(paths_app, "share")
-def paths_share(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
-                tenant: Annotated[list[str] | None, typer.Option(help="A tenant that may read and predict it (repeat).")] = None,
-                public: Annotated[bool, typer.Option(help="Every tenant may read and predict it.")] = False,
-                url: Url = DEFAULT_URL) -> None:  # fmt: skip
+def paths_share(
+    path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
+    tenant: Annotated[list[str] | None, typer.Option(help="A tenant that may read and predict it (repeat).")] = None,
+    public: Annotated[bool, typer.Option(help="Every tenant may read and predict it.")] = False,
+    url: Url = DEFAULT_URL,
+) -> None:
     """Set who besides its owners may use a path (replaces what was set; no options: only the owners)."""
     out = _client(url).share_path(path_id, public, tenant or [])
     readers = (["every tenant"] if out["public"] else []) + out["tenants"]
@@ -297,20 +341,30 @@ def paths_share(path_id: Annotated[str, typer.Argument(help="A path's id (p_...)
 
 
 @command(keys_app, "create")
-def keys_create(tenant: Annotated[str, typer.Option(help="The tenant the key acts for.")],
-                admin: Annotated[bool, typer.Option(help="An admin's key (registers bases, manages keys).")] = False,
-                expires_in_days: Annotated[int | None, typer.Option(help="It stops working after this many days.")] = None,
-                offline: Annotated[bool, typer.Option(help="Write it straight into the database of ZOO_DATABASE_URL "
-                                                           "(or ZOO_DATA_DIR's): no server or key needed, to get back "
-                                                           "in when every admin key is lost.")] = False,
-                url: Url = DEFAULT_URL) -> None:  # fmt: skip
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the key acts for.")],
+    admin: Annotated[bool, typer.Option(help="An admin's key (registers bases, manages keys).")] = False,
+    expires_in_days: Annotated[int | None, typer.Option(help="It stops working after this many days.")] = None,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            help="Write it straight into the database of ZOO_DATABASE_URL "
+            "(or ZOO_DATA_DIR's): no server or key needed, to get back "
+            "in when every admin key is lost."
+        ),
+    ] = False,
+    url: Url = DEFAULT_URL,
+) -> None:
     """Create a key and print it: the only time it is shown."""
     if offline:
         out = _offline_key(tenant, admin, expires_in_days)
     else:
         out = _client(url).create_key(tenant, admin, expires_in_days)
     typer.echo(out["key"])  # plain, for `$(zoo keys create ...)`
-    err_console.print(f"key {out['id']} for tenant {out['tenant']}{' (admin)' if out['admin'] else ''}: keep it, it is not shown again")
+    err_console.print(
+        f"key {out['id']} for tenant {out['tenant']}{' (admin)' if out['admin'] else ''}: keep it, it is not shown "
+        "again"
+    )
 
 
 def _offline_key(tenant: str, admin: bool, expires_in_days: int | None) -> dict:
@@ -347,12 +401,20 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="A key's id (key_...)
 
 
 @command(jobs_app, "list")
-def jobs_list(state: Annotated[str | None, typer.Option(help="Only jobs in this state (queued, running, "
-                                                             "succeeded, failed, cancelled).")] = None,
-              url: Url = DEFAULT_URL, as_json: Json = False) -> None:  # fmt: skip
+def jobs_list(
+    state: Annotated[
+        str | None, typer.Option(help="Only jobs in this state (queued, running, succeeded, failed, cancelled).")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    as_json: Json = False,
+) -> None:
     """Composition jobs, newest last."""
-    _show(_client(url).jobs(state), ["id", "method", "state", "progress", "path_id", "created_at"], as_json,
-          lambda j: {**j, "progress": _percent(j["progress"].get("fraction")), "path_id": j["path_id"] or "-"})
+    _show(
+        _client(url).jobs(state),
+        ["id", "method", "state", "progress", "path_id", "created_at"],
+        as_json,
+        lambda j: {**j, "progress": _percent(j["progress"].get("fraction")), "path_id": j["path_id"] or "-"},
+    )
 
 
 @command(jobs_app, "show")
@@ -383,9 +445,14 @@ def jobs_delete(job_id: Annotated[str, typer.Argument(help="A job's id.")], url:
 
 def _follow(client: ZooClient, job_id: str) -> None:
     """Progress (step, percentage, elapsed, ETA) until the job ends; exit 1 unless it succeeded."""
-    columns = [TextColumn("{task.percentage:>3.0f}%"), BarColumn(bar_width=20), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn(),
-               TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1))]  # fmt: skip
+    columns = [
+        TextColumn("{task.percentage:>3.0f}%"),
+        BarColumn(bar_width=20),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+    ]
     with Progress(*columns, console=console, expand=True) as bar:
         task = bar.add_task(job_id, total=1.0, info="queued")
         for event in client.events(job_id):
@@ -401,17 +468,21 @@ def _follow(client: ZooClient, job_id: str) -> None:
 
 
 @command(bundle_app, "export")
-def bundle_export(path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
-                  out: Annotated[Path | None, typer.Option(help="Where to write (default: ID.zoopath).")] = None,
-                  url: Url = DEFAULT_URL) -> None:  # fmt: skip
+def bundle_export(
+    path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
+    out: Annotated[Path | None, typer.Option(help="Where to write (default: ID.zoopath).")] = None,
+    url: Url = DEFAULT_URL,
+) -> None:
     """Write a path's portable bundle; any server with the same bases imports and serves it identically."""
     _write(out or Path(f"{path_id}.zoopath"), _client(url).bundle(path_id))
 
 
 @command(bundle_app, "network")
-def bundle_network(path_id: Annotated[str, typer.Argument(help="A resample path's id (p_...).")],
-                   out: Annotated[Path | None, typer.Option(help="Where to write (default: ID.safetensors).")] = None,
-                   url: Url = DEFAULT_URL) -> None:  # fmt: skip
+def bundle_network(
+    path_id: Annotated[str, typer.Argument(help="A resample path's id (p_...).")],
+    out: Annotated[Path | None, typer.Option(help="Where to write (default: ID.safetensors).")] = None,
+    url: Url = DEFAULT_URL,
+) -> None:
     """Write a resample path as a standalone network (safetensors + card), for devices without the service.
     Load it with zoo_store.archs.standalone.load_network. Other methods' paths are not networks (409)."""
     _write(out or Path(f"{path_id}.safetensors"), _client(url).network(path_id))
@@ -428,8 +499,10 @@ def bundle_import(file: Annotated[Path, typer.Argument(help="A .zoopath file.")]
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="The doc whose generated block is rewritten.")] = Path("docs/benchmarks.md"),
-    suite: Annotated[str, typer.Option(help="serving | scale | http | edge | reprogram | resample | clone | "
-                                            "reassemble | cluster | all")] = "serving",
+    suite: Annotated[
+        str,
+        typer.Option(help="serving | scale | http | edge | reprogram | resample | clone | reassemble | cluster | all"),
+    ] = "serving",
     quick: Annotated[bool, typer.Option(help="A smaller run (for a first look; not for docs).")] = False,
 ) -> None:
     """Measure ratios side by side in one run and write them to docs/ with the machine (from a

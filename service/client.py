@@ -26,7 +26,9 @@ def _reachable(base_url: object) -> Iterator[None]:
     try:
         yield
     except httpx.TransportError as e:
-        raise ApiError(0, {"title": "Unreachable", "detail": f"cannot reach {base_url}: {e or type(e).__name__}"}) from e
+        raise ApiError(
+            0, {"title": "Unreachable", "detail": f"cannot reach {base_url}: {e or type(e).__name__}"}
+        ) from e
 
 
 def default_key(base_url: str) -> str | None:
@@ -42,8 +44,14 @@ def default_key(base_url: str) -> str | None:
 
 
 class ZooClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 transport: httpx.BaseTransport | None = None, timeout: float = 60.0):  # fmt: skip
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 60.0,
+    ):
         """``api_key``: the bearer key of every request (default: ``default_key``)."""
         key = api_key if api_key is not None else default_key(base_url)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -82,7 +90,9 @@ class ZooClient:
     def model_weights(self, model_id: str) -> bytes:
         return self._call("GET", f"/v1/zoo/models/{model_id}/weights").content
 
-    def add_model(self, card: dict, weights: bytes | BinaryIO, filename: str = "weights.safetensors") -> tuple[dict, bool]:
+    def add_model(
+        self, card: dict, weights: bytes | BinaryIO, filename: str = "weights.safetensors"
+    ) -> tuple[dict, bool]:
         """The base, and whether the server created it (False: it held these exact weights already).
         ``weights`` may be an open file: it is streamed, not read into memory (a real network is GBs)."""
         files = {"weights": (filename, weights, "application/octet-stream")}
@@ -139,7 +149,9 @@ class ZooClient:
         self._call("DELETE", f"/v1/paths/{path_id}")
 
     def share_path(self, path_id: str, public: bool = False, tenants: list[str] | None = None) -> dict:
-        return self._call("PUT", f"/v1/paths/{path_id}/sharing", json={"public": public, "tenants": tenants or []}).json()
+        return self._call(
+            "PUT", f"/v1/paths/{path_id}/sharing", json={"public": public, "tenants": tenants or []}
+        ).json()
 
     # keys (admins)
     def create_key(self, tenant: str, admin: bool = False, expires_in_days: int | None = None) -> dict:

@@ -132,7 +132,9 @@ class Front:
             self.port = s.getsockname()[1]
         env = {**os.environ, "ZOO_IPC_DIR": str(ipc), "ZOO_DEMO_ZOO": "false"}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.serve.front", str(self.port), str(workers)], env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.serve.front", str(self.port), str(workers)], env=env
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:

@@ -45,8 +45,12 @@ def create_app(
         finally:
             services.stop()
 
-    app = FastAPIOffline(title="zoo", version="0.1.0", lifespan=lifespan,  # /docs, /redoc: packaged files, no CDN
-                         description="Compose new models out of a zoo of frozen networks; serve them lazily.")  # fmt: skip
+    app = FastAPIOffline(
+        title="zoo",
+        version="0.1.0",
+        lifespan=lifespan,  # /docs, /redoc: packaged files, no CDN
+        description="Compose new models out of a zoo of frozen networks; serve them lazily.",
+    )
     app.state.services = services
     install_error_handlers(app, below=BELOW, known=known)
     app.add_middleware(BodyLimit, settings=settings)

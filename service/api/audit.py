@@ -30,10 +30,21 @@ class AuditLog:
     def __init__(self, db: Database):
         self.db = db
 
-    def write(self, key_id: str | None, tenant: str | None, method: str, route: str, target: str | None, status: int) -> None:
+    def write(
+        self, key_id: str | None, tenant: str | None, method: str, route: str, target: str | None, status: int
+    ) -> None:
         with self.db.session() as s:
-            s.add(AuditRow(id=new_id("au"), key_id=key_id, tenant=tenant, method=method, route=route[:200],
-                           target=None if target is None else target[:200], status=status))  # fmt: skip
+            s.add(
+                AuditRow(
+                    id=new_id("au"),
+                    key_id=key_id,
+                    tenant=tenant,
+                    method=method,
+                    route=route[:200],
+                    target=None if target is None else target[:200],
+                    status=status,
+                )
+            )
 
     def list(self, cursor: str | None, limit: int, tenant: str | None = None) -> tuple[list[AuditRow], str | None]:
         with self.db.session() as s:
@@ -65,11 +76,18 @@ class AuditMiddleware:
                 state, in_path = scope.get("state", {}), (scope.get("path_params") or {}).values()
                 caller = state.get("caller")
                 target = state.get("audit_target") or next(iter(in_path), None)
-                row = (getattr(caller, "key_id", None), getattr(caller, "tenant", None), scope["method"], route, target,
-                       status)  # fmt: skip
+                row = (
+                    getattr(caller, "key_id", None),
+                    getattr(caller, "tenant", None),
+                    scope["method"],
+                    route,
+                    target,
+                    status,
+                )
                 try:
                     await run_in_threadpool(self.log.write, *row)
                 except ZooError as e:  # the database away (its Database logs that once), or its disk full
                     if status < 500:  # the call did something: this line is its record (a 5xx changed nothing)
-                        log.warning("audit row not written (%s): key %s, tenant %s, %s %s, target %s, status %s",
-                                    e.title, *row)  # fmt: skip
+                        log.warning(
+                            "audit row not written (%s): key %s, tenant %s, %s %s, target %s, status %s", e.title, *row
+                        )

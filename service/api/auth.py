@@ -41,8 +41,12 @@ class Auth:
             raise Unauthorized("this route needs an API key: Authorization: Bearer <key> (zoo keys create)")
         if not well_formed(key):  # refused without a lookup, and never cached: no one fills the cache with junk
             raise Unauthorized("the API key is unknown, revoked or expired")
-        found = self._seen.get_or(hashlib.sha256(key.encode()).digest(), lambda: self._lookup(key),
-                                  stale_s=self.stale_s, stale_on=(Unavailable,))  # fmt: skip
+        found = self._seen.get_or(
+            hashlib.sha256(key.encode()).digest(),
+            lambda: self._lookup(key),
+            stale_s=self.stale_s,
+            stale_on=(Unavailable,),
+        )
         if found is None or (found[1] is not None and found[1] <= utcnow()):
             raise Unauthorized("the API key is unknown, revoked or expired")
         return found[0]
@@ -72,7 +76,9 @@ class Auth:
         return path
 
 
-bearer = HTTPBearer(auto_error=False, description="An API key (`zoo keys create`; the first admin key: ZOO_DATA_DIR/admin.key)")
+bearer = HTTPBearer(
+    auto_error=False, description="An API key (`zoo keys create`; the first admin key: ZOO_DATA_DIR/admin.key)"
+)
 
 
 def get_caller(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
@@ -91,4 +97,3 @@ def get_admin(caller: CallerDep) -> Caller:
 
 
 AdminDep = Annotated[Caller, Depends(get_admin)]
-

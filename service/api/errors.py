@@ -35,7 +35,9 @@ def is_oip(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-def answer(request: Request, status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def answer(
+    request: Request, status: int, title: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     if is_oip(request.url.path):
         return JSONResponse({"error": detail}, status_code=status, headers=headers)
     return problem(status, title, detail, headers)
@@ -57,7 +59,9 @@ def _allowed(request: Request) -> str:
 Known = Callable[[BaseException], ZooError | None]
 
 
-def install_error_handlers(app: FastAPI, below: tuple[type[BaseException], ...] = (), known: Known | None = None) -> None:
+def install_error_handlers(
+    app: FastAPI, below: tuple[type[BaseException], ...] = (), known: Known | None = None
+) -> None:
     """The handlers, and for the app that reaches a database, Redis and a disk, the classes of
     exception from ``below`` there and what each ``known`` condition is as a ``ZooError``
     (``service.api.faults``); the HTTP workers' app has none of those, and none of their drivers."""

@@ -41,12 +41,20 @@ def image_bytes_input(data: bytes, spec: InputSpec, settings: Settings, name: st
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if max(img.size) > settings.max_image_side:
-                raise PayloadTooLarge(f"{name} is {img.size[0]}x{img.size[1]}; the limit is {settings.max_image_side} a side")
+                raise PayloadTooLarge(
+                    f"{name} is {img.size[0]}x{img.size[1]}; the limit is {settings.max_image_side} a side"
+                )
             if img.format not in ("PNG", "JPEG"):
                 raise InvalidInput(f"{name} is {img.format}; send PNG or JPEG")
             img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as e:  # fmt: skip
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as e:
         raise InvalidInput(f"{name} is not a decodable PNG or JPEG image: {e}") from e
     img = img.convert("L" if spec.channels == 1 else "RGB").resize((spec.size, spec.size), Image.BILINEAR)
     t = np.frombuffer(img.tobytes(), dtype=np.uint8).astype(np.float32) / 255.0
@@ -78,8 +86,10 @@ def npy_input(data: bytes, spec: InputSpec, settings: Settings) -> np.ndarray:
 def npy_array(data: bytes) -> np.ndarray:
     """The array of a ``.npy`` body, read without pickle (nothing checked against a path yet)."""
     if not data.startswith(NPY_MAGIC):
-        raise InvalidInput("application/octet-stream predict body must be one .npy array (it starts with "
-                           f"{NPY_MAGIC!r}); got {data[:8]!r}")  # fmt: skip
+        raise InvalidInput(
+            "application/octet-stream predict body must be one .npy array (it starts with "
+            f"{NPY_MAGIC!r}); got {data[:8]!r}"
+        )
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -124,8 +134,10 @@ async def read_inputs(request: Request, spec: InputSpec, settings: Settings) -> 
         if not files:
             raise InvalidInput("multipart predict needs at least one image file")
         top_k = _int_field(form.get("top_k"), 1)
-        xs = [image_bytes_input(await f.read(settings.max_image_bytes + 1), spec, settings, f"file {f.filename!r}")
-              for f in files]  # fmt: skip
+        xs = [
+            image_bytes_input(await f.read(settings.max_image_bytes + 1), spec, settings, f"file {f.filename!r}")
+            for f in files
+        ]
     else:
         try:
             req = PredictRequest.model_validate_json(await request.body())
@@ -133,7 +145,9 @@ async def read_inputs(request: Request, spec: InputSpec, settings: Settings) -> 
             raise InvalidInput(f"predict body: {_short(e)}") from e
         top_k = req.top_k
         xs = [
-            tensor_input(item.tensor, spec, i) if item.tensor is not None else image_input(item.image or "", spec, settings, i)
+            tensor_input(item.tensor, spec, i)
+            if item.tensor is not None
+            else image_input(item.image or "", spec, settings, i)
             for i, item in enumerate(req.inputs)
         ]
     if len(xs) > settings.max_predict_inputs:

@@ -26,8 +26,9 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         size = dict(scope["headers"]).get(b"content-length")
         if size is not None and (not size.isdigit() or int(size) > limit):
-            return await _too_large(send, f"request body is {size.decode(errors='replace')} bytes; the limit is {limit}",
-                                    scope["path"])  # fmt: skip
+            return await _too_large(
+                send, f"request body is {size.decode(errors='replace')} bytes; the limit is {limit}", scope["path"]
+            )
         seen, exceeded, started = 0, False, False
 
         async def limited_receive() -> Message:

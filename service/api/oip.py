@@ -35,15 +35,19 @@ class InferRequest:
 
 def model_metadata(path_id: str, m: Manifest) -> dict[str, Any]:
     c, s = m.input.channels, m.input.size
-    return {"name": path_id, "versions": ["1"], "platform": f"zoo_{m.method}",
-            "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, s, s]}],
-            "outputs": [{"name": PROBS, "datatype": "FP32", "shape": [-1, len(m.labels)]},
-                        {"name": LABEL, "datatype": "BYTES", "shape": [-1]}]}  # fmt: skip
+    return {
+        "name": path_id,
+        "versions": ["1"],
+        "platform": f"zoo_{m.method}",
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, s, s]}],
+        "outputs": [
+            {"name": PROBS, "datatype": "FP32", "shape": [-1, len(m.labels)]},
+            {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
+        ],
+    }
 
 
-def parse_infer(
-    body: bytes, header_length: str | None, spec: InputSpec | None, max_inputs: int
-) -> InferRequest:
+def parse_infer(body: bytes, header_length: str | None, spec: InputSpec | None, max_inputs: int) -> InferRequest:
     """An infer request (JSON, or JSON and binary tensors) as the path's input in [0, 1]. With
     ``spec`` None the input's C, H and W are left to whoever knows the path (``check_input_shape``)."""
     split = _header_length(header_length, len(body))
@@ -107,7 +111,7 @@ def _input_tensor(tensor: dict, binary: memoryview, spec: InputSpec | None, max_
     name = tensor.get("datatype")
     dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise InvalidInput(f'input datatype {tensor.get("datatype")!r}; send one of {sorted(DTYPES)}')
+        raise InvalidInput(f"input datatype {tensor.get('datatype')!r}; send one of {sorted(DTYPES)}")
     shape = tensor.get("shape")
     check_input_shape(shape, spec)
     if not 1 <= shape[0] <= max_inputs:
@@ -118,8 +122,10 @@ def _input_tensor(tensor: dict, binary: memoryview, spec: InputSpec | None, max_
         raise InvalidInput(f"{len(binary)} bytes follow the header but the input declares no binary_data_size")
     if size is not None:
         if size != count * dtype.itemsize or len(binary) != size:
-            raise InvalidInput(f"binary_data_size is {size} and {len(binary)} bytes follow the header; "
-                               f"shape {shape} of {tensor['datatype']} needs {count * dtype.itemsize}")  # fmt: skip
+            raise InvalidInput(
+                f"binary_data_size is {size} and {len(binary)} bytes follow the header; "
+                f"shape {shape} of {tensor['datatype']} needs {count * dtype.itemsize}"
+            )
         arr = np.frombuffer(binary, dtype=dtype)
     else:
         data = tensor.get("data")
@@ -132,7 +138,9 @@ def _input_tensor(tensor: dict, binary: memoryview, spec: InputSpec | None, max_
         values = raw.astype(np.float64).reshape(-1)
         if values.size != count:
             raise InvalidInput(f"input data holds {values.size} values; shape {shape} needs {count}")
-        if dtype == DTYPES["UINT8"] and not (np.all(values == np.round(values)) and np.all((values >= 0) & (values <= 255))):
+        if dtype == DTYPES["UINT8"] and not (
+            np.all(values == np.round(values)) and np.all((values >= 0) & (values <= 255))
+        ):
             raise InvalidInput("UINT8 input values must be integers in [0, 255]")
         arr = values.astype(dtype)
     t = arr.astype(np.float32).reshape(shape)  # (N, C, H, W)
@@ -143,9 +151,7 @@ def _input_tensor(tensor: dict, binary: memoryview, spec: InputSpec | None, max_
     return t
 
 
-def infer_response(
-    path_id: str, labels: tuple[str, ...], probs: np.ndarray, req: InferRequest
-) -> tuple[bytes, dict]:
+def infer_response(path_id: str, labels: tuple[str, ...], probs: np.ndarray, req: InferRequest) -> tuple[bytes, dict]:
     """The response body and its headers: JSON, or a JSON header and binary tensors."""
     probs = probs[:, : len(labels)].astype(np.float32, copy=False)  # (N, K)
     top = [labels[i] for i in probs.argmax(1).tolist()]

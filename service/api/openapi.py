@@ -32,15 +32,28 @@ RATE_LIMITED: dict[int | str, dict[str, Any]] = {429: {"description": "Too many 
 PROBLEM = {
     "type": "object",
     "required": ["type", "title", "status", "detail"],
-    "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-                   "detail": {"type": "string"}},
-}  # fmt: skip
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+    },
+}
 OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
-REASONS = {400: "Bad request", 401: "No API key, or one unknown, revoked or expired", 403: "Forbidden",
-           404: "Not found", 409: "Conflict", 413: "Payload too large", 422: "Invalid input",
-           429: "Over the tenant's rate limit: see Retry-After",
-           503: "Unavailable (loading, the database or the job queue unreachable for a moment, or too many inputs "
-                "waiting: see Retry-After)", 507: "Insufficient storage: the server's disk is full, nothing was stored"}  # fmt: skip
+REASONS = {
+    400: "Bad request",
+    401: "No API key, or one unknown, revoked or expired",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict",
+    413: "Payload too large",
+    422: "Invalid input",
+    429: "Over the tenant's rate limit: see Retry-After",
+    503: "Unavailable (loading, the database or the job queue unreachable for a moment, or too many inputs "
+    "waiting: see Retry-After)",
+    507: "Insufficient storage: the server's disk is full, nothing was stored",
+}
+
 
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
@@ -104,12 +117,18 @@ def _composition_union(doc: dict) -> None:
     for name in method_names():
         required = get_method(name).required
         props = {k: _not_null(v) if k in required else v for k, v in spec["properties"].items()}
-        member = {**spec, "title": f"{name} spec", "properties": {**props, "method": {"const": name}},
-                  "required": ["method", *required]}  # fmt: skip
+        member = {
+            **spec,
+            "title": f"{name} spec",
+            "properties": {**props, "method": {"const": name}},
+            "required": ["method", *required],
+        }
         schemas[f"{name.capitalize()}Spec"] = member
         mapping[name] = f"#/components/schemas/{name.capitalize()}Spec"
-    schemas["CompositionSpec"] = {"oneOf": [{"$ref": ref} for ref in mapping.values()],
-                                  "discriminator": {"propertyName": "method", "mapping": mapping}}  # fmt: skip
+    schemas["CompositionSpec"] = {
+        "oneOf": [{"$ref": ref} for ref in mapping.values()],
+        "discriminator": {"propertyName": "method", "mapping": mapping},
+    }
 
 
 def _not_null(prop: dict) -> dict:

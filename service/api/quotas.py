@@ -37,15 +37,23 @@ class Limits(BaseModel):
     max_paths: Count | None = Field(None, description="paths it owns (and jobs that will make one)")
     max_path_bytes: Count | None = Field(None, description="bytes of the paths it owns")
     max_dataset_bytes: Count | None = Field(None, description="bytes of the datasets it uploaded")
-    predict_rate: Annotated[float, Field(ge=0.01, le=1e6)] | None = Field(None, description="predict requests per second")
+    predict_rate: Annotated[float, Field(ge=0.01, le=1e6)] | None = Field(
+        None, description="predict requests per second"
+    )
     predict_burst: Annotated[int, Field(ge=1, le=10**6), WHOLE] | None = Field(
-        None, description="predict requests at once (the token bucket's size)")
+        None, description="predict requests at once (the token bucket's size)"
+    )
 
     @classmethod
     def defaults(cls, s: Settings) -> Limits:
-        return cls(max_jobs=s.tenant_max_jobs, max_paths=s.tenant_max_paths, max_path_bytes=s.tenant_max_path_bytes,
-                   max_dataset_bytes=s.tenant_max_dataset_bytes, predict_rate=s.tenant_predict_rate,
-                   predict_burst=s.tenant_predict_burst)  # fmt: skip
+        return cls(
+            max_jobs=s.tenant_max_jobs,
+            max_paths=s.tenant_max_paths,
+            max_path_bytes=s.tenant_max_path_bytes,
+            max_dataset_bytes=s.tenant_max_dataset_bytes,
+            predict_rate=s.tenant_predict_rate,
+            predict_burst=s.tenant_predict_burst,
+        )
 
 
 class Buckets(Protocol):
@@ -144,8 +152,9 @@ class Quotas:
     def limits(self, tenant: str) -> Limits:
         """The tenant's limits: its overrides over the Settings' defaults (while the database is
         unreachable, as read at most ``outage_stale_s`` ago)."""
-        return self._seen.get_or(tenant, lambda: self._read(tenant), stale_s=self.settings.outage_stale_s,
-                                 stale_on=(Unavailable,))  # fmt: skip
+        return self._seen.get_or(
+            tenant, lambda: self._read(tenant), stale_s=self.settings.outage_stale_s, stale_on=(Unavailable,)
+        )
 
     def _read(self, tenant: str) -> Limits:
         with self.db.session() as s:
@@ -165,8 +174,11 @@ class Quotas:
         lim = self.limits(caller.tenant)
         wait = self.buckets.take(caller.tenant, lim.predict_rate, lim.predict_burst)
         if wait > 0:
-            raise TooManyRequests(f"tenant {caller.tenant!r} is over its predict rate ({lim.predict_rate:g}/s, "
-                                  f"bursts of {lim.predict_burst}); retry after {wait:.2f} s", retry_after=math.ceil(wait))  # fmt: skip
+            raise TooManyRequests(
+                f"tenant {caller.tenant!r} is over its predict rate ({lim.predict_rate:g}/s, "
+                f"bursts of {lim.predict_burst}); retry after {wait:.2f} s",
+                retry_after=math.ceil(wait),
+            )
 
     def new_job(self, caller: Caller) -> None:
         """A composition: room for one more job and for the path it makes."""
@@ -174,21 +186,27 @@ class Quotas:
             return
         lim, use = self.limits(caller.tenant), self.store.usage(caller.tenant)
         self._check(caller, "max_jobs", use["jobs"] + 1, lim.max_jobs, "jobs queued or running")
-        self._check(caller, "max_paths", use["paths"] + use["jobs"] + 1, lim.max_paths, "paths (jobs under way included)")
+        self._check(
+            caller, "max_paths", use["paths"] + use["jobs"] + 1, lim.max_paths, "paths (jobs under way included)"
+        )
         self._check(caller, "max_path_bytes", use["path_bytes"] + 1, lim.max_path_bytes, "bytes of paths")
 
     def new_path(self, caller: Caller, nbytes: int) -> None:
         if caller.admin:
             return
         lim, use = self.limits(caller.tenant), self.store.usage(caller.tenant)
-        self._check(caller, "max_paths", use["paths"] + use["jobs"] + 1, lim.max_paths, "paths (jobs under way included)")
+        self._check(
+            caller, "max_paths", use["paths"] + use["jobs"] + 1, lim.max_paths, "paths (jobs under way included)"
+        )
         self._check(caller, "max_path_bytes", use["path_bytes"] + nbytes, lim.max_path_bytes, "bytes of paths")
 
     def new_dataset(self, caller: Caller, nbytes: int) -> None:
         if caller.admin:
             return
         lim, use = self.limits(caller.tenant), self.store.usage(caller.tenant)
-        self._check(caller, "max_dataset_bytes", use["dataset_bytes"] + nbytes, lim.max_dataset_bytes, "bytes of datasets")
+        self._check(
+            caller, "max_dataset_bytes", use["dataset_bytes"] + nbytes, lim.max_dataset_bytes, "bytes of datasets"
+        )
 
     @staticmethod
     def _check(caller: Caller, name: str, would: int, limit: int | None, what: str) -> None:

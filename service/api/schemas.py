@@ -40,8 +40,18 @@ class Job(BaseModel):
     @classmethod
     def of(cls, r: JobRow) -> Job:
         progress = {k: v for k, v in r.progress.items() if k != "trace"}
-        return cls(id=r.id, method=r.method, tenant=r.tenant, state=r.state, progress=progress, metrics=r.metrics,
-                   path_id=r.path_id, error=r.error, created_at=r.created_at, updated_at=r.updated_at)  # fmt: skip
+        return cls(
+            id=r.id,
+            method=r.method,
+            tenant=r.tenant,
+            state=r.state,
+            progress=progress,
+            metrics=r.metrics,
+            path_id=r.path_id,
+            error=r.error,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+        )
 
 
 class Path(BaseModel):
@@ -58,8 +68,17 @@ class Path(BaseModel):
     @classmethod
     def of(cls, r: PathRow) -> Path:
         m = r.manifest
-        return cls(id=r.id, method=r.method, bases=m["bases"], labels=m["labels"], input=m["input"],
-                   bytes=r.bytes, dense_bytes=r.dense_bytes, metrics=r.metrics, created_at=r.created_at)  # fmt: skip
+        return cls(
+            id=r.id,
+            method=r.method,
+            bases=m["bases"],
+            labels=m["labels"],
+            input=m["input"],
+            bytes=r.bytes,
+            dense_bytes=r.dense_bytes,
+            metrics=r.metrics,
+            created_at=r.created_at,
+        )
 
 
 class Dataset(BaseModel):
@@ -74,8 +93,16 @@ class Dataset(BaseModel):
 
     @classmethod
     def of(cls, r: DatasetRow) -> Dataset:
-        return cls(id=r.id, name=r.name, source=r.source, labels=r.labels, num_samples=r.num_samples,
-                   shape=r.shape, splits=r.splits, created_at=r.created_at)  # fmt: skip
+        return cls(
+            id=r.id,
+            name=r.name,
+            source=r.source,
+            labels=r.labels,
+            num_samples=r.num_samples,
+            shape=r.shape,
+            splits=r.splits,
+            created_at=r.created_at,
+        )
 
 
 Tenant = Annotated[str, Field(pattern=f"^{TENANT.pattern}$", description="a tenant's name")]
@@ -84,7 +111,9 @@ Tenant = Annotated[str, Field(pattern=f"^{TENANT.pattern}$", description="a tena
 class SharingIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     public: bool = Field(False, description="every tenant may read and predict the path")
-    tenants: list[Tenant] = Field(default_factory=list, max_length=1000, description="tenants that may read and predict it")
+    tenants: list[Tenant] = Field(
+        default_factory=list, max_length=1000, description="tenants that may read and predict it"
+    )
 
 
 class Sharing(SharingIn):
@@ -95,7 +124,9 @@ class KeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     tenant: Tenant
     admin: bool = False
-    expires_in_days: Annotated[int, Field(ge=1, le=3650), WHOLE] | None = Field(None, description="the key stops working after this many days (none: never)")
+    expires_in_days: Annotated[int, Field(ge=1, le=3650), WHOLE] | None = Field(
+        None, description="the key stops working after this many days (none: never)"
+    )
 
 
 class Key(BaseModel):
@@ -111,8 +142,15 @@ class Key(BaseModel):
 
     @classmethod
     def of(cls, r: ApiKeyRow) -> Key:
-        return cls(id=r.id, prefix=r.prefix, tenant=r.tenant, admin=r.admin, created_at=r.created_at,
-                   expires_at=r.expires_at, revoked_at=r.revoked_at)  # fmt: skip
+        return cls(
+            id=r.id,
+            prefix=r.prefix,
+            tenant=r.tenant,
+            admin=r.admin,
+            created_at=r.created_at,
+            expires_at=r.expires_at,
+            revoked_at=r.revoked_at,
+        )
 
 
 class NewKey(Key):

@@ -60,16 +60,35 @@ class Services:
         # the in-memory twin of the blob store comes with an in-memory cache
         store = Store(db, blobs, None) if blobs else Store.open(settings, db)
         zoo = ResidentZoo(store, configure_torch(settings))
-        cache = PathCache(store, zoo, settings.cache_bytes, metrics, frozenset(settings.pinned_paths),
-                          host_budget=settings.host_cache_bytes, batching=settings.batching,
-                          min_slots=settings.max_batch_size)  # fmt: skip
-        batcher = Batcher(zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics, cache,
-                          settings.max_queue_inputs)  # fmt: skip
+        cache = PathCache(
+            store,
+            zoo,
+            settings.cache_bytes,
+            metrics,
+            frozenset(settings.pinned_paths),
+            host_budget=settings.host_cache_bytes,
+            batching=settings.batching,
+            min_slots=settings.max_batch_size,
+        )
+        batcher = Batcher(
+            zoo.device, settings.max_batch_size, settings.max_wait_ms, metrics, cache, settings.max_queue_inputs
+        )
         runner = JobRunner(settings, store, queue or job_queue(settings), metrics, resident=lambda: zoo.bases)
         buckets = RedisBuckets(settings.redis_url) if settings.mode == "distributed" else MemoryBuckets()
         auth = Auth(db, settings.auth, settings.outage_stale_s)
-        return cls(settings, db, store, zoo, cache, batcher, runner, metrics, auth,
-                   Quotas(settings, db, store, buckets), AuditLog(db))  # fmt: skip
+        return cls(
+            settings,
+            db,
+            store,
+            zoo,
+            cache,
+            batcher,
+            runner,
+            metrics,
+            auth,
+            Quotas(settings, db, store, buckets),
+            AuditLog(db),
+        )
 
     def start(self) -> None:
         """Migrate, register built-in datasets, then build/load the zoo on a background thread."""
@@ -142,8 +161,12 @@ class Services:
         database is unreachable, a decision made at most ``outage_stale_s`` ago stands."""
         if caller.admin:
             return
-        role = self._access.get_or((caller.tenant, path_id), lambda: self.store.role(path_id, caller.tenant),
-                                   stale_s=self.settings.outage_stale_s, stale_on=(Unavailable,))  # fmt: skip
+        role = self._access.get_or(
+            (caller.tenant, path_id),
+            lambda: self.store.role(path_id, caller.tenant),
+            stale_s=self.settings.outage_stale_s,
+            stale_on=(Unavailable,),
+        )
         if role is None:
             raise NotFound(f"no path {path_id!r}")
 

@@ -32,15 +32,27 @@ class Metrics:
             "zoo_batch_size", "Inputs per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )
         self.paths_per_batch = Histogram(
-            "zoo_paths_per_batch", "Distinct paths in one forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+            "zoo_paths_per_batch",
+            "Distinct paths in one forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
         )
-        self.slots_in_use = Gauge("zoo_path_slots_in_use", "Path slots holding a path", ["bank"], multiprocess_mode="livesum",
-                                  registry=r)
+        self.slots_in_use = Gauge(
+            "zoo_path_slots_in_use", "Path slots holding a path", ["bank"], multiprocess_mode="livesum", registry=r
+        )
         self.slot_loads = Counter("zoo_path_slot_loads", "Paths copied into a slot", ["bank"], registry=r)
-        self.slot_evictions = Counter("zoo_path_slot_evictions", "Paths evicted from a slot for another", ["bank"], registry=r)
-        self.host_bytes = Gauge("zoo_path_host_bytes", "Bytes of decoded path tensors in the host tier",
-                                multiprocess_mode="livesum", registry=r)
-        self.overloaded = Counter("zoo_predicts_refused_overloaded", "Predicts refused with 503: the queue was full", registry=r)
+        self.slot_evictions = Counter(
+            "zoo_path_slot_evictions", "Paths evicted from a slot for another", ["bank"], registry=r
+        )
+        self.host_bytes = Gauge(
+            "zoo_path_host_bytes",
+            "Bytes of decoded path tensors in the host tier",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.overloaded = Counter(
+            "zoo_predicts_refused_overloaded", "Predicts refused with 503: the queue was full", registry=r
+        )
         self.jobs = Counter("zoo_jobs", "Composition jobs by final state", ["state"], registry=r)
 
 

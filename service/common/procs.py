@@ -47,8 +47,6 @@ def descendants(pid: int) -> dict[int, str]:
     while frontier:
         frontier = {p for p, parent in parents.items() if parent in frontier}
         for p in frontier:
-            try:
+            with contextlib.suppress(OSError):
                 found[p] = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                pass
     return found

@@ -37,8 +37,13 @@ class TtlCache:
                 self._items.popitem(last=False)
         return value
 
-    def get_or(self, key: Hashable, make: Callable[[], Any], stale_s: float = 0.0,
-               stale_on: tuple[type[BaseException], ...] = ()) -> Any:  # fmt: skip
+    def get_or(
+        self,
+        key: Hashable,
+        make: Callable[[], Any],
+        stale_s: float = 0.0,
+        stale_on: tuple[type[BaseException], ...] = (),
+    ) -> Any:
         """The value, else ``make()``'s (kept). When ``make`` raises one of ``stale_on`` (its source is
         down), an entry made at most ``stale_s`` ago is answered instead, and for ``RETRY_S`` after
         that failure such entries are answered without calling ``make``; with none, the error is raised."""

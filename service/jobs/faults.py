@@ -59,8 +59,13 @@ class Outages:
             if what in self._since:
                 return
             self._since[what] = time.monotonic()
-        log.warning("jobs: the %s is unreachable (%s: %s); retrying with backoff up to %.0f s",
-                    what, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", BACKOFF_MAX_S)  # fmt: skip
+        log.warning(
+            "jobs: the %s is unreachable (%s: %s); retrying with backoff up to %.0f s",
+            what,
+            type(e).__name__,
+            str(e).splitlines()[0][:200] if str(e) else "",
+            BACKOFF_MAX_S,
+        )
 
     def up(self, what: str) -> None:
         if what not in self._since:  # (unlocked read: the common case costs nothing)

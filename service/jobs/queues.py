@@ -21,6 +21,7 @@ EPOCH_TTL_S = 86_400  # the marker outlives every consumer by a day; one expired
 
 class JobQueue(Protocol):
     heartbeat_s: float  # how often a worker holding a job must ``touch`` it
+
     def check(self) -> None: ...  # raises when the queue cannot take a job now (its server is away)
     def put(self, job_id: str) -> None: ...
     def get(self, timeout: float) -> tuple[str, str] | None: ...  # (delivery tag, job id)
@@ -76,8 +77,15 @@ class RedisQueue:
     EPOCH_CHECK_S; the first to find it gone sets a new one and calls ``on_reset`` (the job runner
     sends the jobs still queued in the database again); ``get`` makes a group that is gone again."""
 
-    def __init__(self, url: str, stream: str = "zoo:jobs", group: str = "workers", consumer: str | None = None,
-                 idle_ms: int = 60_000, on_reset: Callable[[], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        stream: str = "zoo:jobs",
+        group: str = "workers",
+        consumer: str | None = None,
+        idle_ms: int = 60_000,
+        on_reset: Callable[[], None] | None = None,
+    ):
         import redis
 
         # bounded waits: a server that went away is an error in seconds, never a hang (reads block 1 s at most)

@@ -40,8 +40,13 @@ class Interrupted(Exception):
     """Raised in a build run on a thread when its runner hands the job back (a worker stopping)."""
 
 
-def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | None, device: str,
-            interrupted: threading.Event | None = None) -> None:  # fmt: skip
+def run_job(
+    store: Store,
+    job_id: str,
+    bases: dict[str, tuple[Card, TapNet]] | None,
+    device: str,
+    interrupted: threading.Event | None = None,
+) -> None:
     """Build one job's path and store it with the job's success in one transaction. A job cancelled
     or deleted meanwhile stops at its next step and stores nothing. An outage of the database is
     raised, not recorded as the job's failure (the runner waits it out and runs the job again), and
@@ -75,8 +80,9 @@ def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | N
                 return True
             return j.cancel_requested or j.state == "cancelled"
 
-        ctx = BuildContext(bases=bases, load_task=load_task, device=device, report=report, cancelled=cancelled,
-                           cache=store.cache)
+        ctx = BuildContext(
+            bases=bases, load_task=load_task, device=device, report=report, cancelled=cancelled, cache=store.cache
+        )
         art = method.build(spec, ctx)
         manifest = make_manifest(art)  # the tensors hashed once, here; encoded once, below
         data = encode_bundle(manifest, art.tensors, art.metrics)
@@ -88,7 +94,9 @@ def run_job(store: Store, job_id: str, bases: dict[str, tuple[Card, TapNet]] | N
         if isinstance(e, Interrupted) or outage_of(e):
             raise
         log.exception("job %s failed", job_id)
-        store.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}", progress={"trace": traceback.format_exc()[-2000:]})
+        store.update_job(
+            job_id, state="failed", error=f"{type(e).__name__}: {e}", progress={"trace": traceback.format_exc()[-2000:]}
+        )
 
 
 def _child_main(settings_json: str, job_id: str, parent: int) -> None:
@@ -142,8 +150,14 @@ class JobRunner:
     again (``ZOO_JOB_ATTEMPTS`` runs in all), then failed with the reason. ``stop`` lets the jobs
     running finish within its grace, then hands them back: marked queued, for another worker now."""
 
-    def __init__(self, settings: Settings, store: Store, queue: JobQueue, metrics: Metrics,
-                 resident: Callable[[], dict[str, tuple[Card, TapNet]]] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        queue: JobQueue,
+        metrics: Metrics,
+        resident: Callable[[], dict[str, tuple[Card, TapNet]]] | None = None,
+    ):
         self.settings, self.store, self.queue, self.metrics = settings, store, queue, metrics
         self.resident = resident
         self._stop = threading.Event()  # take no more jobs
@@ -181,8 +195,11 @@ class JobRunner:
         except Exception as e:
             if outage_of(e) != "queue":
                 raise
-            raise Unavailable(f"the job queue is unreachable ({type(e).__name__}): the job was not queued; "
-                              f"retry in {QUEUE_RETRY_AFTER_S} s", retry_after=QUEUE_RETRY_AFTER_S) from e  # fmt: skip
+            raise Unavailable(
+                f"the job queue is unreachable ({type(e).__name__}): the job was not queued; "
+                f"retry in {QUEUE_RETRY_AFTER_S} s",
+                retry_after=QUEUE_RETRY_AFTER_S,
+            ) from e
 
     def recover(self) -> None:
         """At the start of the one embedded server: a job a previous run handed back when it stopped
@@ -314,7 +331,9 @@ class JobRunner:
                 return None
             if attempts >= self.settings.job_attempts:
                 error = f"{reason}; gave up after {attempts} attempt(s)"
-                self._retrying("database", lambda: self.store.update_job(d.job_id, state="failed", error=error))
+                self._retrying(
+                    "database", lambda error=error: self.store.update_job(d.job_id, state="failed", error=error)
+                )
                 continue  # read back: failed, or cancelled meanwhile
             attempts += 1
             outcome = self._execute(d.job_id)
@@ -327,10 +346,13 @@ class JobRunner:
                 self._hand_back(d)
                 return None
             if what == "failed":  # not an outage: the job fails now, as it always did
-                self._retrying("database", lambda: self.store.update_job(d.job_id, state="failed", error=reason))
+                self._retrying(
+                    "database", lambda reason=reason: self.store.update_job(d.job_id, state="failed", error=reason)
+                )
                 continue
-            log.warning("jobs: job %s, attempt %d of %d, cut short: %s", d.job_id, attempts,
-                        self.settings.job_attempts, reason)  # fmt: skip
+            log.warning(
+                "jobs: job %s, attempt %d of %d, cut short: %s", d.job_id, attempts, self.settings.job_attempts, reason
+            )
 
     def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
         """``call()`` on ``what`` ("database" or "queue") until no outage stops it (other errors are
@@ -360,14 +382,21 @@ class JobRunner:
         try:
             self.store.requeue_job(d.job_id)
         except Exception as e:
-            log.warning("jobs: job %s could not be marked queued (%s); another worker runs it again from "
-                        "its entry", d.job_id, type(e).__name__)  # fmt: skip
+            log.warning(
+                "jobs: job %s could not be marked queued (%s); another worker runs it again from its entry",
+                d.job_id,
+                type(e).__name__,
+            )
         try:
             self.queue.put(d.job_id) if d.lost else self.queue.release(d.tag, d.job_id)
             log.warning("jobs: job %s handed back", d.job_id)
         except Exception as e:
-            log.warning("jobs: job %s could not be handed back to the queue (%s); it is taken over after "
-                        "%.0f s idle", d.job_id, type(e).__name__, self.settings.job_claim_idle_s)  # fmt: skip
+            log.warning(
+                "jobs: job %s could not be handed back to the queue (%s); it is taken over after %.0f s idle",
+                d.job_id,
+                type(e).__name__,
+                self.settings.job_claim_idle_s,
+            )
 
     def _heartbeat(self, d: _Delivery, done: threading.Event) -> None:
         """Keep the job ours on the queue while it runs, however long it takes."""
@@ -375,8 +404,11 @@ class JobRunner:
             try:
                 if not self.queue.touch(d.tag) and not d.lost:
                     d.lost = True
-                    log.warning("jobs: the queue lost the entry of job %s (Redis restarted empty?); "
-                                "it is added again if the job is handed back", d.job_id)  # fmt: skip
+                    log.warning(
+                        "jobs: the queue lost the entry of job %s (Redis restarted empty?); "
+                        "it is added again if the job is handed back",
+                        d.job_id,
+                    )
                 self.outages.up("queue")
             except Exception as e:
                 what = outage_of(e)
@@ -390,8 +422,13 @@ class JobRunner:
         not: ("outage", reason) to run it again, ("failed", reason) to fail it."""
         if self.settings.job_executor == "thread":
             try:
-                run_job(self.store, job_id, self.resident() if self.resident else None,
-                        torch_device(self.settings), self._abort)  # fmt: skip
+                run_job(
+                    self.store,
+                    job_id,
+                    self.resident() if self.resident else None,
+                    torch_device(self.settings),
+                    self._abort,
+                )
             except Interrupted:
                 return None
             except Exception as e:

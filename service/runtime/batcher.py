@@ -21,7 +21,6 @@ from zoo_store.training import normalize
 log = logging.getLogger("zoo")
 
 
-
 @dataclass
 class _Request:
     entry: Entry
@@ -46,8 +45,15 @@ class Batcher:
     has ``max_batch_size`` inputs or that request has waited ``max_wait_ms``; under load a batch
     takes whatever arrived while the previous one ran, so no group starves."""
 
-    def __init__(self, device: str, max_batch_size: int, max_wait_ms: float, metrics: Metrics, cache: PathCache,
-                 max_queue: int = 2048):  # fmt: skip
+    def __init__(
+        self,
+        device: str,
+        max_batch_size: int,
+        max_wait_ms: float,
+        metrics: Metrics,
+        cache: PathCache,
+        max_queue: int = 2048,
+    ):
         self.device, self.max_batch, self.max_wait = device, max_batch_size, max_wait_ms / 1000
         self.metrics, self.cache, self.max_queue = metrics, cache, max_queue
         self.groups: dict[str, _Group] = {}
@@ -60,8 +66,11 @@ class Batcher:
         """Refuse at once (503 with Retry-After) when ``n`` more inputs would overfill the queue."""
         if self.queued + n > self.max_queue:
             self.metrics.overloaded.inc()
-            raise Overloaded(f"{self.queued} inputs are waiting for the device and {n} more would pass the limit of "
-                             f"{self.max_queue} (ZOO_MAX_QUEUE_INPUTS); retry shortly", retry_after=1)  # fmt: skip
+            raise Overloaded(
+                f"{self.queued} inputs are waiting for the device and {n} more would pass the limit of "
+                f"{self.max_queue} (ZOO_MAX_QUEUE_INPUTS); retry shortly",
+                retry_after=1,
+            )
 
     async def submit(self, entry: Entry, x: torch.Tensor, arrived: float | None = None) -> torch.Tensor:
         """x: (n, C, H, W) in [0, 1] -> probabilities (n, K), batched with other requests. The batch
@@ -137,8 +146,9 @@ class Batcher:
         else:
             table = self.cache.table(first)
             slots = table.assign([r.entry for r in batch])
-            per_input = torch.tensor([s for r, s in zip(batch, slots, strict=True) for _ in range(len(r.x))],
-                                     device=x.device)  # (B,)  # fmt: skip
+            per_input = torch.tensor(
+                [s for r, s in zip(batch, slots, strict=True) for _ in range(len(r.x))], device=x.device
+            )  # (B,)
             probs = table.bank.forward(x, per_input).softmax(-1).float().cpu()  # (B, K_max)
         outs = torch.split(probs, [len(r.x) for r in batch])
         return [out[:, : len(r.entry.manifest.labels)] for r, out in zip(batch, outs, strict=True)]

@@ -10,6 +10,7 @@ database is beneath both.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
@@ -32,7 +33,6 @@ from zoo_store.methods.bank import PathBank
 from zoo_store.store.store import Store
 
 log = logging.getLogger("zoo")
-
 
 
 @dataclass
@@ -98,8 +98,15 @@ class SlotTable:
     free slot; with none free the table grows (doubling) while the budget has room, else the least
     recently used slot that the batch at hand does not need and that holds no pinned path is reused."""
 
-    def __init__(self, key: str, bank: PathBank, room: Callable[[], int], pinned: frozenset[str], metrics: Metrics,
-                 min_slots: int):  # fmt: skip
+    def __init__(
+        self,
+        key: str,
+        bank: PathBank,
+        room: Callable[[], int],
+        pinned: frozenset[str],
+        metrics: Metrics,
+        min_slots: int,
+    ):
         self.key, self.bank, self.room, self.pinned, self.metrics = key, bank, room, pinned, metrics
         self.min_slots = min_slots
         self.where: OrderedDict[str, int] = OrderedDict()  # path id -> slot, least recently used first
@@ -155,10 +162,8 @@ class SlotTable:
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc's malloc_trim): without it, the tables a bank
     drops when it grows stay in the process's resident memory. A no-op elsewhere."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class PathCache:
@@ -167,9 +172,17 @@ class PathCache:
     path is read from the store once even when many requests for it arrive together. Pinned paths
     are never evicted."""
 
-    def __init__(self, store: Store, zoo: ResidentZoo, budget: int, metrics: Metrics,
-                 pinned: frozenset[str] = frozenset(), host_budget: int = 512 * 2**20,
-                 batching: Literal["base", "path"] = "base", min_slots: int = 64):  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        zoo: ResidentZoo,
+        budget: int,
+        metrics: Metrics,
+        pinned: frozenset[str] = frozenset(),
+        host_budget: int = 512 * 2**20,
+        batching: Literal["base", "path"] = "base",
+        min_slots: int = 64,
+    ):
         self.store, self.zoo, self.budget, self.metrics = store, zoo, budget, metrics
         self.pinned, self.host_budget, self.batching, self.min_slots = pinned, host_budget, batching, min_slots
         self.modules = ByteLRU()  # materialized paths

@@ -22,7 +22,6 @@ from zoo_store.store.store import Store
 log = logging.getLogger("zoo")
 
 
-
 class ResidentZoo:
     """Every base this worker serves, loaded once, frozen, in eval mode; the networks are never
     written to. ``bases`` is replaced, never changed in place, so readers may iterate it unlocked."""
@@ -109,7 +108,9 @@ class ResidentZoo:
                 try:
                     self.add(self.store.card(ref.id))
                 except NotFound:
-                    raise Conflict(f"path needs base {ref.id!r} (digest {ref.digest[:12]}…), which this zoo lacks") from None
+                    raise Conflict(
+                        f"path needs base {ref.id!r} (digest {ref.digest[:12]}…), which this zoo lacks"
+                    ) from None
             have = self.bases[ref.id][0].digest
             if have != ref.digest:
                 raise Conflict(f"path needs base {ref.id!r} with digest {ref.digest[:12]}…; this zoo has {have[:12]}…")
@@ -123,7 +124,9 @@ def validate_bundle(bundle: Bundle, zoo: ResidentZoo) -> nn.Module:
     for ref in m.bases:
         card = zoo.bases[ref.id][0]
         if m.input != card.input:
-            raise InvalidInput(f"path input spec {m.input.model_dump()} differs from base {card.id!r}'s {card.input.model_dump()}")
+            raise InvalidInput(
+                f"path input spec {m.input.model_dump()} differs from base {card.id!r}'s {card.input.model_dump()}"
+            )
     method.check_input(m.config, m.input)
     nets = zoo.nets_of(m)
     check_expected(m, method.expected_tensors(m.config, nets))

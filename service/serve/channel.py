@@ -115,7 +115,9 @@ class DeviceClient:
                 reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
             except (FileNotFoundError, ConnectionRefusedError, OSError) as e:
                 raise Unavailable(f"the inference process is not running (restarting?): {e}") from e
-            writer.write(frame({"op": "hello", "id": -1, "arena": self.arena.shm.name, "slot_bytes": self.arena.slot_bytes}))
+            writer.write(
+                frame({"op": "hello", "id": -1, "arena": self.arena.shm.name, "slot_bytes": self.arena.slot_bytes})
+            )
             self._writer = writer
             asyncio.get_running_loop().create_task(self._read(reader, writer))
             return writer
@@ -162,20 +164,26 @@ class DeviceClient:
         """x: (N, C, H, W) float32 -> probabilities (N, K) float32, for the bearer of ``key``."""
         return (await self._predict(path_id, x, key, {}))[0]
 
-    async def predict_described(self, path_id: str, x: np.ndarray, key: str | None,
-                                form: str = "npy") -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    async def predict_described(
+        self, path_id: str, x: np.ndarray, key: str | None, form: str = "npy"
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """A worker's first predict of a path, in one round trip: x (N, C, H, W) is checked against
         the path's input there (a mismatch is refused as ``form``'s input: "npy" or "oip")
         -> (probabilities (N, K), what ``describe`` answers)."""
         return await self._predict(path_id, x, key, {"describe": True, "form": form})
 
-    async def _predict(
-        self, path_id: str, x: np.ndarray, key: str | None, more: dict
-    ) -> tuple[np.ndarray, Any]:
+    async def _predict(self, path_id: str, x: np.ndarray, key: str | None, more: dict) -> tuple[np.ndarray, Any]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         slot = self.arena.put(x)
-        header = {"op": "predict", "path": path_id, "shape": list(x.shape), "slot": slot, "nbytes": x.nbytes,
-                  "key": key, **more}  # fmt: skip
+        header = {
+            "op": "predict",
+            "path": path_id,
+            "shape": list(x.shape),
+            "slot": slot,
+            "nbytes": x.nbytes,
+            "key": key,
+            **more,
+        }
         try:
             answer, data = await self.call(header, b"" if slot is not None else x.tobytes())
         finally:

@@ -82,8 +82,11 @@ class EdgeProtocol(HttpToolsProtocol):
         body = json.dumps(problem).encode()
         head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status])]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
-        head += [b"content-type: application/problem+json\r\n", b"content-length: %d\r\n" % len(body),
-                 b"connection: close\r\n\r\n"]  # fmt: skip
+        head += [
+            b"content-type: application/problem+json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+        ]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
 
@@ -149,6 +152,6 @@ class EdgeProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
     def _close_if_idle(self) -> None:
-        if self._reading is None and (self.cycle is None or self.cycle.response_complete):
-            if not self.transport.is_closing():
-                self.transport.close()
+        idle = self._reading is None and (self.cycle is None or self.cycle.response_complete)
+        if idle and not self.transport.is_closing():
+            self.transport.close()

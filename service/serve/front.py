@@ -8,6 +8,7 @@ every other route is passed through to the inference process's app (on a Unix so
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -138,8 +139,9 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
         body, headers = infer_response(path_id, info.labels, probs, req)
         return Response(body, headers=headers)
 
-    async def first_predict(path_id: str, key: str | None, request: Request, decode: Decode,
-                            form: str) -> tuple[PathInfo, np.ndarray, object]:  # fmt: skip
+    async def first_predict(
+        path_id: str, key: str | None, request: Request, decode: Decode, form: str
+    ) -> tuple[PathInfo, np.ndarray, object]:
         """A small predict of a path this worker has not described for this key: one round trip,
         which checks the key, the input's C, H and W against the path's (the error naming ``form``'s
         input) and answers with the path's description too (a cold path's predict costs no describe
@@ -168,8 +170,9 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
             return render_metrics(metrics)
         return await _pass(state["app"], request)  # workers started by hand: the inference process's
 
-    @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-                   include_in_schema=False)  # fmt: skip
+    @app.api_route(
+        "/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], include_in_schema=False
+    )
     async def passthrough(request: Request) -> Response:
         if _needs_key(request.url.path):  # the key first: a request that may not come in is refused unread
             key = bearer_key(request.headers.get("authorization"))
@@ -215,13 +218,16 @@ async def _pass(client: httpx.AsyncClient, request: Request) -> Response:
     url = httpx.URL(raw_path=raw + (b"?" + request.scope["query_string"] if request.scope.get("query_string") else b""))
     content = request.stream() if _has_body(request) else b""  # streamed: never whole in this process
     try:
-        answer = await client.send(client.build_request(request.method, url, headers=headers, content=content),
-                                   stream=True)  # fmt: skip
+        answer = await client.send(
+            client.build_request(request.method, url, headers=headers, content=content), stream=True
+        )
     except ClientDisconnect:  # the client went away, or BodyLimit cut its body off (and answers 413)
         return Response(status_code=400)
     except httpx.TransportError as e:
         raise Unavailable(f"the inference process is not answering (restarting?): {type(e).__name__}") from e
-    response = StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose))
+    response = StreamingResponse(
+        answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose)
+    )
     response.raw_headers = [(k.lower(), v) for k, v in answer.headers.raw if k.lower() not in HOP_BY_HOP]
     return response
 
@@ -241,14 +247,29 @@ def _workers_class():
     return Workers
 
 
-def run_workers(host: str, port: int, workers: int, access_log: bool = False, log_level: str = "info",
-                stop: threading.Event | None = None) -> None:
+def run_workers(
+    host: str,
+    port: int,
+    workers: int,
+    access_log: bool = False,
+    log_level: str = "info",
+    stop: threading.Event | None = None,
+) -> None:
     """``workers`` HTTP worker processes on one port (in this process when 1); returns when stopped:
     by SIGTERM (each worker drains, for at most ``drain_s``) or when ``stop`` is set."""
     import uvicorn
-    config = uvicorn.Config("service.serve.front:create_front_app", factory=True, host=host, port=port,
-                            log_level=log_level, access_log=access_log, workers=workers if workers > 1 else None,
-                            http=EdgeProtocol, timeout_graceful_shutdown=Settings().drain_s)  # fmt: skip
+
+    config = uvicorn.Config(
+        "service.serve.front:create_front_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        workers=workers if workers > 1 else None,
+        http=EdgeProtocol,
+        timeout_graceful_shutdown=Settings().drain_s,
+    )
     server = uvicorn.Server(config)
     if workers > 1:
         runner = _workers_class()(config, sockets=[config.bind_socket()])
@@ -257,10 +278,8 @@ def run_workers(host: str, port: int, workers: int, access_log: bool = False, lo
         runner, halt = server, lambda: setattr(server, "should_exit", True)
     if stop is not None:
         threading.Thread(target=lambda: stop.wait() and halt(), name="zoo-front-stop", daemon=True).start()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C (raised again by uvicorn once it stopped)
         runner.run()
-    except KeyboardInterrupt:  # Ctrl-C (raised again by uvicorn once it stopped)
-        pass
 
 
 if __name__ == "__main__":  # by hand or from tests, with ZOO_IPC_DIR set: python -m service.serve.front PORT WORKERS

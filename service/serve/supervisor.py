@@ -25,7 +25,8 @@ class InferenceProcess:
     """``python -m service.serve.infer``, restarted whenever it exits while the supervisor runs:
     after a pause that doubles (``FIRST_PAUSE_S`` up to ``MAX_PAUSE_S``) while it keeps exiting, and
     starts again from ``FIRST_PAUSE_S`` after it stayed up ``STEADY_S``. ``MAX_FAILED_STARTS`` starts
-    in a row that never served (its app's socket never came up): it gives up, ``cause`` says why (the last line the process wrote on stderr) and ``gave_up``
+    in a row that never served (its app's socket never came up): it gives up, ``cause`` says why (the last line the
+    process wrote on stderr) and ``gave_up``
     (called from the watching thread) is told."""
 
     FIRST_PAUSE_S, MAX_PAUSE_S, STEADY_S, MAX_FAILED_STARTS = 0.5, 30.0, 60.0, 5
@@ -43,8 +44,9 @@ class InferenceProcess:
         self.app_sock.unlink(missing_ok=True)  # it serves once its app binds this again
         self.last_line = ""
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.serve.infer"], env=self.env,
-                                     stderr=subprocess.PIPE)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.serve.infer"], env=self.env, stderr=subprocess.PIPE
+        )
         threading.Thread(target=self._tee, args=(self.proc.stderr,), name="zoo-inference-stderr", daemon=True).start()
 
     def _tee(self, stream) -> None:
@@ -81,16 +83,22 @@ class InferenceProcess:
             _forget_metrics_of(self.proc.pid)
             failed = 0 if served else failed + 1
             if failed >= self.MAX_FAILED_STARTS:
-                self.cause = (f"the inference process failed to start {failed} times in a row (exit code {code}): "
-                              f"{self.last_line or 'it wrote nothing on stderr'}")  # fmt: skip
+                self.cause = (
+                    f"the inference process failed to start {failed} times in a row (exit code {code}): "
+                    f"{self.last_line or 'it wrote nothing on stderr'}"
+                )
                 log.error("%s; giving up", self.cause)
                 self.gave_up()
                 return
             if time.monotonic() - self.started_at >= self.STEADY_S:
                 pause = self.FIRST_PAUSE_S  # it stayed up a while: not a crash loop
             wait, pause = pause, min(pause * 2, self.MAX_PAUSE_S)
-            log.warning("the inference process exited (code %s); starting it again in %.1f s (restart %d)",
-                        code, wait, self.restarts)  # fmt: skip
+            log.warning(
+                "the inference process exited (code %s); starting it again in %.1f s (restart %d)",
+                code,
+                wait,
+                self.restarts,
+            )
             if self._stopping.wait(wait):
                 return
             self._spawn()
@@ -126,23 +134,41 @@ def serve(host: str, port: int, access_log: bool) -> None:
         from service.serve.edge_http import EdgeProtocol
 
         EdgeProtocol.configure(settings)
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log,
-                    http=EdgeProtocol, timeout_graceful_shutdown=settings.drain_s)  # fmt: skip
+        uvicorn.run(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=access_log,
+            http=EdgeProtocol,
+            timeout_graceful_shutdown=settings.drain_s,
+        )
         return
     ipc = Path(tempfile.mkdtemp(prefix="zoo-serve-"))
     (ipc / "metrics").mkdir()
-    env = {**os.environ, "ZOO_IPC_DIR": str(ipc), "PROMETHEUS_MULTIPROC_DIR": str(ipc / "metrics"),
-           SUPERVISOR_ENV: str(os.getpid())}  # fmt: skip
+    env = {
+        **os.environ,
+        "ZOO_IPC_DIR": str(ipc),
+        "PROMETHEUS_MULTIPROC_DIR": str(ipc / "metrics"),
+        SUPERVISOR_ENV: str(os.getpid()),
+    }
     os.environ.update(env)  # the workers uvicorn starts inherit it; so does this process's own front (1 worker)
     giving_up = threading.Event()  # set: the HTTP workers stop (as on SIGTERM), then this process exits 1
     inference = InferenceProcess(env, ipc, gave_up=giving_up.set)
     inference.start()
-    log.warning("zoo serve: inference process %s, %d HTTP worker(s) on %s:%d", inference.proc.pid,
-                settings.http_workers, host, port)  # fmt: skip
+    log.warning(
+        "zoo serve: inference process %s, %d HTTP worker(s) on %s:%d",
+        inference.proc.pid,
+        settings.http_workers,
+        host,
+        port,
+    )
     try:
         from service.serve.front import run_workers
 
-        run_workers(host, port, settings.http_workers, access_log, stop=giving_up)  # SIGTERM: the workers drain, then return
+        run_workers(
+            host, port, settings.http_workers, access_log, stop=giving_up
+        )  # SIGTERM: the workers drain, then return
     finally:
         inference.stop()  # then the inference process (the workers' requests in flight needed it)
         shutil.rmtree(ipc, ignore_errors=True)

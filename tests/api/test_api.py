@@ -73,8 +73,9 @@ def test_multipart_predict(app_client: TestClient) -> None:
 
     pid = compose(app_client, reprogram_spec())["path_id"]
     png = base64.b64decode(png_b64())
-    r = app_client.post(f"/v1/paths/{pid}/predict", files=[("files", ("a.png", png, "image/png"))] * 2,
-                        data={"top_k": "3"})  # fmt: skip
+    r = app_client.post(
+        f"/v1/paths/{pid}/predict", files=[("files", ("a.png", png, "image/png"))] * 2, data={"top_k": "3"}
+    )
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == 2 and len(r.json()["predictions"][0]["top_k"]) == 3
 
@@ -92,8 +93,11 @@ def test_npy_predict_matches_json(app_client: TestClient) -> None:
     for arr in (pixels, pixels.astype(np.float32) / np.float32(255)):
         buf = io.BytesIO()
         np.save(buf, arr)
-        r = app_client.post(f"/v1/paths/{pid}/predict?top_k=3", content=buf.getvalue(),
-                            headers={"content-type": "application/octet-stream"})  # fmt: skip
+        r = app_client.post(
+            f"/v1/paths/{pid}/predict?top_k=3",
+            content=buf.getvalue(),
+            headers={"content-type": "application/octet-stream"},
+        )
         assert r.status_code == 200, r.text
         got = r.json()
         assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["predictions"]]
@@ -120,8 +124,11 @@ def test_a_first_npy_predict_needs_no_describe(app_client: TestClient, monkeypat
     np.save(buf, pixels)
     npy = {}
     for pid in (p1, p2, p1, p2):  # whichever worker answers, cold or not
-        r = app_client.post(f"/v1/paths/{pid}/predict?top_k=2", content=buf.getvalue(),
-                            headers={"content-type": "application/octet-stream"})  # fmt: skip
+        r = app_client.post(
+            f"/v1/paths/{pid}/predict?top_k=2",
+            content=buf.getvalue(),
+            headers={"content-type": "application/octet-stream"},
+        )
         assert r.status_code == 200, r.text
         npy[pid] = r.json()["predictions"]
     assert asked == []  # every worker's first predict of a path carried its describe
@@ -168,6 +175,7 @@ def test_job_events_check_the_key_off_the_event_loop(app_client: TestClient, mon
         assert r.status_code == 200 and "event: end" in r.read().decode()
     assert len(on_loop) >= 2 and not any(on_loop)  # the route's own, then the stream's
 
+
 LONG = reprogram_spec(task={"dataset": "mnist", "samples_per_label": 500}, epochs=50)
 
 
@@ -191,8 +199,12 @@ def test_delete_job(app_client: TestClient) -> None:
 
     done = compose(app_client, reprogram_spec())
     assert app_client.delete(f"/v1/jobs/{done['id']}").status_code == 204
-    for r in (app_client.get(f"/v1/jobs/{done['id']}"), app_client.get(f"/v1/jobs/{done['id']}/events"),
-              app_client.post(f"/v1/jobs/{done['id']}/cancel"), app_client.delete(f"/v1/jobs/{done['id']}")):
+    for r in (
+        app_client.get(f"/v1/jobs/{done['id']}"),
+        app_client.get(f"/v1/jobs/{done['id']}/events"),
+        app_client.post(f"/v1/jobs/{done['id']}/cancel"),
+        app_client.delete(f"/v1/jobs/{done['id']}"),
+    ):
         assert r.status_code == 404, r.text
     assert app_client.get(f"/v1/paths/{done['path_id']}").status_code == 200
 

@@ -72,19 +72,29 @@ MATRIX: dict[tuple[str, str], tuple[Req, dict]] = {
     ("GET", "/readyz"): (lambda w: ("/readyz", {}), OPEN),
     ("GET", "/metrics"): (lambda w: ("/metrics", {}), OPEN),
     ("GET", "/v1/zoo/models"): (lambda w: ("/v1/zoo/models", {}), keyed(200)),
-    ("POST", "/v1/zoo/models"): (lambda w: ("/v1/zoo/models", {"data": {"card": json.dumps(w.card)},
-                                                                "files": {"weights": ("w.safetensors", w.weights)}}),
-                                 admin_only(200)),
+    ("POST", "/v1/zoo/models"): (
+        lambda w: (
+            "/v1/zoo/models",
+            {"data": {"card": json.dumps(w.card)}, "files": {"weights": ("w.safetensors", w.weights)}},
+        ),
+        admin_only(200),
+    ),
     ("GET", "/v1/zoo/models/{model_id}"): (lambda w: ("/v1/zoo/models/res", {}), keyed(200)),
     ("GET", "/v1/zoo/models/{model_id}/weights"): (lambda w: ("/v1/zoo/models/res/weights", {}), keyed(200)),
     ("GET", "/v1/datasets"): (lambda w: ("/v1/datasets", {}), keyed(200)),
     ("POST", "/v1/datasets"): (lambda w: ("/v1/datasets", {"files": {"file": ("d.npz", _npz())}}), keyed(201)),
     ("GET", "/v1/datasets/{dataset_id}"): (lambda w: (f"/v1/datasets/{w.dataset}", {}), keyed(200, 404)),
-    ("GET", "/v1/datasets/{dataset_id}/samples.png"): (lambda w: (f"/v1/datasets/{w.dataset}/samples.png", {}),
-                                                       keyed(200, 404)),
-    ("POST", "/v1/compositions"): (lambda w: ("/v1/compositions", {"json": {"method": "reprogram", "base": "res",
-                                                                           "task": SMALL_TASK, "train": {"epochs": 1, "seed": 7}}}),
-                                   keyed(202)),  # seed 7: not A's path (the same spec makes the same path, owned by each composer)
+    ("GET", "/v1/datasets/{dataset_id}/samples.png"): (
+        lambda w: (f"/v1/datasets/{w.dataset}/samples.png", {}),
+        keyed(200, 404),
+    ),
+    ("POST", "/v1/compositions"): (
+        lambda w: (
+            "/v1/compositions",
+            {"json": {"method": "reprogram", "base": "res", "task": SMALL_TASK, "train": {"epochs": 1, "seed": 7}}},
+        ),
+        keyed(202),
+    ),  # seed 7: not A's path (the same spec makes the same path, owned by each composer)
     ("GET", "/v1/jobs"): (lambda w: ("/v1/jobs", {}), keyed(200)),
     ("GET", "/v1/jobs/{job_id}"): (lambda w: (f"/v1/jobs/{w.job}", {}), keyed(200, 404)),
     # A's job ended: answered as it is
@@ -95,25 +105,35 @@ MATRIX: dict[tuple[str, str], tuple[Req, dict]] = {
     ("GET", "/v1/paths/{path_id}"): (lambda w: (f"/v1/paths/{w.path}", {}), keyed(200, 404)),
     ("DELETE", "/v1/paths/{path_id}"): (lambda w: (f"/v1/paths/{w.path}", {}), keyed(204, 404)),
     ("GET", "/v1/paths/{path_id}/sharing"): (lambda w: (f"/v1/paths/{w.path}/sharing", {}), keyed(200, 404)),
-    ("PUT", "/v1/paths/{path_id}/sharing"): (lambda w: (f"/v1/paths/{w.path}/sharing", {"json": {"tenants": ["c"]}}),
-                                             keyed(200, 404)),
+    ("PUT", "/v1/paths/{path_id}/sharing"): (
+        lambda w: (f"/v1/paths/{w.path}/sharing", {"json": {"tenants": ["c"]}}),
+        keyed(200, 404),
+    ),
     ("GET", "/v1/paths/{path_id}/bundle"): (lambda w: (f"/v1/paths/{w.path}/bundle", {}), keyed(200, 404)),
     ("GET", "/v1/paths/{path_id}/network"): (lambda w: (f"/v1/paths/{w.path}/network", {}), keyed(409, 404)),
     ("POST", "/v1/paths/import"): (lambda w: ("/v1/paths/import", {"content": w.other}), keyed({200, 201})),
-    ("POST", "/v1/paths/{path_id}/predict"): (lambda w: (f"/v1/paths/{w.path}/predict", {"json": PREDICT}),
-                                              keyed(200, 404)),
+    ("POST", "/v1/paths/{path_id}/predict"): (
+        lambda w: (f"/v1/paths/{w.path}/predict", {"json": PREDICT}),
+        keyed(200, 404),
+    ),
     ("POST", "/v1/keys"): (lambda w: ("/v1/keys", {"json": {"tenant": "c"}}), admin_only(201)),
     ("GET", "/v1/keys"): (lambda w: ("/v1/keys", {}), admin_only(200)),
     ("DELETE", "/v1/keys/{key_id}"): (lambda w: (f"/v1/keys/{w.throwaway_key()}", {}), admin_only(200)),
     ("GET", "/v1/tenants/{tenant}"): (lambda w: ("/v1/tenants/a", {}), admin_only(200)),
-    ("PUT", "/v1/tenants/{tenant}/limits"): (lambda w: ("/v1/tenants/c/limits", {"json": {"max_jobs": 3}}), admin_only(200)),
+    ("PUT", "/v1/tenants/{tenant}/limits"): (
+        lambda w: ("/v1/tenants/c/limits", {"json": {"max_jobs": 3}}),
+        admin_only(200),
+    ),
     ("GET", "/v1/audit"): (lambda w: ("/v1/audit", {}), admin_only(200)),
     ("GET", "/v2"): (lambda w: ("/v2", {}), keyed(200)),
     ("GET", "/v2/health/live"): (lambda w: ("/v2/health/live", {}), keyed(200)),
     ("GET", "/v2/health/ready"): (lambda w: ("/v2/health/ready", {}), keyed(200)),
     ("GET", "/v2/models/{path_id}"): (lambda w: (f"/v2/models/{w.path}", {}), keyed(200, 404)),
     ("GET", "/v2/models/{path_id}/ready"): (lambda w: (f"/v2/models/{w.path}/ready", {}), keyed(200, 404)),
-    ("POST", "/v2/models/{path_id}/infer"): (lambda w: (f"/v2/models/{w.path}/infer", {"json": INFER}), keyed(200, 404)),
+    ("POST", "/v2/models/{path_id}/infer"): (
+        lambda w: (f"/v2/models/{w.path}/infer", {"json": INFER}),
+        keyed(200, 404),
+    ),
 }
 
 
@@ -138,8 +158,11 @@ def world(request, tmp_path_factory) -> Iterator[World]:
 
     as_a = {"Authorization": f"Bearer {keys['a']}"}
     dataset = client.post("/v1/datasets", files={"file": ("d.npz", _npz())}, headers=as_a).json()["id"]
-    job = client.post("/v1/compositions", json={"method": "reprogram", "base": "res", "task": SMALL_TASK,
-                                                 "train": {"epochs": 1}}, headers=as_a).json()["id"]  # fmt: skip
+    job = client.post(
+        "/v1/compositions",
+        json={"method": "reprogram", "base": "res", "task": SMALL_TASK, "train": {"epochs": 1}},
+        headers=as_a,
+    ).json()["id"]
     path = wait_job(client, job)["path_id"]
     bundle = client.get(f"/v1/paths/{path}/bundle").content
     other = make_paths(svc.store, "res", 1)[0]
@@ -150,7 +173,9 @@ def world(request, tmp_path_factory) -> Iterator[World]:
 
 def test_every_route_has_a_row(world: World) -> None:
     routes = {(m.upper(), p) for p, ops in world.client.app.openapi()["paths"].items() for m in ops}
-    assert routes == set(MATRIX), f"routes without a row: {routes - set(MATRIX)}; rows without a route: {set(MATRIX) - routes}"
+    assert routes == set(MATRIX), (
+        f"routes without a row: {routes - set(MATRIX)}; rows without a route: {set(MATRIX) - routes}"
+    )
 
 
 @pytest.mark.parametrize("who", WHO)
@@ -168,8 +193,9 @@ def test_authorization_matrix(world: World, route: tuple[str, str], who: str) ->
         r = world.client.send(request)
     finally:
         if route == ("DELETE", "/v1/paths/{path_id}"):  # A's path back as it was, A its only owner
-            assert world.client.post("/v1/paths/import", content=world.bundle,
-                                     headers={"Authorization": f"Bearer {world.keys['a']}"}).status_code in (200, 201)  # fmt: skip
+            assert world.client.post(
+                "/v1/paths/import", content=world.bundle, headers={"Authorization": f"Bearer {world.keys['a']}"}
+            ).status_code in (200, 201)
     want = expected[who]
     assert r.status_code in (want if isinstance(want, set) else {want}), f"{who}: {r.status_code} {r.text[:300]}"
     if r.status_code == 401:
@@ -180,7 +206,10 @@ def test_authorization_matrix(world: World, route: tuple[str, str], who: str) ->
 
 def test_a_tenant_lists_only_its_own(world: World) -> None:
     def listed(who: str, what: str) -> set[str]:
-        return {i["id"] for i in world.client.get(what, headers={"Authorization": f"Bearer {world.keys[who]}"}).json()["items"]}
+        return {
+            i["id"]
+            for i in world.client.get(what, headers={"Authorization": f"Bearer {world.keys[who]}"}).json()["items"]
+        }
 
     assert world.job in listed("a", "/v1/jobs") and world.job not in listed("b", "/v1/jobs")
     assert world.dataset in listed("a", "/v1/datasets") and world.dataset not in listed("b", "/v1/datasets")
@@ -227,10 +256,17 @@ def test_a_reader_cannot_change_an_owners_grants(world: World) -> None:
     c.post("/v1/paths/import", content=world.bundle, headers=as_a)
     assert c.put(f"{url}/sharing", json={"tenants": ["b", "c"]}, headers=as_a).status_code == 200
     assert c.get(f"{url}/sharing", headers=as_b).status_code == 403  # a reader does not see them
-    assert c.post("/v1/paths/import", content=c.get(f"{url}/bundle", headers=as_b).content, headers=as_b).status_code == 201
+    assert (
+        c.post("/v1/paths/import", content=c.get(f"{url}/bundle", headers=as_b).content, headers=as_b).status_code
+        == 201
+    )
     assert c.get(f"{url}/sharing", headers=as_b).json() == {"public": False, "tenants": [], "owners": ["a", "b"]}
     assert c.put(f"{url}/sharing", json={"public": True}, headers=as_b).status_code == 200
-    assert c.get(f"{url}/sharing", headers=as_a).json() == {"public": False, "tenants": ["b", "c"], "owners": ["a", "b"]}
+    assert c.get(f"{url}/sharing", headers=as_a).json() == {
+        "public": False,
+        "tenants": ["b", "c"],
+        "owners": ["a", "b"],
+    }
     assert c.get(f"{url}/sharing").json()["public"] is True  # an admin sees every owner's grants
     assert c.delete(url, headers=as_b).status_code == 204  # b gives it up, and its grants go with it
     assert c.get(f"{url}/sharing").json() == {"public": False, "tenants": ["b", "c"], "owners": ["a"]}
@@ -265,7 +301,10 @@ def test_expired_and_revoked_keys(world: World) -> None:
     assert world.client.post(f"/v1/paths/{world.path}/predict", json=PREDICT, headers=as_d).status_code == 404
     assert world.client.delete(f"/v1/keys/{made['id']}").json()["revoked_at"] is not None
     time.sleep(KEY_TTL_S + 0.1)
-    for r in (world.client.get("/v1/paths", headers=as_d), world.client.post(f"/v1/paths/{world.path}/predict", json=PREDICT, headers=as_d)):
+    for r in (
+        world.client.get("/v1/paths", headers=as_d),
+        world.client.post(f"/v1/paths/{world.path}/predict", json=PREDICT, headers=as_d),
+    ):
         assert r.status_code == 401, r.text
 
 
@@ -318,29 +357,40 @@ def test_keys_create_offline_gets_an_admin_back_in(tmp_path: Path, monkeypatch: 
         client.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize(("method", "url", "body"), [
-    ("POST", "/v1/keys", {"tenant": "Not Valid"}),
-    ("POST", "/v1/keys", {"tenant": "a", "admin": "yes"}),
-    ("POST", "/v1/keys", {"tenant": "a", "expires_in_days": 0}),
-    ("POST", "/v1/keys", {"tenant": "a", "scope": "all"}),
-    ("POST", "/v1/keys", {"tenant": "admin"}),  # kept for admins' keys
-    ("PUT", "/v1/paths/{path}/sharing", {"tenants": ["BAD!"]}),
-    ("PUT", "/v1/paths/{path}/sharing", {"public": "yes"}),
-    ("PUT", "/v1/tenants/a/limits", {"predict_rate": 0}),
-    ("PUT", "/v1/tenants/a/limits", {"max_jobs": 1.5}),
-    ("PUT", "/v1/tenants/a/limits", {"max_gpus": 1}),
-    ("PUT", "/v1/tenants/BAD!/limits", {}),
-    ("GET", "/v1/tenants/BAD!", None),
-    ("GET", "/v1/audit?tenant=BAD!", None),
-])  # fmt: skip
-def test_bad_input_to_the_tenancy_routes_is_422_and_writes_nothing(world: World, method: str, url: str, body: dict | None) -> None:
-    before = (world.client.get("/v1/keys").json(), world.client.get(f"/v1/paths/{world.path}/sharing").json(),
-              world.client.get("/v1/tenants/a").json())  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "url", "body"),
+    [
+        ("POST", "/v1/keys", {"tenant": "Not Valid"}),
+        ("POST", "/v1/keys", {"tenant": "a", "admin": "yes"}),
+        ("POST", "/v1/keys", {"tenant": "a", "expires_in_days": 0}),
+        ("POST", "/v1/keys", {"tenant": "a", "scope": "all"}),
+        ("POST", "/v1/keys", {"tenant": "admin"}),  # kept for admins' keys
+        ("PUT", "/v1/paths/{path}/sharing", {"tenants": ["BAD!"]}),
+        ("PUT", "/v1/paths/{path}/sharing", {"public": "yes"}),
+        ("PUT", "/v1/tenants/a/limits", {"predict_rate": 0}),
+        ("PUT", "/v1/tenants/a/limits", {"max_jobs": 1.5}),
+        ("PUT", "/v1/tenants/a/limits", {"max_gpus": 1}),
+        ("PUT", "/v1/tenants/BAD!/limits", {}),
+        ("GET", "/v1/tenants/BAD!", None),
+        ("GET", "/v1/audit?tenant=BAD!", None),
+    ],
+)
+def test_bad_input_to_the_tenancy_routes_is_422_and_writes_nothing(
+    world: World, method: str, url: str, body: dict | None
+) -> None:
+    before = (
+        world.client.get("/v1/keys").json(),
+        world.client.get(f"/v1/paths/{world.path}/sharing").json(),
+        world.client.get("/v1/tenants/a").json(),
+    )
     r = world.client.request(method, url.replace("{path}", world.path), json=body)
     assert r.status_code == 422, r.text
     assert r.json()["detail"]
-    after = (world.client.get("/v1/keys").json(), world.client.get(f"/v1/paths/{world.path}/sharing").json(),
-             world.client.get("/v1/tenants/a").json())  # fmt: skip
+    after = (
+        world.client.get("/v1/keys").json(),
+        world.client.get(f"/v1/paths/{world.path}/sharing").json(),
+        world.client.get("/v1/tenants/a").json(),
+    )
     assert after == before
 
 

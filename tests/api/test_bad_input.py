@@ -69,8 +69,16 @@ BUNDLE_CASES = {
     "padded": (lambda d: d + b"\x00" * 16, 400, "padded"),
     "altered": (_flip_tensor_byte, 422, "tensor_digest"),
     "not a bundle": (lambda d: st_save({"a": torch.zeros(2)}), 400, "not a .zoopath"),
-    "missing base": (lambda d: _reencode(d, manifest_patch=lambda m: {"bases": [{**m["bases"][0], "id": "gone"}]}), 409, "lacks"),
-    "other digest": (lambda d: _reencode(d, manifest_patch=lambda m: {"bases": [{**m["bases"][0], "digest": "0" * 64}]}), 409, "digest"),
+    "missing base": (
+        lambda d: _reencode(d, manifest_patch=lambda m: {"bases": [{**m["bases"][0], "id": "gone"}]}),
+        409,
+        "lacks",
+    ),
+    "other digest": (
+        lambda d: _reencode(d, manifest_patch=lambda m: {"bases": [{**m["bases"][0], "digest": "0" * 64}]}),
+        409,
+        "digest",
+    ),
     "unknown method": (lambda d: _reencode(d, manifest_patch=lambda m: {"method": "teleport"}), 422, "unknown method"),
     "wrong shape": (lambda d: _reencode(d, tensors=_wrong_shape), 422, "head.bias"),
     "wrong dtype": (lambda d: _reencode(d, tensors=_wrong_dtype), 422, "head.bias"),
@@ -203,7 +211,9 @@ def test_a_bad_npy_body_is_refused_for_its_key_or_path_first(served) -> None:
     small .npy predict of a path reads the body before asking the inference process)."""
     client, pid, _ = served
     octet = {"content-type": "application/octet-stream"}
-    r = client.post(f"/v1/paths/{pid}/predict", content=b"plain bytes", headers={**octet, "authorization": "Bearer nope"})
+    r = client.post(
+        f"/v1/paths/{pid}/predict", content=b"plain bytes", headers={**octet, "authorization": "Bearer nope"}
+    )
     assert r.status_code == 401, r.text
     r = client.post(f"/v1/paths/p_{'0' * 32}/predict", content=b"plain bytes", headers=octet)
     assert r.status_code == 404, r.text
@@ -216,14 +226,18 @@ def test_bad_npy_top_k(served, query: str, needle: str) -> None:
 
     client, pid, _ = served
     body = _npy(np.zeros((1, 1, 28, 28), np.float32))
-    r = client.post(f"/v1/paths/{pid}/predict{query}", content=body, headers={"content-type": "application/octet-stream"})
+    r = client.post(
+        f"/v1/paths/{pid}/predict{query}", content=body, headers={"content-type": "application/octet-stream"}
+    )
     assert r.status_code == 422 and needle in r.json()["detail"], r.text
 
 
 def test_oversized_body(served) -> None:
     client, pid, _ = served
     limit = client.app.state.services.settings.max_body_bytes
-    r = client.post(f"/v1/paths/{pid}/predict", content=b"x" * (limit + 1), headers={"content-type": "application/json"})
+    r = client.post(
+        f"/v1/paths/{pid}/predict", content=b"x" * (limit + 1), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413 and "limit" in r.json()["detail"]
 
 
@@ -250,10 +264,15 @@ def test_bad_model_registration(app_client: TestClient) -> None:
     assert r.status_code == 422 and "do not fit" in r.json()["detail"]
     r = app_client.post("/v1/zoo/models", data={"card": "{"}, files={"weights": ("w", b"x")})
     assert r.status_code == 400
-    r = app_client.post("/v1/zoo/models", data={"card": json.dumps({**card2, "arch": "nope"})},
-                        files={"weights": ("w.safetensors", vgg)})  # fmt: skip
+    r = app_client.post(
+        "/v1/zoo/models",
+        data={"card": json.dumps({**card2, "arch": "nope"})},
+        files={"weights": ("w.safetensors", vgg)},
+    )
     assert r.status_code == 422 and "unknown architecture" in r.json()["detail"]
-    r = app_client.post("/v1/zoo/models", data={"card": json.dumps(card2)}, files={"weights": ("w.pth", b"PK\x03\x04junk")})
+    r = app_client.post(
+        "/v1/zoo/models", data={"card": json.dumps(card2)}, files={"weights": ("w.pth", b"PK\x03\x04junk")}
+    )
     assert r.status_code == 400
     assert _counts(app_client) == before
     assert st_load(app_client.get("/v1/zoo/models/res/weights").content)  # untouched

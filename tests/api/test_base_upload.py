@@ -45,8 +45,15 @@ def test_a_base_larger_than_an_upload_registers(tmp_path: Path, fmt: str) -> Non
 def test_a_weights_file_over_the_bound_is_413(tmp_path: Path) -> None:
     client = start_app(make_settings(tmp_path, max_base_bytes=2**20))
     try:
-        card = {"id": "big", "arch": "resnet_s", "labels": list("0123456789"), "input": {"channels": 1, "size": 28, "mean": [0.5], "std": [0.5]}}
-        r = client.post("/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.safetensors", b"\0" * (2**20 + 1))})
+        card = {
+            "id": "big",
+            "arch": "resnet_s",
+            "labels": list("0123456789"),
+            "input": {"channels": 1, "size": 28, "mean": [0.5], "std": [0.5]},
+        }
+        r = client.post(
+            "/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.safetensors", b"\0" * (2**20 + 1))}
+        )
         assert r.status_code == 413 and "limit" in r.json()["detail"]
         assert client.get("/v1/zoo/models").json()["items"] == []
     finally:

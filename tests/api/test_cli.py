@@ -138,8 +138,16 @@ def test_models_add_registers_a_torchvision_network_saved_in_plain_pytorch(zoo: 
     weights = tmp_path / "finetuned.pth"
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=3).state_dict(), weights)
     card = tmp_path / "card.json"
-    card.write_text(json.dumps({"id": "mine", "arch": "torchvision:mobilenet_v3_small", "labels": ["a", "b", "c"],
-                                "input": {"channels": 3, "size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}}))  # fmt: skip
+    card.write_text(
+        json.dumps(
+            {
+                "id": "mine",
+                "arch": "torchvision:mobilenet_v3_small",
+                "labels": ["a", "b", "c"],
+                "input": {"channels": 3, "size": 64, "mean": [0.5] * 3, "std": [0.25] * 3},
+            }
+        )
+    )
     assert "added: mine digest" in _run("models", "add", str(card), str(weights))
     assert "already there (same weights)" in _run("models", "add", str(card), str(weights))
     assert json.loads(_run("models", "show", "mine"))["arch"] == "torchvision:mobilenet_v3_small"
@@ -167,8 +175,14 @@ def test_worker_runs_jobs_with_only_a_store_a_queue_and_a_runner(
     from zoo_store.store.store import TERMINAL, Store
 
     stream = f"zoo:test:{uuid.uuid4().hex}"
-    env = {"ZOO_DATABASE_URL": db_url, "ZOO_REDIS_URL": redis_url, "ZOO_JOBS_STREAM": stream,
-           "ZOO_DATA_DIR": str(tmp_path), "ZOO_JOB_EXECUTOR": "thread", "ZOO_DEVICE": "cpu"}  # fmt: skip
+    env = {
+        "ZOO_DATABASE_URL": db_url,
+        "ZOO_REDIS_URL": redis_url,
+        "ZOO_JOBS_STREAM": stream,
+        "ZOO_DATA_DIR": str(tmp_path),
+        "ZOO_JOB_EXECUTOR": "thread",
+        "ZOO_DEVICE": "cpu",
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
 

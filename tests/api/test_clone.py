@@ -56,13 +56,15 @@ BAD = {
     "unknown source": ({"sources": [{"model": "nope", "labels": ["5"]}]}, "unknown source model 'nope'"),
     "source is the target": ({"sources": [{"model": "low", "labels": ["1"]}]}, "is the target itself"),
     "labels nobody knows": ({"task": {"dataset": "mnist", "labels": ["0", "x"]}}, "['x'] are known to no base"),
-    "labels the sources lack": ({"sources": [{"model": "high", "labels": ["5"]}],
-                                 "task": {"dataset": "mnist", "labels": ["0", "5", "y"]}}, "['y'] are known to neither"),
+    "labels the sources lack": (
+        {"sources": [{"model": "high", "labels": ["5"]}], "task": {"dataset": "mnist", "labels": ["0", "5", "y"]}},
+        "['y'] are known to neither",
+    ),
     "nothing to clone": ({"task": {"dataset": "mnist", "labels": ["0", "1"]}}, "already knows every requested label"),
     "no sources no labels": ({}, "nothing to clone"),
     "models given": ({"models": ["high"]}, "does not take 'models'"),
     "blocks given": ({"sources": [{"model": "high", "labels": ["5"]}], "blocks": 3}, "does not take 'blocks'"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -194,9 +196,19 @@ def test_clone_builds_and_materializes_end_to_end(kind: str) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = _images(40), torch.arange(40) % 7
     labels = [*LOW, "5", "6"]
-    spec = CompositionSpec.model_validate({"method": "clone", "base": "low", "sources": [{"model": "high", "labels": ["5", "6"]}],
-                                           "task": {"dataset": "t"}, "train": {"epochs": 1, "batch_size": 16, "steps": 20}})  # fmt: skip
-    ctx = BuildContext(bases={"low": (t_card, target), "high": (s_card, src)}, load_task=lambda t, c: TaskData(x, y, x[:10], y[:10], labels, x[10:20], y[10:20]))
+    spec = CompositionSpec.model_validate(
+        {
+            "method": "clone",
+            "base": "low",
+            "sources": [{"model": "high", "labels": ["5", "6"]}],
+            "task": {"dataset": "t"},
+            "train": {"epochs": 1, "batch_size": 16, "steps": 20},
+        }
+    )
+    ctx = BuildContext(
+        bases={"low": (t_card, target), "high": (s_card, src)},
+        load_task=lambda t, c: TaskData(x, y, x[:10], y[:10], labels, x[10:20], y[10:20]),
+    )
     method = Clone()
     method.adapter = kind
     art = method.build(spec, ctx)
@@ -218,7 +230,10 @@ def test_clone_builds_and_materializes_end_to_end(kind: str) -> None:
         assert torch.equal(module(probe), Clone().materialize(manifest.config, bundle.tensors, nets)(probe))
         served = (module(x[:10]).argmax(1) == y[:10]).float().mean().item()
         if kind != "3x3":  # a path stored before adapters had kinds (no "kernel") serves as a 1x1 one
-            old = {**manifest.config, "sources": [{k: v for k, v in s.items() if k != "kernel"} for s in manifest.config["sources"]]}
+            old = {
+                **manifest.config,
+                "sources": [{k: v for k, v in s.items() if k != "kernel"} for s in manifest.config["sources"]],
+            }
             assert torch.equal(Clone().materialize(old, bundle.tensors, nets)(probe), module(probe))
     assert served == pytest.approx(art.metrics["accuracy"])  # the served network is the one measured
     assert (digest_of(target), digest_of(src)) == digests
@@ -233,8 +248,9 @@ def test_a_task_without_validation_images_is_refused() -> None:
     t_card, target = _base("low", LOW)
     s_card, src = _base("high", HIGH, seed=1)
     x, y = _images(8), torch.arange(8) % 6
-    spec = CompositionSpec.model_validate({"method": "clone", "base": "low", "sources": [{"model": "high", "labels": ["5"]}],
-                                           "task": {"dataset": "tiny"}})  # fmt: skip
+    spec = CompositionSpec.model_validate(
+        {"method": "clone", "base": "low", "sources": [{"model": "high", "labels": ["5"]}], "task": {"dataset": "tiny"}}
+    )
     empty = TaskData(x, y, x[:2], y[:2], [*LOW, "5"], x[:0], y[:0])
     ctx = BuildContext(bases={"low": (t_card, target), "high": (s_card, src)}, load_task=lambda t, c: empty)
     with pytest.raises(InvalidInput, match="no validation images"):
@@ -247,9 +263,13 @@ def test_clone_through_the_api(app_client) -> None:
 
     svc = app_client.app.state.services
     digests = svc.zoo.digests()
-    spec = {"method": "clone", "base": "res", "sources": [{"model": "vgg", "labels": ["1", "2"]}],
-            "task": {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8},
-            "train": {"epochs": 1, "steps": 10, "batch_size": 8}}  # fmt: skip
+    spec = {
+        "method": "clone",
+        "base": "res",
+        "sources": [{"model": "vgg", "labels": ["1", "2"]}],
+        "task": {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8},
+        "train": {"epochs": 1, "steps": 10, "batch_size": 8},
+    }
     job = compose(app_client, spec)
     assert job["state"] == "succeeded", job
     assert {"accuracy", "source0_kept_fraction", "source0_fidelity", "source0_join_val_accuracy"} <= set(job["metrics"])

@@ -33,6 +33,9 @@ def test_five_tasks_in_sequence(app_client: TestClient) -> None:
     later = [compose(app_client, reprogram_spec(task=t))["path_id"] for t in TASKS[1:]]
     assert len({first, *later}) == 5
     for pid in later:
-        assert app_client.post(f"/v1/paths/{pid}/predict", json={"inputs": [{"tensor": [[[0.0] * 28] * 28]}]}).status_code == 200
+        assert (
+            app_client.post(f"/v1/paths/{pid}/predict", json={"inputs": [{"tensor": [[[0.0] * 28] * 28]}]}).status_code
+            == 200
+        )
     assert _probe(app_client, first) == before  # bit-identical
     assert svc.zoo.digests() == digests

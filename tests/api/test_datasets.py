@@ -63,7 +63,7 @@ def test_uploads_split_70_10_20_keeping_earlier_test_images(n: int) -> None:
     x, y = np.arange(n).reshape(n, 1, 1, 1), np.arange(n) % 2  # each image its own index
     a = split_three(x, y, ("a", "b"), split_sizes(n, 0.1, 0.2))
     assert len(a.train_y) >= 1 and len(a.train_y) + len(a.val_y) + len(a.test_y) == n
-    old_test = np.random.default_rng(0).permutation(n)[max(1, round(n * 0.8)):]
+    old_test = np.random.default_rng(0).permutation(n)[max(1, round(n * 0.8)) :]
     assert set(a.test_x.flatten().tolist()) == set(x[old_test].flatten().tolist())
     if n == 1000:
         assert (len(a.train_y), len(a.val_y), len(a.test_y)) == (700, 100, 200)
@@ -88,13 +88,36 @@ def test_rows_from_before_validation_splits_are_brought_up_to_date(tmp_path) -> 
     db.migrate()
     store = Store(db, DirBlobStore(tmp_path / "blobs"))
     with db.session() as s:
-        s.add(DatasetRow(id="digits", name="old", source="builtin", blob_digest=None, labels=list("0123456789"),
-                         num_samples=1797, shape=[1, 28, 28], splits={"train": 1257, "test": 540}))  # fmt: skip
-        s.add(DatasetRow(id="ds_old", name="mine", source="upload", blob_digest="0" * 64, labels=["a", "b"],
-                         num_samples=1000, shape=[1, 4, 4], splits={"train": 800, "test": 200}))  # fmt: skip
+        s.add(
+            DatasetRow(
+                id="digits",
+                name="old",
+                source="builtin",
+                blob_digest=None,
+                labels=list("0123456789"),
+                num_samples=1797,
+                shape=[1, 28, 28],
+                splits={"train": 1257, "test": 540},
+            )
+        )
+        s.add(
+            DatasetRow(
+                id="ds_old",
+                name="mine",
+                source="upload",
+                blob_digest="0" * 64,
+                labels=["a", "b"],
+                num_samples=1000,
+                shape=[1, 4, 4],
+                splits={"train": 800, "test": 200},
+            )
+        )
     store.ensure_builtin_datasets()
     with db.session() as s:
         rows = {r.id: r for r in s.scalars(select(DatasetRow))}
-    assert rows["digits"].splits == {"train": 987, "val": 270, "test": 540} and rows["digits"].name == BUILTINS["digits"].name
+    assert (
+        rows["digits"].splits == {"train": 987, "val": 270, "test": 540}
+        and rows["digits"].name == BUILTINS["digits"].name
+    )
     assert rows["ds_old"].splits == {"train": 700, "val": 100, "test": 200} and rows["ds_old"].name == "mine"
     assert set(rows) == {*BUILTINS, "ds_old"}

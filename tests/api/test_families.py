@@ -106,7 +106,9 @@ def test_family_registers_and_serves_reprogram_paths_exactly(client, family: str
         return
     method = get_method("reprogram")
     torch.manual_seed(1)
-    tensors = {k: (v + 0.1 * torch.randn_like(v)).contiguous() for k, v in build_reprogrammed(net, 3).delta_state().items()}
+    tensors = {
+        k: (v + 0.1 * torch.randn_like(v)).contiguous() for k, v in build_reprogrammed(net, 3).delta_state().items()
+    }
     config = {"base": family, "num_classes": 3, "kernel": 3}
     digest = card["digest"]
     art = PathArtifact("reprogram", [{"id": family, "digest": digest}], ["a", "b", "c"], card["input"], config, tensors)
@@ -114,17 +116,24 @@ def test_family_registers_and_serves_reprogram_paths_exactly(client, family: str
     r = client.post("/v1/paths/import", content=bundle)
     assert r.status_code in (200, 201), r.text
     path_id = r.json()["id"]
-    r = client.post(f"/v1/paths/{path_id}/predict?top_k=3", content=_npy(x.numpy()),
-                    headers={"content-type": "application/octet-stream"})  # fmt: skip
+    r = client.post(
+        f"/v1/paths/{path_id}/predict?top_k=3",
+        content=_npy(x.numpy()),
+        headers={"content-type": "application/octet-stream"},
+    )
     assert r.status_code == 200, r.text
-    served = torch.tensor([[p["score"] for p in sorted(row["top_k"], key=lambda p: p["label"])] for row in r.json()["predictions"]])
+    served = torch.tensor(
+        [[p["score"] for p in sorted(row["top_k"], key=lambda p: p["label"])] for row in r.json()["predictions"]]
+    )
     own = method.materialize(config, tensors, {family: net})
     mean, std = torch.tensor(RGB["mean"]).view(1, 3, 1, 1), torch.tensor(RGB["std"]).view(1, 3, 1, 1)
     with torch.inference_mode():
         expected = own((x - mean) / std).softmax(-1)  # (B, 3)
         # a mixed batch: the path's samples between those of another path (5 labels, other tensors)
         other_config = {**config, "num_classes": 5}
-        other = {k: (v + 0.1 * torch.randn_like(v)).contiguous() for k, v in build_reprogrammed(net, 5).delta_state().items()}
+        other = {
+            k: (v + 0.1 * torch.randn_like(v)).contiguous() for k, v in build_reprogrammed(net, 5).delta_state().items()
+        }
         bank = method.bank(config, {family: net})
         bank.grow(2)
         bank.load(0, other_config, other)
@@ -160,13 +169,21 @@ def test_family_groups_permute_exactly_and_resample_to_70_percent(client, family
     widths = widths_for(net, groups, ResampleBudget(width=0.7))
     assert resampled_params(net, groups, widths) < sum(p.numel() for p in net.parameters())
     config = ResampleConfig(base=family, widths=widths).model_dump()
-    art = PathArtifact("resample", [{"id": family, "digest": card["digest"]}], LABELS, card["input"], config,
-                       {f"perm.{k}": v for k, v in perms.items()})  # fmt: skip
+    art = PathArtifact(
+        "resample",
+        [{"id": family, "digest": card["digest"]}],
+        LABELS,
+        card["input"],
+        config,
+        {f"perm.{k}": v for k, v in perms.items()},
+    )
     bundle = encode_bundle(make_manifest(art), art.tensors, {})
     r = client.post("/v1/paths/import", content=bundle)
     assert r.status_code in (200, 201), r.text
     path_id = r.json()["id"]
-    r = client.post(f"/v1/paths/{path_id}/predict", content=_npy(x.numpy()), headers={"content-type": "application/octet-stream"})
+    r = client.post(
+        f"/v1/paths/{path_id}/predict", content=_npy(x.numpy()), headers={"content-type": "application/octet-stream"}
+    )
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
     assert client.get(f"/v1/paths/{path_id}/bundle").content == bundle
 
@@ -203,16 +220,23 @@ def test_a_plain_pytorch_finetune_registers_unchanged_and_predicts_identically(t
         assert torch.equal(base(x), model(x))
 
 
-@pytest.mark.parametrize(("arch", "config", "says"), [
-    ("torchvision:resnet19", {}, "unknown torchvision classifier 'resnet19'"),
-    ("torchvision:resnet18", {"weights": "IMAGENET1K_V1"}, "may not set ['weights']"),
-    ("timm:resnet18", {"checkpoint_path": "/etc/passwd"}, "may not set ['checkpoint_path']"),
-    ("torchvision:vit_b_16", {"image_size": 225}, "bad config"),
-    ("torchvision:resnet18", {"bogus": 1}, "unexpected keyword argument 'bogus'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "config", "says"),
+    [
+        ("torchvision:resnet19", {}, "unknown torchvision classifier 'resnet19'"),
+        ("torchvision:resnet18", {"weights": "IMAGENET1K_V1"}, "may not set ['weights']"),
+        ("timm:resnet18", {"checkpoint_path": "/etc/passwd"}, "may not set ['checkpoint_path']"),
+        ("torchvision:vit_b_16", {"image_size": 225}, "bad config"),
+        ("torchvision:resnet18", {"bogus": 1}, "unexpected keyword argument 'bogus'"),
+    ],
+)
 def test_a_bad_architecture_or_config_is_422_and_nothing_is_written(client, arch: str, config: dict, says: str) -> None:
     card = {"id": "nope", "arch": arch, "arch_config": config, "labels": LABELS, "input": RGB}
-    r = client.post("/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.safetensors", save({"a": torch.zeros(1)}))})
+    r = client.post(
+        "/v1/zoo/models",
+        data={"card": json.dumps(card)},
+        files={"weights": ("w.safetensors", save({"a": torch.zeros(1)}))},
+    )
     assert r.status_code == 422 and says in r.json()["detail"], r.text
     assert client.get("/v1/zoo/models/nope").status_code == 404
 
@@ -227,18 +251,32 @@ def test_clone_and_reassemble_across_families_through_traced_taps(client, method
         _registered(client, family)
     task = {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8}
     if method == "clone":
-        spec = {"method": "clone", "base": "resnet", "sources": [{"model": "mobilenet_v2", "labels": ["1", "2"]}],
-                "task": task, "train": {"epochs": 1, "steps": 5, "batch_size": 8}}  # fmt: skip
+        spec = {
+            "method": "clone",
+            "base": "resnet",
+            "sources": [{"model": "mobilenet_v2", "labels": ["1", "2"]}],
+            "task": task,
+            "train": {"epochs": 1, "steps": 5, "batch_size": 8},
+        }
     else:
-        spec = {"method": "reassemble", "models": ["resnet", "mobilenet_v2"], "blocks": 2, "task": task,
-                "train": {"epochs": 1, "batch_size": 8}}  # fmt: skip
+        spec = {
+            "method": "reassemble",
+            "models": ["resnet", "mobilenet_v2"],
+            "blocks": 2,
+            "task": task,
+            "train": {"epochs": 1, "batch_size": 8},
+        }
     job = compose(client, spec, timeout=300)
     assert job["state"] == "succeeded", job
     path = client.get(f"/v1/paths/{job['path_id']}").json()
     if method == "clone":
         assert {b["id"] for b in path["bases"]} == {"resnet", "mobilenet_v2"}
     else:  # the search built and scored assemblies that cross the families (it may pick a single one)
-        crossing = [c["blocks"] for c in job["metrics"]["top_candidates"] if "resnet" in str(c["blocks"]) and "mobilenet_v2" in str(c["blocks"])]
+        crossing = [
+            c["blocks"]
+            for c in job["metrics"]["top_candidates"]
+            if "resnet" in str(c["blocks"]) and "mobilenet_v2" in str(c["blocks"])
+        ]
         assert crossing, job["metrics"]["top_candidates"]
     assert path["labels"] == ["0", "1", "2"]
     x = np.random.default_rng(0).random((2, 3, 64, 64)).round(3).tolist()

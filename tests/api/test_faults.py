@@ -69,8 +69,9 @@ def _assert_507(r, caplog, tmp_path: Path) -> None:
     assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]  # no traceback
 
 
-def test_dataset_uploads_on_a_full_disk_are_507_with_one_log_line_and_no_file_left(client, tmp_path, monkeypatch,
-                                                                                    caplog) -> None:  # fmt: skip
+def test_dataset_uploads_on_a_full_disk_are_507_with_one_log_line_and_no_file_left(
+    client, tmp_path, monkeypatch, caplog
+) -> None:
     before = _files(tmp_path)
     made = _full_blob_disk(monkeypatch)
     with caplog.at_level(logging.WARNING):
@@ -90,8 +91,11 @@ def test_a_base_upload_on_a_full_disk_is_507_and_leaves_no_file(client, tmp_path
     _full_blob_disk(monkeypatch)
     card = tiny_card("res2").model_dump(mode="json")
     with caplog.at_level(logging.WARNING):
-        r = client.post("/v1/zoo/models", data={"card": json.dumps(card)},
-                        files={"weights": ("w.safetensors", save(tiny_weights("resnet_s", 10, seed=1)))})  # fmt: skip
+        r = client.post(
+            "/v1/zoo/models",
+            data={"card": json.dumps(card)},
+            files={"weights": ("w.safetensors", save(tiny_weights("resnet_s", 10, seed=1)))},
+        )
         _assert_507(r, caplog, tmp_path)
     assert _files(tmp_path) == before  # neither the upload's copy (upload-*.weights) nor a blob's temporary file
     assert client.get("/v1/zoo/models/res2").status_code == 404

@@ -16,8 +16,13 @@ TINY = {"epochs": 1, "steps": 3, "batch_size": 8}
 ACCEPTED = [
     reprogram_spec(),
     {"method": "resample", "base": "res", "budget": {"width": 0.5}},
-    {"method": "clone", "base": "res", "sources": [{"model": "vgg", "labels": ["1", "2"]}], "task": SMALL_TASK,
-     "train": TINY},
+    {
+        "method": "clone",
+        "base": "res",
+        "sources": [{"model": "vgg", "labels": ["1", "2"]}],
+        "task": SMALL_TASK,
+        "train": TINY,
+    },
     {"method": "reassemble", "models": ["res", "vgg"], "blocks": 2, "task": SMALL_TASK, "train": TINY},
 ]
 REFUSED = [

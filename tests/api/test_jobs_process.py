@@ -20,7 +20,12 @@ def test_job_in_child_process_and_recovery(tmp_path: Path) -> None:
         job = client.post("/v1/compositions", json=reprogram_spec()).json()
         done = wait_job(client, job["id"], timeout=180)
         assert done["state"] == "succeeded", done
-        assert client.post(f"/v1/paths/{done['path_id']}/predict", json={"inputs": [{"tensor": [[[0.5] * 28] * 28]}]}).status_code == 200
+        assert (
+            client.post(
+                f"/v1/paths/{done['path_id']}/predict", json={"inputs": [{"tensor": [[[0.5] * 28] * 28]}]}
+            ).status_code
+            == 200
+        )
     finally:
         client.__exit__(None, None, None)
 

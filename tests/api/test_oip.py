@@ -40,7 +40,10 @@ def test_metadata_readiness_and_json_infer(app_client: TestClient) -> None:
     assert [o["name"] for o in meta["outputs"]] == ["probabilities", "label"]
     pixels = _pixels(3)
     top, want = _v1_probs(app_client, pid, pixels)
-    for datatype, data in (("UINT8", pixels.reshape(-1).tolist()), ("FP32", (pixels / 255).astype(np.float32).tolist())):
+    for datatype, data in (
+        ("UINT8", pixels.reshape(-1).tolist()),
+        ("FP32", (pixels / 255).astype(np.float32).tolist()),
+    ):
         body = {"id": "r1", "inputs": [{"name": "input", "datatype": datatype, "shape": [3, 1, 28, 28], "data": data}]}
         r = app_client.post(f"/v2/models/{pid}/infer", json=body)
         assert r.status_code == 200, r.text
@@ -55,12 +58,27 @@ def test_binary_infer(app_client: TestClient) -> None:
     pixels = _pixels(2)
     top, want = _v1_probs(app_client, pid, pixels)
     raw = pixels.tobytes()
-    head = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [2, 1, 28, 28],
-                                   "parameters": {"binary_data_size": len(raw)}}],
-                       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}},
-                                   {"name": "label", "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
-    r = app_client.post(f"/v2/models/{pid}/infer", content=head + raw,
-                        headers={HEADER: str(len(head)), "content-type": "application/octet-stream"})  # fmt: skip
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "UINT8",
+                    "shape": [2, 1, 28, 28],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [
+                {"name": "probabilities", "parameters": {"binary_data": True}},
+                {"name": "label", "parameters": {"binary_data": True}},
+            ],
+        }
+    ).encode()
+    r = app_client.post(
+        f"/v2/models/{pid}/infer",
+        content=head + raw,
+        headers={HEADER: str(len(head)), "content-type": "application/octet-stream"},
+    )
     assert r.status_code == 200, r.text
     n = int(r.headers[HEADER])
     meta, tail = json.loads(r.content[:n]), r.content[n:]
@@ -80,42 +98,142 @@ def test_binary_infer(app_client: TestClient) -> None:
     [
         (b"{not json", None, 400, "not JSON"),
         (b'{"inputs": []}', None, 422, 'one input named "input"'),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "INT64", "shape": [1, 1, 28, 28], "data": [0]}]}).encode(),
-         None, 422, "datatype 'INT64'"),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 28, 28], "data": [0]}]}).encode(),
-         None, 422, "this path takes [N, 1, 28, 28]"),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 28, 28],
-                                 "data": [0.5] * 2352}]}).encode(),
-         None, 422, "input shape [1, 3, 28, 28]; this path takes [N, 1, 28, 28]"),  # C, H, W wrong, alone
-        (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 0, 28, 28], "data": []}]}).encode(),
-         None, 422, "input shape [1, 0, 28, 28]; this path takes [N, 1, 28, 28]"),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.5] * 10}]}).encode(),
-         None, 422, "holds 10 values"),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [2.0] * 784}]}).encode(),
-         None, 422, "in [0, 1]"),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28],
-                                 "parameters": {"binary_data_size": 784}}]}).encode() + b"\0" * 700,
-         "header", 422, "700 bytes follow"),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "INT64", "shape": [1, 1, 28, 28], "data": [0]}]}
+            ).encode(),
+            None,
+            422,
+            "datatype 'INT64'",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 28, 28], "data": [0]}]}
+            ).encode(),
+            None,
+            422,
+            "this path takes [N, 1, 28, 28]",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 28, 28], "data": [0.5] * 2352}]}
+            ).encode(),
+            None,
+            422,
+            "input shape [1, 3, 28, 28]; this path takes [N, 1, 28, 28]",
+        ),  # C, H, W wrong, alone
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 0, 28, 28], "data": []}]}
+            ).encode(),
+            None,
+            422,
+            "input shape [1, 0, 28, 28]; this path takes [N, 1, 28, 28]",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.5] * 10}]}
+            ).encode(),
+            None,
+            422,
+            "holds 10 values",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [2.0] * 784}]}
+            ).encode(),
+            None,
+            422,
+            "in [0, 1]",
+        ),
+        (
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "datatype": "UINT8",
+                            "shape": [1, 1, 28, 28],
+                            "parameters": {"binary_data_size": 784},
+                        }
+                    ]
+                }
+            ).encode()
+            + b"\0" * 700,
+            "header",
+            422,
+            "700 bytes follow",
+        ),
         (b'{"inputs": []}', "999", 400, "within the body"),
         (b'{"inputs": []}', b"\xb2", 400, "byte count"),  # a superscript two, as latin-1 reads it
-        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
-                     "parameters": [1]}).encode(), None, 422, '"parameters" of the request'),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1.0, 28, 28], "data": [0] * 784}]}).encode(),
-         None, 422, "this path takes"),
-        (json.dumps({"inputs": [{"name": "input", "datatype": ["FP32"], "shape": [1, 1, 28, 28], "data": [0] * 784}]}).encode(),
-         None, 422, "datatype"),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [300] * 784}]}).encode(),
-         None, 422, "integers in [0, 255]"),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": ["1"] * 784}]}).encode(),
-         None, 422, "not an array of UINT8 numbers"),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}]}).encode()
-         + b"\0\0", "header", 422, "declares no binary_data_size"),
-        (json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
-                     "outputs": [{"name": "logits"}]}).encode(), None, 422, "requested outputs"),
+        (
+            json.dumps(
+                {
+                    "inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
+                    "parameters": [1],
+                }
+            ).encode(),
+            None,
+            422,
+            '"parameters" of the request',
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1.0, 28, 28], "data": [0] * 784}]}
+            ).encode(),
+            None,
+            422,
+            "this path takes",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": ["FP32"], "shape": [1, 1, 28, 28], "data": [0] * 784}]}
+            ).encode(),
+            None,
+            422,
+            "datatype",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [300] * 784}]}
+            ).encode(),
+            None,
+            422,
+            "integers in [0, 255]",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": ["1"] * 784}]}
+            ).encode(),
+            None,
+            422,
+            "not an array of UINT8 numbers",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}]}
+            ).encode()
+            + b"\0\0",
+            "header",
+            422,
+            "declares no binary_data_size",
+        ),
+        (
+            json.dumps(
+                {
+                    "inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
+                    "outputs": [{"name": "logits"}],
+                }
+            ).encode(),
+            None,
+            422,
+            "requested outputs",
+        ),
     ],
-)  # fmt: skip
-def test_bad_infer_requests_are_4xx_with_the_protocols_error_body(app_client: TestClient, body: bytes, header: str | bytes | None,
-                                                                  status: int, says: str) -> None:  # fmt: skip
+)
+def test_bad_infer_requests_are_4xx_with_the_protocols_error_body(
+    app_client: TestClient, body: bytes, header: str | bytes | None, status: int, says: str
+) -> None:
     pid = compose(app_client, reprogram_spec())["path_id"]
     headers = {}
     if header == "header":

@@ -94,9 +94,11 @@ def test_a_burst_over_the_rate_is_refused_and_the_other_tenant_is_not_slowed(zoo
     assert all(s == 200 for s, _, _ in b_calls)  # b is under its (default) rate: never refused
     during = statistics.median(t for _, t, _ in b_calls)
     assert during < 2 * statistics.median(alone) + 0.02  # and not slowed by a's refusals
-    print(f"a: {a_ok} of {len(a_calls)} accepted in {seconds:.2f} s ({a_ok / seconds:.1f}/s, limit {rate:g}/s + "
-          f"{burst}); b: {len(b_calls)} of {len(b_calls)} ({len(b_calls) / seconds:.1f}/s), median "
-          f"{1e3 * during:.1f} ms vs {1e3 * statistics.median(alone):.1f} ms alone")  # fmt: skip
+    print(
+        f"a: {a_ok} of {len(a_calls)} accepted in {seconds:.2f} s ({a_ok / seconds:.1f}/s, limit {rate:g}/s + "
+        f"{burst}); b: {len(b_calls)} of {len(b_calls)} ({len(b_calls) / seconds:.1f}/s), median "
+        f"{1e3 * during:.1f} ms vs {1e3 * statistics.median(alone):.1f} ms alone"
+    )
     problem = client.post(f"/v1/paths/{path}/predict", json=PREDICT, headers=who["a"]).json()
     assert "predict rate" in problem["detail"] and problem["status"] == 429
 
@@ -106,14 +108,19 @@ def test_quotas_are_403_naming_the_limit(zoo) -> None:
     limits = {"max_jobs": 0, "max_paths": 1, "max_dataset_bytes": 1000}
     assert client.put("/v1/tenants/a/limits", json=limits).json()["limits"]["max_jobs"] == 0
     spec = {"method": "reprogram", "base": "res", "task": SMALL_TASK, "train": {"epochs": 1}}
-    for r, limit in ((client.post("/v1/compositions", json=spec, headers=who["a"]), "max_jobs"),
-                     (client.post("/v1/paths/import", content=other, headers=who["a"]), "max_paths"),
-                     (client.post("/v1/datasets", files={"file": ("d.npz", _npz(4))}, headers=who["a"]), "max_dataset_bytes")):  # fmt: skip
+    for r, limit in (
+        (client.post("/v1/compositions", json=spec, headers=who["a"]), "max_jobs"),
+        (client.post("/v1/paths/import", content=other, headers=who["a"]), "max_paths"),
+        (client.post("/v1/datasets", files={"file": ("d.npz", _npz(4))}, headers=who["a"]), "max_dataset_bytes"),
+    ):
         assert r.status_code == 403 and limit in r.json()["detail"], r.text
     assert client.post("/v1/paths/import", content=other, headers=who["b"]).status_code == 201  # b: defaults
     assert client.post("/v1/paths/import", content=other).status_code == 201  # an admin: no limits
     usage = client.get("/v1/tenants/a").json()["usage"]
-    assert usage == {"jobs": 0, "paths": 1, "path_bytes": usage["path_bytes"], "dataset_bytes": 0} and usage["path_bytes"] > 0
+    assert (
+        usage == {"jobs": 0, "paths": 1, "path_bytes": usage["path_bytes"], "dataset_bytes": 0}
+        and usage["path_bytes"] > 0
+    )
     assert client.put("/v1/tenants/a/limits", json={}).json()["limits"]["max_jobs"] == 8  # back to the default
     assert client.put("/v1/tenants/a/limits", json={"max_jobs": -1}).status_code == 422
 
@@ -158,7 +165,7 @@ def test_each_audit_row_names_what_the_call_acted_on(zoo) -> None:
         "PUT /v1/paths/{path_id}/sharing": path,
         "PUT /v1/tenants/{tenant}/limits": "c",
         "DELETE /v1/keys/{key_id}": key,
-    }  # fmt: skip
+    }
     assert client.put(f"/v1/paths/{path}/sharing", json={"public": True}, headers=who["a"]).status_code == 200
     assert client.put("/v1/tenants/c/limits", json={}).status_code == 200
     assert client.delete(f"/v1/keys/{key}").status_code == 200
@@ -182,8 +189,12 @@ def test_no_key_or_hash_leaks(tmp_path) -> None:
         secrets = [server.key, made["key"], bad]
         secrets += [hashlib.sha256(k.encode()).hexdigest() for k in secrets]
         answers = [server.client.get("/v1/paths", headers={"Authorization": f"Bearer {k}"}) for k in (made["key"], bad)]
-        answers += [server.client.post("/v1/compositions", json={}, headers={"Authorization": f"Bearer {bad}"}),
-                    server.client.get("/metrics"), server.client.get("/v1/audit"), server.client.get("/v1/keys")]  # fmt: skip
+        answers += [
+            server.client.post("/v1/compositions", json={}, headers={"Authorization": f"Bearer {bad}"}),
+            server.client.get("/metrics"),
+            server.client.get("/v1/audit"),
+            server.client.get("/v1/keys"),
+        ]
         assert [r.status_code for r in answers] == [200, 401, 401, 200, 200, 200]
         time.sleep(0.5)  # the log file flushed
         texts = [r.text for r in answers] + [server.log.read_text(errors="replace")]

@@ -53,8 +53,11 @@ def _spec(**kw) -> CompositionSpec:
     return CompositionSpec.model_validate({"method": "reassemble", "task": {"dataset": "digits"}, **kw})
 
 
-CROSS = [Block(model="res", start=None, end="stage1"), Block(model="vgg", start="block1", end="block2"),
-         Block(model="mob", start="stage2", end="stage3")]  # fmt: skip
+CROSS = [
+    Block(model="res", start=None, end="stage1"),
+    Block(model="vgg", start="block1", end="block2"),
+    Block(model="mob", start="stage2", end="stage3"),
+]
 
 
 def test_costs_match_the_built_network(zoo) -> None:
@@ -64,8 +67,12 @@ def test_costs_match_the_built_network(zoo) -> None:
     params, flops = assembly_cost(CROSS, profiles, 4)
     model = build_assembled(CROSS, nets, shapes_of(nets, list(nets), 1, 28), 4)
     assert assembled_bytes(model) > 4 * params  # the blocks' BatchNorm buffers come on top of the params
-    counted = {id(p): p.numel() for net, (s, e) in zip(model.nets, model.spans, strict=True)
-               for m in net.stage_modules(s, e) for p in m.parameters()}  # fmt: skip
+    counted = {
+        id(p): p.numel()
+        for net, (s, e) in zip(model.nets, model.spans, strict=True)
+        for m in net.stage_modules(s, e)
+        for p in m.parameters()
+    }
     assert params == sum(counted.values()) + sum(p.numel() for p in stitch_params(model))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -90,9 +97,20 @@ def test_partition_recovers_planted_sets() -> None:
     stage = {m: [sum(i > e for e in ends[m]) for i in range(taps[m])] for m in taps}  # block of each tap
 
     def sim(m: str, n: str) -> torch.Tensor:
-        return torch.tensor([[0.9 if (i in ends[m] or i == taps[m] - 1) and stage[m][i] == stage[n][j]
-                              and (j in ends[n] or j == taps[n] - 1) else 0.1 * random.Random(i * 7 + j).random()
-                              for j in range(taps[n])] for i in range(taps[m])], dtype=torch.float64)  # fmt: skip
+        return torch.tensor(
+            [
+                [
+                    0.9
+                    if (i in ends[m] or i == taps[m] - 1)
+                    and stage[m][i] == stage[n][j]
+                    and (j in ends[n] or j == taps[n] - 1)
+                    else 0.1 * random.Random(i * 7 + j).random()
+                    for j in range(taps[n])
+                ]
+                for i in range(taps[m])
+            ],
+            dtype=torch.float64,
+        )
 
     mats = {(m, n): sim(m, n) for m, n in itertools.permutations(taps, 2)}
     part = search_partition(taps, mats, 3, seed=0)
@@ -315,9 +333,13 @@ def test_reassemble_through_the_api(app_client) -> None:
 
     svc = app_client.app.state.services
     digests = svc.zoo.digests()
-    spec = {"method": "reassemble", "models": ["res", "vgg"], "blocks": 2,
-            "task": {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8},
-            "train": {"epochs": 1, "batch_size": 8}}  # fmt: skip
+    spec = {
+        "method": "reassemble",
+        "models": ["res", "vgg"],
+        "blocks": 2,
+        "task": {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8},
+        "train": {"epochs": 1, "batch_size": 8},
+    }
     job = compose(app_client, spec)
     assert job["state"] == "succeeded", job
     m = job["metrics"]
@@ -353,10 +375,18 @@ def test_cross_architecture_path_is_served_and_bundled(app_client) -> None:
     x, y = torch.rand(24, 1, 28, 28, generator=g), torch.arange(24) % 3
     card = bases["res"][0]
     nets = {k: n for k, (_, n) in bases.items()}
-    model = train_assembly(Candidate(blocks, 0, 0), nets, card, TaskData(x, y, x, y, ["a", "b", "c"], x, y), x, 1, 1e-2, 8, 0, "cpu")
-    art = PathArtifact("reassemble", [BaseRef(id=k, digest=bases[k][0].digest) for k in ("res", "vgg")], ["a", "b", "c"],
-                       card.input, {"blocks": [b.model_dump() for b in blocks], "num_classes": 3, "channels": 1, "size": 28},
-                       path_tensors(model), {})  # fmt: skip
+    model = train_assembly(
+        Candidate(blocks, 0, 0), nets, card, TaskData(x, y, x, y, ["a", "b", "c"], x, y), x, 1, 1e-2, 8, 0, "cpu"
+    )
+    art = PathArtifact(
+        "reassemble",
+        [BaseRef(id=k, digest=bases[k][0].digest) for k in ("res", "vgg")],
+        ["a", "b", "c"],
+        card.input,
+        {"blocks": [b.model_dump() for b in blocks], "num_classes": 3, "channels": 1, "size": 28},
+        path_tensors(model),
+        {},
+    )
     bundle = encode_bundle(make_manifest(art), art.tensors, art.metrics)
     r = app_client.post("/v1/paths/import", content=bundle)
     assert r.status_code == 201, r.text

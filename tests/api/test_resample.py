@@ -26,8 +26,14 @@ from zoo_store.methods.resample.layers import (
     uniform_cells,
 )
 
-ARCHS = [("resnet_s", 1, 28), ("vgg_s", 1, 28), ("mobilenet_s", 1, 28),
-         ("tv_resnet18", 3, 32), ("tv_resnet50", 3, 32), ("tv_mobilenet_v3_small", 3, 32)]  # fmt: skip
+ARCHS = [
+    ("resnet_s", 1, 28),
+    ("vgg_s", 1, 28),
+    ("mobilenet_s", 1, 28),
+    ("tv_resnet18", 3, 32),
+    ("tv_resnet50", 3, 32),
+    ("tv_mobilenet_v3_small", 3, 32),
+]
 
 
 def _net(arch: str):
@@ -65,7 +71,9 @@ def test_a_dropped_coupled_tensor_breaks_equivalence() -> None:
     g0 = groups[0]
     broken = [type(g0)(g0.name, g0.producers, (), g0.depthwise), *groups[1:]]
     layers = fused_layers(net, broken)
-    perms = {g.name: torch.randperm(group_size(layers, g), generator=torch.Generator().manual_seed(1)).int() for g in broken}
+    perms = {
+        g.name: torch.randperm(group_size(layers, g), generator=torch.Generator().manual_seed(1)).int() for g in broken
+    }
     cells = {g.name: uniform_cells(group_size(layers, g)) for g in broken}
     wrong = assemble(net, broken, permute_and_resample(layers, broken, perms, cells))
     x = torch.rand(2, 1, 28, 28)
@@ -108,8 +116,12 @@ def test_pruning_baselines_rescale_and_recalibrate(arch: str) -> None:
         assert torch.allclose(same(probe), want, rtol=1e-4, atol=1e-4), (same(probe) - want).abs().max()
         assert not torch.allclose(net(probe), want, atol=1e-4)  # recalibration changed something to check
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the resident base untouched
-    half = {g.name: torch.sort(torch.randperm(group_size(layers, g), generator=gen)[: max(1, group_size(layers, g) // 2)]).values
-            for g in groups}  # fmt: skip
+    half = {
+        g.name: torch.sort(
+            torch.randperm(group_size(layers, g), generator=gen)[: max(1, group_size(layers, g) // 2)]
+        ).values
+        for g in groups
+    }
     plain, scaled = (select_channels(layers, groups, half, rescale=r) for r in (False, True))
     g = groups[0]
     ratio = group_size(layers, g) / len(half[g.name])
@@ -156,7 +168,9 @@ def test_two_opt_orders_alike_channels_next_to_each_other() -> None:
     assert sorted(order.tolist()) == list(range(64))
     dist = torch.cdist(x, x, p=1).numpy()
     assert tour_length(dist, order) < 0.5 * tour_length(dist, np.arange(64))
-    assert tour_length(dist, order) <= 1.05 * tour_length(torch.cdist(torch.as_tensor(smooth), torch.as_tensor(smooth), p=1).numpy(), np.arange(64))
+    assert tour_length(dist, order) <= 1.05 * tour_length(
+        torch.cdist(torch.as_tensor(smooth), torch.as_tensor(smooth), p=1).numpy(), np.arange(64)
+    )
 
 
 def test_ordering_makes_resampling_gentler() -> None:
@@ -171,16 +185,22 @@ def test_ordering_makes_resampling_gentler() -> None:
     x = torch.rand(8, 1, 28, 28, generator=gen)
     with torch.no_grad():
         y = net(x)
-        err = {k: (assemble(net, groups, permute_and_resample(layers, groups, p, cells))(x) - y).abs().mean().item()
-               for k, p in (("tour", tour), ("shuffled", shuffled))}  # fmt: skip
+        err = {
+            k: (assemble(net, groups, permute_and_resample(layers, groups, p, cells))(x) - y).abs().mean().item()
+            for k, p in (("tour", tour), ("shuffled", shuffled))
+        }
     assert err["tour"] < err["shuffled"], err
 
 
 # -- the method through the API ----------------------------------------------------------------
 def _spec(**budget) -> dict:
-    return {"method": "resample", "base": "res", "budget": budget or {"width": 0.5},
-            "task": {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8},
-            "train": {"steps": 3, "batch_size": 8}}  # fmt: skip
+    return {
+        "method": "resample",
+        "base": "res",
+        "budget": budget or {"width": 0.5},
+        "task": {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8},
+        "train": {"steps": 3, "batch_size": 8},
+    }
 
 
 BAD_BUDGETS = {

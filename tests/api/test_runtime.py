@@ -229,8 +229,16 @@ class _Scale(nn.Module):
 
 def _entry(path_id: str, module: nn.Module) -> Entry:
     spec = InputSpec(channels=1, size=4, mean=(0.0,), std=(1.0,))
-    manifest = Manifest(format="1", method="fake", bases=({"id": "b", "digest": "0" * 64},), labels=("a", "b"),
-                        input=spec, config={}, tensors={}, tensor_digest="0" * 64)  # fmt: skip
+    manifest = Manifest(
+        format="1",
+        method="fake",
+        bases=({"id": "b", "digest": "0" * 64},),
+        labels=("a", "b"),
+        input=spec,
+        config={},
+        tensors={},
+        tensor_digest="0" * 64,
+    )
     return Entry(path_id, manifest, 0, module=module)
 
 
@@ -282,8 +290,9 @@ def test_an_error_reaches_every_waiter_and_groups_take_turns() -> None:
     bad.module.forward = lambda x: (_ for _ in ()).throw(ValueError("boom"))  # type: ignore[union-attr]
 
     async def go() -> list:
-        return await asyncio.gather(*(batcher.submit(bad if i % 2 else good, torch.ones(1, 1, 4, 4)) for i in range(6)),
-                                    return_exceptions=True)  # fmt: skip
+        return await asyncio.gather(
+            *(batcher.submit(bad if i % 2 else good, torch.ones(1, 1, 4, 4)) for i in range(6)), return_exceptions=True
+        )
 
     outs = asyncio.run(go())
     assert [type(o).__name__ for o in outs] == ["Tensor", "ValueError"] * 3

@@ -17,8 +17,7 @@ def _pull_bases(src: TestClient, dst: TestClient) -> None:
     """What `zoo models pull` does: each card as the first server returns it, and its weights."""
     for card in src.get("/v1/zoo/models").json()["items"]:
         weights = src.get(f"/v1/zoo/models/{card['id']}/weights").content
-        r = dst.post("/v1/zoo/models", data={"card": json.dumps(card)},
-                     files={"weights": ("w.safetensors", weights)})  # fmt: skip
+        r = dst.post("/v1/zoo/models", data={"card": json.dumps(card)}, files={"weights": ("w.safetensors", weights)})
         assert r.status_code == 201 and r.json()["digest"] == card["digest"]
 
 
@@ -79,9 +78,15 @@ def test_replicas_follow_the_zoo_version(tmp_path: Path, blob_store: str) -> Non
     """A base registered through one replica is loaded by the other without any request for it,
     within a few polls, and /readyz says which zoo version each has; with blobs in the database
     the two share nothing but the database (each its own data dir)."""
-    a = start_app(make_settings(tmp_path / "a", database_url=f"sqlite:///{tmp_path / 'zoo.db'}", blob_store=blob_store, zoo_poll_s=0.05))
+    a = start_app(
+        make_settings(
+            tmp_path / "a", database_url=f"sqlite:///{tmp_path / 'zoo.db'}", blob_store=blob_store, zoo_poll_s=0.05
+        )
+    )
     b_dir = tmp_path / ("b" if blob_store == "database" else "a")
-    b = start_app(make_settings(b_dir, database_url=f"sqlite:///{tmp_path / 'zoo.db'}", blob_store=blob_store, zoo_poll_s=0.05))
+    b = start_app(
+        make_settings(b_dir, database_url=f"sqlite:///{tmp_path / 'zoo.db'}", blob_store=blob_store, zoo_poll_s=0.05)
+    )
     b.headers["Authorization"] = a.headers["Authorization"]  # the first start (a's) wrote the admin key
     try:
         assert a.get("/readyz").json()["zoo_version"] == b.get("/readyz").json()["zoo_version"] == 0

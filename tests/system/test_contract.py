@@ -19,9 +19,14 @@ def test_schemathesis_finds_no_failure(tmp_path: Path) -> None:
     try:
         st = Path(sys.executable).parent / "st"
         auth = ["-H", f"Authorization: Bearer {server.key}"]  # an admin's: every operation is reachable
-        out = subprocess.run([str(st), *COMMAND, *auth, f"{server.url}/openapi.json"], cwd=ROOT, capture_output=True, text=True,
-                             check=False,
-                             timeout=600)  # fmt: skip
+        out = subprocess.run(
+            [str(st), *COMMAND, *auth, f"{server.url}/openapi.json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
     finally:
         server.close()
     summary = out.stdout[-3000:]

@@ -1,6 +1,7 @@
 """The dashboard at `/` in a real browser (Debian's Chromium, driven by Playwright; no browser
 download): load the page, compose a small reprogram path from the form and watch it finish,
-predict an uploaded PNG and read the top label, download a bundle, all with the API key typed into the page. Each view's screenshot is
+predict an uploaded PNG and read the top label, download a bundle, all with the API key typed into the page. Each
+view's screenshot is
 saved under docs/img/ (the README shows them). The zoo here is one small ResNet with random
 weights, so the accuracies in the pictures are chance."""
 
@@ -40,12 +41,18 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
             page.click("#key-button")
             page.wait_for_selector("body[data-loaded=yes]", timeout=60_000)
             assert "resnet_s" in page.inner_text("#models") and "digits" in page.inner_text("#datasets-table")
-            page.wait_for_function("[...document.querySelectorAll('#datasets-table img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.wait_for_function(
+                "[...document.querySelectorAll('#datasets-table img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
             page.locator("#zoo").screenshot(path=IMG / "zoo.png")
             page.locator("#datasets").screenshot(path=IMG / "datasets.png")
 
-            spec = {"method": "reprogram", "base": "res", "task": {"dataset": "digits", "samples_per_label": 20},
-                    "train": {"epochs": 2, "seed": 0}}  # fmt: skip
+            spec = {
+                "method": "reprogram",
+                "base": "res",
+                "task": {"dataset": "digits", "samples_per_label": 20},
+                "train": {"epochs": 2, "seed": 0},
+            }
             page.select_option("#method", "reprogram")
             page.fill("#spec", json.dumps(spec))
             page.click("#compose-button")

@@ -19,8 +19,10 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="re
 
 
 def _request(sock: socket.socket, method: str, path: str, key: str, body: bytes = b"") -> bytes:
-    head = (f"{method} {path} HTTP/1.1\r\nHost: zoo\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: zoo\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + body)
 
 

@@ -59,8 +59,10 @@ def test_a_large_body_without_a_key_is_refused_unread(serve: Server) -> None:
     serve.client.get("/healthz")
     before, size = _rss(worker), 256 * MiB
     sock = socket.create_connection(("127.0.0.1", serve.port))
-    sock.sendall(b"POST /v1/zoo/models HTTP/1.1\r\nHost: zoo\r\nContent-Type: application/octet-stream\r\n"
-                 b"Content-Length: %d\r\n\r\n" % size)  # fmt: skip
+    sock.sendall(
+        b"POST /v1/zoo/models HTTP/1.1\r\nHost: zoo\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: %d\r\n\r\n" % size
+    )
     sent, chunk = 0, b"\0" * MiB
     try:  # the body, until the server answers (as curl does)
         while sent < size and not select.select([sock], [], [], 0)[0]:
@@ -105,8 +107,11 @@ def test_a_request_that_stops_arriving_gets_408(serve: Server, stalls: str) -> N
     if stalls == "headers":
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: zoo\r\n")
     else:  # with a good key, to a route that reads the body: 10 of its 100 bytes
-        sock.sendall(b"POST /v1/compositions HTTP/1.1\r\nHost: zoo\r\nAuthorization: Bearer " + serve.key.encode()
-                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\": 1, ")  # fmt: skip
+        sock.sendall(
+            b"POST /v1/compositions HTTP/1.1\r\nHost: zoo\r\nAuthorization: Bearer "
+            + serve.key.encode()
+            + b'\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"a": 1, '
+        )
     status, headers, body, waited = _answer(sock, 10)
     assert status == 408 and headers["connection"] == "close", body
     assert 1.0 < waited < 5, waited
@@ -118,8 +123,13 @@ def test_an_inference_process_that_cannot_start_is_given_up_on(tmp_path: Path) -
     data_dir.write_text("not a directory")
     env = {**os.environ, "ZOO_DATA_DIR": str(data_dir), "ZOO_HTTP_WORKERS": "2", "ZOO_DEMO_ZOO": "false"}
     t = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", str(free_port()),
-                          "--no-access-log"], env=env, capture_output=True, text=True, timeout=150)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(free_port()), "--no-access-log"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     took = time.monotonic() - t
     assert out.returncode == 1, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]

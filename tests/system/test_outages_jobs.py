@@ -136,10 +136,18 @@ def test_redis_restarted_empty_under_a_running_worker(rig: Rig) -> None:
     resent = re.findall(r"(\d+) job\(s\) queued in the database sent again", worker.log.read_text())
     assert (down, up) == (1, 1), rig.logs()
     assert resent and int(resent[-1]) == 2, rig.logs()  # the two it had not taken before the restart
-    report("redis_restart", {"jobs": len(jobs), "states": rig.states(), "redis_down_s": round(back - stopped, 1),
-                             "running_job_epochs_at_stop_and_after": [at_stop, job.progress["epoch"]],
-                             "all_ended_after_redis_back_s": round(recovered, 1),
-                             "resent_from_database": int(resent[-1]), "log_lines_down_up": [down, up]})  # fmt: skip
+    report(
+        "redis_restart",
+        {
+            "jobs": len(jobs),
+            "states": rig.states(),
+            "redis_down_s": round(back - stopped, 1),
+            "running_job_epochs_at_stop_and_after": [at_stop, job.progress["epoch"]],
+            "all_ended_after_redis_back_s": round(recovered, 1),
+            "resent_from_database": int(resent[-1]),
+            "log_lines_down_up": [down, up],
+        },
+    )
 
 
 def test_postgres_stopped_while_a_job_runs(rig: Rig) -> None:
@@ -164,10 +172,19 @@ def test_postgres_stopped_while_a_job_runs(rig: Rig) -> None:
     attempts = said(worker, rf"job {job_id}, attempt \d+ of \d+, cut short")
     down, up = said(worker, "database is unreachable"), said(worker, "database answers again")
     assert attempts >= 1 and down == up == 1, rig.logs()
-    report("postgres_stop", {"jobs": 2, "states": rig.states(), "postgres_down_s": round(back - stopped, 1),
-                             "runs_cut_short": attempts, "first_job": job.state, "error": job.error,
-                             "first_job_ended_after_postgres_back_s": round(ended, 1),
-                             "log_lines_down_up": [down, up]})  # fmt: skip
+    report(
+        "postgres_stop",
+        {
+            "jobs": 2,
+            "states": rig.states(),
+            "postgres_down_s": round(back - stopped, 1),
+            "runs_cut_short": attempts,
+            "first_job": job.state,
+            "error": job.error,
+            "first_job_ended_after_postgres_back_s": round(ended, 1),
+            "log_lines_down_up": [down, up],
+        },
+    )
 
 
 def test_a_compose_while_redis_is_down_is_refused_and_keeps_nothing(rig: Rig) -> None:
@@ -178,8 +195,9 @@ def test_a_compose_while_redis_is_down_is_refused_and_keeps_nothing(rig: Rig) ->
     rig.cluster.wait_ready(timeout=90)
     admin = rig.cluster.client("replica0")
     key = admin.create_key("acme")["key"]
-    tenant = httpx.Client(base_url=rig.cluster.procs["replica0"].url, headers={"Authorization": f"Bearer {key}"},
-                          timeout=30)  # fmt: skip
+    tenant = httpx.Client(
+        base_url=rig.cluster.procs["replica0"].url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
     spec = reprogram_spec()
     rig.redis.stop()
     refused = [tenant.post("/v1/compositions", json=spec) for _ in range(3)]
@@ -198,10 +216,16 @@ def test_a_compose_while_redis_is_down_is_refused_and_keeps_nothing(rig: Rig) ->
     queue = rig.queue()
     assert queue.job_ids() == {accepted.json()["id"]} and rig.states() == {"queued": 1}
     queue.r.close()
-    report("compose_redis_down", {"composes_while_down": len(refused),
-                                  "answers": sorted({r.status_code for r in refused}),
-                                  "job_rows_while_down": sum(rows_while_down.values()), "tenant_jobs_counted": usage,
-                                  "after_redis_back": [accepted.status_code, over.status_code]})  # fmt: skip
+    report(
+        "compose_redis_down",
+        {
+            "composes_while_down": len(refused),
+            "answers": sorted({r.status_code for r in refused}),
+            "job_rows_while_down": sum(rows_while_down.values()),
+            "tenant_jobs_counted": usage,
+            "after_redis_back": [accepted.status_code, over.status_code],
+        },
+    )
 
 
 def test_sigterm_to_a_worker_in_the_middle_of_a_job(rig: Rig) -> None:
@@ -234,6 +258,13 @@ def test_sigterm_to_a_worker_in_the_middle_of_a_job(rig: Rig) -> None:
     assert done.state == "succeeded", (done.state, done.error, rig.logs())
     assert said(long, "handed back") == 0, long.tail()
     assert rig.states() == {"succeeded": 1}
-    report("sigterm", {"jobs": 1, "states": rig.states(), "no_grace_worker_exited_s": round(short_exit, 1),
-                       "taken_over_and_at_epoch_1_after_s": round(taken, 1),
-                       "grace_worker_finished_the_job_and_exited_s": round(long_exit, 1)})  # fmt: skip
+    report(
+        "sigterm",
+        {
+            "jobs": 1,
+            "states": rig.states(),
+            "no_grace_worker_exited_s": round(short_exit, 1),
+            "taken_over_and_at_epoch_1_after_s": round(taken, 1),
+            "grace_worker_finished_the_job_and_exited_s": round(long_exit, 1),
+        },
+    )

@@ -40,8 +40,12 @@ from zoo_store.store.blobs import DbBlobStore
 from zoo_store.store.db import Database
 from zoo_store.store.store import Store
 
-COMPOSE = {"method": "reprogram", "base": "res", "train": {"epochs": 1, "seed": 0},
-           "task": {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8}}  # fmt: skip
+COMPOSE = {
+    "method": "reprogram",
+    "base": "res",
+    "train": {"epochs": 1, "seed": 0},
+    "task": {"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 8},
+}
 PREDICT_THREADS = 4
 MAX_LOAD_S = 60  # every load stops by then, whatever happens
 MAX_REQUESTS = 200_000
@@ -66,23 +70,48 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         data = root / "replica"
         data.mkdir(parents=True)
-        env = {**os.environ, "ZOO_MODE": "distributed", "ZOO_DATABASE_URL": self.pg.url,
-               "ZOO_REDIS_URL": self.redis.url, "ZOO_DATA_DIR": str(data), "ZOO_DEMO_ZOO": "false",
-               "ZOO_JOBS_STREAM": "zoo:outages", "ZOO_HTTP_WORKERS": "1", "ZOO_DEVICE": "cpu", "ZOO_ZOO_POLL_S": "0.5",
-               "PYTHONUNBUFFERED": "1", "ZOO_TENANT_PREDICT_RATE": "100000",
-               "ZOO_TENANT_PREDICT_BURST": "100000"}  # fmt: skip
+        env = {
+            **os.environ,
+            "ZOO_MODE": "distributed",
+            "ZOO_DATABASE_URL": self.pg.url,
+            "ZOO_REDIS_URL": self.redis.url,
+            "ZOO_DATA_DIR": str(data),
+            "ZOO_DEMO_ZOO": "false",
+            "ZOO_JOBS_STREAM": "zoo:outages",
+            "ZOO_HTTP_WORKERS": "1",
+            "ZOO_DEVICE": "cpu",
+            "ZOO_ZOO_POLL_S": "0.5",
+            "PYTHONUNBUFFERED": "1",
+            "ZOO_TENANT_PREDICT_RATE": "100000",
+            "ZOO_TENANT_PREDICT_BURST": "100000",
+        }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.log = root / "replica.log"
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--no-access-log"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--no-access-log",
+        ]
         with self.log.open("wb") as f:
             self.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(data)
-        self.admin = httpx.Client(base_url=self.url, timeout=30,
-                                  headers={"Authorization": f"Bearer {(data / 'admin.key').read_text().strip()}"})
+        self.admin = httpx.Client(
+            base_url=self.url,
+            timeout=30,
+            headers={"Authorization": f"Bearer {(data / 'admin.key').read_text().strip()}"},
+        )
         card = tiny_card("res").model_dump(mode="json")
-        r = self.admin.post("/v1/zoo/models", data={"card": json.dumps(card)},
-                            files={"weights": ("w.safetensors", save(tiny_weights("resnet_s", 10)))})  # fmt: skip
+        r = self.admin.post(
+            "/v1/zoo/models",
+            data={"card": json.dumps(card)},
+            files={"weights": ("w.safetensors", save(tiny_weights("resnet_s", 10)))},
+        )
         assert r.status_code == 201, r.text
         self.key, self.spare = (self.admin.post("/v1/keys", json={"tenant": "a"}).json() for _ in range(2))
         db = Database(self.pg.url)
@@ -111,8 +140,9 @@ class Stack:
         return httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {key}"})
 
     def predict(self, client: httpx.Client, path_id: str) -> httpx.Response:
-        return client.post(f"/v1/paths/{path_id}/predict", content=self.body,
-                           headers={"content-type": "application/octet-stream"})  # fmt: skip
+        return client.post(
+            f"/v1/paths/{path_id}/predict", content=self.body, headers={"content-type": "application/octet-stream"}
+        )
 
     def tail(self, n: int = 4000) -> str:
         log = getattr(self, "log", None)
@@ -181,7 +211,7 @@ class Load:
         with httpx.Client(base_url=self.stack.url, timeout=30, headers=dict(self.stack.tenant.headers)) as c:
             n = i
             while self._running():
-                self._record("predict", lambda: self.stack.predict(c, self.stack.ids[n % len(self.stack.ids)]))
+                self._record("predict", lambda n=n: self.stack.predict(c, self.stack.ids[n % len(self.stack.ids)]))
                 n += 1
 
     def _probes(self) -> None:
@@ -227,13 +257,27 @@ class Figures:
 
     def report(self) -> dict:
         statuses = Counter(a.status for a in self.answers)
-        return {"scenario": self.name, "fault_s": round(self.healed_at - self.fault_at, 2),
-                "answers": len(self.answers), "500": statuses[500], "no answer": statuses[0],
-                "by phase": self.counts(), **self.extra}  # fmt: skip
+        return {
+            "scenario": self.name,
+            "fault_s": round(self.healed_at - self.fault_at, 2),
+            "answers": len(self.answers),
+            "500": statuses[500],
+            "no answer": statuses[0],
+            "by phase": self.counts(),
+            **self.extra,
+        }
 
 
-def scenario(stack: Stack, name: str, fault: Callable[[], None], heal: Callable[[], None], hold_s: float,
-             during: Callable[[], dict] = dict, before_s: float = 2.0, after_s: float = 5.0) -> Figures:  # fmt: skip
+def scenario(
+    stack: Stack,
+    name: str,
+    fault: Callable[[], None],
+    heal: Callable[[], None],
+    hold_s: float,
+    during: Callable[[], dict] = dict,
+    before_s: float = 2.0,
+    after_s: float = 5.0,
+) -> Figures:
     """Load, then ``fault()``, ``during()`` (its figures kept) for at least ``hold_s``, ``heal()``, more load."""
     with Load(stack) as load:
         time.sleep(before_s)
@@ -301,9 +345,13 @@ def test_postgresql_stopped_for_12_s_under_load(stack: Stack) -> None:
         r = stack.admin.post("/v1/compositions", json=COMPOSE)
         ready = httpx.get(f"{stack.url}/readyz", timeout=10)
         spare_status = stack.predict(spare, stack.ids[1]).status_code
-        return {"compose": r.status_code, "compose retry-after": r.headers.get("retry-after"),
-                "compose body": r.json().get("detail"), "readyz": [ready.status_code, ready.json().get("degraded")],
-                "spare key predict": spare_status}  # fmt: skip
+        return {
+            "compose": r.status_code,
+            "compose retry-after": r.headers.get("retry-after"),
+            "compose body": r.json().get("detail"),
+            "readyz": [ready.status_code, ready.json().get("degraded")],
+            "spare key predict": spare_status,
+        }
 
     fig = scenario(stack, "PostgreSQL stopped for 12 s", stack.pg.stop, stack.pg.start, hold_s=12.0, during=during)
     _assert_served(fig, stack)
@@ -329,8 +377,10 @@ def test_postgresql_stopped_for_12_s_under_load(stack: Stack) -> None:
         status = stack.predict(spare, stack.ids[1]).status_code
         time.sleep(0.05)
     refused_after = round(time.monotonic() - revoked_at, 2)
-    print(f"outage figures: database route all 200 again {recovered} s after the start, /readyz 'ready' "
-          f"{ready_again} s; a key revoked after it was refused after {refused_after} s")  # fmt: skip
+    print(
+        f"outage figures: database route all 200 again {recovered} s after the start, /readyz 'ready' "
+        f"{ready_again} s; a key revoked after it was refused after {refused_after} s"
+    )
     assert status == 401 and refused_after <= 2 * KEY_TTL_S + RETRY_S + 1, (status, refused_after)
     spare.close()
 
@@ -398,10 +448,21 @@ def _wrk(stack: Stack, seconds: float, work: Path) -> dict[str, dict]:
     procs = {}
     for kind, method, conns in (("predict", "POST", 14), ("db", "GET", 2)):
         lua = work / f"{kind}.lua"
-        lua.write_text(_WRK_LUA % {"paths": ", ".join(f'"{i}"' for i in stack.ids), "method": method,
-                                   "body": body, "key": stack.key["key"]})  # fmt: skip
-        cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(lua),
-               stack.url]  # fmt: skip
+        lua.write_text(
+            _WRK_LUA
+            % {"paths": ", ".join(f'"{i}"' for i in stack.ids), "method": method, "body": body, "key": stack.key["key"]}
+        )
+        cmd = [
+            "wrk",
+            "-t1",
+            f"-c{conns}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(lua),
+            stack.url,
+        ]
         procs[kind] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = {}
     for kind, p in procs.items():
@@ -418,14 +479,16 @@ def wrk_scenarios(phase_s: float = 4.0) -> list[dict]:
     stack = Stack(root)
     results = []
     try:
-        scenarios = (("PostgreSQL restarted", stack.pg.restart, None, 0.0),
-                     ("PostgreSQL stopped for 12 s", stack.pg.stop, stack.pg.start, 12.0),
-                     ("Redis stopped for 6 s", stack.redis.stop, stack.redis.start, 6.0))  # fmt: skip
+        scenarios = (
+            ("PostgreSQL restarted", stack.pg.restart, None, 0.0),
+            ("PostgreSQL stopped for 12 s", stack.pg.stop, stack.pg.start, 12.0),
+            ("Redis stopped for 6 s", stack.redis.stop, stack.redis.start, 6.0),
+        )
         for name, fault, heal, hold_s in scenarios:
             before = _wrk(stack, phase_s, root)
             if heal is None:
                 done: dict = {}
-                t = threading.Thread(target=lambda: done.update(_wrk(stack, phase_s, root)))
+                t = threading.Thread(target=lambda done=done: done.update(_wrk(stack, phase_s, root)))
                 t.start()
                 time.sleep(1)
                 fault()

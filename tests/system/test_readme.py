@@ -5,6 +5,7 @@ from the code."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -86,18 +87,35 @@ def test_the_readme_walkthrough_runs(tmp_path: Path) -> None:
     assert zoo.exists(), f"the walkthrough runs {zoo}: install as the README says"
     cmds = walkthrough((ROOT / "README.md").read_text())
     first, second = free_port(), free_port()
-    env = {**os.environ, "ZOO_DATA_DIR": str(tmp_path / "data"), "ZOO_DEMO_SAMPLES": "1000",
-           "ZOO_URL": f"http://127.0.0.1:{first}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "ZOO_DATA_DIR": str(tmp_path / "data"),
+        "ZOO_DEMO_SAMPLES": "1000",
+        "ZOO_URL": f"http://127.0.0.1:{first}",
+    }
     log = (tmp_path / "serve.log").open("wb")
-    server = subprocess.Popen([str(zoo), "serve", "--port", str(first), "--no-access-log"], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(
+        [str(zoo), "serve", "--port", str(first), "--no-access-log"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         _wait_ready(first, server, tmp_path / "serve.log")
         said = (tmp_path / "serve.log").read_text()
-        assert f"an admin API key was written to {tmp_path / 'data' / 'admin.key'}" in said, said[-2000:]  # fresh: says where
+        assert f"an admin API key was written to {tmp_path / 'data' / 'admin.key'}" in said, said[
+            -2000:
+        ]  # fresh: says where
         (tmp_path / "script.sh").write_text(_script(cmds, tmp_path, first, second, tmp_path / "walk"))
-        shell = subprocess.Popen(["bash", str(tmp_path / "script.sh")], env=env, start_new_session=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        shell = subprocess.Popen(
+            ["bash", str(tmp_path / "script.sh")],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             said, _ = shell.communicate(timeout=600)
         finally:
@@ -144,7 +162,5 @@ def _stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -103,17 +103,25 @@ def test_rolling_restart_under_wrk(pg_url_fresh: str, redis_url: str, tmp_path: 
                 time.sleep(0.1)
         _, body = one_image(GRAY)
         for name in ports:  # the path materialized on each replica (the one nginx hashes it to, and the other)
-            r = httpx.post(f"{cluster.procs[name].url}/v1/paths/{path_id}/predict", content=body, timeout=30,
-                           headers={"content-type": "application/octet-stream",
-                                    "authorization": f"Bearer {cluster.admin_key}"})  # fmt: skip
+            r = httpx.post(
+                f"{cluster.procs[name].url}/v1/paths/{path_id}/predict",
+                content=body,
+                timeout=30,
+                headers={"content-type": "application/octet-stream", "authorization": f"Bearer {cluster.admin_key}"},
+            )
             assert r.status_code == 200, r.text
 
         (tmp_path / "paths.txt").write_text(path_id + "\n")
         (tmp_path / "body").write_bytes(body)
         (tmp_path / "zoo.lua").write_text(WRK_SCRIPT)
-        env = {**os.environ, "ZOO_WRK_PATHS": str(tmp_path / "paths.txt"), "ZOO_WRK_BODY": str(tmp_path / "body"),
-               "ZOO_WRK_TYPE": "application/octet-stream", "ZOO_WRK_AUTH": f"Bearer {cluster.admin_key}",
-               "ZOO_WRK_ROUTE": "/v1/paths/%s/predict"}  # fmt: skip
+        env = {
+            **os.environ,
+            "ZOO_WRK_PATHS": str(tmp_path / "paths.txt"),
+            "ZOO_WRK_BODY": str(tmp_path / "body"),
+            "ZOO_WRK_TYPE": "application/octet-stream",
+            "ZOO_WRK_AUTH": f"Bearer {cluster.admin_key}",
+            "ZOO_WRK_ROUTE": "/v1/paths/%s/predict",
+        }
         # at most 60 s; stopped with SIGINT (wrk then prints its summary) once the second replica is back
         cmd = [WRK, "-t1", "-c8", "-d60s", "--timeout", "10s", "-s", str(tmp_path / "zoo.lua"), nginx.url]
         wrk = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -136,10 +144,16 @@ def test_rolling_restart_under_wrk(pg_url_fresh: str, redis_url: str, tmp_path: 
         out, _ = wrk.communicate(timeout=30)
         seconds = time.monotonic() - began
         counts = parse_wrk(out)
-        served = {name: sum(len(PREDICT_200.findall(log.read_text(errors="replace")))
-                            for log in tmp_path.glob(f"{name}.start*.log")) for name in ports}  # fmt: skip
-        print(f"\nrolling restart: {seconds:.1f} s of wrk at 8 connections through nginx: {counts}; "
-              f"predicts answered 200 by each replica (access logs): {served}; restarts: {timings}")
+        served = {
+            name: sum(
+                len(PREDICT_200.findall(log.read_text(errors="replace"))) for log in tmp_path.glob(f"{name}.start*.log")
+            )
+            for name in ports
+        }
+        print(
+            f"\nrolling restart: {seconds:.1f} s of wrk at 8 connections through nginx: {counts}; "
+            f"predicts answered 200 by each replica (access logs): {served}; restarts: {timings}"
+        )
         print(out)
         for log in sorted(tmp_path.glob("*.log")):
             statuses = re.findall(r'"(?:GET|POST) (\S+) HTTP/1\.1" (\d+)', log.read_text(errors="replace"))

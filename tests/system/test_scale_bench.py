@@ -42,8 +42,19 @@ def test_wrk_drives_a_real_server(tmp_path: Path) -> None:
             assert r["requests"] > 0 and r["errors"] == 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
         pixels = (one_image(spec)[0].numpy() * 255).round().astype("uint8")
         body, headers = infer_body(pixels)
-        r = wrk(server.url, ids, body, "application/octet-stream", 4, 1, tmp_path, server.key,
-                "/v2/models/%s/infer", headers, max_requests=100_000)  # fmt: skip
+        r = wrk(
+            server.url,
+            ids,
+            body,
+            "application/octet-stream",
+            4,
+            1,
+            tmp_path,
+            server.key,
+            "/v2/models/%s/infer",
+            headers,
+            max_requests=100_000,
+        )
         assert r["requests"] > 0 and r["errors"] == 0, r
     finally:
         server.close()
@@ -83,7 +94,14 @@ def test_a_cut_short_logs_figures_become_a_table() -> None:
 def test_repeated_runs_become_mean_and_spread_and_zipf_is_paired_with_uniform() -> None:
     from bench.scale import FULL, Point, _ratio_table, _references, runs, zipf_against_uniform
 
-    assert runs(FULL, "mixed")[:6] == [(0, "uniform"), (0, "zipf"), (1, "zipf"), (1, "uniform"), (2, "uniform"), (2, "zipf")]
+    assert runs(FULL, "mixed")[:6] == [
+        (0, "uniform"),
+        (0, "zipf"),
+        (1, "zipf"),
+        (1, "uniform"),
+        (2, "uniform"),
+        (2, "zipf"),
+    ]
     assert runs(FULL, "per-path") == [(0, "uniform"), (0, "zipf")]
     pts = [Point("b", "mixed", "http", 1, t, 100.0, 2.0, 4.0) for t in ("uniform", "zipf")]
     pts += [Point("b", "mixed", "http", 16, "uniform", r, 2.0, 4.0) for r in (80.0, 100.0)]
@@ -92,4 +110,6 @@ def test_repeated_runs_become_mean_and_spread_and_zipf_is_paired_with_uniform() 
     rows = _ratio_table(pts[:-2], _references(pts[:-2]), absolute=False)
     assert rows[4] == "| http | mixed | 16 | uniform | 2 | **0.90x ± 0.14** | 1.00x ± 0.00 | 1.00x ± 0.00 |"
     assert rows[5] == "| http | mixed | 16 | zipf | 2 | **0.89x ± 0.01** | 1.00x ± 0.00 | 1.00x ± 0.00 |"
-    assert zipf_against_uniform(pts) == ["\nZipf against uniform, mixed executor (throughput, paired runs): http 16: 1.00x ± 0.14."]
+    assert zipf_against_uniform(pts) == [
+        "\nZipf against uniform, mixed executor (throughput, paired runs): http 16: 1.00x ± 0.14."
+    ]

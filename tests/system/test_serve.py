@@ -49,8 +49,9 @@ class Serve(Server):
     """The bench's `zoo serve` child process, with what these tests ask of it."""
 
     def predict(self, path_id: str) -> httpx.Response:
-        return self.client.post(f"/v1/paths/{path_id}/predict?top_k=2", content=_npy(),
-                                headers={"content-type": "application/octet-stream"})  # fmt: skip
+        return self.client.post(
+            f"/v1/paths/{path_id}/predict?top_k=2", content=_npy(), headers={"content-type": "application/octet-stream"}
+        )
 
     def inference_pid(self) -> int:
         return next(p for p, cmd in descendants(self.proc.pid).items() if "service.serve.infer" in cmd)
@@ -129,9 +130,17 @@ def test_a_child_orphaned_while_starting_still_dies_with_the_supervisor(supervis
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
         supervisor = gone.pid
-    code = ("import os, time; from service.common.procs import die_with_supervisor, SUPERVISOR_ENV; die_with_supervisor(); "
-            "time.sleep(1); print(SUPERVISOR_ENV in os.environ)")  # fmt: skip
-    child = subprocess.run([sys.executable, "-c", code], check=False, env={**os.environ, SUPERVISOR_ENV: str(supervisor)},
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    code = (
+        "import os, time; from service.common.procs import die_with_supervisor, SUPERVISOR_ENV; die_with_supervisor(); "
+        "time.sleep(1); print(SUPERVISOR_ENV in os.environ)"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        env={**os.environ, SUPERVISOR_ENV: str(supervisor)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert child.returncode == (0 if supervisor_alive else -signal.SIGTERM), child.stderr
     assert child.stdout.strip() == ("False" if supervisor_alive else "")

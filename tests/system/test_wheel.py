@@ -20,8 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _wheel(out: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = out.glob("zoo-*.whl")
     return wheel
 
@@ -30,8 +34,14 @@ def _venv(where: Path) -> Path:
     """A fresh environment that reuses this one's installed packages (torch: not reinstalled) through a
     ``.pth`` line; the ``.pth`` files of that folder (this checkout's editable install) are not run."""
     subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=300)
-    site = Path(subprocess.run([str(where / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())  # fmt: skip
+    site = Path(
+        subprocess.run(
+            [str(where / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (site / "reuse-test-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return where / "bin"
 
@@ -46,19 +56,33 @@ def test_the_wheel_holds_the_migrations_and_no_benchmarks_or_tests(tmp_path: Pat
 
 def test_pip_install_dot_then_zoo_serve_from_elsewhere(tmp_path: Path) -> None:
     bin_dir = _venv(tmp_path / "venv")
-    subprocess.run([str(bin_dir / "pip"), "install", "-q", "--no-deps", "--no-index", str(_wheel(tmp_path / "dist"))],
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [str(bin_dir / "pip"), "install", "-q", "--no-deps", "--no-index", str(_wheel(tmp_path / "dist"))],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(bin_dir / "python"), "-c", "import service, zoo_store; print(service.__file__, zoo_store.__file__)"],
-                           cwd=elsewhere, check=True, capture_output=True, text=True).stdout  # fmt: skip
+    where = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import service, zoo_store; print(service.__file__, zoo_store.__file__)"],
+        cwd=elsewhere,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert str(ROOT) not in where and str(tmp_path / "venv") in where, where  # the installed copy, not this checkout
     port, data = free_port(), tmp_path / "data"
     env = {**os.environ, "ZOO_DATA_DIR": str(data), "ZOO_DEMO_SAMPLES": "500", "ZOO_HTTP_WORKERS": "1"}
     env.pop("PYTHONPATH", None)
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([str(bin_dir / "zoo"), "serve", "--port", str(port), "--no-access-log"], cwd=elsewhere,
-                            env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(bin_dir / "zoo"), "serve", "--port", str(port), "--no-access-log"],
+        cwd=elsewhere,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             ready = _wait_ready(client, proc, 600)

@@ -57,9 +57,12 @@ def test_block_taps_cut_finer_with_the_same_weights(arch: str) -> None:
 
 @pytest.mark.parametrize(
     ("arch", "ctor"),
-    [("tv_resnet18", torchvision.models.resnet18), ("tv_resnet50", torchvision.models.resnet50),
-     ("tv_mobilenet_v3_small", torchvision.models.mobilenet_v3_small)],
-)  # fmt: skip
+    [
+        ("tv_resnet18", torchvision.models.resnet18),
+        ("tv_resnet50", torchvision.models.resnet50),
+        ("tv_mobilenet_v3_small", torchvision.models.mobilenet_v3_small),
+    ],
+)
 def test_torchvision_keys_and_function(arch: str, ctor) -> None:
     ours = build_arch(arch, {"num_classes": 5}).eval()
     ref = ctor(num_classes=5).eval()

@@ -27,7 +27,9 @@ def blobs(request, tmp_path: Path) -> Iterator[BlobStore]:
     elif request.param == "memory":
         yield MemoryBlobStore()
     else:
-        url = f"sqlite:///{tmp_path / 'zoo.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url_fresh")
+        url = (
+            f"sqlite:///{tmp_path / 'zoo.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url_fresh")
+        )
         db = Database(url)
         db.migrate()
         yield DbBlobStore(db, chunk_bytes=1000)  # small chunks: the tests' blobs span several

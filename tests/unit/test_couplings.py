@@ -86,8 +86,14 @@ def test_a_permutation_across_blocks_changes_the_function_one_within_them_does_n
 
 
 def test_a_depthwise_conv_with_a_channel_multiplier_leaves_its_input_at_full_width() -> None:
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 3, groups=4), nn.AdaptiveAvgPool2d(1),
-                        nn.Flatten(), nn.Linear(8, 2))  # fmt: skip
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 8, 3, groups=4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
     traced = trace_groups(_perturbed(net))
     assert "channel multiplier" in traced.opaque["0"], traced.opaque
 
@@ -110,11 +116,16 @@ def test_regnet_resamples_every_grouped_conv_block_by_block(regnet: nn.Module) -
     grouped = {n for n, m in regnet.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels}
     assert grouped and grouped == {c for g in blocked for c in g.grouped}, proven_groups(regnet).opaque
     widths = widths_for(regnet, groups, ResampleBudget(width=0.7))
-    assert all(widths[g.name] % g.blocks == 0 and widths[g.name] < regnet.get_submodule(g.name).weight.shape[0]
-               for g in blocked)  # fmt: skip
+    assert all(
+        widths[g.name] % g.blocks == 0 and widths[g.name] < regnet.get_submodule(g.name).weight.shape[0]
+        for g in blocked
+    )
     _, ordered, _ = convert(regnet, blocked[:4])  # each block ordered along its own tour (a few: 2-opt is slow)
-    assert all(keeps_blocks(ordered[g.name], g.blocks) and not torch.equal(ordered[g.name].long(), torch.arange(len(ordered[g.name])))
-               for g in blocked[:4])  # fmt: skip
+    assert all(
+        keeps_blocks(ordered[g.name], g.blocks)
+        and not torch.equal(ordered[g.name].long(), torch.arange(len(ordered[g.name])))
+        for g in blocked[:4]
+    )
     gen = torch.Generator().manual_seed(0)
     sizes = {g.name: regnet.get_submodule(g.name).weight.shape[0] for g in groups}
     perms = {f"perm.{g.name}": ordered.get(g.name, block_perm(sizes[g.name], g.blocks, gen).int()) for g in groups}
@@ -135,7 +146,9 @@ def test_a_stored_path_that_breaks_the_blocks_is_422(regnet: nn.Module) -> None:
     widths = dict(sizes)
     n = sizes[g.name]
     crossing = torch.arange(n, dtype=torch.int32)
-    crossing[[0, n - 1]] = crossing[[n - 1, 0]]  # the first channel of the first block trades with the last block's last
+    crossing[[0, n - 1]] = crossing[
+        [n - 1, 0]
+    ]  # the first channel of the first block trades with the last block's last
     with pytest.raises(InvalidInput, match="moves channels across the .* blocks"):
         method.materialize({"base": "b", "widths": widths}, {**perms, f"perm.{g.name}": crossing}, {"b": regnet})
     with pytest.raises(InvalidInput, match="as many channels in every block"):
@@ -217,8 +230,9 @@ def test_a_concatenation_resamples_each_group_at_its_offset() -> None:
     perms = {g.name: torch.randperm(layers[g.name].weight.shape[0], generator=gen) for g in groups}
     full = {g.name: uniform_cells(layers[g.name].weight.shape[0]) for g in groups}
     with torch.no_grad():
-        torch.testing.assert_close(assemble(net, groups, permute_and_resample(layers, groups, perms, full))(x), net(x),
-                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            assemble(net, groups, permute_and_resample(layers, groups, perms, full))(x), net(x), atol=1e-5, rtol=1e-5
+        )
         widths = {"a": 3, "b": 4}
         fused = permute_and_resample(layers, groups, perms, {k: uniform_cells(w) for k, w in widths.items()})
         small = assemble(net, groups, fused)
@@ -234,12 +248,16 @@ def test_pruning_keeps_as_many_channels_of_every_block() -> None:
     groups = [g for g in proven_groups(net).groups if g.name == "c1"]
     layers = fused_layers(net, groups)
     x = torch.rand(2, 3, 8, 8)  # (B, C, H, W)
-    small = assemble(net, groups, select_channels(layers, groups, {"c1": torch.tensor([0, 2, 5, 7])}))  # one of each block of 2
+    small = assemble(
+        net, groups, select_channels(layers, groups, {"c1": torch.tensor([0, 2, 5, 7])})
+    )  # one of each block of 2
     assert small.c2.groups == 4 and small.c2.in_channels == 4
     with torch.no_grad():
         assert small(x).shape == (2, 5)
     with pytest.raises(ValueError, match="as many channels of each"):
-        select_channels(layers, groups, {"c1": torch.tensor([0, 1, 4, 6])})  # two from the first block, none from the second
+        select_channels(
+            layers, groups, {"c1": torch.tensor([0, 1, 4, 6])}
+        )  # two from the first block, none from the second
 
 
 def test_a_concatenation_added_to_another_value_is_left_at_full_width() -> None:
@@ -254,7 +272,9 @@ def test_densenet_resamples_with_every_concatenation_and_counts_its_parameters()
     groups = channel_groups(net)
     widths = widths_for(net, groups, ResampleBudget(width=0.5))
     gen = torch.Generator().manual_seed(0)
-    perms = {f"perm.{g.name}": torch.randperm(net.get_submodule(g.name).weight.shape[0], generator=gen).int() for g in groups}
+    perms = {
+        f"perm.{g.name}": torch.randperm(net.get_submodule(g.name).weight.shape[0], generator=gen).int() for g in groups
+    }
     small = get_method("resample").materialize({"base": "b", "widths": widths}, perms, {"b": net})
     assert sum(p.numel() for p in small.parameters()) == resampled_params(net, groups, widths)
     assert sum(p.numel() for p in small.parameters()) < 0.6 * sum(p.numel() for p in net.parameters())
@@ -287,4 +307,6 @@ def test_partition_tuning_learns_cells_through_blocks_and_concatenations(model: 
     assert all(widths[g.name] // g.blocks > 1 for g in groups)  # each block has cells to move
     assert all(not torch.allclose(tuned[g.name], cells[g.name].double()) for g in groups)  # every group's cells moved
     for g in groups:
-        torch.testing.assert_close(tuned[g.name].view(g.blocks, -1).sum(1), torch.full((g.blocks,), 2 / g.blocks, dtype=torch.float64))
+        torch.testing.assert_close(
+            tuned[g.name].view(g.blocks, -1).sum(1), torch.full((g.blocks,), 2 / g.blocks, dtype=torch.float64)
+        )

@@ -22,20 +22,28 @@ def _cbn(p: str) -> tuple[str, str]:
 def _declared_resnet_s(net: nn.Module) -> list[ChannelGroup]:
     from zoo_store.archs.small import BasicBlock
 
-    return [ChannelGroup(f"{p}.conv1", (_cbn(f"{p}.conv1"),), (f"{p}.conv2.0",))
-            for p, m in net.named_modules() if isinstance(m, BasicBlock)]  # fmt: skip
+    return [
+        ChannelGroup(f"{p}.conv1", (_cbn(f"{p}.conv1"),), (f"{p}.conv2.0",))
+        for p, m in net.named_modules()
+        if isinstance(m, BasicBlock)
+    ]
 
 
 def _declared_vgg_s(net: nn.Module) -> list[ChannelGroup]:
     convs = [p for p, m in net.named_modules() if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d)]
-    return [ChannelGroup(p, (_cbn(p),), (r,)) for p, r in zip(convs, [f"{p}.0" for p in convs[1:]] + ["head"], strict=True)]
+    return [
+        ChannelGroup(p, (_cbn(p),), (r,)) for p, r in zip(convs, [f"{p}.0" for p in convs[1:]] + ["head"], strict=True)
+    ]
 
 
 def _declared_mobilenet_s(net: nn.Module) -> list[ChannelGroup]:
     from zoo_store.archs.small import InvertedResidual
 
-    groups = [ChannelGroup(f"{p}.body", (_cbn(f"{p}.body.0"),), (f"{p}.body.2.0",), (_cbn(f"{p}.body.1"),))
-              for p, m in net.named_modules() if isinstance(m, InvertedResidual)]  # fmt: skip
+    groups = [
+        ChannelGroup(f"{p}.body", (_cbn(f"{p}.body.0"),), (f"{p}.body.2.0",), (_cbn(f"{p}.body.1"),))
+        for p, m in net.named_modules()
+        if isinstance(m, InvertedResidual)
+    ]
     last = f"stages.stage{len(net.taps) - 2}.2"
     return [*groups, ChannelGroup(last, (_cbn(last),), ("head",))]
 
@@ -45,7 +53,10 @@ def _declared_tv_resnet(net: nn.Module) -> list[ChannelGroup]:
     for p, m in net.named_modules():
         if isinstance(m, torchvision.models.resnet.BasicBlock | torchvision.models.resnet.Bottleneck):
             n = 3 if isinstance(m, torchvision.models.resnet.Bottleneck) else 2
-            groups += [ChannelGroup(f"{p}.conv{i}", ((f"{p}.conv{i}", f"{p}.bn{i}"),), (f"{p}.conv{i + 1}",)) for i in range(1, n)]
+            groups += [
+                ChannelGroup(f"{p}.conv{i}", ((f"{p}.conv{i}", f"{p}.bn{i}"),), (f"{p}.conv{i + 1}",))
+                for i in range(1, n)
+            ]
     return groups
 
 
@@ -101,7 +112,9 @@ def test_the_proof_sees_through_zero_initialised_scales() -> None:
     traced = trace_groups(net)
     g = next(g for g in traced.groups if g.name.endswith("conv1"))
     broken = ChannelGroup(g.name, g.producers, (), g.depthwise)
-    kept, failed = _prove(build_arch("timm:resnet18", {"num_classes": 10}), TracedGroups([broken], [], {}, traced.probe), fresh=True)
+    kept, failed = _prove(
+        build_arch("timm:resnet18", {"num_classes": 10}), TracedGroups([broken], [], {}, traced.probe), fresh=True
+    )
     assert kept == [] and set(failed) == {g.name}
 
 
@@ -124,9 +137,12 @@ def test_a_parameter_that_scales_channels_leaves_them_unproven() -> None:
     assert "c1" not in {g.name for g in traced.groups} and "scale" in traced.opaque["c1"]
 
 
-@pytest.mark.parametrize(("name", "reason"), [
-    ("shufflenet_v2_x0_5", "(cat) reads its channels"),  # a concatenation of a split: its channel shuffle
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("shufflenet_v2_x0_5", "(cat) reads its channels"),  # a concatenation of a split: its channel shuffle
+    ],
+)
 def test_couplings_that_cannot_be_proven_are_reported(name: str, reason: str) -> None:
     report = proven_groups(build_arch(f"torchvision:{name}", {"num_classes": 10}))
     assert report.opaque and any(reason in why for why in report.opaque.values()), report.opaque

@@ -101,8 +101,13 @@ def _same_as_stored(bundle) -> None:
 
 def test_stored_read_of_every_dtype_and_empty_tensors() -> None:
     card, _ = _base(SMALL_ARCHS[0])
-    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).half(), "c": torch.arange(7, dtype=torch.uint8),
-               "d": torch.arange(-3, 3, dtype=torch.int32).view(2, 3), "e": torch.zeros(0, 4)}  # fmt: skip
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5).half(),
+        "c": torch.arange(7, dtype=torch.uint8),
+        "d": torch.arange(-3, 3, dtype=torch.int32).view(2, 3),
+        "e": torch.zeros(0, 4),
+    }
     art = PathArtifact("reprogram", [{"id": card.id, "digest": card.digest}], ["x"], card.input, {}, tensors)
     bundle = decode_bundle(encode_bundle(make_manifest(art), tensors, {"m": 1}))
     _same_as_stored(bundle)

@@ -38,9 +38,8 @@ def test_an_unreachable_database_is_503_with_retry_after_logged_once(caplog) -> 
     port = url.split(":")[-1].split("/")[0]
     with caplog.at_level(logging.WARNING, "zoo.db"):
         for _ in range(20):
-            with pytest.raises(Unavailable) as e:
-                with db.session() as s:
-                    s.execute(text("SELECT 1"))
+            with pytest.raises(Unavailable) as e, db.session() as s:
+                s.execute(text("SELECT 1"))
             assert e.value.status == 503 and e.value.headers() == {"Retry-After": "2"}
             assert port not in e.value.detail and "127.0.0.1" not in e.value.detail and "psycopg" not in e.value.detail
     lines = [r for r in caplog.records if r.name == "zoo.db"]

@@ -154,8 +154,9 @@ def test_a_run_an_outage_cut_short_runs_again(store: Store, tmp_path: Path, monk
         runner.stop()
 
 
-def test_runs_cut_short_every_time_fail_with_the_reason(store: Store, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runs_cut_short_every_time_fail_with_the_reason(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     update = store.update_job
     runs = []
 

@@ -137,10 +137,7 @@ def test_empty_upload() -> None:
 
 
 def test_not_a_zip() -> None:
-    assert (
-        refused(b"plain text, not a zip", BadRequest, "neither a zip of image folders nor an .npz").status
-        == 400
-    )
+    assert refused(b"plain text, not a zip", BadRequest, "neither a zip of image folders nor an .npz").status == 400
 
 
 def test_corrupt_central_directory() -> None:
@@ -279,9 +276,7 @@ def test_npz_bad_floats() -> None:
 def test_npz_too_many_samples_and_labels() -> None:
     assert refused(npz_of(x=_X, y=_Y), PayloadTooLarge, "4 samples", Limits(max_samples=3)).status == 413
     labels = np.array(["a", "b", "c"])
-    refused(
-        npz_of(x=_X, y=np.array([0, 1, 2, 0]), labels=labels), InvalidInput, "3 labels", Limits(max_labels=2)
-    )
+    refused(npz_of(x=_X, y=np.array([0, 1, 2, 0]), labels=labels), InvalidInput, "3 labels", Limits(max_labels=2))
 
 
 def test_npz_missing_y() -> None:
@@ -291,9 +286,7 @@ def test_npz_missing_y() -> None:
 def test_npz_header_lying_about_shape() -> None:
     """A tiny .npy declaring a gigantic shape is refused from its header, before any allocation."""
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": "<f8", "fortran_order": False, "shape": (10**12, 3, 3)}
-    )
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": (10**12, 3, 3)})
     data = zip_of({"x.npy": buf.getvalue() + bytes(64), "y.npy": _npy(_Y)})
     refused(data, BadRequest, "x.npy declares shape")
 

@@ -100,8 +100,12 @@ class TapNet(nn.Module):
     def prefix_convs(self, end: str) -> list[str]:
         """Dotted paths of every Conv2d in the stages up to and including tap ``end``, in order."""
         paths = [p for stage in self._stages[: self.tap_index(end) + 1] for p in stage.steps if p != FLATTEN]
-        return [f"{p}.{name}" if name else p
-                for p in paths for name, m in self.get_submodule(p).named_modules() if isinstance(m, nn.Conv2d)]  # fmt: skip
+        return [
+            f"{p}.{name}" if name else p
+            for p in paths
+            for name, m in self.get_submodule(p).named_modules()
+            if isinstance(m, nn.Conv2d)
+        ]
 
     # -- forward ----------------------------------------------------------------------------
     def stage_fn(self, index: int) -> Callable[[Tensor], Tensor]:

@@ -35,11 +35,41 @@ from zoo_store.archs.surgery import on_meta
 from zoo_store.archs.traced import config_key, node_tracer
 
 # modules and functions that carry each channel to the same channel, one to one
-CARRY_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
-                 nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, StochasticDepth)  # fmt: skip
-CARRY_FUNCTIONS = {F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu, torch.sigmoid, torch.relu, F.dropout,
-                   F.adaptive_avg_pool2d, F.max_pool2d, F.avg_pool2d, torch.tanh}  # fmt: skip
+CARRY_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.SiLU,
+    nn.GELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Dropout,
+    nn.Identity,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    StochasticDepth,
+)
+CARRY_FUNCTIONS = {
+    F.relu,
+    F.relu6,
+    F.hardswish,
+    F.hardsigmoid,
+    F.silu,
+    F.gelu,
+    torch.sigmoid,
+    torch.relu,
+    F.dropout,
+    F.adaptive_avg_pool2d,
+    F.max_pool2d,
+    F.avg_pool2d,
+    torch.tanh,
+}
 JOIN_FUNCTIONS = {operator.add, operator.mul, torch.add, torch.mul, operator.iadd, operator.imul}
 
 
@@ -117,8 +147,10 @@ def _traced(net: nn.Module) -> tuple[fx.Graph, dict[fx.Node, tuple[int, ...] | N
     size = getattr(net, "probe_size", 64)
     gm = fx.GraphModule(meta, graph)
     ShapeProp(gm).propagate(torch.empty(2, channels, size, size, device="meta"))
-    shapes = {n: (tuple(n.meta["tensor_meta"].shape) if hasattr(n.meta.get("tensor_meta"), "shape") else None)
-              for n in gm.graph.nodes}  # fmt: skip
+    shapes = {
+        n: (tuple(n.meta["tensor_meta"].shape) if hasattr(n.meta.get("tensor_meta"), "shape") else None)
+        for n in gm.graph.nodes
+    }
     return gm.graph, shapes, (channels, size)
 
 
@@ -224,9 +256,18 @@ class _Analysis:
             elif s.residual:
                 residual.append(name)
             else:
-                groups.append(ChannelGroup(name, tuple(s.producers), tuple(s.consumers), tuple(s.depthwise),
-                                           tuple(s.grouped), max(s.blocks, default=1), tuple(s.sliced),
-                                           tuple(s.carried)))  # fmt: skip
+                groups.append(
+                    ChannelGroup(
+                        name,
+                        tuple(s.producers),
+                        tuple(s.consumers),
+                        tuple(s.depthwise),
+                        tuple(s.grouped),
+                        max(s.blocks, default=1),
+                        tuple(s.sliced),
+                        tuple(s.carried),
+                    )
+                )
         groups.sort(key=lambda g: order.get(g.name, 0))
         return TracedGroups(groups, sorted(residual, key=lambda p: order.get(p, 0)), opaque)
 
@@ -261,10 +302,14 @@ class _Analysis:
             elif groups == m.in_channels == m.out_channels:
                 self.of[n] = self.of[x]
                 self.space(x).depthwise.append((n.target, None))
-            elif groups == m.in_channels:  # depthwise with a channel multiplier: blocks of one channel, nothing to shrink
+            elif (
+                groups == m.in_channels
+            ):  # depthwise with a channel multiplier: blocks of one channel, nothing to shrink
                 self.taint(x, f"{n.target} is a depthwise conv with a channel multiplier")
                 self.of[n] = self.new()
-                self.spaces[self.of[n]].opaque.append(f"written by {n.target}, a depthwise conv with a channel multiplier")
+                self.spaces[self.of[n]].opaque.append(
+                    f"written by {n.target}, a depthwise conv with a channel multiplier"
+                )
             else:  # grouped: block b of its input feeds block b of its output, and nothing else
                 self.space(x).grouped.append(n.target)
                 self.space(x).blocks.add(groups)
@@ -343,7 +388,9 @@ class _Analysis:
         elif (target in CARRY_FUNCTIONS or target in ("relu", "relu_", "sigmoid", "contiguous")) and len(inputs) == 1:
             self.carry(n, inputs[0])
         elif target in (torch.cat, torch.concat) and (parts := self.along_channels(n)):
-            self.cat[n] = [seg for a in parts for seg in (self.cat[a] if a in self.cat else [(self.of[a], self.shapes[a][1])])]
+            self.cat[n] = [
+                seg for a in parts for seg in (self.cat[a] if a in self.cat else [(self.of[a], self.shapes[a][1])])
+            ]
         elif (target in JOIN_FUNCTIONS or target in ("add", "mul", "add_", "mul_")) and shape is not None:
             self.join_values(n, inputs, shape)
         else:
@@ -446,7 +493,8 @@ def _guarded(net: nn.Module, traced: TracedGroups, fresh: bool) -> tuple[list[Ch
 def _prove(net: nn.Module, traced: TracedGroups, fresh: bool) -> tuple[list[ChannelGroup], dict[str, str]]:
     """Each group's channels shuffled (producers' rows and their BatchNorms, depthwise convs,
     consumers' columns, grouped convs' columns block by block, the columns and BatchNorm rows at
-    each offset of a concatenation; within blocks in a group in blocks): the outputs must stay within 1e-5 of their largest magnitude. All groups at
+    each offset of a concatenation; within blocks in a group in blocks): the outputs must stay within 1e-5 of their
+    largest magnitude. All groups at
     once; when that fails, each alone, then the survivors together again. ``fresh``: a throwaway
     network, every tensor of which is perturbed first, so that no constant initialisation (a zero
     BatchNorm scale, a layer scale of 1e-6) hides a shuffle."""
@@ -527,7 +575,9 @@ def grouped_columns(w: torch.Tensor, idx: torch.Tensor, blocks: int) -> torch.Te
     (out, k, *kernel)."""
     out, b = w.shape[0], w.shape[1]
     k = len(idx) // blocks
-    local = idx.to(w.device).long().view(blocks, k) - torch.arange(blocks, device=w.device).view(-1, 1) * b  # (blocks, k)
+    local = (
+        idx.to(w.device).long().view(blocks, k) - torch.arange(blocks, device=w.device).view(-1, 1) * b
+    )  # (blocks, k)
     wv = w.reshape(blocks, out // blocks, b, *w.shape[2:])  # (blocks, out / blocks, b, *kernel)
     index = local.view(blocks, 1, k, *([1] * (w.dim() - 2))).expand(blocks, out // blocks, k, *w.shape[2:])
     return wv.gather(2, index).reshape(out, k, *w.shape[2:])
@@ -544,11 +594,14 @@ def _fits(net: nn.Module, g: ChannelGroup, n: int) -> bool:
 
     rows = [net.get_submodule(p) for pair in (*g.producers, *g.depthwise) for p in pair if p]
     grouped = [net.get_submodule(c) for c in g.grouped]
-    return (n % g.blocks == 0 and all(sized(m) for m in rows)
-            and all(net.get_submodule(c).weight.shape[1] == n for c in g.consumers)
-            and all(m.groups == g.blocks and m.weight.shape[1] * m.groups == n for m in grouped)
-            and all(net.get_submodule(c).weight.shape[1] >= at + n for c, at in g.sliced)
-            and all(net.get_submodule(b).num_features >= at + n for b, at in g.carried))  # fmt: skip
+    return (
+        n % g.blocks == 0
+        and all(sized(m) for m in rows)
+        and all(net.get_submodule(c).weight.shape[1] == n for c in g.consumers)
+        and all(m.groups == g.blocks and m.weight.shape[1] * m.groups == n for m in grouped)
+        and all(net.get_submodule(c).weight.shape[1] >= at + n for c, at in g.sliced)
+        and all(net.get_submodule(b).num_features >= at + n for b, at in g.carried)
+    )
 
 
 def _permute(net: nn.Module, g: ChannelGroup, perm: torch.Tensor) -> None:

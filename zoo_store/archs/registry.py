@@ -45,8 +45,10 @@ def build_arch(name: str, config: dict[str, Any] | None = None) -> TapNet:
         net.arch, net.arch_config = name, dict(config or {})
         return net
     if name not in _ARCHS:
-        raise InvalidInput(f"unknown architecture {name!r}; known: {arch_names()}, or torchvision:<name> "
-                           f"for any torchvision classifier, or timm:<name> (with timm installed)")  # fmt: skip
+        raise InvalidInput(
+            f"unknown architecture {name!r}; known: {arch_names()}, or torchvision:<name> "
+            f"for any torchvision classifier, or timm:<name> (with timm installed)"
+        )
     try:
         net = _ARCHS[name](**(config or {}))
     except (TypeError, ValueError) as e:  # an unknown key, a value of the wrong type or shape

@@ -13,7 +13,9 @@ from zoo_store.archs.base import FLATTEN, Stage, Tap, TapNet
 from zoo_store.archs.registry import register_arch
 
 
-def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
+def conv_bn(
+    cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU
+) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
     if act is not None:
         layers.append(act(inplace=True))
@@ -63,8 +65,14 @@ class BasicBlock(nn.Module):
 
 
 class SmallResNet(SmallNet):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128),
-                 blocks: Sequence[int] = (1, 1, 2), block_taps: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        widths: Sequence[int] = (32, 64, 128),
+        blocks: Sequence[int] = (1, 1, 2),
+        block_taps: bool = False,
+    ):
         super().__init__()
         self.stages = nn.ModuleDict()
         self.stages["stem"] = conv_bn(in_channels, widths[0], 3, 2)  # 28 -> 14
@@ -73,21 +81,30 @@ class SmallResNet(SmallNet):
         for i, (w, n) in enumerate(zip(widths, blocks, strict=True)):
             stride = 1 if i == 0 else 2
             stride_total *= stride
-            self.stages[f"stage{i + 1}"] = nn.Sequential(*[BasicBlock(cin if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)])
+            self.stages[f"stage{i + 1}"] = nn.Sequential(
+                *[BasicBlock(cin if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)]
+            )
             plan += self._stage(f"stage{i + 1}", [w] * n, stride_total, block_taps)
             cin = w
         self._finish(plan, cin, num_classes)
 
 
 class SmallVGG(SmallNet):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128),
-                 block_taps: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        widths: Sequence[int] = (32, 64, 128),
+        block_taps: bool = False,
+    ):
         super().__init__()
         self.stages = nn.ModuleDict()
         plan: list[Stage] = []
         cin = in_channels
         for i, w in enumerate(widths):
-            self.stages[f"block{i + 1}"] = nn.Sequential(conv_bn(cin, w), conv_bn(w, w), nn.MaxPool2d(2, ceil_mode=True))
+            self.stages[f"block{i + 1}"] = nn.Sequential(
+                conv_bn(cin, w), conv_bn(w, w), nn.MaxPool2d(2, ceil_mode=True)
+            )
             stages = self._stage(f"block{i + 1}", [w] * 3, 2 ** (i + 1), block_taps)
             if block_taps:  # the first conv keeps the resolution of the block's input
                 stages[0] = Stage(Tap(stages[0].tap.name, w, 2**i), stages[0].steps)
@@ -113,8 +130,14 @@ class InvertedResidual(nn.Module):
 
 
 class SmallMobileNet(SmallNet):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (16, 32, 64),
-                 last: int = 128, block_taps: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        widths: Sequence[int] = (16, 32, 64),
+        last: int = 128,
+        block_taps: bool = False,
+    ):
         super().__init__()
         self.stages = nn.ModuleDict()
         self.stages["stem"] = conv_bn(in_channels, widths[0], 3, 2, act=nn.ReLU6)  # 28 -> 14
@@ -151,11 +174,19 @@ class ConvNeXtBlock(nn.Module):
 
 
 class SmallConvNeXt(SmallNet):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128),
-                 depths: Sequence[int] = (2, 2, 2), block_taps: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        widths: Sequence[int] = (32, 64, 128),
+        depths: Sequence[int] = (2, 2, 2),
+        block_taps: bool = False,
+    ):
         super().__init__()
         self.stages = nn.ModuleDict()
-        self.stages["stem"] = nn.Sequential(nn.Conv2d(in_channels, widths[0], 2, 2), nn.BatchNorm2d(widths[0]))  # 28 -> 14 patches
+        self.stages["stem"] = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 2, 2), nn.BatchNorm2d(widths[0])
+        )  # 28 -> 14 patches
         plan = [Stage(Tap("stem", widths[0], 2), ("stages.stem",))]
         cin, stride_total = widths[0], 2
         for i, (w, n) in enumerate(zip(widths, depths, strict=True)):

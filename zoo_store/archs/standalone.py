@@ -27,9 +27,17 @@ FORMAT = "zoo-network/1"
 
 def _layer_spec(m: nn.Module) -> dict[str, Any] | None:
     if isinstance(m, nn.Conv2d):
-        return {"kind": "conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
-                "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation),
-                "groups": m.groups, "bias": m.bias is not None}  # fmt: skip
+        return {
+            "kind": "conv2d",
+            "in": m.in_channels,
+            "out": m.out_channels,
+            "kernel": list(m.kernel_size),
+            "stride": list(m.stride),
+            "padding": list(m.padding),
+            "dilation": list(m.dilation),
+            "groups": m.groups,
+            "bias": m.bias is not None,
+        }
     if isinstance(m, nn.Linear):
         return {"kind": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
     if isinstance(m, nn.Identity):
@@ -39,8 +47,16 @@ def _layer_spec(m: nn.Module) -> dict[str, Any] | None:
 
 def _build_layer(spec: dict[str, Any]) -> nn.Module:
     if spec["kind"] == "conv2d":
-        return nn.Conv2d(spec["in"], spec["out"], tuple(spec["kernel"]), tuple(spec["stride"]), tuple(spec["padding"]),
-                         tuple(spec["dilation"]), groups=spec["groups"], bias=spec["bias"])  # fmt: skip
+        return nn.Conv2d(
+            spec["in"],
+            spec["out"],
+            tuple(spec["kernel"]),
+            tuple(spec["stride"]),
+            tuple(spec["padding"]),
+            tuple(spec["dilation"]),
+            groups=spec["groups"],
+            bias=spec["bias"],
+        )
     if spec["kind"] == "linear":
         return nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
     if spec["kind"] == "identity":
@@ -54,8 +70,14 @@ def export_network(net: TapNet, card: Card, path_id: str) -> bytes:
         fresh = build_for(card)
     fresh_specs = {p: _layer_spec(m) for p, m in fresh.named_modules()}
     changed = {p: s for p, m in net.named_modules() if (s := _layer_spec(m)) is not None and s != fresh_specs.get(p)}
-    meta_card = {"arch": card.arch, "arch_config": card.arch_config, "labels": list(card.labels),
-                 "input": card.input.model_dump(), "from_path": path_id, "base": {"id": card.id, "digest": card.digest}}  # fmt: skip
+    meta_card = {
+        "arch": card.arch,
+        "arch_config": card.arch_config,
+        "labels": list(card.labels),
+        "input": card.input.model_dump(),
+        "from_path": path_id,
+        "base": {"id": card.id, "digest": card.digest},
+    }
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     return st_save(state, metadata={"format": FORMAT, "card": json.dumps(meta_card), "layers": json.dumps(changed)})
 

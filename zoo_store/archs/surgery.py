@@ -31,7 +31,9 @@ def on_meta(net: M) -> M:
     untouched): for shape propagation without memory or compute."""
     new = shared_copy(net)
     for m in new.modules():
-        m._parameters = {k: None if v is None else nn.Parameter(v.to("meta"), v.requires_grad) for k, v in m._parameters.items()}
+        m._parameters = {
+            k: None if v is None else nn.Parameter(v.to("meta"), v.requires_grad) for k, v in m._parameters.items()
+        }
         m._buffers = {k: None if v is None else v.to("meta") for k, v in m._buffers.items()}
     return new
 
@@ -39,9 +41,7 @@ def on_meta(net: M) -> M:
 def conv_paths(net: nn.Module, min_kernel: int = 2) -> list[tuple[str, nn.Conv2d]]:
     """Dotted paths of every Conv2d whose kernel is at least ``min_kernel`` on a side."""
     return [
-        (name, m)
-        for name, m in net.named_modules()
-        if isinstance(m, nn.Conv2d) and max(m.kernel_size) >= min_kernel
+        (name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) >= min_kernel
     ]
 
 

@@ -106,8 +106,10 @@ def _build(arch: str, config: dict[str, Any]) -> nn.Module:
     try:
         if library == "torchvision":
             if name not in torchvision.models.list_models(module=torchvision.models):
-                raise InvalidInput(f"unknown torchvision classifier {name!r}; choose one of "
-                                   f"torchvision.models.list_models(module=torchvision.models)")  # fmt: skip
+                raise InvalidInput(
+                    f"unknown torchvision classifier {name!r}; choose one of "
+                    f"torchvision.models.list_models(module=torchvision.models)"
+                )
             model = torchvision.models.get_model(name, weights=None, **cfg)
             if channels not in (None, 3):
                 _set_input_channels(model, arch, channels)
@@ -147,8 +149,18 @@ def _set_input_channels(model: nn.Module, arch: str, channels: int) -> None:
     path, conv = next(((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
     if conv is None:
         raise InvalidInput(f"{arch}: in_channels needs a first Conv2d to resize; the model has none")
-    new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device)  # fmt: skip
+    new = nn.Conv2d(
+        channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+        device=conv.weight.device,
+    )
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -173,18 +185,23 @@ def _plan(arch: str, config_key: str) -> Plan:
     feature = head.args[0]
     cuts = _cuts(nodes)
     if feature not in cuts or _shape(feature) is None or len(_shape(feature)) != 2:
-        raise InvalidInput(f"{arch}: the head {head.target!r} does not read one flat feature vector "
-                           f"(its input {names.get(feature, feature.name)!r} is {_shape(feature)})")  # fmt: skip
+        raise InvalidInput(
+            f"{arch}: the head {head.target!r} does not read one flat feature vector "
+            f"(its input {names.get(feature, feature.name)!r} is {_shape(feature)})"
+        )
     convs = [n for n in nodes if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.Conv2d)]
     taps = _spatial_taps(nodes, cuts, feature, convs, size)
     boundaries = [n for n, _ in taps] + [feature]
     tap_list = [Tap(names[n], _shape(n)[1], stride) for n, stride in taps]
-    tap_list.append(Tap(names[feature] if names[feature] not in {t.name for t in tap_list} else "pool",
-                        _shape(feature)[1], 0))  # fmt: skip
+    tap_list.append(
+        Tap(names[feature] if names[feature] not in {t.name for t in tap_list} else "pool", _shape(feature)[1], 0)
+    )
     for n in nodes:
         if n.op == "get_attr" and not _resolves(model, n.target):
-            raise InvalidInput(f"{arch}: node {names.get(n, n.name)!r} reads a constant that is not a "
-                               f"parameter or buffer of the model ({n.target!r})")  # fmt: skip
+            raise InvalidInput(
+                f"{arch}: node {names.get(n, n.name)!r} reads a constant that is not a "
+                f"parameter or buffer of the model ({n.target!r})"
+            )
     stages, codes, start = [], [], None
     for tap, end in zip(tap_list, boundaries, strict=True):
         body = _between(nodes, start, end)
@@ -226,8 +243,10 @@ def _head(nodes: list[fx.Node], names: dict[fx.Node, str], model: nn.Module, arc
     if isinstance(out, fx.Node) and out.op == "call_module" and isinstance(model.get_submodule(out.target), nn.Linear):
         return out
     what = names.get(out, getattr(out, "name", repr(out))) if isinstance(out, fx.Node) else type(out).__name__
-    raise InvalidInput(f"{arch}: no linear head: the network's output comes from node {what!r}, not from an "
-                       f"nn.Linear, so there is no classifier to replace")  # fmt: skip
+    raise InvalidInput(
+        f"{arch}: no linear head: the network's output comes from node {what!r}, not from an "
+        f"nn.Linear, so there is no classifier to replace"
+    )
 
 
 def _cuts(nodes: list[fx.Node]) -> set[fx.Node]:
@@ -244,8 +263,9 @@ def _cuts(nodes: list[fx.Node]) -> set[fx.Node]:
     return cuts
 
 
-def _spatial_taps(nodes: list[fx.Node], cuts: set[fx.Node], feature: fx.Node, convs: list[fx.Node],
-                  size: int) -> list[tuple[fx.Node, int]]:  # fmt: skip
+def _spatial_taps(
+    nodes: list[fx.Node], cuts: set[fx.Node], feature: fx.Node, convs: list[fx.Node], size: int
+) -> list[tuple[fx.Node, int]]:
     """(node, stride): at each resolution before ``feature``, up to the resolution of the last conv
     (a global pool's 1 x 1 output is not a tap), the narrowest cut (B, C, H, W), the last of equals:
     a block's output, not the expanded channels inside the next block."""
@@ -276,8 +296,9 @@ def _between(nodes: list[fx.Node], start: fx.Node | None, end: fx.Node) -> list[
     return [n for n in nodes[lo : nodes.index(end) + 1] if n.op not in ("placeholder", "get_attr", "output")]
 
 
-def _compile(body: list[fx.Node], start: fx.Node | None, end: fx.Node, arch: str,
-             names: dict[fx.Node, str]) -> Callable[..., Tensor]:  # fmt: skip
+def _compile(
+    body: list[fx.Node], start: fx.Node | None, end: fx.Node, arch: str, names: dict[fx.Node, str]
+) -> Callable[..., Tensor]:
     """The stage's nodes as ``forward(self, x)``, compiled the way torch.fx compiles a GraphModule."""
     g = fx.Graph()
     x = g.placeholder("x")
@@ -291,8 +312,10 @@ def _compile(body: list[fx.Node], start: fx.Node | None, end: fx.Node, arch: str
         if n.op == "get_attr":
             env[n] = g.node_copy(n)
             return env[n]
-        raise InvalidInput(f"{arch}: the stage ending at {names.get(end, end.name)!r} reads "
-                           f"{names.get(n, n.name)!r} from before its start")  # fmt: skip
+        raise InvalidInput(
+            f"{arch}: the stage ending at {names.get(end, end.name)!r} reads "
+            f"{names.get(n, n.name)!r} from before its start"
+        )
 
     if start is not None:
         env[start] = x

@@ -38,7 +38,9 @@ class TVMobileNetV3Small(TapNet, torchvision.models.MobileNetV3):
         for name, last, ch, stride in self.STAGES:
             plan.append(Stage(Tap(name, ch, stride), tuple(f"features.{i}" for i in range(first, last + 1))))
             first = last + 1
-        plan.append(Stage(Tap("pool", last_channel, 0), ("avgpool", FLATTEN, "classifier.0", "classifier.1", "classifier.2")))
+        plan.append(
+            Stage(Tap("pool", last_channel, 0), ("avgpool", FLATTEN, "classifier.0", "classifier.1", "classifier.2"))
+        )
         self._set_plan(plan, head_path="classifier.3")
 
     forward = TapNet.forward

@@ -101,7 +101,9 @@ def _header(data: bytes) -> dict[str, Any]:
         raise BadRequest("bundle header is not a JSON object")
     ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
     if 8 + n + max(ends, default=0) != len(data):
-        raise BadRequest(f"bundle is truncated or padded: tensors need {max(ends, default=0)} bytes, file has {len(data) - 8 - n}")
+        raise BadRequest(
+            f"bundle is truncated or padded: tensors need {max(ends, default=0)} bytes, file has {len(data) - 8 - n}"
+        )
     return header
 
 
@@ -185,11 +187,14 @@ def check_expected(m: Manifest, expected: dict[str, tuple[str, tuple[int, ...]]]
     got = {n: (i.dtype, tuple(i.shape)) for n, i in m.tensors.items()}
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     if missing or extra:
-        raise InvalidInput(f"path tensors do not fit method {m.method!r}: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise InvalidInput(
+            f"path tensors do not fit method {m.method!r}: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     for name, (dtype, shape) in expected.items():
         if got[name] != (dtype, tuple(shape)):
             raise InvalidInput(
-                f"tensor {name!r} is {got[name][0]}{list(got[name][1])}, method {m.method!r} expects {dtype}{list(shape)}"
+                f"tensor {name!r} is {got[name][0]}{list(got[name][1])}, method {m.method!r} expects "
+                f"{dtype}{list(shape)}"
             )
 
 

@@ -98,8 +98,9 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 def storage_full(e: BaseException, what: str = "the upload") -> InsufficientStorage | None:
     """The InsufficientStorage that an ``OSError`` of a full disk (or quota) is; None for any other error."""
     if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
-        return InsufficientStorage(f"the server's storage is full: {what} was not stored; try again once "
-                                   "space has been freed")  # fmt: skip
+        return InsufficientStorage(
+            f"the server's storage is full: {what} was not stored; try again once space has been freed"
+        )
     return None
 
 

@@ -34,8 +34,9 @@ class Outage:
                 self.log.warning("%s: %s", self.what, why)
             elif now - self._said >= self.remind_s:
                 self._said = now
-                self.log.warning("%s for %.0f s (%d failures so far): %s", self.what,
-                                 now - self.since, self.failures, why)  # fmt: skip
+                self.log.warning(
+                    "%s for %.0f s (%d failures so far): %s", self.what, now - self.since, self.failures, why
+                )
             return new
 
     def recovered(self) -> None:
@@ -45,6 +46,7 @@ class Outage:
         with self._lock:
             if self.since is None:
                 return
-            self.log.warning("%s: over after %.1f s (%d failures meanwhile)", self.what,
-                             time.monotonic() - self.since, self.failures)  # fmt: skip
+            self.log.warning(
+                "%s: over after %.1f s (%d failures meanwhile)", self.what, time.monotonic() - self.since, self.failures
+            )
             self.since, self.failures = None, 0

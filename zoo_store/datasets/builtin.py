@@ -80,8 +80,15 @@ def _subset(a: Arrays, keep: list[int]) -> Arrays:
     remap = np.full(len(a.labels), -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
     tr, te, va = np.isin(a.train_y, keep), np.isin(a.test_y, keep), np.isin(a.val_y, keep)
-    return Arrays(a.train_x[tr], remap[a.train_y[tr]], a.test_x[te], remap[a.test_y[te]],
-                  tuple(a.labels[i] for i in keep), a.val_x[va], remap[a.val_y[va]])  # fmt: skip
+    return Arrays(
+        a.train_x[tr],
+        remap[a.train_y[tr]],
+        a.test_x[te],
+        remap[a.test_y[te]],
+        tuple(a.labels[i] for i in keep),
+        a.val_x[va],
+        remap[a.val_y[va]],
+    )
 
 
 def _map_x(a: Arrays, fn: Callable[[np.ndarray], np.ndarray]) -> Arrays:
@@ -98,8 +105,10 @@ def _backgrounds() -> tuple[np.ndarray, np.ndarray]:
     left half of each for train and validation backgrounds, the right half for test ones."""
     from sklearn.datasets import load_sample_images
 
-    grey = [np.rint(im[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
-            for im in load_sample_images().images]  # fmt: skip
+    grey = [
+        np.rint(im[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+        for im in load_sample_images().images
+    ]
     half = min(g.shape[1] for g in grey) // 2
     return np.stack([g[:, :half] for g in grey]), np.stack([g[:, -half:] for g in grey])  # (2, H, W/2) each
 
@@ -120,8 +129,15 @@ def _clutter(x: np.ndarray, photos: np.ndarray, seed: int) -> np.ndarray:
 @lru_cache(maxsize=1)
 def _cluttered() -> Arrays:
     a, (fit_photos, test_photos) = _mnist(), _backgrounds()
-    return Arrays(_clutter(a.train_x, fit_photos, 1), a.train_y, _clutter(a.test_x, test_photos, 2), a.test_y,
-                  a.labels, _clutter(a.val_x, fit_photos, 3), a.val_y)  # fmt: skip
+    return Arrays(
+        _clutter(a.train_x, fit_photos, 1),
+        a.train_y,
+        _clutter(a.test_x, test_photos, 2),
+        a.test_y,
+        a.labels,
+        _clutter(a.val_x, fit_photos, 3),
+        a.val_y,
+    )
 
 
 @lru_cache(maxsize=1)

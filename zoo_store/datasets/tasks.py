@@ -38,10 +38,12 @@ def resolve_labels(known: tuple[str, ...] | list[str], task: TaskSpec) -> list[s
     return labels
 
 
-def _select(x: np.ndarray, y: np.ndarray, keep: list[int], per_label: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _select(
+    x: np.ndarray, y: np.ndarray, keep: list[int], per_label: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(len(y))
     idx: list[np.ndarray] = []
-    for new, old in enumerate(keep):
+    for old in keep:
         hits = order[y[order] == old]
         idx.append(hits[:per_label] if per_label else hits)
     sel = np.sort(np.concatenate(idx)) if idx else np.array([], dtype=np.int64)
@@ -72,5 +74,12 @@ def make_task(arrays: Arrays, task: TaskSpec, spec: InputSpec, seed: int) -> Tas
     missing = [labels[i] for i in range(len(keep)) if not (ty == i).any()]
     if missing:
         raise InvalidInput(f"dataset {task.dataset!r} has no training samples for labels {missing}")
-    return TaskData(to_input(tx, spec), torch.from_numpy(ty), to_input(sx, spec), torch.from_numpy(sy), labels,
-                    to_input(vx, spec), torch.from_numpy(vy))  # fmt: skip
+    return TaskData(
+        to_input(tx, spec),
+        torch.from_numpy(ty),
+        to_input(sx, spec),
+        torch.from_numpy(sy),
+        labels,
+        to_input(vx, spec),
+        torch.from_numpy(vy),
+    )

@@ -58,10 +58,7 @@ def parse_upload(data: bytes, filename: str = "", limits: Limits = Limits()) -> 
         raise BadRequest(f"upload {filename!r} is a corrupt zip: {e}") from e
     with zf:
         _check_members(zf, limits)
-        if _is_npz(zf):
-            parsed = _parse_npz(zf, data, limits)
-        else:
-            parsed = _parse_folders(zf, limits)
+        parsed = _parse_npz(zf, data, limits) if _is_npz(zf) else _parse_folders(zf, limits)
     _check_result(parsed, limits)
     return parsed
 
@@ -98,9 +95,7 @@ class _Budget:
             with zf.open(name) as f:
                 out = f.read(self.left + 1)
         except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, ValueError) as e:
-            raise BadRequest(
-                f"zip member {name!r} cannot be read (corrupt, encrypted or unsupported): {e}"
-            ) from e
+            raise BadRequest(f"zip member {name!r} cannot be read (corrupt, encrypted or unsupported): {e}") from e
         self.left -= len(out)
         if self.left < 0:
             raise PayloadTooLarge(f"zip unpacks past the limit of {self.limit} bytes at member {name!r}")
@@ -155,9 +150,7 @@ def _load_npz(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return z["x"], z["y"], (z["labels"] if "labels" in z.files else None)
     except ValueError as e:  # object arrays land here too, should the header check ever miss one
-        raise InvalidInput(
-            f".npz holds object arrays or malformed arrays (pickle is never loaded): {e}"
-        ) from e
+        raise InvalidInput(f".npz holds object arrays or malformed arrays (pickle is never loaded): {e}") from e
     except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as e:
         raise BadRequest(f".npz cannot be read: {e}") from e
 
@@ -191,9 +184,7 @@ def _check_sizes(n: int, h: int, w: int, limits: Limits) -> None:
     if max(h, w) > limits.max_side:
         raise InvalidInput(f"images are {w}x{h} (WxH); at most {limits.max_side} pixels a side are accepted")
     if n * h * w > limits.max_pixels_total:
-        raise PayloadTooLarge(
-            f"images hold {n * h * w} pixels in all; the limit is {limits.max_pixels_total}"
-        )
+        raise PayloadTooLarge(f"images hold {n * h * w} pixels in all; the limit is {limits.max_pixels_total}")
 
 
 def _targets(y: np.ndarray, n: int) -> np.ndarray:
@@ -222,9 +213,7 @@ def _npz_labels(labels_arr: np.ndarray | None, y: np.ndarray, limits: Limits) ->
         raise InvalidInput(f"{len(labels_arr)} labels; at most {limits.max_labels} are accepted")
     labels = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in labels_arr.tolist()]
     if top >= len(labels):
-        raise InvalidInput(
-            f"y is out of range: it uses label index {top} but only {len(labels)} labels are named"
-        )
+        raise InvalidInput(f"y is out of range: it uses label index {top} but only {len(labels)} labels are named")
     return labels
 
 
@@ -253,9 +242,7 @@ def _image_members(zf: zipfile.ZipFile) -> list[tuple[str, str]]:
     if not files:
         raise InvalidInput("the zip holds no image files; expected label_name/image files")
     parts = [PurePosixPath(f).parts for f in files]
-    while (
-        len({p[0] for p in parts}) == 1 and all(len(p) >= 2 for p in parts) and any(len(p) > 2 for p in parts)
-    ):
+    while len({p[0] for p in parts}) == 1 and all(len(p) >= 2 for p in parts) and any(len(p) > 2 for p in parts):
         parts = [p[1:] for p in parts]
     loose = [f for f, p in zip(files, parts, strict=True) if len(p) < 2]
     if loose:

@@ -85,8 +85,9 @@ class Method(ABC):
         ids = self.validate(spec, cards)
         for base_id in ids:
             if reason := self.refusal(build_for(cards[base_id], meta=True)):
-                raise InvalidInput(f"method {self.name!r} cannot apply to base {base_id!r} "
-                                   f"({cards[base_id].arch}): {reason}")  # fmt: skip
+                raise InvalidInput(
+                    f"method {self.name!r} cannot apply to base {base_id!r} ({cards[base_id].arch}): {reason}"
+                )
         return ids
 
     @abstractmethod
@@ -97,7 +98,7 @@ class Method(ABC):
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
         """Name -> (dtype, shape) of every tensor a path of this config must hold."""
 
-    def check_input(self, config: dict[str, Any], spec: InputSpec) -> None:
+    def check_input(self, config: dict[str, Any], spec: InputSpec) -> None:  # noqa: B027 - a hook, not abstract
         """Refuse a config that disagrees with the path's input spec (nothing to check unless overridden)."""
 
     @abstractmethod
@@ -120,8 +121,10 @@ def no_spatial_tap(net: TapNet) -> str | None:
     """The refusal of the methods that cut networks at taps or join them there."""
     if net.spatial_taps():
         return None
-    return (f"it has no spatial tap (a feature map that is the only value the rest of the network reads), so it "
-            f"cannot be cut or joined; its taps: {[t.name for t in net.taps]}")
+    return (
+        f"it has no spatial tap (a feature map that is the only value the rest of the network reads), so it "
+        f"cannot be cut or joined; its taps: {[t.name for t in net.taps]}"
+    )
 
 
 def one_base(method: str, spec: CompositionSpec, cards: dict[str, Card]) -> Card:
@@ -134,5 +137,3 @@ def one_base(method: str, spec: CompositionSpec, cards: dict[str, Card]) -> Card
     if unused:
         raise InvalidInput(f"method {method!r} does not take {unused}")
     return cards[spec.base]
-
-

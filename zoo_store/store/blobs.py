@@ -83,7 +83,9 @@ class DbBlobStore:
     def get(self, digest: str) -> bytes:
         _check_digest(digest)
         with self.db.session() as s:
-            chunks = list(s.scalars(select(BlobChunkRow.data).where(BlobChunkRow.digest == digest).order_by(BlobChunkRow.seq)))
+            chunks = list(
+                s.scalars(select(BlobChunkRow.data).where(BlobChunkRow.digest == digest).order_by(BlobChunkRow.seq))
+            )
         if not chunks:
             raise NotFound(f"no blob {digest}")
         data = b"".join(chunks)
@@ -94,7 +96,10 @@ class DbBlobStore:
     def has(self, digest: str) -> bool:
         _check_digest(digest)
         with self.db.session() as s:
-            return s.scalar(select(BlobChunkRow.seq).where(BlobChunkRow.digest == digest, BlobChunkRow.seq == 0)) is not None
+            return (
+                s.scalar(select(BlobChunkRow.seq).where(BlobChunkRow.digest == digest, BlobChunkRow.seq == 0))
+                is not None
+            )
 
 
 class MemoryBlobStore:

@@ -208,12 +208,19 @@ def driver_problem(e: BaseException, is_disconnect: bool = False, connecting: bo
     database's disk full (507), the database unreachable (503 with Retry-After); None otherwise.
     The message says nothing of the server (no host, port or driver text): the log has that."""
     state = getattr(e, "sqlstate", None) or ""
-    if state == _PG_DISK_FULL or (isinstance(e, sqlite3.OperationalError) and (
-            getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(e))):
+    if state == _PG_DISK_FULL or (
+        isinstance(e, sqlite3.OperationalError)
+        and (getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(e))
+    ):
         return InsufficientStorage("the server's storage is full: nothing was stored; try again once space is freed")
     name = type(e).__name__  # the DB-API's classes, whatever the driver: a server's InterfaceError is a lost connection
-    if is_disconnect or state in _PG_AWAY or state.startswith("08") or (connecting and name == "OperationalError") or (
-            name == "InterfaceError" and not isinstance(e, sqlite3.Error)):  # fmt: skip
+    if (
+        is_disconnect
+        or state in _PG_AWAY
+        or state.startswith("08")
+        or (connecting and name == "OperationalError")
+        or (name == "InterfaceError" and not isinstance(e, sqlite3.Error))
+    ):
         return Unavailable("the database is unreachable for a moment; retry shortly", retry_after=DB_RETRY_AFTER_S)
     return None
 
@@ -304,8 +311,9 @@ class Database:
         self.engine.dispose()
 
 
-def page(s: Session, row_type: type[Base], cursor: str | None, limit: int, where: tuple = (),
-         **filters: Any) -> tuple[list, str | None]:  # fmt: skip
+def page(
+    s: Session, row_type: type[Base], cursor: str | None, limit: int, where: tuple = (), **filters: Any
+) -> tuple[list, str | None]:
     """Keyset pagination by id: returns the rows after ``cursor`` (that match ``where`` and the
     equality ``filters`` whose value is not None) and the next cursor."""
     q = select(row_type).where(*where).order_by(row_type.id).limit(limit + 1)  # type: ignore[attr-defined]

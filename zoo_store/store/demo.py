@@ -38,22 +38,37 @@ DEMO_BASES = (
 )
 
 
-def train_base(b: DemoBase, samples: int, seed: int = 0, what: str = "demo zoo") -> tuple[CardIn, dict[str, torch.Tensor]]:
+def train_base(
+    b: DemoBase, samples: int, seed: int = 0, what: str = "demo zoo"
+) -> tuple[CardIn, dict[str, torch.Tensor]]:
     """``b`` trained with the demo recipe; ``what`` (the set it belongs to) goes into its description."""
     arrays = BUILTINS[b.dataset].make()
     per_label = max(1, samples // len(arrays.labels))
     data = make_task(arrays, TaskSpec(dataset=b.dataset, samples_per_label=per_label), MNIST_INPUT, seed)
     torch.manual_seed(seed)
     net = build_arch(b.arch, {**b.config, "num_classes": len(data.labels)})
-    fit(net, net.parameters(), data.train_x, data.train_y, MNIST_INPUT,
-        epochs=b.epochs, lr=3e-3, batch_size=128, seed=seed)  # fmt: skip
+    fit(
+        net,
+        net.parameters(),
+        data.train_x,
+        data.train_y,
+        MNIST_INPUT,
+        epochs=b.epochs,
+        lr=3e-3,
+        batch_size=128,
+        seed=seed,
+    )
     net.eval()
     acc = accuracy(net, data.test_x, data.test_y, MNIST_INPUT)
     card = CardIn(
-        id=b.id, arch=b.arch, arch_config=b.config, labels=tuple(data.labels), input=MNIST_INPUT,
+        id=b.id,
+        arch=b.arch,
+        arch_config=b.config,
+        labels=tuple(data.labels),
+        input=MNIST_INPUT,
         metrics={"accuracy": round(acc, 4), "train_samples": len(data.train_x), "test_samples": len(data.test_x)},
         description=f"{b.description} ({what}, seed {seed}, test split: {b.dataset})",
-    )  # fmt: skip
+    )
     return card, net.state_dict()
 
 
@@ -62,8 +77,9 @@ def ensure_demo_zoo(store: Store, samples: int, say: Callable[[str], None] = pri
     ensure_bases(store, DEMO_BASES, samples, say)
 
 
-def ensure_bases(store: Store, bases: tuple[DemoBase, ...], samples: int, say: Callable[[str], None] = print,
-                 what: str = "demo zoo") -> None:  # fmt: skip
+def ensure_bases(
+    store: Store, bases: tuple[DemoBase, ...], samples: int, say: Callable[[str], None] = print, what: str = "demo zoo"
+) -> None:
     """Train and register every one of ``bases`` the store lacks (the demo zoo's recipe); ``what``
     names them in the progress lines and in their descriptions."""
     have = store.cards()

@@ -48,7 +48,9 @@ def card_for(card_in: CardIn, net: TapNet, digest: str, nbytes: int) -> Card:
     except ValueError as e:
         raise InvalidInput(f"card input: {e}") from e
     if net.num_classes != len(card_in.labels):
-        raise InvalidInput(f"card has {len(card_in.labels)} labels but the network's head has {net.num_classes} outputs")
+        raise InvalidInput(
+            f"card has {len(card_in.labels)} labels but the network's head has {net.num_classes} outputs"
+        )
     return Card(
         **card_in.model_dump(),
         digest=digest,
@@ -64,8 +66,10 @@ def fits_input(card_in: CardIn) -> None:
     try:
         net.tap_shapes(spec.channels, spec.size)
     except Exception as e:
-        raise InvalidInput(f"architecture {card_in.arch!r} cannot take a {spec.channels} x {spec.size} x "
-                           f"{spec.size} input: {type(e).__name__}: {e}") from e
+        raise InvalidInput(
+            f"architecture {card_in.arch!r} cannot take a {spec.channels} x {spec.size} x "
+            f"{spec.size} input: {type(e).__name__}: {e}"
+        ) from e
 
 
 class Store:
@@ -81,8 +85,9 @@ class Store:
         return cls(db, blobs, DirKeyStore(settings.cache_dir))
 
     # -- zoo ----------------------------------------------------------------------------------
-    def add_base(self, card_in: CardIn, weights: bytes | Path | dict[str, torch.Tensor],
-                 claimed: dict[str, Any] | None = None) -> tuple[Card, bool]:  # fmt: skip
+    def add_base(
+        self, card_in: CardIn, weights: bytes | Path | dict[str, torch.Tensor], claimed: dict[str, Any] | None = None
+    ) -> tuple[Card, bool]:
         """Register a base; returns (card, created). Same id with another digest is a Conflict, and so
         is a ``claimed`` server-computed field (a card as another server returned it) that these
         weights do not give: checked before anything is written."""
@@ -171,7 +176,9 @@ class Store:
             except SAIntegrityError:  # another process starting at the same time inserted the same row
                 pass
 
-    def add_dataset(self, name: str, x: np.ndarray, y: np.ndarray, labels: list[str], tenant: str | None = None) -> DatasetRow:
+    def add_dataset(
+        self, name: str, x: np.ndarray, y: np.ndarray, labels: list[str], tenant: str | None = None
+    ) -> DatasetRow:
         arrays = split_upload(x, y, labels)
         buf = io.BytesIO()
         np.savez(buf, x=x, y=y, labels=np.array(labels, dtype=np.str_))
@@ -191,7 +198,9 @@ class Store:
                 raise NotFound(f"no dataset {dataset_id!r}")
             return row
 
-    def list_datasets(self, cursor: str | None, limit: int, visible_to: str | None = None) -> tuple[list[DatasetRow], str | None]:
+    def list_datasets(
+        self, cursor: str | None, limit: int, visible_to: str | None = None
+    ) -> tuple[list[DatasetRow], str | None]:
         where = () if visible_to is None else (or_(DatasetRow.source == "builtin", DatasetRow.tenant == visible_to),)
         with self.db.session() as s:
             return page(s, DatasetRow, cursor, limit, where)
@@ -208,9 +217,14 @@ class Store:
     def create_job(self, spec: dict[str, Any], tenant: str | None = None) -> JobRow:
         with self.db.session() as s:
             row = JobRow(
-                id=new_id("job"), method=spec["method"], spec=spec, state="queued",
-                progress={"fraction": 0.0}, metrics={}, tenant=tenant,
-            )  # fmt: skip
+                id=new_id("job"),
+                method=spec["method"],
+                spec=spec,
+                state="queued",
+                progress={"fraction": 0.0},
+                metrics={},
+                tenant=tenant,
+            )
             s.add(row)
         return row
 
@@ -221,8 +235,9 @@ class Store:
                 raise NotFound(f"no job {job_id!r}")
             return row
 
-    def list_jobs(self, cursor: str | None, limit: int, state: str | None = None,
-                  visible_to: str | None = None) -> tuple[list[JobRow], str | None]:  # fmt: skip
+    def list_jobs(
+        self, cursor: str | None, limit: int, state: str | None = None, visible_to: str | None = None
+    ) -> tuple[list[JobRow], str | None]:
         with self.db.session() as s:
             return page(s, JobRow, cursor, limit, state=state, tenant=visible_to)
 
@@ -311,12 +326,16 @@ class Store:
         owned = select(PathOwnerRow.path_id).where(PathOwnerRow.tenant == tenant)
         with self.db.session() as s:
             return {
-                "jobs": s.scalar(select(func.count()).select_from(JobRow).where(
-                    JobRow.tenant == tenant, JobRow.state.in_(("queued", "running")))) or 0,
+                "jobs": s.scalar(
+                    select(func.count())
+                    .select_from(JobRow)
+                    .where(JobRow.tenant == tenant, JobRow.state.in_(("queued", "running")))
+                )
+                or 0,
                 "paths": s.scalar(select(func.count()).select_from(owned.subquery())) or 0,
                 "path_bytes": s.scalar(select(func.sum(PathRow.bytes)).where(PathRow.id.in_(owned))) or 0,
                 "dataset_bytes": s.scalar(select(func.sum(DatasetRow.bytes)).where(DatasetRow.tenant == tenant)) or 0,
-            }  # fmt: skip
+            }
 
     def path_exists(self, path_id: str) -> bool:
         """Whether the path is stored (its id only: not its bundle)."""
@@ -362,7 +381,9 @@ class Store:
             raise NotFound(f"no path {path_id!r}")
         return value
 
-    def list_paths(self, cursor: str | None, limit: int, visible_to: str | None = None) -> tuple[list[PathRow], str | None]:
+    def list_paths(
+        self, cursor: str | None, limit: int, visible_to: str | None = None
+    ) -> tuple[list[PathRow], str | None]:
         where = () if visible_to is None else (PathRow.id.in_(_visible(visible_to)),)
         with self.db.session() as s:
             return page(s, PathRow, cursor, limit, where)
@@ -408,10 +429,15 @@ def split_upload(x: np.ndarray, y: np.ndarray, labels: list[str]) -> Arrays:
 
 def _dataset_row(ds_id: str, name: str, source: str, digest: str | None, a: Arrays) -> DatasetRow:
     return DatasetRow(
-        id=ds_id, name=name, source=source, blob_digest=digest, labels=list(a.labels),
-        num_samples=len(a.train_y) + len(a.val_y) + len(a.test_y), shape=list(a.train_x.shape[1:]),
+        id=ds_id,
+        name=name,
+        source=source,
+        blob_digest=digest,
+        labels=list(a.labels),
+        num_samples=len(a.train_y) + len(a.val_y) + len(a.test_y),
+        shape=list(a.train_x.shape[1:]),
         splits={"train": len(a.train_y), "val": len(a.val_y), "test": len(a.test_y)},
-    )  # fmt: skip
+    )
 
 
 def _own(s: Session, path_id: str, tenant: str) -> bool:
@@ -432,15 +458,22 @@ def _role(s: Session, path_id: str, tenant: str) -> str | None:
     """``owner``, ``reader`` (granted to it, or public) or None."""
     if s.get(PathOwnerRow, (path_id, tenant)) is not None:
         return "owner"
-    granted = select(PathGrantRow.grantee).where(PathGrantRow.path_id == path_id, PathGrantRow.grantee.in_((tenant, "*")))
+    granted = select(PathGrantRow.grantee).where(
+        PathGrantRow.path_id == path_id, PathGrantRow.grantee.in_((tenant, "*"))
+    )
     return "reader" if s.scalar(granted.limit(1)) is not None else None
 
 
 def _path_row(b: Bundle) -> PathRow:
     return PathRow(
-        id=b.id, method=b.manifest.method, manifest=b.manifest.model_dump(mode="json"), bundle=b.data,
-        bytes=len(b.data), dense_bytes=int(b.metrics.get("dense_bytes", 0)), metrics=b.metrics,
-    )  # fmt: skip
+        id=b.id,
+        method=b.manifest.method,
+        manifest=b.manifest.model_dump(mode="json"),
+        bundle=b.data,
+        bytes=len(b.data),
+        dense_bytes=int(b.metrics.get("dense_bytes", 0)),
+        metrics=b.metrics,
+    )
 
 
 __all__ = ["TERMINAL", "IntegrityError", "Store"]

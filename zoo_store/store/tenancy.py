@@ -61,8 +61,15 @@ class Keys:
             raise InvalidInput("expires_at is in the past")
         prefix = secrets.token_hex(6)
         key = f"zoo_{prefix}_{secrets.token_urlsafe(32)}"  # 32 random bytes after the prefix
-        row = ApiKeyRow(id=new_id("key"), prefix=prefix, hash=_hash(key), tenant=tenant, admin=admin,
-                        created_at=utcnow(), expires_at=expires_at)  # fmt: skip
+        row = ApiKeyRow(
+            id=new_id("key"),
+            prefix=prefix,
+            hash=_hash(key),
+            tenant=tenant,
+            admin=admin,
+            created_at=utcnow(),
+            expires_at=expires_at,
+        )
         with self.db.session() as s:
             s.add(row)
         return row, key

@@ -31,9 +31,14 @@ def get_dataset(dataset_id: str, svc: Svc, caller: CallerDep) -> Dataset:
     return Dataset.of(svc.store.dataset(dataset_id, caller.visible_to))
 
 
-@router.get("/{dataset_id}/samples.png", response_class=Response,
-            responses={200: {"description": "a strip of held-out images", "content": {"image/png": {}}}})  # fmt: skip
-def dataset_samples(dataset_id: str, svc: Svc, caller: CallerDep, n: Annotated[int, Query(ge=1, le=32)] = 8) -> Response:
+@router.get(
+    "/{dataset_id}/samples.png",
+    response_class=Response,
+    responses={200: {"description": "a strip of held-out images", "content": {"image/png": {}}}},
+)
+def dataset_samples(
+    dataset_id: str, svc: Svc, caller: CallerDep, n: Annotated[int, Query(ge=1, le=32)] = 8
+) -> Response:
     """The first ``n`` held-out images side by side, as one PNG (the dashboard shows it)."""
     svc.store.dataset(dataset_id, caller.visible_to)
     x = svc.store.arrays(dataset_id).test_x[:n]  # (n, C, H, W) uint8

@@ -25,18 +25,31 @@ def readyz(svc: Svc) -> object:
         return problem(503, "Not ready", svc.startup_error or svc.loading)
     degraded = {}
     if not svc.db.ping():
-        degraded["database"] = ("unreachable: warm predicts are answered from this replica's caches; "
-                                "what needs the database answers 503 with Retry-After")  # fmt: skip
+        degraded["database"] = (
+            "unreachable: warm predicts are answered from this replica's caches; "
+            "what needs the database answers 503 with Retry-After"
+        )
     if svc.quotas.buckets.unreachable():
-        degraded["redis"] = ("unreachable: predict rates are held by each replica alone; "
-                             "compositions answer 503 with Retry-After")  # fmt: skip
+        degraded["redis"] = (
+            "unreachable: predict rates are held by each replica alone; compositions answer 503 with Retry-After"
+        )
     auth = "on" if svc.settings.auth else "off (ZOO_AUTH=off: every caller is an admin)"
-    body = {"status": "degraded" if degraded else "ready", "bases": len(svc.zoo.bases), "zoo_version": svc.zoo.version,
-            "device": svc.zoo.device, "auth": auth}  # fmt: skip
+    body = {
+        "status": "degraded" if degraded else "ready",
+        "bases": len(svc.zoo.bases),
+        "zoo_version": svc.zoo.version,
+        "device": svc.zoo.device,
+        "auth": auth,
+    }
     return {**body, "degraded": degraded} if degraded else body
 
 
-@router.get("/metrics", response_class=Response,
-            responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})  # fmt: skip
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    },
+)
 def metrics(svc: Svc) -> Response:
     return render_metrics(svc.metrics)

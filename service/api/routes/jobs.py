@@ -19,7 +19,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.get("")
-def list_jobs(svc: Svc, caller: CallerDep, cursor: Cursor = None, limit: Limit = 100, state: str | None = None) -> Page[Job]:
+def list_jobs(
+    svc: Svc, caller: CallerDep, cursor: Cursor = None, limit: Limit = 100, state: str | None = None
+) -> Page[Job]:
     """This key's tenant's jobs (an admin: every tenant's)."""
     rows, nxt = svc.store.list_jobs(cursor, limit, state, caller.visible_to)
     return Page(items=[Job.of(r) for r in rows], next_cursor=nxt)
@@ -54,9 +56,13 @@ class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 
 
-EVENTS = {200: {"description": "Server-sent events: `job` (the job as `GET` answers it) each time it "
-                               "changes, then one `end` (its final state, or what ended the stream)",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}}}}  # fmt: skip
+EVENTS = {
+    200: {
+        "description": "Server-sent events: `job` (the job as `GET` answers it) each time it "
+        "changes, then one `end` (its final state, or what ended the stream)",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 
 
 @router.get("/{job_id}/events", response_class=EventStream, responses=EVENTS)

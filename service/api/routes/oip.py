@@ -48,11 +48,26 @@ def model_ready(path_id: str, svc: ReadySvc, caller: CallerDep) -> dict:
     return {}
 
 
-INFER_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
-        "id": {"type": "string"}, "inputs": {"type": "array", "items": {"type": "object"}},
-        "outputs": {"type": "array", "items": {"type": "object"}}, "parameters": {"type": "object"}}}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}  # fmt: skip
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "inputs": {"type": "array", "items": {"type": "object"}},
+                        "outputs": {"type": "array", "items": {"type": "object"}},
+                        "parameters": {"type": "object"},
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 
 
 @router.post("/models/{path_id}/infer", openapi_extra=INFER_BODY, responses={**CONFLICT, **RATE_LIMITED})

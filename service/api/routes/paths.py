@@ -68,12 +68,18 @@ def put_sharing(path_id: str, sharing: SharingIn, svc: Svc, caller: CallerDep) -
 
 def _owner_or_admin(svc: Services, caller: Caller, path_id: str) -> None:
     """404 unless the caller sees the path (ids only, not the bundle read); 403 for a reader."""
-    role = ("owner" if svc.store.path_exists(path_id) else None) if caller.admin else svc.store.role(path_id, caller.tenant)
+    role = (
+        ("owner" if svc.store.path_exists(path_id) else None)
+        if caller.admin
+        else svc.store.role(path_id, caller.tenant)
+    )
     if role is None:
         raise NotFound(f"no path {path_id!r}")
     if role != "owner":
-        raise Forbidden(f"only an owner of path {path_id!r} may see or change whom it is shared with; "
-                        f"tenant {caller.tenant!r} reads it")  # fmt: skip
+        raise Forbidden(
+            f"only an owner of path {path_id!r} may see or change whom it is shared with; "
+            f"tenant {caller.tenant!r} reads it"
+        )
 
 
 @router.get("/{path_id}/bundle", response_class=Response)
@@ -93,16 +99,25 @@ async def get_network(path_id: str, svc: ReadySvc, caller: CallerDep) -> Respons
     entry = await run_in_threadpool(svc.cache.get, path_id)
     if not get_method(entry.manifest.method).standalone:
         which = [n for n in method_names() if get_method(n).standalone]
-        raise Conflict(f"a {entry.manifest.method!r} path runs on its resident bases and is not a standalone network; "
-                       f"only {' and '.join(which)} paths are")  # fmt: skip
+        raise Conflict(
+            f"a {entry.manifest.method!r} path runs on its resident bases and is not a standalone network; "
+            f"only {' and '.join(which)} paths are"
+        )
     card = svc.zoo.bases[entry.manifest.bases[0].id][0]
     data = await run_in_threadpool(export_network, entry.module, card, path_id)
-    return Response(data, media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{path_id}.safetensors"'})  # fmt: skip
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{path_id}.safetensors"'},
+    )
 
 
-@router.post("/import", status_code=201, openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}},
-             responses={**CONFLICT, **FORBIDDEN})  # fmt: skip
+@router.post(
+    "/import",
+    status_code=201,
+    openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}},
+    responses={**CONFLICT, **FORBIDDEN},
+)
 async def import_bundle(request: Request, response: Response, svc: ReadySvc, caller: CallerDep) -> Path:
     """Import a ``.zoopath`` bundle (raw bytes), owned by this key's tenant from then on. 201 when
     new to the tenant, 200 when it owned the path already."""
@@ -124,8 +139,12 @@ async def import_bundle(request: Request, response: Response, svc: ReadySvc, cal
 NPY_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
 
-@router.post("/{path_id}/predict", response_model=PredictResponse, openapi_extra={"requestBody": {"content": NPY_BODY}},
-             responses={**CONFLICT, **RATE_LIMITED})  # fmt: skip
+@router.post(
+    "/{path_id}/predict",
+    response_model=PredictResponse,
+    openapi_extra={"requestBody": {"content": NPY_BODY}},
+    responses={**CONFLICT, **RATE_LIMITED},
+)
 async def predict(path_id: str, request: Request, svc: ReadySvc, caller: CallerDep) -> Response:
     """JSON ``{"inputs": [{"tensor"|"image"}], "top_k"}``, multipart image files (field ``files``),
     or ``application/octet-stream``: one ``.npy`` array N x C x H x W, float32 in [0, 1] or uint8
@@ -137,4 +156,3 @@ async def predict(path_id: str, request: Request, svc: ReadySvc, caller: CallerD
     probs = await svc.batcher.submit(entry, torch.from_numpy(x), arrived)  # (N, K)
     body = predictions(path_id, manifest.labels, probs.numpy(), top_k)
     return Response(orjson.dumps(body), media_type="application/json")
-

@@ -31,7 +31,9 @@ def put_limits(tenant: Tenant, limits: Limits, svc: Svc, _: AdminDep) -> TenantI
 
 
 @router.get("/audit")
-def list_audit(svc: Svc, _: AdminDep, cursor: Cursor = None, limit: Limit = 100, tenant: Tenant | None = None) -> Page[Audit]:
+def list_audit(
+    svc: Svc, _: AdminDep, cursor: Cursor = None, limit: Limit = 100, tenant: Tenant | None = None
+) -> Page[Audit]:
     """Every mutating call, oldest first (one tenant's with ``tenant``)."""
     rows, nxt = svc.audit.list(cursor, limit, tenant)
     return Page(items=[Audit.model_validate(r, from_attributes=True) for r in rows], next_cursor=nxt)

@@ -52,7 +52,9 @@ async def add_model(
     _: AdminDep,
     response: Response,
     card: Annotated[str, Form(description="the card as JSON: id, arch, arch_config, labels, input, metrics")],
-    weights: Annotated[UploadFile, File(description="safetensors, or a weights-only torch .pth (up to ZOO_MAX_BASE_BYTES)")],
+    weights: Annotated[
+        UploadFile, File(description="safetensors, or a weights-only torch .pth (up to ZOO_MAX_BASE_BYTES)")
+    ],
 ) -> Card:
     """Register a base (admins). The weights file is the model's own state dict as the library saves
     it; it is read from disk where the upload was spooled, never held whole in memory."""

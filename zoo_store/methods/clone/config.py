@@ -50,8 +50,12 @@ def plan_clone(spec: CompositionSpec, cards: dict[str, Card]) -> ClonePlan:
     missing = [x for x in dict.fromkeys(spec.task.labels) if x not in target.labels]
     if not missing:
         raise InvalidInput(f"the target {target.id!r} already knows every requested label; nothing to clone")
-    return ClonePlan(target=target.id, sources=_choose_sources(missing, target, cards),
-                     labels=tuple(dict.fromkeys(spec.task.labels)), chosen=True)  # fmt: skip
+    return ClonePlan(
+        target=target.id,
+        sources=_choose_sources(missing, target, cards),
+        labels=tuple(dict.fromkeys(spec.task.labels)),
+        chosen=True,
+    )
 
 
 def _checked_source(model: str, labels: list[str], target: Card, cards: dict[str, Card]) -> CloneSource:
@@ -64,8 +68,10 @@ def _checked_source(model: str, labels: list[str], target: Card, cards: dict[str
     if unknown:
         raise InvalidInput(f"source {model!r} does not know labels {unknown}; it knows {list(card.labels)}")
     if card.input != target.input:
-        raise InvalidInput(f"source {model!r} takes input {card.input.model_dump()}, the target {target.id!r} "
-                           f"takes {target.input.model_dump()}")  # fmt: skip
+        raise InvalidInput(
+            f"source {model!r} takes input {card.input.model_dump()}, the target {target.id!r} "
+            f"takes {target.input.model_dump()}"
+        )
     return CloneSource(model=model, labels=tuple(labels))
 
 

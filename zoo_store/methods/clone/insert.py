@@ -28,15 +28,24 @@ class Part:
 def build_cloned(target: TapNet, parts: list[Part], inserts: list[str], num_labels: int, kinds: list[str]) -> Cloned:
     """The composed network with fresh adapters of the given kinds (the target's features untouched)
     and a new head."""
-    adapters = [Adapter(p.source.tap(p.depth).channels, target.tap(r).channels, k)
-                for p, r, k in zip(parts, inserts, kinds, strict=True)]  # fmt: skip
+    adapters = [
+        Adapter(p.source.tap(p.depth).channels, target.tap(r).channels, k)
+        for p, r, k in zip(parts, inserts, kinds, strict=True)
+    ]
     head = nn.Linear(target.feature_dim, num_labels)
     device = next(target.parameters()).device
     return Cloned(target, [p.source for p in parts], [p.depth for p in parts], inserts, adapters, head).to(device)
 
 
-def fresh_cloned(target: TapNet, target_card: Card, parts: list[Part], inserts: list[str], labels: list[str],
-                 seed: int, adapter: str = "1x1") -> Cloned:  # fmt: skip
+def fresh_cloned(
+    target: TapNet,
+    target_card: Card,
+    parts: list[Part],
+    inserts: list[str],
+    labels: list[str],
+    seed: int,
+    adapter: str = "1x1",
+) -> Cloned:
     """``build_cloned``, seeded, with the head's rows for the target's own labels from its head."""
     torch.manual_seed(seed)
     model = build_cloned(target, parts, inserts, len(labels), [adapter] * len(parts))
@@ -48,20 +57,53 @@ def trainable(model: Cloned) -> list[nn.Parameter]:
     return [*model.adapters.parameters(), *model.head.parameters()]
 
 
-def train_cloned(model: Cloned, data: TaskData, card: Card, *, epochs: int, lr: float, batch_size: int, seed: int,
-                 device: str, on_epoch: Callable[[int, float], None] | None = None) -> Cloned:  # fmt: skip
+def train_cloned(
+    model: Cloned,
+    data: TaskData,
+    card: Card,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: str,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> Cloned:
     """Train the adapters and the head (the bases stay in eval mode); returns the model in eval mode."""
     model.adapters.train()
-    fit(model, trainable(model), data.train_x, data.train_y, card.input, epochs=epochs, lr=lr,
-        batch_size=batch_size, seed=seed, device=device, on_epoch=on_epoch)  # fmt: skip
+    fit(
+        model,
+        trainable(model),
+        data.train_x,
+        data.train_y,
+        card.input,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        on_epoch=on_epoch,
+    )
     return model.eval()
 
 
 def search_join(
-    target: TapNet, target_card: Card, parts: list[Part], which: int, part_at: Callable[[str], Part],
-    fixed: list[str], data: TaskData, *, adapter: str, epochs: int, lr: float, batch_size: int, seed: int,
-    device: str, on_candidate: Callable[[str, float], None] = lambda name, acc: None,
-) -> tuple[Part, str, dict[str, float]]:  # fmt: skip
+    target: TapNet,
+    target_card: Card,
+    parts: list[Part],
+    which: int,
+    part_at: Callable[[str], Part],
+    fixed: list[str],
+    data: TaskData,
+    *,
+    adapter: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: str,
+    on_candidate: Callable[[str, float], None] = lambda name, acc: None,
+) -> tuple[Part, str, dict[str, float]]:
     """Source depth and insertion tap of part ``which`` (the others as they are): every pair, deep
     first, trained for ``epochs``; returns the winner's part and tap, and every pair's validation
     accuracy (``"depth->tap"``). Ties go to the pair tried first."""
@@ -74,7 +116,9 @@ def search_join(
             trial = [part if i == which else p for i, p in enumerate(parts)]
             inserts = [tap if i == which else r for i, r in enumerate(fixed)]
             model = fresh_cloned(target, target_card, trial, inserts, data.labels, seed, adapter)
-            train_cloned(model, data, target_card, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
+            train_cloned(
+                model, data, target_card, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device
+            )
             name = f"{depth}->{tap}"
             scores[name] = accuracy(model, data.val_x, data.val_y, target_card.input, device=device)
             if scores[name] > best_score:

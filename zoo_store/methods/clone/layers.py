@@ -71,13 +71,21 @@ def occlude(x: Tensor, gen: torch.Generator, patches: int = 2, fraction: float =
         left = torch.randint(0, w - side + 1, (b,), generator=gen)
         rows = torch.arange(h).view(1, h, 1)
         cols = torch.arange(w).view(1, 1, w)
-        hole = ((rows >= top.view(b, 1, 1)) & (rows < (top + side).view(b, 1, 1))
-                & (cols >= left.view(b, 1, 1)) & (cols < (left + side).view(b, 1, 1)))  # (B, H, W)  # fmt: skip
+        hole = (
+            (rows >= top.view(b, 1, 1))
+            & (rows < (top + side).view(b, 1, 1))
+            & (cols >= left.view(b, 1, 1))
+            & (cols < (left + side).view(b, 1, 1))
+        )  # (B, H, W)
         out = out.masked_fill(hole.unsqueeze(1).to(out.device), 0.0)
     return out
 
 
-ADAPTERS = {"1x1": 1, "1x1+bn": 1, "3x3": 3}  # the adapter kinds a clone can train: the kernel of the conv it is served as
+ADAPTERS = {
+    "1x1": 1,
+    "1x1+bn": 1,
+    "3x3": 3,
+}  # the adapter kinds a clone can train: the kernel of the conv it is served as
 
 
 class Adapter(nn.Module):
@@ -112,7 +120,9 @@ class Adapter(nn.Module):
             return self.proj
         bn, conv = self.bn, self.proj
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_t,)
-        out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, device=conv.weight.device)
+        out = nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, device=conv.weight.device
+        )
         out.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         out.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
         return out
@@ -123,8 +133,15 @@ class Cloned(nn.Module):
     ``R`` the adapted features of that source's (masked) prefix are added; a new head ``F_c`` reads
     the target's last tap."""
 
-    def __init__(self, target: TapNet, sources: list[TapNet], depths: list[str], inserts: list[str],
-                 adapters: list[Adapter], head: nn.Linear):  # fmt: skip
+    def __init__(
+        self,
+        target: TapNet,
+        sources: list[TapNet],
+        depths: list[str],
+        inserts: list[str],
+        adapters: list[Adapter],
+        head: nn.Linear,
+    ):
         super().__init__()
         self.target, self.sources = target, nn.ModuleList(sources)
         self.depths, self.inserts = list(depths), list(inserts)

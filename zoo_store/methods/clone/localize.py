@@ -52,7 +52,9 @@ def localize(
     columns of the cloned labels; ``images`` (N, C, H, W) in [0, 1] the correction data."""
     net = shared_copy(source).eval()  # hooks go on the copy: the resident source never sees them
     convs = source.prefix_convs(depth)
-    logits = {p: torch.full((net.get_submodule(p).out_channels,), 3.0, device=device, requires_grad=True) for p in convs}
+    logits = {
+        p: torch.full((net.get_submodule(p).out_channels,), 3.0, device=device, requires_grad=True) for p in convs
+    }
     opt = torch.optim.Adam(logits.values(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     loss_value = float("nan")
@@ -91,8 +93,9 @@ def _binarize(z: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def fidelity(source: TapNet, masks: dict[str, Tensor], cols: list[int], images: Tensor, spec: InputSpec,
-             device: str = "cpu") -> float:  # fmt: skip
+def fidelity(
+    source: TapNet, masks: dict[str, Tensor], cols: list[int], images: Tensor, spec: InputSpec, device: str = "cpu"
+) -> float:
     """Top-1 agreement on the cloned labels between the hard-masked and the full source."""
     net = shared_copy(source).eval()
     gates = {p: m.to(device=device, dtype=torch.float32) for p, m in masks.items()}

@@ -54,7 +54,9 @@ class CloneConfig(BaseModel):
 class Clone(Method):
     name = "clone"
     required = ("base", "task")
-    adapter = "1x1"  # the adapter kind (clone.layers.ADAPTERS) builds train: chosen on validation in docs/methods/clone.md
+    adapter = (
+        "1x1"  # the adapter kind (clone.layers.ADAPTERS) builds train: chosen on validation in docs/methods/clone.md
+    )
     localize = staticmethod(localize)  # step 2 (a benchmark that builds one source many times may memoise it)
 
     def refusal(self, net: TapNet) -> str | None:
@@ -71,8 +73,10 @@ class Clone(Method):
         task = spec.task.model_copy(update={"labels": list(plan.labels)})
         data = ctx.load_task(task, t_card)
         if len(data.val_y) == 0:
-            raise InvalidInput(f"dataset {task.dataset!r} has no validation images of labels {list(plan.labels)}: the clone "
-                               "chooses where to join on them (a tenth of an upload is held out for validation)")  # fmt: skip
+            raise InvalidInput(
+                f"dataset {task.dataset!r} has no validation images of labels {list(plan.labels)}: the clone "
+                "chooses where to join on them (a tenth of an upload is held out for validation)"
+            )
         tr = spec.train
         metrics: dict[str, Any] = {"sources": [s.model_dump() for s in plan.sources], "sources_chosen": plan.chosen}
         steps = LOCALIZE_STEPS if tr.steps is None else max(1, tr.steps)
@@ -88,8 +92,17 @@ class Clone(Method):
                 done = (i + (step + 1) / steps) / len(plan.sources)
                 ctx.progress(fraction=0.3 * done, step=f"localizing {name}", loss=loss)
 
-            loc = self.localize(s_net, deepest, cols, data.train_x[mine], s_card.input, steps=steps, seed=tr.seed,
-                           device=ctx.device, on_step=on_step)  # fmt: skip
+            loc = self.localize(
+                s_net,
+                deepest,
+                cols,
+                data.train_x[mine],
+                s_card.input,
+                steps=steps,
+                seed=tr.seed,
+                device=ctx.device,
+                on_step=on_step,
+            )
             metrics[f"source{i}_fidelity"] = loc.fidelity
             parts.append(_part(s_net, loc.masks, deepest))
             masks.append(loc.masks)
@@ -97,31 +110,70 @@ class Clone(Method):
         for i, src in enumerate(plan.sources):  # step 3: search (depth, R) for each source by validation accuracy
             s_net = ctx.bases[src.model][1]
             parts[i], inserts[i], scores = search_join(
-                target, t_card, parts, i, lambda d, s=s_net, m=masks[i]: _part(s, m, d), inserts, data,
-                adapter=self.adapter, epochs=1, lr=tr.lr, batch_size=tr.batch_size, seed=tr.seed, device=ctx.device,
-                on_candidate=lambda name, acc, i=i: ctx.progress(fraction=0.3 + 0.4 * (i + 1) / len(parts),
-                                                                 step=f"join {plan.sources[i].model} {name}", val_accuracy=acc),
-            )  # fmt: skip
+                target,
+                t_card,
+                parts,
+                i,
+                lambda d, s=s_net, m=masks[i]: _part(s, m, d),
+                inserts,
+                data,
+                adapter=self.adapter,
+                epochs=1,
+                lr=tr.lr,
+                batch_size=tr.batch_size,
+                seed=tr.seed,
+                device=ctx.device,
+                on_candidate=lambda name, acc, i=i: ctx.progress(
+                    fraction=0.3 + 0.4 * (i + 1) / len(parts),
+                    step=f"join {plan.sources[i].model} {name}",
+                    val_accuracy=acc,
+                ),
+            )
             masks[i] = _prefix_masks(s_net, masks[i], parts[i].depth)  # what the path stores
             metrics[f"source{i}_join_val_accuracy"] = scores
             metrics[f"source{i}_kept_fraction"] = kept_fraction(masks[i])
         model = fresh_cloned(target, t_card, parts, inserts, data.labels, tr.seed, self.adapter)
-        train_cloned(model, data, t_card, epochs=tr.epochs, lr=tr.lr, batch_size=tr.batch_size, seed=tr.seed,
-                     device=ctx.device, on_epoch=lambda e, loss: ctx.progress(fraction=0.7 + 0.3 * (e + 1) / tr.epochs,
-                                                                               epoch=e + 1, loss=loss))  # fmt: skip
+        train_cloned(
+            model,
+            data,
+            t_card,
+            epochs=tr.epochs,
+            lr=tr.lr,
+            batch_size=tr.batch_size,
+            seed=tr.seed,
+            device=ctx.device,
+            on_epoch=lambda e, loss: ctx.progress(fraction=0.7 + 0.3 * (e + 1) / tr.epochs, epoch=e + 1, loss=loss),
+        )
         metrics |= _accuracies(model, target, t_card, data, ctx.device)
         metrics["adapter"] = self.adapter
-        links = [SourceLink(model=s.model, labels=s.labels, depth=p.depth, insert=r, kernel=ADAPTERS[self.adapter])
-                 for s, p, r in zip(plan.sources, parts, inserts, strict=True)]  # fmt: skip
+        links = [
+            SourceLink(model=s.model, labels=s.labels, depth=p.depth, insert=r, kernel=ADAPTERS[self.adapter])
+            for s, p, r in zip(plan.sources, parts, inserts, strict=True)
+        ]
         tensors = {f"mask.{i}.{p}": pack_mask(m) for i, prefix in enumerate(masks) for p, m in prefix.items()}
-        tensors |= {f"adapter.{i}.{k}": v.detach().cpu().contiguous() for i, a in enumerate(model.adapters)
-                    for k, v in a.folded().state_dict().items()}  # fmt: skip
+        tensors |= {
+            f"adapter.{i}.{k}": v.detach().cpu().contiguous()
+            for i, a in enumerate(model.adapters)
+            for k, v in a.folded().state_dict().items()
+        }
         tensors |= {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-        dense = sum(_state_bytes(ctx.bases[k][1]) for k in dict.fromkeys([plan.target, *(s.model for s in plan.sources)]))
+        dense = sum(
+            _state_bytes(ctx.bases[k][1]) for k in dict.fromkeys([plan.target, *(s.model for s in plan.sources)])
+        )
         metrics |= {"dense_bytes": dense, "train_samples": len(data.train_x), "test_samples": len(data.test_x)}
-        refs = [BaseRef(id=k, digest=ctx.bases[k][0].digest) for k in dict.fromkeys([plan.target, *(s.model for s in plan.sources)])]
-        return PathArtifact(self.name, refs, data.labels, t_card.input,
-                            CloneConfig(target=plan.target, sources=tuple(links), num_classes=len(data.labels)).model_dump(mode="json"), tensors, metrics)  # fmt: skip
+        refs = [
+            BaseRef(id=k, digest=ctx.bases[k][0].digest)
+            for k in dict.fromkeys([plan.target, *(s.model for s in plan.sources)])
+        ]
+        return PathArtifact(
+            self.name,
+            refs,
+            data.labels,
+            t_card.input,
+            CloneConfig(target=plan.target, sources=tuple(links), num_classes=len(data.labels)).model_dump(mode="json"),
+            tensors,
+            metrics,
+        )
 
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
         cfg = _config(config, bases)
@@ -132,8 +184,14 @@ class Clone(Method):
             for p in src.prefix_convs(s.depth):
                 out[f"mask.{i}.{p}"] = ("uint8", ((src.get_submodule(p).out_channels + 7) // 8,))
             cs, ct = src.tap(s.depth).channels, target.tap(s.insert).channels
-            out[f"adapter.{i}.weight"], out[f"adapter.{i}.bias"] = ("float32", (ct, cs, s.kernel, s.kernel)), ("float32", (ct,))
-        out["head.weight"], out["head.bias"] = ("float32", (cfg.num_classes, target.feature_dim)), ("float32", (cfg.num_classes,))
+            out[f"adapter.{i}.weight"], out[f"adapter.{i}.bias"] = (
+                ("float32", (ct, cs, s.kernel, s.kernel)),
+                ("float32", (ct,)),
+            )
+        out["head.weight"], out["head.bias"] = (
+            ("float32", (cfg.num_classes, target.feature_dim)),
+            ("float32", (cfg.num_classes,)),
+        )
         return out
 
     def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
@@ -142,7 +200,10 @@ class Clone(Method):
         parts = []
         for i, s in enumerate(cfg.sources):
             src = bases[s.model]
-            masks = {p: unpack_mask(tensors[f"mask.{i}.{p}"], src.get_submodule(p).out_channels) for p in src.prefix_convs(s.depth)}
+            masks = {
+                p: unpack_mask(tensors[f"mask.{i}.{p}"], src.get_submodule(p).out_channels)
+                for p in src.prefix_convs(s.depth)
+            }
             if any(not m.any() for m in masks.values()):
                 raise InvalidInput(f"source {i} ({s.model}) has a conv with every filter masked out")
             parts.append(Part(masked_source(src, masks), s.depth))
@@ -194,5 +255,7 @@ def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> CloneConfig:
             raise InvalidInput(f"clone config names base {name!r}, which the path does not reference")
     for s in cfg.sources:
         if s.depth not in bases[s.model].spatial_taps() or s.insert not in bases[cfg.target].spatial_taps():
-            raise InvalidInput(f"clone source {s.model!r}: depth {s.depth!r} or insertion tap {s.insert!r} is not a spatial tap")
+            raise InvalidInput(
+                f"clone source {s.model!r}: depth {s.depth!r} or insertion tap {s.insert!r} is not a spatial tap"
+            )
     return cfg

@@ -25,7 +25,9 @@ class Budget(BaseModel):
     max_flops: int | None = Field(None, ge=1, strict=True)
 
     def admits(self, params: int, flops: int) -> bool:
-        return (self.max_params is None or params <= self.max_params) and (self.max_flops is None or flops <= self.max_flops)
+        return (self.max_params is None or params <= self.max_params) and (
+            self.max_flops is None or flops <= self.max_flops
+        )
 
 
 class ReassemblePlan(BaseModel):
@@ -60,13 +62,12 @@ def plan_reassemble(spec: CompositionSpec, cards: dict[str, Card]) -> Reassemble
     except ValidationError as e:
         err = e.errors()[0]
         raise InvalidInput(f"bad reassemble budget.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from e
-    if spec.models is not None:
-        pool = _checked_pool(spec.models, k, cards)
-    else:
-        pool = _default_pool(k, cards)
+    pool = _checked_pool(spec.models, k, cards) if spec.models is not None else _default_pool(k, cards)
     if len(pool) < 2:
-        raise InvalidInput(f"a reassembly needs a pool of at least two compatible models (with at least {k} "
-                           f"spatial taps and the same input); found {list(pool)}")  # fmt: skip
+        raise InvalidInput(
+            f"a reassembly needs a pool of at least two compatible models (with at least {k} "
+            f"spatial taps and the same input); found {list(pool)}"
+        )
     return ReassemblePlan(pool=pool, blocks=k, budget=budget, chosen=spec.models is None)
 
 
@@ -82,24 +83,32 @@ def check_budget(plan: ReassemblePlan, cards: dict[str, Card], num_labels: int =
     else:  # too many to enumerate in a request: a bound here, the exact check in the job
         (params, flops), says = cheapest_bound(profiles, k, num_labels), "every assembly takes at least"
     if not budget.admits(params, flops):
-        raise InvalidInput(f"no assembly of {k} blocks from {list(plan.pool)} meets the budget {budget.model_dump(exclude_none=True)}; "
-                           f"{says} max_params={params}, max_flops={flops}")  # fmt: skip
+        raise InvalidInput(
+            f"no assembly of {k} blocks from {list(plan.pool)} meets the budget "
+            f"{budget.model_dump(exclude_none=True)}; "
+            f"{says} max_params={params}, max_flops={flops}"
+        )
 
 
 def _checked_pool(models: list[str], k: int, cards: dict[str, Card]) -> tuple[str, ...]:
     if not models:
-        raise InvalidInput("'models' is empty: name at least two pool models, or leave it out for every compatible base")
+        raise InvalidInput(
+            "'models' is empty: name at least two pool models, or leave it out for every compatible base"
+        )
     unknown = [m for m in models if m not in cards]
     if unknown:
         raise InvalidInput(f"unknown pool models {unknown}; the zoo has {sorted(cards)}")
     short = {m: len(card_profile(cards[m]).stages) for m in models if len(card_profile(cards[m]).stages) < k}
     if short:
-        raise InvalidInput(f"pool models {short} have fewer spatial taps than blocks={k}: they cannot be cut into {k} blocks")
+        raise InvalidInput(
+            f"pool models {short} have fewer spatial taps than blocks={k}: they cannot be cut into {k} blocks"
+        )
     first = cards[models[0]].input
     other = [m for m in models if cards[m].input != first]
     if other:
-        raise InvalidInput(f"pool models {other} take another input than {models[0]!r} ({first.model_dump()}); "
-                           "a pool shares one input")  # fmt: skip
+        raise InvalidInput(
+            f"pool models {other} take another input than {models[0]!r} ({first.model_dump()}); a pool shares one input"
+        )
     return tuple(dict.fromkeys(models))
 
 
@@ -151,9 +160,13 @@ def cheapest_bound(profiles: dict[str, Profile], k: int, num_labels: int) -> tup
     position, no stitches, the cheapest head."""
     cuts = {m: partitions(p, k) for m, p in profiles.items()}
     own = [[profiles[m].block(part[i].start, part[i].end) for m in profiles for part in cuts[m]] for i in range(k)]
-    heads = [head_cost(Block(model=m, start=None, end=profiles[m].stages[-1].tap), profiles, num_labels) for m in profiles]
-    return (sum(min(p for p, _ in row) for row in own) + min(p for p, _ in heads),
-            sum(min(f for _, f in row) for row in own) + min(f for _, f in heads))  # fmt: skip
+    heads = [
+        head_cost(Block(model=m, start=None, end=profiles[m].stages[-1].tap), profiles, num_labels) for m in profiles
+    ]
+    return (
+        sum(min(p for p, _ in row) for row in own) + min(p for p, _ in heads),
+        sum(min(f for _, f in row) for row in own) + min(f for _, f in heads),
+    )
 
 
 def parse_config(config: dict[str, Any]) -> ReassembleConfig:

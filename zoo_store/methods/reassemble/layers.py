@@ -89,8 +89,9 @@ def shapes_of(nets: dict[str, TapNet], models: list[str], channels: int, size: i
     return {m: nets[m].tap_shapes(channels, size) for m in dict.fromkeys(models)}
 
 
-def build_assembled(blocks: list[Block], bases: dict[str, TapNet], shapes: Shapes, num_labels: int,
-                    stitch_all: bool = False) -> Assembled:  # fmt: skip
+def build_assembled(
+    blocks: list[Block], bases: dict[str, TapNet], shapes: Shapes, num_labels: int, stitch_all: bool = False
+) -> Assembled:
     """The network of ``blocks`` with fresh stitches (identity BatchNorm, default conv) and head.
     ``stitch_all`` puts a stitch at every join, also where consecutive blocks of one model meet: a
     single model cut at the same places gets the reassembled network's trainable parts (the
@@ -110,8 +111,13 @@ def build_assembled(blocks: list[Block], bases: dict[str, TapNet], shapes: Shape
 
 
 @torch.no_grad()
-def fit_stitches(model: Assembled, blocks: list[Block], bases: dict[str, TapNet], x: Tensor,
-                 memo: dict[tuple[str, str], Tensor] | None = None) -> None:  # fmt: skip
+def fit_stitches(
+    model: Assembled,
+    blocks: list[Block],
+    bases: dict[str, TapNet],
+    x: Tensor,
+    memo: dict[tuple[str, str], Tensor] | None = None,
+) -> None:
     """Initialise every stitch by least squares on normalized probe images ``x`` (N, C, H, W): block by
     block, so each fit sees what the stitches before it produce. ``memo`` keeps each model's own
     features at a tap for the next call on the same images."""

@@ -70,9 +70,21 @@ class Reassemble(Method):
         found = search(spec, ctx)
         best, card, data, tr = found.ranked[0], found.card, found.data, spec.train
         ctx.progress(fraction=0.5, step="stitch and tune", epoch=0)
-        model = train_assembly(best, found.nets, card, data, found.probe, tr.epochs, tr.lr, tr.batch_size, tr.seed, ctx.device,
-                               on_epoch=lambda e, loss: ctx.progress(fraction=0.5 + 0.5 * (e + 1) / tr.epochs,
-                                                                     step="stitch and tune", epoch=e + 1, loss=loss))  # fmt: skip
+        model = train_assembly(
+            best,
+            found.nets,
+            card,
+            data,
+            found.probe,
+            tr.epochs,
+            tr.lr,
+            tr.batch_size,
+            tr.seed,
+            ctx.device,
+            on_epoch=lambda e, loss: ctx.progress(
+                fraction=0.5 + 0.5 * (e + 1) / tr.epochs, step="stitch and tune", epoch=e + 1, loss=loss
+            ),
+        )
         return to_artifact(found, best, model, ctx.device)
 
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
@@ -83,7 +95,10 @@ class Reassemble(Method):
                 assert cur.start is not None
                 cin, cout = shapes[prev.model][prev.end][0], shapes[cur.model][cur.start][0]
                 out |= {f"stitch.{i}.{k}": ("float32", (cin,)) for k in STITCH_KEYS[:4]}
-                out[f"stitch.{i}.proj.weight"], out[f"stitch.{i}.proj.bias"] = ("float32", (cout, cin, 1, 1)), ("float32", (cout,))
+                out[f"stitch.{i}.proj.weight"], out[f"stitch.{i}.proj.bias"] = (
+                    ("float32", (cout, cin, 1, 1)),
+                    ("float32", (cout,)),
+                )
         last = cfg.blocks[-1]
         c = shapes[last.model][last.end][0]
         out["head.weight"], out["head.bias"] = ("float32", (cfg.num_classes, c)), ("float32", (cfg.num_classes,))
@@ -92,8 +107,10 @@ class Reassemble(Method):
     def check_input(self, config: dict[str, Any], spec: InputSpec) -> None:
         cfg = parse_config(config)
         if (cfg.channels, cfg.size) != (spec.channels, spec.size):
-            raise InvalidInput(f"reassemble config input {cfg.channels}x{cfg.size}x{cfg.size} differs from the path's "
-                               f"{spec.channels}x{spec.size}x{spec.size}")  # fmt: skip
+            raise InvalidInput(
+                f"reassemble config input {cfg.channels}x{cfg.size}x{cfg.size} differs from the path's "
+                f"{spec.channels}x{spec.size}x{spec.size}"
+            )
 
     def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
         cfg, shapes = _checked(config, bases)
@@ -142,23 +159,32 @@ def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
             feats[m] = tap_features(nets[m], probe_raw, cards[m])
         return feats[m]
 
-    sim = similarity_matrices(list(plan.pool), features, {m: cards[m].digest for m in plan.pool},
-                              SimilarityCache.probe_key(probe_raw), cache)  # fmt: skip
+    sim = similarity_matrices(
+        list(plan.pool), features, {m: cards[m].digest for m in plan.pool}, SimilarityCache.probe_key(probe_raw), cache
+    )
     part = search_partition({m: len(nets[m].spatial_taps()) for m in plan.pool}, sim, plan.blocks, seed=spec.train.seed)
-    sets = [[Block(model=m, start=s, end=e) for m in plan.pool for s, e in [part.blocks(m, nets[m].spatial_taps())[k]]]
-            for k in range(plan.blocks)]  # fmt: skip
+    sets = [
+        [Block(model=m, start=s, end=e) for m in plan.pool for s, e in [part.blocks(m, nets[m].spatial_taps())[k]]]
+        for k in range(plan.blocks)
+    ]
     metrics: dict[str, Any] = {
-        "pool": list(plan.pool), "pool_chosen": plan.chosen, "blocks": plan.blocks,
-        "partition": [[b.label() for b in s] for s in sets], "partition_score": part.score,
-        "set_centres": list(part.centres), "cka_cache": {"hits": cache.hits, "misses": cache.misses},
-    }  # fmt: skip
+        "pool": list(plan.pool),
+        "pool_chosen": plan.chosen,
+        "blocks": plan.blocks,
+        "partition": [[b.label() for b in s] for s in sets],
+        "partition_score": part.score,
+        "set_centres": list(part.centres),
+        "cka_cache": {"hits": cache.hits, "misses": cache.misses},
+    }
 
     ctx.progress(fraction=0.2, step="assemble: scoring candidates")
     profiles = {m: card_profile(cards[m]) for m in plan.pool}
     cands, smallest = feasible(sets, profiles, len(data.labels), plan.budget)
     if not cands:
-        raise InvalidInput(f"no assembly of this partition meets the budget {plan.budget.model_dump(exclude_none=True)}; "
-                           f"the smallest takes max_params={smallest[0]}, max_flops={smallest[1]}")  # fmt: skip
+        raise InvalidInput(
+            f"no assembly of this partition meets the budget {plan.budget.model_dump(exclude_none=True)}; "
+            f"the smallest takes max_params={smallest[0]}, max_flops={smallest[1]}"
+        )
     scorer = Scorer(nets, card, probe, batch, len(data.labels))
     if len(cands) <= EXACT_MAX:  # a count, not a clock: the same spec and seed always search alike
         ranked = exact(cands, scorer)
@@ -167,8 +193,12 @@ def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
         unary = [[block_naswot(nets[b.model], b, batch) for b in s] for s in sets]
         ranked = exact(milp_top(sets, unary, profiles, len(data.labels), plan.budget, MILP_TOP), scorer)
         metrics |= {"search": "milp", "candidates_scored": len(ranked)}
-    metrics |= {"candidates_feasible": len(cands),
-                "top_candidates": [{"blocks": c.label(), "naswot": c.score, "params": c.params, "flops": c.flops} for c in ranked[:8]]}  # fmt: skip
+    metrics |= {
+        "candidates_feasible": len(cands),
+        "top_candidates": [
+            {"blocks": c.label(), "naswot": c.score, "params": c.params, "flops": c.flops} for c in ranked[:8]
+        ],
+    }
     return Search(cards, nets, card, data, probe, sets, ranked, metrics)
 
 
@@ -199,9 +229,20 @@ def block_naswot(net: TapNet, block: Block, batch: Tensor) -> float:
     return logdet(codes.kernel)
 
 
-def train_assembly(cand: Candidate, nets: dict[str, TapNet], card: Card, data: TaskData, probe: Tensor, epochs: int,
-                   lr: float, batch_size: int, seed: int, device: str,
-                   on_epoch: Callable[[int, float], None] | None = None, stitch_all: bool = False) -> Assembled:  # fmt: skip
+def train_assembly(
+    cand: Candidate,
+    nets: dict[str, TapNet],
+    card: Card,
+    data: TaskData,
+    probe: Tensor,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: str,
+    on_epoch: Callable[[int, float], None] | None = None,
+    stitch_all: bool = False,
+) -> Assembled:
     """The candidate's network, stitches fitted by least squares, then stitches and head trained
     (the blocks frozen and in eval mode); ``stitch_all`` as in ``build_assembled``."""
     torch.manual_seed(seed)
@@ -209,8 +250,19 @@ def train_assembly(cand: Candidate, nets: dict[str, TapNet], card: Card, data: T
     model = build_assembled(list(cand.blocks), nets, shapes, len(data.labels), stitch_all)
     fit_stitches(model, list(cand.blocks), nets, probe)
     model.train()
-    fit(model, stitch_params(model), data.train_x, data.train_y, card.input, epochs=epochs, lr=lr,
-        batch_size=batch_size, seed=seed, device=device, on_epoch=on_epoch)  # fmt: skip
+    fit(
+        model,
+        stitch_params(model),
+        data.train_x,
+        data.train_y,
+        card.input,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        on_epoch=on_epoch,
+    )
     return model.eval()
 
 
@@ -218,24 +270,45 @@ def to_artifact(found: Search, cand: Candidate, model: Assembled, device: str = 
     """The path of a trained candidate: block list, stitches and head; its held-out accuracy in the metrics."""
     card, data = found.card, found.data
     metrics = found.metrics | {
-        "accuracy": accuracy(model, data.test_x, data.test_y, card.input, device=device), "naswot": cand.score,
-        "params": cand.params, "flops": cand.flops, "dense_bytes": assembled_bytes(model),
-        "train_samples": len(data.train_x), "test_samples": len(data.test_x)}  # fmt: skip
-    cfg = ReassembleConfig(blocks=cand.blocks, num_classes=len(data.labels), channels=card.input.channels, size=card.input.size)
+        "accuracy": accuracy(model, data.test_x, data.test_y, card.input, device=device),
+        "naswot": cand.score,
+        "params": cand.params,
+        "flops": cand.flops,
+        "dense_bytes": assembled_bytes(model),
+        "train_samples": len(data.train_x),
+        "test_samples": len(data.test_x),
+    }
+    cfg = ReassembleConfig(
+        blocks=cand.blocks, num_classes=len(data.labels), channels=card.input.channels, size=card.input.size
+    )
     used = list(dict.fromkeys(b.model for b in cand.blocks))
-    return PathArtifact(Reassemble.name, [BaseRef(id=m, digest=found.cards[m].digest) for m in used], data.labels,
-                        card.input, cfg.model_dump(mode="json"), path_tensors(model), metrics)  # fmt: skip
+    return PathArtifact(
+        Reassemble.name,
+        [BaseRef(id=m, digest=found.cards[m].digest) for m in used],
+        data.labels,
+        card.input,
+        cfg.model_dump(mode="json"),
+        path_tensors(model),
+        metrics,
+    )
 
 
 def path_tensors(model: Assembled) -> dict[str, Tensor]:
-    out = {f"stitch.{i}.{k}": v.detach().cpu().float().contiguous() for i, s in enumerate(model.stitches)
-           if isinstance(s, Stitch) for k, v in s.state_dict().items() if k in STITCH_KEYS}  # fmt: skip
+    out = {
+        f"stitch.{i}.{k}": v.detach().cpu().float().contiguous()
+        for i, s in enumerate(model.stitches)
+        if isinstance(s, Stitch)
+        for k, v in s.state_dict().items()
+        if k in STITCH_KEYS
+    }
     return out | {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
 
 
 def run_modules(model: Assembled) -> list[nn.Module]:
     """The modules the assembled network computes with: its blocks' stages, the stitches, the head."""
-    blocks = [m for net, (start, end) in zip(model.nets, model.spans, strict=True) for m in net.stage_modules(start, end)]
+    blocks = [
+        m for net, (start, end) in zip(model.nets, model.spans, strict=True) for m in net.stage_modules(start, end)
+    ]
     return [*blocks, model.stitches, model.head]
 
 
@@ -255,7 +328,9 @@ def _checked(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[Reassemb
             raise InvalidInput(f"reassemble block {i} names base {b.model!r}, which the path does not reference")
         taps = bases[b.model].spatial_taps()
         if b.end not in taps or (b.start is not None and b.start not in taps):
-            raise InvalidInput(f"reassemble block {i}: {b.label()} names a tap that is not a spatial tap of {b.model!r} ({taps})")
+            raise InvalidInput(
+                f"reassemble block {i}: {b.label()} names a tap that is not a spatial tap of {b.model!r} ({taps})"
+            )
         if (b.start is None) != (i == 0):
             raise InvalidInput(f"reassemble block {i}: only the first block starts at the input")
         if b.start is not None and taps.index(b.start) >= taps.index(b.end):
@@ -263,6 +338,7 @@ def _checked(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[Reassemb
     try:
         shapes = shapes_of(bases, [b.model for b in cfg.blocks], cfg.channels, cfg.size)
     except RuntimeError as e:
-        raise InvalidInput(f"reassemble config: the bases do not take a {cfg.channels}x{cfg.size}x{cfg.size} input") from e
+        raise InvalidInput(
+            f"reassemble config: the bases do not take a {cfg.channels}x{cfg.size}x{cfg.size} input"
+        ) from e
     return cfg, shapes
-

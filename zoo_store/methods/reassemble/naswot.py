@@ -1,5 +1,6 @@
 """NASWOT (Mellor et al. 2021), the training-free score of step 2: the log-determinant of the kernel
-``K = C Cᵀ + (1 − C)(1 − C)ᵀ`` over the binary codes ``C`` of every rectifier unit (``rectifiers``) on a batch of images.
+``K = C Cᵀ + (1 − C)(1 − C)ᵀ`` over the binary codes ``C`` of every rectifier unit (``rectifiers``) on a batch of
+images.
 Networks whose units split the images into more distinct activation patterns score higher."""
 
 from __future__ import annotations

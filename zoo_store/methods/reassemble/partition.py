@@ -85,20 +85,34 @@ class Partition:
         return [(s, taps[e]) for s, e in zip(starts, ends, strict=True)]
 
 
-def similarity_matrices(pool: list[str], feats: Callable[[str], list[Tensor]], digests: dict[str, str], probe: str,
-                        cache: SimilarityCache) -> dict[tuple[str, str], Tensor]:  # fmt: skip
+def similarity_matrices(
+    pool: list[str], feats: Callable[[str], list[Tensor]], digests: dict[str, str], probe: str, cache: SimilarityCache
+) -> dict[tuple[str, str], Tensor]:
     """(T_m, T_n) CKA between the taps of every ordered pair of pool models; ``feats(m)`` gives a
     model's pooled tap features and is called only for pairs the cache does not hold."""
     out: dict[tuple[str, str], Tensor] = {}
     for m, n in itertools.combinations(pool, 2):
-        mat = cache.matrix(digests[m], digests[n], probe, lambda m=m, n=n: torch.tensor(
-            [[linear_cka(a, b) for b in feats(n)] for a in feats(m)], dtype=torch.float64))  # fmt: skip
+        mat = cache.matrix(
+            digests[m],
+            digests[n],
+            probe,
+            lambda m=m, n=n: torch.tensor(
+                [[linear_cka(a, b) for b in feats(n)] for a in feats(m)], dtype=torch.float64
+            ),
+        )
         out[(m, n)], out[(n, m)] = mat, mat.T
     return out
 
 
-def search_partition(taps: dict[str, int], sim: dict[tuple[str, str], Tensor], k: int, *, restarts: int = 8,
-                     seed: int = 0, max_rounds: int = 50) -> Partition:  # fmt: skip
+def search_partition(
+    taps: dict[str, int],
+    sim: dict[tuple[str, str], Tensor],
+    k: int,
+    *,
+    restarts: int = 8,
+    seed: int = 0,
+    max_rounds: int = 50,
+) -> Partition:
     """The alternating search, best of ``restarts`` (the first starts from evenly spaced cuts)."""
     pool = list(taps)
 
@@ -112,7 +126,9 @@ def search_partition(taps: dict[str, int], sim: dict[tuple[str, str], Tensor], k
         return 0.5 * (tap_sim(m, em[s], n, en[s]) + tap_sim(m, em[s + 1], n, en[s + 1]))
 
     def fit_of(m: str, cm: tuple[int, ...], cuts: dict[str, tuple[int, ...]], centres: list[str]) -> float:
-        return sum(1.0 if c == m else block_sim(m, cm, c, cuts[c], s) for s, c in enumerate(centres))  # a centre is its own match
+        return sum(
+            1.0 if c == m else block_sim(m, cm, c, cuts[c], s) for s, c in enumerate(centres)
+        )  # a centre is its own match
 
     rng = random.Random(seed)
     best: Partition | None = None
@@ -123,8 +139,10 @@ def search_partition(taps: dict[str, int], sim: dict[tuple[str, str], Tensor], k
             cuts = {m: tuple(sorted(rng.sample(range(taps[m] - 1), k - 1))) for m in pool}
         centres: list[str] = []
         for _ in range(max_rounds):
-            centres = [max(pool, key=lambda c, s=s: (sum(block_sim(c, cuts[c], m, cuts[m], s) for m in pool), c))
-                       for s in range(k)]  # fmt: skip
+            centres = [
+                max(pool, key=lambda c, s=s: (sum(block_sim(c, cuts[c], m, cuts[m], s) for m in pool), c))
+                for s in range(k)
+            ]
             moved = False
             for m in pool:
                 for j in range(k - 1):
@@ -144,4 +162,3 @@ def search_partition(taps: dict[str, int], sim: dict[tuple[str, str], Tensor], k
             best = Partition(dict(cuts), tuple(centres), score)
     assert best is not None
     return best
-

@@ -67,7 +67,9 @@ def profile_of(net: TapNet, channels: int, size: int) -> Profile:
     out = []
     with torch.no_grad():
         for i, tap in enumerate(spatial):
-            mods = {id(p): p.numel() for m in net.stage_modules(spatial[i - 1] if i else None, tap) for p in m.parameters()}
+            mods = {
+                id(p): p.numel() for m in net.stage_modules(spatial[i - 1] if i else None, tap) for p in m.parameters()
+            }
             counter = FlopCounterMode(display=False)
             with counter:
                 h = net.stage_fn(i)(h)  # (1, C, H, W)
@@ -80,7 +82,9 @@ _PROFILES: dict[str, Profile] = {}
 
 def card_profile(card: Card) -> Profile:
     """The profile of the architecture a card describes, at its input size (cached per architecture)."""
-    key = json.dumps([card.arch, card.arch_config, len(card.labels), card.input.channels, card.input.size], sort_keys=True)
+    key = json.dumps(
+        [card.arch, card.arch_config, len(card.labels), card.input.channels, card.input.size], sort_keys=True
+    )
     if key not in _PROFILES:
         _PROFILES[key] = profile_of(build_for(card, meta=True), card.input.channels, card.input.size)
     return _PROFILES[key]

@@ -30,13 +30,18 @@ class Candidate:
         return " -> ".join(b.label() for b in self.blocks)
 
 
-def feasible(sets: list[list[Block]], profiles: dict[str, Profile], num_labels: int, budget: Budget) -> tuple[list[Candidate], tuple[int, int]]:
+def feasible(
+    sets: list[list[Block]], profiles: dict[str, Profile], num_labels: int, budget: Budget
+) -> tuple[list[Candidate], tuple[int, int]]:
     """Every assembly (one block of each set, in order) within the budget, and the smallest (params,
     flops) of any assembly (what the budget would need when none fits)."""
     out, smallest = [], (None, None)
     for choice in itertools.product(*sets):
         p, f = assembly_cost(list(choice), profiles, num_labels)
-        smallest = (p if smallest[0] is None else min(p, smallest[0]), f if smallest[1] is None else min(f, smallest[1]))
+        smallest = (
+            p if smallest[0] is None else min(p, smallest[0]),
+            f if smallest[1] is None else min(f, smallest[1]),
+        )
         if budget.admits(p, f):
             out.append(Candidate(tuple(choice), p, f))
     return out, (int(smallest[0] or 0), int(smallest[1] or 0))
@@ -48,8 +53,14 @@ def exact(cands: list[Candidate], score: Callable[[Candidate], float]) -> list[C
     return sorted(scored, key=lambda c: (-c.score, c.params, c.label()))
 
 
-def milp_top(sets: list[list[Block]], unary: list[list[float]], profiles: dict[str, Profile], num_labels: int,
-             budget: Budget, top: int) -> list[Candidate]:  # fmt: skip
+def milp_top(
+    sets: list[list[Block]],
+    unary: list[list[float]],
+    profiles: dict[str, Profile],
+    num_labels: int,
+    budget: Budget,
+    top: int,
+) -> list[Candidate]:
     """The ``top`` best assemblies by the surrogate sum of ``unary[k][j]`` (block j of set k), each
     within the budget. Variables: x[k, j] picks block j at position k; y[k, i, j] picks the pair
     (i at k, j at k+1), linearising the stitch between them, so params and FLOPs are exact."""
@@ -91,8 +102,9 @@ def milp_top(sets: list[list[Block]], unary: list[list[float]], profiles: dict[s
         c[n] = -(unary[k][j] if np.isfinite(unary[k][j]) else floor)
     found: list[Candidate] = []
     while len(found) < top:
-        res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(nvar),
-                   bounds=Bounds(0, 1))  # fmt: skip
+        res = milp(
+            c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(nvar), bounds=Bounds(0, 1)
+        )
         if res.x is None:
             break
         pick = [next(j for j in range(len(sets[k])) if res.x[xi[(k, j)]] > 0.5) for k in range(k_sets)]

@@ -14,7 +14,9 @@ from zoo_store.archs.surgery import conv_paths, replace_module, shared_copy, sta
 
 def clr_conv(channels: int, kernel: int = 3, device: torch.device | str = "cpu", identity: bool = True) -> nn.Conv2d:
     """Depthwise k x k conv; identity-initialised (the same as ``nn.init.dirac_`` with groups=C)."""
-    conv = skip_init(nn.Conv2d, channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False, device=device)
+    conv = skip_init(
+        nn.Conv2d, channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False, device=device
+    )
     if identity:
         with torch.no_grad():
             conv.weight.zero_()[:, 0, kernel // 2, kernel // 2] = 1.0  # (C, 1, k, k)
@@ -33,8 +35,9 @@ def reprogram_refusal(net: TapNet) -> str | None:
     if any(min(c.stride) < max(c.kernel_size) for _, c in convs):
         return None
     found = ", ".join(f"{p} ({c.kernel_size[0]}x{c.kernel_size[1]}, stride {c.stride[0]})" for p, c in convs)
-    return ("CLR needs a spatial convolution (kernel > 1, stride below its kernel) to reprogram; this network has "
-            + (f"only patch embeddings: {found}" if found else "no convolution with kernel > 1"))
+    return "CLR needs a spatial convolution (kernel > 1, stride below its kernel) to reprogram; this network has " + (
+        f"only patch embeddings: {found}" if found else "no convolution with kernel > 1"
+    )
 
 
 def dense_bytes(base: TapNet, delta_bytes: int) -> int:

@@ -56,10 +56,18 @@ class Reprogram(Method):
 
         ctx.progress(fraction=0.0, epoch=0)
         losses = fit(
-            model, model.parameters(), data.train_x, data.train_y, card.input,
-            epochs=epochs, lr=spec.train.lr, batch_size=spec.train.batch_size,
-            seed=spec.train.seed, device=ctx.device, on_epoch=on_epoch,
-        )  # fmt: skip
+            model,
+            model.parameters(),
+            data.train_x,
+            data.train_y,
+            card.input,
+            epochs=epochs,
+            lr=spec.train.lr,
+            batch_size=spec.train.batch_size,
+            seed=spec.train.seed,
+            device=ctx.device,
+            on_epoch=on_epoch,
+        )
         acc = accuracy(model, data.test_x, data.test_y, card.input, device=ctx.device)
         delta = model.delta_state()
         delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
@@ -94,7 +102,9 @@ class Reprogram(Method):
         out["head.bias"] = ("float32", (cfg.num_classes,))
         return out
 
-    def materialize(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], bases: dict[str, TapNet]) -> nn.Module:
+    def materialize(
+        self, config: dict[str, Any], tensors: dict[str, torch.Tensor], bases: dict[str, TapNet]
+    ) -> nn.Module:
         cfg = _config(config)
         model = build_reprogrammed(bases[cfg.base], cfg.num_classes, cfg.kernel, fresh=False)
         return load_delta(model, tensors).eval()

@@ -4,7 +4,8 @@ Every coupled channel group of a base (``zoo_store.archs.groups.channel_groups``
 smooth function on [-1, 1]: channel ``i`` of ``n`` sits at the centre of the i-th of n equal cells.
 Converting fuses each group's BatchNorms into the convs that feed them (a BatchNorm over a
 concatenation, or one not directly after its conv, is kept: its rows are resampled with the
-channels) and orders the channels along a short travelling-salesman tour (neighbours alike), which changes nothing the network
+channels) and orders the channels along a short travelling-salesman tour (neighbours alike), which changes nothing
+the network
 computes. Resampling evaluates every coupled tensor at ``n'`` new cell centres by cubic
 convolution and scales the readers by the new cells' widths over the old ones (``n / n'`` on a
 uniform grid): a plain dense, smaller network. A group in blocks (a grouped conv's channels) is
@@ -42,7 +43,11 @@ class Fused:
 
 def _fold_bn(layer: Layer, bn: nn.BatchNorm2d | None) -> Fused:
     w = layer.weight.detach().double().clone()
-    b = layer.bias.detach().double().clone() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    b = (
+        layer.bias.detach().double().clone()
+        if layer.bias is not None
+        else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    )
     if bn is not None:
         scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)  # (out,)
         w = w * scale.view(-1, *([1] * (w.dim() - 1)))
@@ -60,14 +65,19 @@ def fused_layers(net: TapNet, groups: list[ChannelGroup]) -> dict[str, Fused]:
     """Every layer any group touches, BatchNorm folded into the producers and depthwise convs (the
     BatchNorms over a concatenation kept as their rows)."""
     bns = {p: bn for g in groups for p, bn in (*g.producers, *g.depthwise)}
-    touched = list(bns) + [c for g in groups for c in (*g.consumers, *g.grouped)] + [c for g in groups for c, _ in g.sliced]
+    touched = (
+        list(bns) + [c for g in groups for c in (*g.consumers, *g.grouped)] + [c for g in groups for c, _ in g.sliced]
+    )
     layers = {p: _fold_bn(net.get_submodule(p), net.get_submodule(bns[p]) if bns.get(p) else None) for p in touched}
     return layers | {b: _bn_rows(net.get_submodule(b)) for g in groups for b, _ in g.carried}
 
 
 def channel_features(layers: dict[str, Fused], g: ChannelGroup) -> Tensor:
     """(n, d): everything each channel of the group carries, one row per channel."""
-    rows = [torch.cat([f.weight.flatten(1), f.bias[:, None]], 1) for f in (layers[p] for p, _ in (*g.producers, *g.depthwise))]
+    rows = [
+        torch.cat([f.weight.flatten(1), f.bias[:, None]], 1)
+        for f in (layers[p] for p, _ in (*g.producers, *g.depthwise))
+    ]
     cols = [layers[c].weight.transpose(0, 1).flatten(1) for c in g.consumers]  # (n, out * k * k)
     for c in g.grouped:  # (out, n / blocks, *k): channel j of block i is column j of row block i
         w = layers[c].weight
@@ -229,7 +239,9 @@ def permute_and_resample(
         def grouped(w: Tensor) -> Tensor:  # row block i reads channel block i: its columns at block i's cells
             w = grouped_columns(w, perm, g.blocks)
             ob, kernel = w.shape[0] // g.blocks, w.shape[2:]
-            flat = w.movedim(1, 0).reshape(-1, g.blocks, ob, *kernel).transpose(0, 1).reshape(len(perm), -1)  # (n, ob * k * k)
+            flat = (
+                w.movedim(1, 0).reshape(-1, g.blocks, ob, *kernel).transpose(0, 1).reshape(len(perm), -1)
+            )  # (n, ob * k * k)
             flat = _along(flat, 0, xs) * scale.view(-1, 1).to(w.dtype)  # (n', ob * k * k): channel i*b'+j, row block i
             return flat.view(g.blocks, -1, ob, *kernel).transpose(1, 2).reshape(w.shape[0], -1, *kernel)
 
@@ -271,16 +283,23 @@ def _edited(layers: dict[str, Fused], groups: list[ChannelGroup], edits: dict[st
         for c in g.grouped:
             out[c] = Fused(e.grouped(out[c].weight), out[c].bias)
     sizes = {g.name: group_size(layers, g) for g in groups}
-    members = sorted(((layer, at, g.name) for g in groups for layer, at in (*g.sliced, *g.carried)), key=lambda m: (m[0], -m[1]))
+    members = sorted(
+        ((layer, at, g.name) for g in groups for layer, at in (*g.sliced, *g.carried)), key=lambda m: (m[0], -m[1])
+    )
     for layer, at, name in members:
         f, n, e = out[layer], sizes[name], edits[name]
         if f.norm:  # its rows; an interpolated variance kept at or above the segment's smallest (cubic overshoots)
             stats = e.rows(f.weight[at : at + n])  # (n', 3)
             stats = torch.cat([stats[:, :2], stats[:, 2:].clamp_min(f.weight[at : at + n, 2].min())], 1)
-            out[layer] = Fused(torch.cat([f.weight[:at], stats, f.weight[at + n :]]),
-                               torch.cat([f.bias[:at], e.rows(f.bias[at : at + n]), f.bias[at + n :]]), norm=True)  # fmt: skip
+            out[layer] = Fused(
+                torch.cat([f.weight[:at], stats, f.weight[at + n :]]),
+                torch.cat([f.bias[:at], e.rows(f.bias[at : at + n]), f.bias[at + n :]]),
+                norm=True,
+            )
         else:
-            out[layer] = Fused(torch.cat([f.weight[:, :at], e.cols(f.weight[:, at : at + n]), f.weight[:, at + n :]], 1), f.bias)
+            out[layer] = Fused(
+                torch.cat([f.weight[:, :at], e.cols(f.weight[:, at : at + n]), f.weight[:, at + n :]], 1), f.bias
+            )
     return out
 
 
@@ -293,7 +312,9 @@ def recalibrate(small: TapNet, base: TapNet, groups: list[ChannelGroup], keep: d
     base's stays untouched) that re-estimates its own. Folded ones (a group's writers) live in the
     layer they were folded into: that layer's channels get the affine map that makes the channel
     compute ``gamma * (z - mean) / sqrt(var + eps) + beta`` with z's mean and variance on ``x``."""
-    folded = {p: (keep[g.name].long(), base.get_submodule(bn)) for g in groups for p, bn in (*g.producers, *g.depthwise) if bn}
+    folded = {
+        p: (keep[g.name].long(), base.get_submodule(bn)) for g in groups for p, bn in (*g.producers, *g.depthwise) if bn
+    }
     live = [n for n, m in small.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for path in live:
         bn = copy.deepcopy(small.get_submodule(path))
@@ -348,8 +369,18 @@ def _rebuilt(old: nn.Module, f: Fused, depthwise: bool) -> nn.Module:
         new: Layer = nn.Linear(w.shape[1], w.shape[0], device=old.weight.device)
     else:
         groups = w.shape[0] if depthwise else old.groups  # a grouped conv keeps its group count
-        new = nn.Conv2d(w.shape[1] * groups, w.shape[0], old.kernel_size, old.stride, old.padding, old.dilation,
-                        groups=groups, bias=True, padding_mode=old.padding_mode, device=old.weight.device)  # fmt: skip
+        new = nn.Conv2d(
+            w.shape[1] * groups,
+            w.shape[0],
+            old.kernel_size,
+            old.stride,
+            old.padding,
+            old.dilation,
+            groups=groups,
+            bias=True,
+            padding_mode=old.padding_mode,
+            device=old.weight.device,
+        )
     with torch.no_grad():
         new.weight.copy_(w)
         new.bias.copy_(f.bias.float())
@@ -362,8 +393,12 @@ def module_tensors(layers: dict[str, Fused]) -> dict[str, Tensor]:
     out = {}
     for p, f in layers.items():
         if f.norm:  # the statistics are buffers: no gradient flows through them (the scale and shift get it)
-            out |= {f"{p}.weight": f.weight[:, 0].float(), f"{p}.bias": f.bias.float(),
-                    f"{p}.running_mean": f.weight[:, 1].detach().float(), f"{p}.running_var": f.weight[:, 2].detach().float()}  # fmt: skip
+            out |= {
+                f"{p}.weight": f.weight[:, 0].float(),
+                f"{p}.bias": f.bias.float(),
+                f"{p}.running_mean": f.weight[:, 1].detach().float(),
+                f"{p}.running_var": f.weight[:, 2].detach().float(),
+            }
         else:
             out |= {f"{p}.weight": f.weight.float(), f"{p}.bias": f.bias.float()}
     return out
@@ -412,6 +447,10 @@ def resampled_params(net: TapNet, groups: list[ChannelGroup], widths: dict[str, 
             continue
         cout = out_of.get(path, layer.weight.shape[0])
         per_group = getattr(layer, "groups", 1)  # a grouped conv's weight holds its input channels / groups
-        cin = 1 if path in depthwise else (in_of[path] // per_group if path in in_of else layer.weight.shape[1] - narrower.get(path, 0))
+        cin = (
+            1
+            if path in depthwise
+            else (in_of[path] // per_group if path in in_of else layer.weight.shape[1] - narrower.get(path, 0))
+        )
         total += cout * cin * int(np.prod(layer.weight.shape[2:])) + cout  # weight + bias
     return total

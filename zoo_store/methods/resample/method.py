@@ -67,8 +67,9 @@ class Resample(Method):
         groups = channel_groups(base)
         widths = widths_for(base, groups, _budget(spec.budget))
         ctx.progress(fraction=0.0, step="ordering channels")
-        layers, perms, gains = convert(base, groups, lambda i, g: ctx.progress(fraction=0.5 * (i + 1) / len(groups),
-                                                                               step=f"ordered {g}"))  # fmt: skip
+        layers, perms, gains = convert(
+            base, groups, lambda i, g: ctx.progress(fraction=0.5 * (i + 1) / len(groups), step=f"ordered {g}")
+        )
         cells = {g.name: uniform_cells(widths[g.name]) for g in groups}
         metrics: dict[str, Any] = {
             "params": resampled_params(base, groups, widths),
@@ -88,8 +89,21 @@ class Resample(Method):
             metrics["uniform_accuracy"] = _accuracy(small, data, cols, card, ctx.device)
             steps = DEFAULT_STEPS if spec.train.steps is None else spec.train.steps
             if steps:
-                cells, loss = tune_partition(base, small, groups, layers, perms, cells, data.train_x, card, steps,
-                                             spec.train.lr, spec.train.batch_size, spec.train.seed, ctx)  # fmt: skip
+                cells, loss = tune_partition(
+                    base,
+                    small,
+                    groups,
+                    layers,
+                    perms,
+                    cells,
+                    data.train_x,
+                    card,
+                    steps,
+                    spec.train.lr,
+                    spec.train.batch_size,
+                    spec.train.seed,
+                    ctx,
+                )
                 tuned = True
                 metrics["tuning_loss"] = loss
                 small = assemble(base, groups, permute_and_resample(layers, groups, perms, cells))
@@ -150,8 +164,10 @@ def widths_for(net: TapNet, groups: list[ChannelGroup], budget: ResampleBudget) 
     number from every block), or the widest uniform fraction whose network fits ``max_params``."""
     if not groups:
         full = (trace_groups(net) if next(net.parameters()).is_meta else proven_groups(net)).opaque
-        raise InvalidInput(f"architecture {net.arch!r} has no channel group that traces and is proven, so it cannot be "
-                           f"resampled" + (f"; left at full width: {full}" if full else ""))  # fmt: skip
+        raise InvalidInput(
+            f"architecture {net.arch!r} has no channel group that traces and is proven, so it cannot be "
+            f"resampled" + (f"; left at full width: {full}" if full else "")
+        )
     sizes, blocks = group_sizes(net, groups), {g.name: g.blocks for g in groups}
 
     def at(fraction: float) -> dict[str, int]:
@@ -162,8 +178,10 @@ def widths_for(net: TapNet, groups: list[ChannelGroup], budget: ResampleBudget) 
     assert budget.max_params is not None
     smallest = resampled_params(net, groups, at(0.0))
     if budget.max_params < smallest:
-        raise InvalidInput(f"budget.max_params {budget.max_params:,} is below the smallest resample of this base "
-                           f"(one channel per group): {smallest:,} parameters")  # fmt: skip
+        raise InvalidInput(
+            f"budget.max_params {budget.max_params:,} is below the smallest resample of this base "
+            f"(one channel per group): {smallest:,} parameters"
+        )
     lo, hi = 0.0, 1.0
     for _ in range(40):  # parameters grow with the fraction: bisect for the widest that fits
         mid = (lo + hi) / 2
@@ -172,12 +190,22 @@ def widths_for(net: TapNet, groups: list[ChannelGroup], budget: ResampleBudget) 
 
 
 def tune_partition(
-    base: TapNet, small: nn.Module, groups: list[ChannelGroup], layers: dict[str, Fused],
-    perms: dict[str, Tensor], cells: dict[str, Tensor], images: Tensor, card: Card,
-    steps: int, lr: float, batch_size: int, seed: int, ctx: BuildContext,
-) -> tuple[dict[str, Tensor], float]:  # fmt: skip
-    """Learn ordered, non-uniform cells per group (softmax widths summing to 2, or to 2 / G in each of G blocks) so the small network
-    matches the base's output distribution on a few batches; every weight stays frozen."""
+    base: TapNet,
+    small: nn.Module,
+    groups: list[ChannelGroup],
+    layers: dict[str, Fused],
+    perms: dict[str, Tensor],
+    cells: dict[str, Tensor],
+    images: Tensor,
+    card: Card,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    ctx: BuildContext,
+) -> tuple[dict[str, Tensor], float]:
+    """Learn ordered, non-uniform cells per group (softmax widths summing to 2, or to 2 / G in each of G blocks)
+    so the small network matches the base's output distribution on a few batches; every weight stays frozen."""
     gen = torch.Generator().manual_seed(seed)
     blocks = {g.name: g.blocks for g in groups}
     logits = {g: torch.log(c.float()).clone().requires_grad_(True) for g, c in cells.items()}  # uniform start
@@ -196,7 +224,9 @@ def tune_partition(
         loss.backward()
         opt.step()
         loss_value = loss.item()
-        ctx.progress(fraction=0.5 + 0.5 * (step + 1) / steps, step=f"partition tuning {step + 1}/{steps}", loss=loss_value)
+        ctx.progress(
+            fraction=0.5 + 0.5 * (step + 1) / steps, step=f"partition tuning {step + 1}/{steps}", loss=loss_value
+        )
     return {g: block_cells(z.detach(), blocks[g]).double() for g, z in logits.items()}, loss_value
 
 
@@ -213,7 +243,9 @@ def _accuracy(net: nn.Module, data: TaskData, cols: list[int], card: Card, devic
 def _label_columns(card: Card, data: TaskData) -> list[int]:
     unknown = [label for label in data.labels if label not in card.labels]
     if unknown:
-        raise InvalidInput(f"task labels {unknown} are not labels of base {card.id!r}: resampling keeps the base's head")
+        raise InvalidInput(
+            f"task labels {unknown} are not labels of base {card.id!r}: resampling keeps the base's head"
+        )
     return [card.labels.index(label) for label in data.labels]
 
 
@@ -240,7 +272,9 @@ def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ResampleC
     base = bases[cfg.base]
     groups = channel_groups(base)
     sizes = group_sizes(base, groups)
-    if cfg.widths and set(cfg.widths) <= set(sizes):  # fewer: made before more couplings were traced, those stay at full width
+    if cfg.widths and set(cfg.widths) <= set(
+        sizes
+    ):  # fewer: made before more couplings were traced, those stay at full width
         named: dict[str, str] | None = {g: g for g in cfg.widths}
     else:
         named = _round_one_names(list(cfg.widths), groups)
@@ -252,7 +286,9 @@ def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ResampleC
         raise InvalidInput(f"resample widths out of range (1..channels): {bad}")
     blocks = {g.name: g.blocks for g in groups}
     if uneven := {named[g]: f"{w} channels in {blocks[g]} blocks" for g, w in cfg.widths.items() if w % blocks[g]}:
-        raise InvalidInput(f"resample widths must keep as many channels in every block of a grouped conv's group: {uneven}")
+        raise InvalidInput(
+            f"resample widths must keep as many channels in every block of a grouped conv's group: {uneven}"
+        )
     return cfg, base, named
 
 
@@ -286,6 +322,8 @@ def _checked_cells(t: Tensor, group: str, blocks: int) -> Tensor:
     t = t.double()
     sums = t.view(blocks, -1).sum(1)  # (blocks,)
     if not bool((t > 0).all()) or float((sums - 2.0 / blocks).abs().max()) > 1e-4:
-        raise InvalidInput(f"grid.{group} must hold positive cell widths, each of its {blocks} block(s) summing to "
-                           f"{2 / blocks:.6g} (sums to {[round(float(v), 6) for v in sums[:4]]})")  # fmt: skip
+        raise InvalidInput(
+            f"grid.{group} must hold positive cell widths, each of its {blocks} block(s) summing to "
+            f"{2 / blocks:.6g} (sums to {[round(float(v), 6) for v in sums[:4]]})"
+        )
     return t
