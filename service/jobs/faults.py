@@ -7,6 +7,8 @@ import logging
 import threading
 import time
 
+from zoo_store.core.errors import DatabaseUnreachable
+
 log = logging.getLogger("zoo.jobs")
 
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.1, 5.0
@@ -21,7 +23,7 @@ def outage_of(e: BaseException | None) -> str | None:
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (sx.OperationalError, sx.InterfaceError)) or (
+        if isinstance(e, DatabaseUnreachable | sx.OperationalError | sx.InterfaceError) or (
             isinstance(e, sx.DBAPIError) and e.connection_invalidated
         ):
             return "database"

@@ -132,7 +132,7 @@ def test_redis_restarted_empty_under_a_running_worker(rig: Rig) -> None:
     recovered = time.monotonic() - back
     assert worker.alive(), rig.logs()
     assert [j.state for j in jobs] == ["cancelled"] + ["succeeded"] * 3, [(j.id, j.state, j.error) for j in jobs]
-    down, up = said(worker, "queue is unreachable"), said(worker, "queue answers again")
+    down, up = said(worker, "jobs: the queue is unreachable"), said(worker, "jobs: the queue answers again")
     resent = re.findall(r"(\d+) job\(s\) queued in the database sent again", worker.log.read_text())
     assert (down, up) == (1, 1), rig.logs()
     assert resent and int(resent[-1]) == 2, rig.logs()  # the two it had not taken before the restart
@@ -170,7 +170,7 @@ def test_postgres_stopped_while_a_job_runs(rig: Rig) -> None:
     assert later.state == "succeeded", (later.error, rig.logs())
     assert worker.alive(), rig.logs()
     attempts = said(worker, rf"job {job_id}, attempt \d+ of \d+, cut short")
-    down, up = said(worker, "database is unreachable"), said(worker, "database answers again")
+    down, up = said(worker, "jobs: the database is unreachable"), said(worker, "jobs: the database answers again")
     assert attempts >= 1 and down == up == 1, rig.logs()
     report(
         "postgres_stop",

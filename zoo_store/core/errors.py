@@ -76,6 +76,11 @@ class Unavailable(ZooError):
     title = "Service unavailable"
 
 
+class DatabaseUnreachable(Unavailable):
+    """The database cannot be reached for a moment (a restart, a stop): what its driver's connection
+    errors are to a client (503, ``Retry-After``) and to the job runner (an outage to wait out)."""
+
+
 class Overloaded(Unavailable):
     """Too much work is waiting for the device: the answer carries ``Retry-After``."""
 

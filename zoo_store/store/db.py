@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from zoo_store.core.errors import InsufficientStorage, Unavailable, ZooError
+from zoo_store.core.errors import DatabaseUnreachable, InsufficientStorage, ZooError
 from zoo_store.core.outage import Outage
 
 log = logging.getLogger("zoo.db")
@@ -221,7 +221,9 @@ def driver_problem(e: BaseException, is_disconnect: bool = False, connecting: bo
         or (connecting and name == "OperationalError")
         or (name == "InterfaceError" and not isinstance(e, sqlite3.Error))
     ):
-        return Unavailable("the database is unreachable for a moment; retry shortly", retry_after=DB_RETRY_AFTER_S)
+        return DatabaseUnreachable(
+            "the database is unreachable for a moment; retry shortly", retry_after=DB_RETRY_AFTER_S
+        )
     return None
 
 
