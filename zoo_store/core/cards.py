@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
+
+
 class InputSpec(BaseModel):
+    """What the network takes, and how an image of any size becomes that (timm's "data config",
+    torchvision's weights transforms): the shorter side resized to ``resize`` with ``interpolation``,
+    then a centre crop of ``size`` x ``size``, channels converted (grey or RGB), scaled to [0, 1] and
+    normalized with ``mean``/``std``. ``resize`` None is ``size``: the whole shorter side is kept."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     channels: int = Field(ge=1, le=4)
     size: int = Field(ge=4, le=1024)
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: int | None = Field(default=None, ge=4, le=2048)
+    interpolation: Interpolation = "bilinear"
 
     @field_validator("std")
     @classmethod
@@ -27,6 +37,13 @@ class InputSpec(BaseModel):
     def check(self) -> None:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean and std need one value per channel")
+        if self.resize is not None and self.resize < self.size:
+            raise ValueError(f"resize ({self.resize}) must be at least size ({self.size}): the crop is taken from it")
+
+    @property
+    def resize_side(self) -> int:
+        """The shorter side's length before the centre crop."""
+        return self.resize or self.size
 
 
 class TapInfo(BaseModel):
