@@ -40,8 +40,11 @@ def bundle_roundtrip(client: TestClient, pid: str, body: dict) -> dict:
     return before
 
 
-def reprogram_spec(base: str = "res", task: dict | None = None, epochs: int = 1, seed: int = 0) -> dict:
-    return {"method": "reprogram", "base": base, "task": task or SMALL_TASK, "train": {"epochs": epochs, "seed": seed}}
+def reprogram_spec(
+    base: str = "res", task: dict | None = None, epochs: int = 1, seed: int = 0, options: dict | None = None
+) -> dict:
+    spec = {"method": "reprogram", "base": base, "task": task or SMALL_TASK, "train": {"epochs": epochs, "seed": seed}}
+    return {**spec, "options": options} if options is not None else spec
 
 
 def tensor_inputs(n: int, seed: int = 0, c: int = 1, size: int = 28) -> list[dict]:

@@ -39,3 +39,5 @@ class CompositionSpec(_Strict):
     budget: dict[str, Any] = Field(default_factory=dict)
     blocks: int | None = Field(None, ge=2, le=8)  # K, for methods that cut networks into blocks (reassemble)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    # the method's own options, checked by the method (reprogram: {"bn": true}); methods without any refuse them
+    options: dict[str, Any] = Field(default_factory=dict)

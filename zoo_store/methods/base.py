@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from zoo_store.archs import TapNet, build_for
@@ -70,6 +71,7 @@ class Method(ABC):
     name: ClassVar[str]
     standalone: ClassVar[bool] = False  # its materialized paths are plain networks of the base's architecture
     required: ClassVar[tuple[str, ...]] = ()  # spec fields it cannot do without (the OpenAPI union says so)
+    options: ClassVar[type[BaseModel] | None] = None  # what ``spec.options`` may hold; None: nothing
 
     @abstractmethod
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
@@ -82,6 +84,7 @@ class Method(ABC):
     def check(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
         """``validate``, then each base's architecture (shapes only) against ``refusal``: a method that
         cannot apply is refused before any work starts."""
+        self.parse_options(spec)
         ids = self.validate(spec, cards)
         for base_id in ids:
             if reason := self.refusal(build_for(cards[base_id], meta=True)):
@@ -89,6 +92,18 @@ class Method(ABC):
                     f"method {self.name!r} cannot apply to base {base_id!r} ({cards[base_id].arch}): {reason}"
                 )
         return ids
+
+    def parse_options(self, spec: CompositionSpec) -> BaseModel | None:
+        """``spec.options`` as this method's ``options`` model; InvalidInput says what was wrong."""
+        if self.options is None:
+            if spec.options:
+                raise InvalidInput(f"method {self.name!r} takes no options; got {sorted(spec.options)}")
+            return None
+        try:
+            return self.options.model_validate(spec.options)
+        except ValidationError as e:
+            problems = "; ".join(f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise InvalidInput(f"bad {self.name} options {spec.options}: {problems}") from e
 
     @abstractmethod
     def build(self, spec: CompositionSpec, ctx: BuildContext) -> PathArtifact:

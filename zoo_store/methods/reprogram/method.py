@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zoo_store.archs import TapNet
+from zoo_store.archs import TapNet, build_for
 from zoo_store.core.bundle import PathArtifact
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
@@ -16,9 +16,12 @@ from zoo_store.core.spec import CompositionSpec
 from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, one_base
 from zoo_store.methods.registry import register_method
 from zoo_store.methods.reprogram.bank import ReprogramBank
-from zoo_store.methods.reprogram.config import ReprogramConfig
+from zoo_store.methods.reprogram.config import ReprogramConfig, ReprogramOptions
 from zoo_store.methods.reprogram.layers import (
+    NORM_TENSORS,
     Reprogrammed,
+    bn_refusal,
+    bn_targets,
     build_reprogrammed,
     clr_targets,
     dense_bytes,
@@ -32,12 +35,20 @@ from zoo_store.training import accuracy, fit, init_head_rows
 class Reprogram(Method):
     name = "reprogram"
     required = ("base", "task")
+    options = ReprogramOptions
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
-        one_base(self.name, spec, cards)
+        card = one_base(self.name, spec, cards)
         if spec.task is None:
             raise InvalidInput("method 'reprogram' needs 'task': {'dataset': id, 'labels': [...]}")
+        if self._options(spec).bn and (reason := bn_refusal(build_for(card, meta=True))):
+            raise InvalidInput(f"base {card.id!r} ({card.arch}): {reason}")
         return [spec.base]
+
+    def _options(self, spec: CompositionSpec) -> ReprogramOptions:
+        opts = self.parse_options(spec)
+        assert isinstance(opts, ReprogramOptions)
+        return opts
 
     def refusal(self, net: TapNet) -> str | None:
         return reprogram_refusal(net)
@@ -46,8 +57,9 @@ class Reprogram(Method):
         assert spec.base and spec.task
         card, base = ctx.bases[spec.base]
         data = ctx.load_task(spec.task, card)
+        bn = self._options(spec).bn
         torch.manual_seed(spec.train.seed)
-        model = build_reprogrammed(base, len(data.labels))
+        model = build_reprogrammed(base, len(data.labels), bn=bn)
         init_head_rows(model.head, base.head_layer, card.labels, data.labels)
         epochs = spec.train.epochs
 
@@ -82,12 +94,14 @@ class Reprogram(Method):
             "tensor_bytes": delta_bytes,
             "dense_bytes": dense,
         }
+        if bn:
+            metrics["bn_layers"] = len(model.norms)
         return PathArtifact(
             method=self.name,
             bases=[BaseRef(id=card.id, digest=card.digest)],
             labels=data.labels,
             input=card.input,
-            config=ReprogramConfig(base=card.id, num_classes=len(data.labels)).model_dump(),
+            config=ReprogramConfig(base=card.id, num_classes=len(data.labels), bn=bn).stored(),
             tensors={k: v.to("cpu").contiguous() for k, v in delta.items()},
             metrics=metrics,
         )
@@ -98,6 +112,9 @@ class Reprogram(Method):
         out: ExpectedTensors = {
             f"clr.{path}": ("float32", (c, 1, cfg.kernel, cfg.kernel)) for path, c in clr_targets(base)
         }
+        if cfg.bn:
+            for path, c in bn_targets(base):
+                out.update({f"bn.{path}.{t}": ("float32", (c,)) for t in NORM_TENSORS})
         out["head.weight"] = ("float32", (cfg.num_classes, base.feature_dim))
         out["head.bias"] = ("float32", (cfg.num_classes,))
         return out
@@ -106,7 +123,7 @@ class Reprogram(Method):
         self, config: dict[str, Any], tensors: dict[str, torch.Tensor], bases: dict[str, TapNet]
     ) -> nn.Module:
         cfg = _config(config)
-        model = build_reprogrammed(bases[cfg.base], cfg.num_classes, cfg.kernel, fresh=False)
+        model = build_reprogrammed(bases[cfg.base], cfg.num_classes, cfg.kernel, fresh=False, bn=cfg.bn)
         return load_delta(model, tensors).eval()
 
     def bank_key(self, config: dict[str, Any]) -> str | None:
