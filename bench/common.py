@@ -64,6 +64,24 @@ def timeit(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float
     return statistics.median(times)
 
 
+def time_ratio(fn: Callable[[], object], ref: Callable[[], object], repeat: int = 10, warmup: int = 2) -> float:
+    """Median time of ``fn`` over median time of ``ref``, the two run alternately (so a shift in the
+    machine's load reaches both)."""
+    for _ in range(warmup):
+        fn(), ref()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for f, out in ((fn, times[0]), (ref, times[1])):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            f()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - t)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
 def reprogram_bytes(arch: str, input_size: int, channels: int, num_classes: int = 10) -> tuple[int, int]:
     """(bundle bytes, dense bytes) of a reprogram path on ``arch`` (sizes do not depend on values)."""
     base = build_arch(arch, {"num_classes": 1000 if arch.startswith("tv_") else 10}).eval()
@@ -140,6 +158,34 @@ def mean_std(values: list[float], digits: int = 4) -> str:
     """``mean ± std`` (sample standard deviation) of one cell's seeds."""
     std = statistics.stdev(values) if len(values) > 1 else float("nan")
     return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def t_interval(values: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the per-seed differences ``values - reference`` and their 95% t-interval."""
+    from scipy import stats
+
+    diffs = [v - r for v, r in zip(values, reference, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def paired_interval(values: list[float], reference: list[float], digits: int = 4) -> str:
+    """``mean [low, high]`` of the per-seed differences ``values - reference`` (95% t-interval)."""
+    mean, low, high = t_interval(values, reference)
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward of ``model`` on ``x`` (torch's FLOP counter, halved)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x)
+    return counter.get_total_flops() // 2
 
 
 def head_only(

@@ -31,7 +31,7 @@ def fit(
     params: Iterable[nn.Parameter],
     x: Tensor,
     y: Tensor,
-    spec: InputSpec,
+    spec: InputSpec | None,
     *,
     epochs: int,
     lr: float,
@@ -40,7 +40,8 @@ def fit(
     device: str = "cpu",
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Adam on cross-entropy; returns the mean loss of each epoch. Seeded, so repeatable."""
+    """Adam on cross-entropy; returns the mean loss of each epoch. Seeded, so repeatable. ``spec`` None:
+    ``x`` is fed as it is (features computed once, for a head alone)."""
     deterministic()
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
@@ -52,7 +53,8 @@ def fit(
         total, count = 0.0, 0
         for i in range(0, len(x), batch_size):
             idx = order[i : i + batch_size]
-            xb = normalize(x[idx].to(device), spec)  # (B, C, H, W)
+            xb = x[idx].to(device)  # (B, C, H, W), or (B, D) features
+            xb = xb if spec is None else normalize(xb, spec)
             yb = y[idx].to(device)
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)

