@@ -4,14 +4,20 @@ scored exactly as its own path's module scores it, whatever else shares the batc
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from zoo_store.archs import build_arch
+from zoo_store.core.cards import InputSpec
 from zoo_store.core.device import exact_float32
+from zoo_store.core.spec import CompositionSpec
+from zoo_store.datasets.tasks import TaskData
 from zoo_store.methods import get_method
+from zoo_store.methods.base import BuildContext
 from zoo_store.methods.reprogram.layers import build_reprogrammed
+from zoo_store.training import accuracy
 
 # (architecture, input channels, input size): the demo families and two torchvision classifiers
 BASES = [
@@ -158,3 +164,25 @@ def test_training_moves_only_the_paths_batchnorm() -> None:
         first = arch_bn = next(p for p, m in base.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
         assert not torch.equal(norm.running_mean, before[f"{first}.running_mean"]), arch_bn
         assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items()), arch
+
+
+def test_a_built_batchnorm_path_is_measured_and_stored_in_eval_mode() -> None:
+    """The build measures its accuracy with the path's running statistics, and the test images it
+    measures on leave them as training left them."""
+    base = random_base("resnet_s", 1)
+    spec = InputSpec(channels=1, size=28, mean=(0.5,), std=(0.5,))
+    card = SimpleNamespace(id="b", digest="0" * 64, input=spec, labels=tuple("0123456789"))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(24, 1, 28, 28, generator=gen), torch.arange(24) % 3
+    tx, ty = torch.rand(12, 1, 28, 28, generator=gen), torch.arange(12) % 3
+    compose = CompositionSpec(
+        method="reprogram", base="b", task={"dataset": "d"}, train={"epochs": 1}, options={"bn": True}
+    )
+    method = get_method("reprogram")
+    arts = []
+    for test_x in (tx, 4 * tx):  # the same training, test images far apart
+        data = TaskData(x, y, test_x, ty, ["a", "b", "c"], x[:6], y[:6])
+        arts.append(method.build(compose, BuildContext(bases={"b": (card, base)}, load_task=lambda t, c, d=data: d)))
+    assert all(torch.equal(arts[0].tensors[k], arts[1].tensors[k]) for k in arts[0].tensors)
+    module = method.materialize(arts[1].config, arts[1].tensors, {"b": base})
+    assert accuracy(module, 4 * tx, ty, spec) == arts[1].metrics["accuracy"]

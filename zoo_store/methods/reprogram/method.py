@@ -80,6 +80,7 @@ class Reprogram(Method):
             device=ctx.device,
             on_epoch=on_epoch,
         )
+        model.eval()  # the path's own BatchNorms (``bn``) from here on use their running statistics
         acc = accuracy(model, data.test_x, data.test_y, card.input, device=ctx.device)
         delta = model.delta_state()
         delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
