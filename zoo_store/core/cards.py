@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # no "_": never a path's id (p_<hex>, ``manifest.is_path_id``)
 
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
