@@ -45,6 +45,7 @@ def test_the_base_computes_the_references_logits(name: str) -> None:
     """timm's tf_efficientnet_lite* with the renamed state dict against efficientnet-lite-pytorch's
     own model loading the same packaged file: the same logits on random inputs."""
     card, state = pretrained_base(name)
+    assert card.input.size == EfficientNet.get_image_size(name)  # timm's data config: the reference's size
     net = build_for(card)
     load_into(net, state)
     reference = EfficientNet.from_pretrained(name, weights_path=str(weights_file(lookup(name)))).eval()

