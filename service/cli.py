@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
@@ -64,14 +65,12 @@ def command(typer_app: typer.Typer, name: str | None = None) -> Callable[[Callab
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except ApiError as e:
-                console.print(
-                    f"[red]error{f' {e.status}' if e.status else ''}[/red]: {e.problem.get('detail', e.problem)}",
-                    soft_wrap=True,
-                )
+            except ApiError as e:  # the reasons as sent: brackets in them ('.[pretrained]') are not markup
+                reason = escape(str(e.problem.get("detail", e.problem)))
+                console.print(f"[red]error{f' {e.status}' if e.status else ''}[/red]: {reason}", soft_wrap=True)
                 raise typer.Exit(1) from None
             except (LocalMistake, OSError) as e:
-                console.print(f"[red]error[/red]: {_local_reason(e)}", soft_wrap=True)
+                console.print(f"[red]error[/red]: {escape(_local_reason(e))}", soft_wrap=True)
                 raise typer.Exit(2) from None
 
         return typer_app.command(name)(run)

