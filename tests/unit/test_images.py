@@ -87,9 +87,13 @@ def test_square_images_as_before(side: int) -> None:
     np.testing.assert_allclose(image_to_input(img, spec(3)), before, atol=1e-6)
 
 
-def test_an_image_of_the_input_size_is_taken_as_it_is() -> None:
+def test_an_image_of_the_input_size_is_taken_as_it_is_unless_the_card_zooms() -> None:
     a = noise(8, 8)
-    np.testing.assert_array_equal(image_to_input(Image.fromarray(a), spec(resize=12)), a[None] / np.float32(255))
+    np.testing.assert_array_equal(image_to_input(Image.fromarray(a), spec()), a[None] / np.float32(255))
+    zoomed = image_to_input(Image.fromarray(a), spec(resize=12))  # as torchvision's Resize(12) + CenterCrop(8)
+    want = chw(TF.center_crop(TF.resize(Image.fromarray(a), [12], interpolation=TV_MODES["bilinear"]), [8]))
+    np.testing.assert_array_equal(zoomed, want)
+    assert not np.array_equal(zoomed, a[None] / np.float32(255))
 
 
 @pytest.mark.parametrize(("mode", "channels"), [("L", 3), ("RGB", 1), ("RGB", 3), ("L", 1)])
@@ -135,9 +139,11 @@ def test_dataset_array_converts_as_the_png_predicts(data_c: int, h: int, w: int,
         np.testing.assert_array_equal(got[i], image_bytes_input(png, s, settings, f"x[{i}]"))
 
 
-def test_dataset_of_the_input_shape_is_only_scaled() -> None:
+def test_dataset_of_the_input_shape_is_only_scaled_unless_the_card_zooms() -> None:
     x = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
-    np.testing.assert_array_equal(batch_to_input(x, spec(1, 8, 12)), x / np.float32(255))
+    np.testing.assert_array_equal(batch_to_input(x, spec(1, 8)), x / np.float32(255))
+    zoomed = np.stack([image_to_input(Image.fromarray(im[0]), spec(1, 8, 12)) for im in x])
+    np.testing.assert_array_equal(batch_to_input(x, spec(1, 8, 12)), zoomed)
 
 
 def test_batch_refuses_what_is_not_uint8_nchw() -> None:

@@ -9,10 +9,9 @@ shorter side resized to ``spec.resize_side`` with ``spec.interpolation`` (Pillow
 filters, antialiased when shrinking), then the centre ``size`` x ``size`` crop, scaled to [0, 1].
 Normalizing with mean/std is left to the model's side (`zoo_store.training.normalize`).
 
-One exception to torchvision: an image already ``size`` x ``size`` is taken as it is (channels
-converted only), as a dataset whose arrays already have the base's shape is; so ``resize`` > ``size``
-zooms only images of other sizes. Cards of 2 or 4 channels take tensors only: which channels an
-image would fill (alpha? another band?) is not something an image says.
+A dataset array goes through the very same steps, image by image, unless nothing would change it
+(it has the base's shape and the card keeps the whole shorter side). Cards of 2 or 4 channels take
+tensors only: which channels an image would fill (alpha? another band?) is not something an image says.
 """
 
 from __future__ import annotations
@@ -61,10 +60,10 @@ def image_to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """A PIL image of any size and mode -> (C, size, size) float32 in [0, 1] per ``spec``."""
     img = img.convert(image_mode(spec))
     size = spec.size
-    if img.size != (size, size):
-        w, h = resized_size(*img.size, spec.resize_side)
-        if (w, h) != img.size:
-            img = img.resize((w, h), RESAMPLE[spec.interpolation])
+    w, h = resized_size(*img.size, spec.resize_side)
+    if (w, h) != img.size:
+        img = img.resize((w, h), RESAMPLE[spec.interpolation])
+    if (w, h) != (size, size):
         img = img.crop(centre_box(w, h, size))
     hwc = np.asarray(img, dtype=np.float32).reshape(size, size, spec.channels) / 255.0  # (S, S, C)
     return np.ascontiguousarray(hwc.transpose(2, 0, 1))  # (C, S, S)
@@ -72,10 +71,10 @@ def image_to_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
 
 def batch_to_input(x: np.ndarray, spec: InputSpec) -> np.ndarray:
     """uint8 (N, C, H, W) -> float32 (N, C', size, size) in [0, 1]: each image as `image_to_input`
-    converts it (C in 1 or 3), unless the array already has the spec's shape (then only scaled)."""
+    converts it (C in 1 or 3), unless that would not change it (then only scaled)."""
     if x.ndim != 4 or x.dtype != np.uint8:
         raise InvalidInput(f"images must be uint8 (N, C, H, W); got {x.dtype} of shape {list(x.shape)}")
-    if tuple(x.shape[1:]) == (spec.channels, spec.size, spec.size):
+    if tuple(x.shape[1:]) == (spec.channels, spec.size, spec.size) and spec.resize_side == spec.size:
         return x.astype(np.float32) / 255.0  # (N, C, S, S)
     if x.shape[1] not in MODES or spec.channels not in MODES:
         raise InvalidInput(
