@@ -4,9 +4,10 @@ Pillow ships, filled or outlined shapes, gratings, dot counts. Each ``draw_*`` t
 seed give the same images. Nuisances (pose, size, stroke, contrast, noise) vary within a class, so
 that the tasks are not trivial.
 
-Deterministic on any CPU: transcendental functions run in float64 (a last-bit difference between
+Repeatable across CPUs: transcendental functions run in float64 (a last-bit difference between
 math libraries would have to fall within ~1e-13 of a rounding boundary to change a uint8 pixel),
-angles through ``math``, and glyphs and polygons are rasterized by Pillow's C code.
+angles through ``math``, and glyphs and polygons are rasterized by Pillow's C code (the digests the
+tests pin hold for one Pillow: its bundled font and rasterizer draw them).
 """
 
 from __future__ import annotations
