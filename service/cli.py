@@ -267,6 +267,38 @@ def models_pull(
         console.print(f"{out['id']}: {'copied' if created else 'already there'}, {digest}")
 
 
+@models_app.command("build")
+def models_build(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="complementary: four families x two widths, each family pretrained on another domain "
+            "(digits, letters, shapes, textures); demo: the demo zoo."
+        ),
+    ],
+) -> None:
+    """Train a zoo on this machine into the store of ZOO_DATA_DIR (or ZOO_DATABASE_URL), then print
+    its bases as a markdown table. Bases already there are kept: a second run trains nothing. A
+    server on that store loads the new bases within ZOO_ZOO_POLL_S."""
+    from zoo_store.core.settings import Settings
+    from zoo_store.store.db import Database
+    from zoo_store.store.store import Store
+    from zoo_store.store.zoos import ZOOS, build_zoo, markdown_table
+
+    if name not in ZOOS:
+        console.print(f"[red]error[/red]: no zoo {name!r}; there are: {', '.join(ZOOS)}")
+        raise typer.Exit(2)
+    settings = Settings()
+    db = Database(settings.db_url)
+    try:
+        db.migrate()
+        store = Store.open(settings, db)
+        build_zoo(store, name, settings.demo_samples, say=console.print)
+        typer.echo(markdown_table(store, name))
+    finally:
+        db.dispose()
+
+
 @command(datasets_app, "list")
 def datasets_list(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
     """Built-in and uploaded datasets a task spec can name."""
