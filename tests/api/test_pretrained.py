@@ -197,12 +197,13 @@ def test_bad_requests_to_a_base_are_precise_4xx(server) -> None:
 
 @pytest.mark.parametrize("server", [0], indirect=True, ids=["workers0"])  # the job runs in the app's process
 def test_a_reprogram_path_on_the_pretrained_base_composes_and_predicts_a_photo(server) -> None:
-    """A path composed on the pretrained base for a small built-in task (the digits, grey 28 x 28,
-    taken as the base's input), then a predict of the flower photo through it: one of its labels."""
+    """A path composed on the pretrained base for a small built-in task (letters, grey 28 x 28,
+    converted to the base's 224 x 224 RGB input), then a predict of the flower photo through it: one
+    of its labels."""
     spec = {
         "method": "reprogram",
         "base": LITE0,
-        "task": {"dataset": "digits", "labels": ["0", "1"], "samples_per_label": 4},
+        "task": {"dataset": "letters", "labels": ["A", "B", "C"], "samples_per_label": 4},
         "train": {"epochs": 1, "seed": 0},
     }
     r = server.post("/v1/compositions", json=spec)
@@ -212,4 +213,4 @@ def test_a_reprogram_path_on_the_pretrained_base_composes_and_predicts_a_photo(s
     pid = job["path_id"]
     out = server.post(f"/v1/paths/{pid}/predict", files={"files": ("flower.png", _flower_png(), "image/png")})
     assert out.status_code == 200, out.text
-    assert out.json()["predictions"][0]["top_k"][0]["label"] in ("0", "1")
+    assert out.json()["predictions"][0]["top_k"][0]["label"] in ("A", "B", "C")
