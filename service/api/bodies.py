@@ -12,7 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class PredictInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tensor: list[Any] | None = Field(None, description="C x H x W pixel values in [0, 1] at the base's input size")
-    image: str | None = Field(None, description="base64 PNG or JPEG")
+    image: str | None = Field(
+        None,
+        description="base64 PNG or JPEG of any size: converted as the base's card input says "
+        "(channels, the shorter side resized to `resize`, the centre `size` x `size` cropped)",
+    )
 
     @model_validator(mode="after")
     def _one(self) -> PredictInput:

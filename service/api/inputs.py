@@ -17,6 +17,7 @@ from starlette.requests import Request
 from service.api.bodies import PredictRequest
 from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import InvalidInput, PayloadTooLarge
+from zoo_store.core.images import image_to_input
 from zoo_store.core.settings import Settings
 
 
@@ -56,10 +57,10 @@ def image_bytes_input(data: bytes, spec: InputSpec, settings: Settings, name: st
         Image.DecompressionBombError,
     ) as e:
         raise InvalidInput(f"{name} is not a decodable PNG or JPEG image: {e}") from e
-    img = img.convert("L" if spec.channels == 1 else "RGB").resize((spec.size, spec.size), Image.BILINEAR)
-    t = np.frombuffer(img.tobytes(), dtype=np.uint8).astype(np.float32) / 255.0
-    hwc = t.reshape(spec.size, spec.size, spec.channels)
-    return np.ascontiguousarray(hwc.transpose(2, 0, 1))  # (C, H, W)
+    try:
+        return image_to_input(img, spec)  # (C, S, S): the shorter side resized, the centre cropped
+    except InvalidInput as e:
+        raise InvalidInput(f"{name}: {e.detail}") from e
 
 
 def image_input(b64: str, spec: InputSpec, settings: Settings, i: int) -> np.ndarray:

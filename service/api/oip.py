@@ -19,7 +19,6 @@ import orjson
 
 from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import BadRequest, InvalidInput, PayloadTooLarge
-from zoo_store.core.manifest import Manifest
 
 HEADER = "Inference-Header-Content-Length"
 INPUT, PROBS, LABEL = "input", "probabilities", "label"
@@ -33,15 +32,16 @@ class InferRequest:
     outputs: dict[str, bool]  # output name -> in binary
 
 
-def model_metadata(path_id: str, m: Manifest) -> dict[str, Any]:
-    c, s = m.input.channels, m.input.size
+def model_metadata(model_id: str, spec: InputSpec, labels: tuple[str, ...], platform: str) -> dict[str, Any]:
+    """A path's or a base's metadata (``platform``: ``zoo_<method>``, or ``zoo_base``)."""
+    c, s = spec.channels, spec.size
     return {
-        "name": path_id,
+        "name": model_id,
         "versions": ["1"],
-        "platform": f"zoo_{m.method}",
+        "platform": platform,
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, c, s, s]}],
         "outputs": [
-            {"name": PROBS, "datatype": "FP32", "shape": [-1, len(m.labels)]},
+            {"name": PROBS, "datatype": "FP32", "shape": [-1, len(labels)]},
             {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
         ],
     }
@@ -59,7 +59,7 @@ def parse_infer(body: bytes, header_length: str | None, spec: InputSpec | None, 
         raise InvalidInput('an inference request is a JSON object with "inputs": [...]')
     if len(req["inputs"]) != 1 or not isinstance(req["inputs"][0], dict) or req["inputs"][0].get("name") != INPUT:
         names = [i.get("name") for i in req["inputs"] if isinstance(i, dict)]
-        raise InvalidInput(f'a path takes one input named "{INPUT}"; got {names}')
+        raise InvalidInput(f'a model takes one input named "{INPUT}"; got {names}')
     tail = memoryview(body)[split:]
     x = _input_tensor(req["inputs"][0], tail, spec, max_inputs)
     binary = bool(_params(req, "the request").get("binary_data_output", False))  # each output's default
@@ -104,7 +104,7 @@ def check_input_shape(shape: object, spec: InputSpec | None) -> None:
         fits = all(1 <= d <= 1024 for d in shape[1:])  # type: ignore[index]
     if not fits:
         takes = ", ".join(map(str, want)) if want is not None else "C, H, W"
-        raise InvalidInput(f"input shape {shape!r}; this path takes [N, {takes}]")
+        raise InvalidInput(f"input shape {shape!r}; this model takes [N, {takes}]")
 
 
 def _input_tensor(tensor: dict, binary: memoryview, spec: InputSpec | None, max_inputs: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Annotated, Any, Generic, TypeVar
+from urllib.parse import quote
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -90,6 +91,7 @@ class Dataset(BaseModel):
     shape: list[int]
     splits: dict[str, int]
     created_at: Utc
+    samples: str = Field(description="a PNG strip of its first held-out images (add ?n=1..32; default 8)")
 
     @classmethod
     def of(cls, r: DatasetRow) -> Dataset:
@@ -102,6 +104,7 @@ class Dataset(BaseModel):
             shape=r.shape,
             splits=r.splits,
             created_at=r.created_at,
+            samples=f"/v1/datasets/{quote(r.id, safe='')}/samples.png",
         )
 
 

@@ -145,15 +145,36 @@ class Services:
         self.batcher.check_room()
         return self.cache.get(path_id)
 
+    def admitted_base(self, caller: Caller, base_id: str) -> Entry:
+        """``admitted_entry`` for a base served by itself: every key may use any base (every tenant
+        reads the zoo), under its tenant's predict rate; then room in the queue."""
+        self.quotas.predict(caller)
+        self.batcher.check_room()
+        return self.base_entry(base_id)
+
+    def base_entry(self, base_id: str) -> Entry:
+        """A base as a model of its own; one registered through another process is loaded first
+        (NotFound when there is none)."""
+        if base_id not in self.zoo.bases:
+            self.zoo.add(self.store.card(base_id))
+        return Entry.of_base(*self.zoo.bases[base_id])
+
+    def describe_base(self, key: str | None, base_id: str) -> Entry:
+        """``describe`` for a base: the key is checked (not a use: no rate counted), then the base."""
+        self.auth.caller(key)
+        return self.base_entry(base_id)
+
     def describe(self, key: str | None, path_id: str) -> Manifest:
         """For a worker's first predict of a path, off the event loop: the key's access to the path
         (not a use: no rate counted), then its manifest; a path not loaded yet starts loading."""
         self.check_access(self.auth.caller(key), path_id)
         return self.cache.manifest(path_id)
 
-    def keyed_entry(self, key: str | None, path_id: str) -> Entry:
-        """``admitted_entry`` for the bearer of ``key`` (the device channel's predicts)."""
-        return self.admitted_entry(self.auth.caller(key), path_id)
+    def keyed_entry(self, key: str | None, path_id: str, base: bool = False) -> Entry:
+        """``admitted_entry`` (``admitted_base`` when ``base``) for the bearer of ``key`` (the device
+        channel's predicts)."""
+        caller = self.auth.caller(key)
+        return self.admitted_base(caller, path_id) if base else self.admitted_entry(caller, path_id)
 
     def check_access(self, caller: Caller, path_id: str) -> None:
         """NotFound unless the caller may use the path (an admin any that exists; the serving path

@@ -137,7 +137,7 @@ class Batcher:
         """One forward pass for a batch of one group -> each request's probabilities (n, K)."""
         first = batch[0].entry
         x = torch.cat([r.x for r in batch]).to(self.device)  # (B, C, H, W)
-        x = normalize(x, first.manifest.input)  # every path of a bank has its base's input spec
+        x = normalize(x, first.input)  # every path of a bank has its base's input spec
         self.metrics.batch_size.observe(len(x))
         self.metrics.paths_per_batch.observe(len({r.entry.path_id for r in batch}))
         if first.bank_key is None:
@@ -151,7 +151,7 @@ class Batcher:
             )  # (B,)
             probs = table.bank.forward(x, per_input).softmax(-1).float().cpu()  # (B, K_max)
         outs = torch.split(probs, [len(r.x) for r in batch])
-        return [out[:, : len(r.entry.manifest.labels)] for r, out in zip(batch, outs, strict=True)]
+        return [out[:, : len(r.entry.labels)] for r, out in zip(batch, outs, strict=True)]
 
     def close(self) -> None:
         with self._cond:

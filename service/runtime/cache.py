@@ -26,6 +26,7 @@ from torch import nn
 from service.common.metrics import Metrics
 from service.runtime.zoo import ResidentZoo
 from zoo_store.core.bundle import decode_stored
+from zoo_store.core.cards import Card, InputSpec
 from zoo_store.core.errors import ZooError
 from zoo_store.core.manifest import Manifest
 from zoo_store.methods import get_method
@@ -37,19 +38,40 @@ log = logging.getLogger("zoo")
 
 @dataclass
 class Entry:
-    """A path ready to serve: its own module, or its decoded tensors for a slot of bank ``bank_key``."""
+    """A path ready to serve: its own module, or its decoded tensors for a slot of bank ``bank_key``;
+    or a base served by itself (``Entry.of_base``: its resident network, its card's input and labels)."""
 
-    path_id: str
-    manifest: Manifest
+    path_id: str  # a path's id, or a base's (ids of the two never collide: see ``is_path_id``)
+    manifest: Manifest | None  # None for a base
     nbytes: int  # what it holds: the module's delta over the bases, or its decoded tensors
     module: nn.Module | None = None
     tensors: dict[str, torch.Tensor] | None = None
     bank_key: str | None = None
+    card: Card | None = None  # a base's card
+
+    @classmethod
+    def of_base(cls, card: Card, net: nn.Module) -> Entry:
+        return cls(card.id, None, 0, module=net, card=card)
+
+    @property
+    def input(self) -> InputSpec:
+        return self.card.input if self.card is not None else self.path_manifest.input
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.card.labels if self.card is not None else self.path_manifest.labels
+
+    @property
+    def path_manifest(self) -> Manifest:
+        """A path's manifest (not a base's: it has none)."""
+        assert self.manifest is not None, f"{self.path_id} is a base, not a path"
+        return self.manifest
 
     @property
     def group(self) -> str:
-        """What its requests are batched with: every path of its bank, or only itself."""
-        return self.bank_key or self.path_id
+        """What its requests are batched with: every path of its bank, or only itself (a base: ``base:<id>``,
+        apart from any bank key, which has the form ``<method>:<base>:...``)."""
+        return self.bank_key or (f"base:{self.path_id}" if self.card is not None else self.path_id)
 
 
 def delta_bytes(module: nn.Module, shared: set[int]) -> int:
@@ -122,7 +144,7 @@ class SlotTable:
                     self.where.move_to_end(path_id)
                     continue
                 slot = self._take(frozenset(needed), entry)
-                self.bank.load(slot, entry.manifest.config, entry.tensors or {})
+                self.bank.load(slot, entry.path_manifest.config, entry.tensors or {})
                 self.where[path_id] = slot
                 self.metrics.slot_loads.labels(self.key).inc()
             self.metrics.slots_in_use.labels(self.key).set(len(self.where))
@@ -141,7 +163,7 @@ class SlotTable:
 
     def _grow(self, entry: Entry, forced: bool) -> None:
         old = self.bank.capacity
-        per_slot = self.bank.slot_bytes(entry.manifest.config)
+        per_slot = self.bank.slot_bytes(entry.path_manifest.config)
         wanted = max(self.min_slots, 2 * old) - old
         extra = wanted if forced else min(wanted, max(0, self.room()) // per_slot)
         if extra <= 0:
@@ -213,7 +235,7 @@ class PathCache:
         (no use counted). A path not loaded yet is read from the store and its load goes on in the
         background while the worker decodes the request: the predict finds it loaded, or joins it."""
         if (entry := self.peek(path_id)) is not None:
-            return entry.manifest
+            return entry.path_manifest
         manifest = self.store.path_manifest(path_id)
         self._prefetch.submit(self._prefetched, path_id)
         return manifest
@@ -286,8 +308,8 @@ class PathCache:
         assert key is not None
         with self._lock:
             if key not in self.tables:
-                method = get_method(entry.manifest.method)
-                bank = method.bank(entry.manifest.config, self.zoo.nets_of(entry.manifest))
+                method = get_method(entry.path_manifest.method)
+                bank = method.bank(entry.path_manifest.config, self.zoo.nets_of(entry.path_manifest))
                 self.tables[key] = SlotTable(key, bank, self._room, self.pinned, self.metrics, self.min_slots)
             return self.tables[key]
 

@@ -156,21 +156,23 @@ class DeviceClient:
         await self.call({"op": "caller", "key": key})
         return True
 
-    async def describe(self, path_id: str, key: str | None) -> dict[str, Any]:
-        answer, _ = await self.call({"op": "describe", "path": path_id, "key": key})
+    async def describe(self, path_id: str, key: str | None, base: bool = False) -> dict[str, Any]:
+        """A path's (a base's when ``base``) input and labels, for the bearer of ``key``."""
+        answer, _ = await self.call({"op": "describe", "path": path_id, "key": key, "base": base})
         return answer["path"]
 
-    async def predict(self, path_id: str, x: np.ndarray, key: str | None) -> np.ndarray:
-        """x: (N, C, H, W) float32 -> probabilities (N, K) float32, for the bearer of ``key``."""
-        return (await self._predict(path_id, x, key, {}))[0]
+    async def predict(self, path_id: str, x: np.ndarray, key: str | None, base: bool = False) -> np.ndarray:
+        """x: (N, C, H, W) float32 -> probabilities (N, K) float32, for the bearer of ``key``; of the
+        path ``path_id``, or of the base of that id when ``base``."""
+        return (await self._predict(path_id, x, key, {"base": base}))[0]
 
     async def predict_described(
-        self, path_id: str, x: np.ndarray, key: str | None, form: str = "npy"
+        self, path_id: str, x: np.ndarray, key: str | None, form: str = "npy", base: bool = False
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """A worker's first predict of a path, in one round trip: x (N, C, H, W) is checked against
         the path's input there (a mismatch is refused as ``form``'s input: "npy" or "oip")
         -> (probabilities (N, K), what ``describe`` answers)."""
-        return await self._predict(path_id, x, key, {"describe": True, "form": form})
+        return await self._predict(path_id, x, key, {"describe": True, "form": form, "base": base})
 
     async def _predict(self, path_id: str, x: np.ndarray, key: str | None, more: dict) -> tuple[np.ndarray, Any]:
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -1,7 +1,8 @@
 """An HTTP worker process of `zoo serve`: it parses, validates and decodes predict requests itself
-(``/v1/paths/{id}/predict`` and the Open Inference Protocol's ``/v2/models/{id}/infer``, with numpy
-and Pillow: no torch here) and hands the tensors to the inference process over the device channel;
-every other route is passed through to the inference process's app (on a Unix socket) unchanged.
+(``/v1/paths/{id}/predict``, a base's ``/v1/zoo/models/{id}/predict`` and the Open Inference
+Protocol's ``/v2/models/{id}/infer`` of either, with numpy and Pillow: no torch here) and hands the
+tensors to the inference process over the device channel; every other route is passed through to
+the inference process's app (on a Unix socket) unchanged.
 
 `zoo serve` runs ``ZOO_HTTP_WORKERS`` of these (uvicorn's worker processes, one listening port);
 ``create_front_app`` is their factory."""
@@ -39,6 +40,7 @@ from service.serve.channel import Arena, DeviceClient
 from service.serve.edge_http import EdgeProtocol
 from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import InvalidInput, Unauthorized, Unavailable, ZooError
+from zoo_store.core.manifest import is_path_id
 from zoo_store.core.settings import Settings
 
 # a body and the path's input (None: not known yet) -> (N, C, H, W) float32 in [0, 1], and what else
@@ -62,7 +64,7 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
         raise RuntimeError("the front needs ZOO_IPC_DIR: it is started by `zoo serve`")
     die_with_supervisor()
     metrics = Metrics()
-    described = TtlCache(KEY_TTL_S, max_items=65_536)  # (key, path id) -> PathInfo: checked that recently
+    described = TtlCache(KEY_TTL_S, max_items=65_536)  # (key, path or base id, base) -> PathInfo: checked that recently
     callers = TtlCache(KEY_TTL_S, max_items=65_536)  # key -> True: a live key that recently
     EdgeProtocol.configure(settings)  # this worker's header limit, read timeout and drain
     state: dict = {}
@@ -87,19 +89,27 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
-    async def path_info(path_id: str, key: str | None) -> PathInfo:
-        """What decoding needs; asked once per key and path (the inference process checks the key
-        and the tenant's access first, so a request that may not use the path is refused unread;
-        a small body is the exception, see ``first_predict``)."""
-        info = described.get((key, path_id))
+    async def path_info(path_id: str, key: str | None, base: bool) -> PathInfo:
+        """What decoding needs; asked once per key and path (or base) (the inference process checks
+        the key and the tenant's access first, so a request that may not use the path is refused
+        unread; a small body is the exception, see ``first_predict``)."""
+        info = described.get((key, path_id, base))
         if info is MISSING:  # asked again after KEY_TTL_S: a revoked key is refused before its body is read
-            info = described.put((key, path_id), PathInfo(await state["device"].describe(path_id, key)))
+            info = described.put((key, path_id, base), PathInfo(await state["device"].describe(path_id, key, base)))
         return info
 
     @app.post("/v1/paths/{path_id}/predict")
     async def predict(path_id: str, request: Request) -> Response:
+        return await predict_v1(path_id, request, base=False)
+
+    @app.post("/v1/zoo/models/{model_id}/predict")
+    async def predict_base(model_id: str, request: Request) -> Response:
+        return await predict_v1(model_id, request, base=True)
+
+    async def predict_v1(path_id: str, request: Request, base: bool) -> Response:
+        """A ``/v1`` predict of a path, or of a base by itself (``base``): same bodies, same checks."""
         key = bearer_key(request.headers.get("authorization"))
-        first = described.get((key, path_id)) is MISSING
+        first = described.get((key, path_id, base)) is MISSING
         if first and _small(request, settings.shm_slot_bytes, "application/octet-stream"):
 
             def decode(body: bytes, spec: InputSpec | None) -> tuple[np.ndarray, int]:
@@ -108,19 +118,20 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
                     raise InvalidInput("not N x C x H x W")
                 return npy_values(arr, spec, settings), top_k
 
-            info, probs, top_k = await first_predict(path_id, key, request, decode, "npy")
+            info, probs, top_k = await first_predict(path_id, key, request, decode, "npy", base)
         else:
-            info = await path_info(path_id, key)
+            info = await path_info(path_id, key, base)
             x, top_k = await read_inputs(request, info.input, settings)  # (N, C, H, W) in [0, 1]
-            probs = await state["device"].predict(path_id, x, key)  # (N, K): checked again, and counted
+            probs = await state["device"].predict(path_id, x, key, base)  # (N, K): checked again, and counted
         body = predictions(path_id, info.labels, probs, top_k)
         return Response(orjson.dumps(body), media_type="application/json")
 
-    @app.post("/v2/models/{path_id}/infer")
-    async def infer(path_id: str, request: Request) -> Response:
-        """The Open Inference Protocol's infer, decoded here like a ``/v1`` predict (same checks, in
-        the same order, with the same answers as the inference process's own route)."""
-        key = bearer_key(request.headers.get("authorization"))
+    @app.post("/v2/models/{model_id}/infer")
+    async def infer(model_id: str, request: Request) -> Response:
+        """The Open Inference Protocol's infer of a path or a base (``is_path_id``), decoded here like a
+        ``/v1`` predict (same checks, in the same order, with the same answers as the inference
+        process's own route)."""
+        key, base = bearer_key(request.headers.get("authorization")), not is_path_id(model_id)
         length = request.headers.get(OIP_HEADER)
 
         def decode(body: bytes, spec: InputSpec | None) -> tuple[np.ndarray, InferRequest]:
@@ -130,35 +141,35 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
         # the one-trip shortcut decodes before the key is checked: only for what is cheap to decode (the
         # binary extension's small JSON header, or a small JSON body), so no one can keep a worker busy for free
         cheap = _small(request, settings.shm_slot_bytes) if length is not None else _small(request, SMALL_JSON_BYTES)
-        if described.get((key, path_id)) is MISSING and cheap:
-            info, probs, req = await first_predict(path_id, key, request, decode, "oip")
+        if described.get((key, model_id, base)) is MISSING and cheap:
+            info, probs, req = await first_predict(model_id, key, request, decode, "oip", base)
         else:
-            info = await path_info(path_id, key)
+            info = await path_info(model_id, key, base)
             x, req = decode(await request.body(), info.input)  # (N, C, H, W) in [0, 1]
-            probs = await state["device"].predict(path_id, x, key)  # (N, K): checked again, and counted
-        body, headers = infer_response(path_id, info.labels, probs, req)
+            probs = await state["device"].predict(model_id, x, key, base)  # (N, K): checked again, and counted
+        body, headers = infer_response(model_id, info.labels, probs, req)
         return Response(body, headers=headers)
 
     async def first_predict(
-        path_id: str, key: str | None, request: Request, decode: Decode, form: str
+        path_id: str, key: str | None, request: Request, decode: Decode, form: str, base: bool
     ) -> tuple[PathInfo, np.ndarray, object]:
-        """A small predict of a path this worker has not described for this key: one round trip,
-        which checks the key, the input's C, H and W against the path's (the error naming ``form``'s
-        input) and answers with the path's description too (a cold path's predict costs no describe
-        of its own). ``decode(body, None)`` leaves C, H and W to the inference process. The body, at
-        most one arena slot, is read before the key is checked, but a body refused here waits for
-        the key's and the path's check and is decoded again knowing the path's input, so errors come
-        in the same order, and say the same, as otherwise. -> (path, probabilities, what ``decode``
-        gave besides the input)."""
+        """A small predict of a path (a base when ``base``) this worker has not described for this
+        key: one round trip, which checks the key, the input's C, H and W against the path's (the
+        error naming ``form``'s input) and answers with the path's description too (a cold path's
+        predict costs no describe of its own). ``decode(body, None)`` leaves C, H and W to the
+        inference process. The body, at most one arena slot, is read before the key is checked, but
+        a body refused here waits for the key's and the path's check and is decoded again knowing the
+        path's input, so errors come in the same order, and say the same, as otherwise. -> (path,
+        probabilities, what ``decode`` gave besides the input)."""
         body = await request.body()
         try:
             x, extra = decode(body, None)
         except ZooError:
-            info = await path_info(path_id, key)  # a key or path that may not be used is refused first
+            info = await path_info(path_id, key, base)  # a key or path that may not be used is refused first
             x, extra = decode(body, info.input)  # refused again, naming the path's input (or decoded)
-            return info, await state["device"].predict(path_id, x, key), extra
-        probs, path = await state["device"].predict_described(path_id, x, key, form)
-        return described.put((key, path_id), PathInfo(path)), probs, extra
+            return info, await state["device"].predict(path_id, x, key, base), extra
+        probs, path = await state["device"].predict_described(path_id, x, key, form, base)
+        return described.put((key, path_id, base), PathInfo(path)), probs, extra
 
     @app.get("/healthz")
     def healthz() -> dict:

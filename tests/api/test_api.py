@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.helpers import compose, png_b64, reprogram_spec, tensor_inputs
@@ -78,6 +79,34 @@ def test_multipart_predict(app_client: TestClient) -> None:
     )
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == 2 and len(r.json()["predictions"][0]["top_k"]) == 3
+
+
+def test_non_square_image_predicts_as_its_centre_crop(app_client: TestClient) -> None:
+    """28x56 and 56x28 images with noise on the sides score as the tensor of their centre 28x28
+    (the base's card has no resize: the shorter side is kept, the longer one cropped, not squashed)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pid = compose(app_client, reprogram_spec())["path_id"]
+    rng = np.random.default_rng(5)
+    inputs, crops = [], []
+    for h, w in [(28, 56), (56, 28)]:
+        pixels = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        top, left = (h - 28) // 2, (w - 28) // 2
+        crops.append({"tensor": (pixels[None, top : top + 28, left : left + 28] / 255.0).tolist()})
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        inputs.append({"image": base64.b64encode(buf.getvalue()).decode()})
+    got, want = (
+        app_client.post(f"/v1/paths/{pid}/predict", json={"inputs": body, "top_k": 3}).json()["predictions"]
+        for body in (inputs, crops)
+    )
+    for g, w in zip(got, want, strict=True):
+        assert [t["label"] for t in g["top_k"]] == [t["label"] for t in w["top_k"]]
+        assert [t["score"] for t in g["top_k"]] == pytest.approx([t["score"] for t in w["top_k"]], abs=1e-5)
 
 
 def test_npy_predict_matches_json(app_client: TestClient) -> None:
@@ -323,7 +352,7 @@ def test_the_openapi_document_declares_each_operations_errors(app_client: TestCl
     assert set(predict["422"]["content"]) == {"application/problem+json"}
     assert "507" not in predict and "507" in doc["paths"]["/v1/paths/import"]["post"]["responses"]  # it stores
     assert "503" in doc["paths"]["/v1/paths"]["get"]["responses"]  # the database may be away
-    infer = doc["paths"]["/v2/models/{path_id}/infer"]["post"]["responses"]
+    infer = doc["paths"]["/v2/models/{model_id}/infer"]["post"]["responses"]
     assert infer["404"]["content"]["application/json"]["schema"]["required"] == ["error"]
     assert "409" in doc["paths"]["/v1/paths/{path_id}/network"]["get"]["responses"]
     assert set(doc["paths"]["/healthz"]["get"]["responses"]) == {"200"}  # nothing to refuse

@@ -81,6 +81,16 @@ MATRIX: dict[tuple[str, str], tuple[Req, dict]] = {
     ),
     ("GET", "/v1/zoo/models/{model_id}"): (lambda w: ("/v1/zoo/models/res", {}), keyed(200)),
     ("GET", "/v1/zoo/models/{model_id}/weights"): (lambda w: ("/v1/zoo/models/res/weights", {}), keyed(200)),
+    # every tenant reads the zoo, and may predict with a base by itself
+    ("POST", "/v1/zoo/models/{model_id}/predict"): (
+        lambda w: ("/v1/zoo/models/res/predict", {"json": PREDICT}),
+        keyed(200),
+    ),
+    # admins only; an admin's 422: a name that is no packaged network (checked after the key)
+    ("POST", "/v1/zoo/models/pretrained"): (
+        lambda w: ("/v1/zoo/models/pretrained", {"json": {"name": "no-such-network"}}),
+        admin_only(422),
+    ),
     ("GET", "/v1/datasets"): (lambda w: ("/v1/datasets", {}), keyed(200)),
     ("POST", "/v1/datasets"): (lambda w: ("/v1/datasets", {"files": {"file": ("d.npz", _npz())}}), keyed(201)),
     ("GET", "/v1/datasets/{dataset_id}"): (lambda w: (f"/v1/datasets/{w.dataset}", {}), keyed(200, 404)),
@@ -128,9 +138,9 @@ MATRIX: dict[tuple[str, str], tuple[Req, dict]] = {
     ("GET", "/v2"): (lambda w: ("/v2", {}), keyed(200)),
     ("GET", "/v2/health/live"): (lambda w: ("/v2/health/live", {}), keyed(200)),
     ("GET", "/v2/health/ready"): (lambda w: ("/v2/health/ready", {}), keyed(200)),
-    ("GET", "/v2/models/{path_id}"): (lambda w: (f"/v2/models/{w.path}", {}), keyed(200, 404)),
-    ("GET", "/v2/models/{path_id}/ready"): (lambda w: (f"/v2/models/{w.path}/ready", {}), keyed(200, 404)),
-    ("POST", "/v2/models/{path_id}/infer"): (
+    ("GET", "/v2/models/{model_id}"): (lambda w: (f"/v2/models/{w.path}", {}), keyed(200, 404)),
+    ("GET", "/v2/models/{model_id}/ready"): (lambda w: (f"/v2/models/{w.path}/ready", {}), keyed(200, 404)),
+    ("POST", "/v2/models/{model_id}/infer"): (
         lambda w: (f"/v2/models/{w.path}/infer", {"json": INFER}),
         keyed(200, 404),
     ),

@@ -4,11 +4,14 @@ cluttered task made as documented, tasks drawing validation apart from training.
 from __future__ import annotations
 
 import hashlib
+import io
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from zoo_store.core.spec import TaskSpec
+from zoo_store.datasets import synthetic
 from zoo_store.datasets.builtin import BUILTINS, _mnist, split_sizes, split_three
 from zoo_store.datasets.tasks import VAL_PER_LABEL, make_task
 from zoo_store.store.demo import MNIST_INPUT
@@ -20,7 +23,11 @@ def _rows(x: np.ndarray) -> set[bytes]:
 
 @pytest.mark.parametrize("dataset", sorted(BUILTINS))
 def test_every_builtin_has_three_disjoint_splits(dataset: str) -> None:
-    a = BUILTINS[dataset].make()
+    assert len(BUILTINS[dataset].name) <= 200  # the database's column
+    a, described = BUILTINS[dataset].make(), BUILTINS[dataset].described()  # what its row records
+    assert described.labels == a.labels and described.train_x.shape[1:] == a.train_x.shape[1:]
+    sizes = [(len(d.train_y), len(d.val_y), len(d.test_y)) for d in (a, described)]
+    assert sizes[0] == sizes[1]
     for x, y in ((a.train_x, a.train_y), (a.val_x, a.val_y), (a.test_x, a.test_y)):
         assert len(x) == len(y) > 0 and x.dtype == np.uint8 and x.ndim == 4
         assert set(np.unique(y)) == set(range(len(a.labels)))  # every label in every split
@@ -121,3 +128,93 @@ def test_rows_from_before_validation_splits_are_brought_up_to_date(tmp_path) -> 
     )
     assert rows["ds_old"].splits == {"train": 700, "val": 100, "test": 200} and rows["ds_old"].name == "mine"
     assert set(rows) == {*BUILTINS, "ds_old"}
+
+
+def _digest(a) -> str:
+    """sha256 over every split's images and labels, then the label names."""
+    h = hashlib.sha256()
+    for arr in (a.train_x, a.train_y, a.val_x, a.val_y, a.test_x, a.test_y):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\n".join(a.labels).encode())
+    return h.hexdigest()
+
+
+# (labels, train / validation / test images per label, sha256 of the arrays): a change to how a set
+# is drawn changes its digest, so the bases trained on it are retrained knowingly
+DRAWN = {
+    "letters": (synthetic.LETTERS, (600, 200, 200), "16004394f218a6f41dacf3c5882f013e90bc1f910cd5539582ebb8337fd3f550"),
+    "shapes": (synthetic.SHAPES, (800, 200, 200), "885f578d9051db71d7fe70f70f7459592da1d8fd9217eb1e20e42917c0df34e4"),
+    "textures": (
+        synthetic.TEXTURES,
+        (800, 200, 200),
+        "4ef017ef25aaa4c41a2b9ef7b0eb050d166161d27c5519e28aa1441b2d51719b",
+    ),
+    "dots": (synthetic.DOTS, (800, 200, 200), "432fc16a92440860da37848efefebe590883186e7f7a41cb27f75269586b47a1"),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(DRAWN))
+def test_drawn_sets_are_fixed_balanced_and_shaped_like_mnist(dataset: str) -> None:
+    labels, per_label, digest = DRAWN[dataset]
+    a = BUILTINS[dataset].make()
+    assert a.labels == labels and len(set(labels)) == len(labels)
+    for (x, y), n in zip(((a.train_x, a.train_y), (a.val_x, a.val_y), (a.test_x, a.test_y)), per_label, strict=True):
+        assert x.shape == (n * len(labels), 1, 28, 28) and x.dtype == np.uint8 and y.dtype == np.int64
+        assert np.bincount(y, minlength=len(labels)).tolist() == [n] * len(labels)
+        assert len(np.unique(y[:50])) > 1  # shuffled: a strip of the first images shows several labels
+        assert 10 < x.mean() < 200 and x.std() > 20  # neither blank nor saturated
+    assert _digest(a) == digest
+
+
+def test_cluttered_digits_are_pinned() -> None:
+    """MNIST over photo patches is the set of digits on photo backgrounds: pinned like the drawn ones."""
+    assert _digest(BUILTINS["mnist-cluttered"].make()) == (
+        "03c1a69eceda5dca9354da67275b0113e5ee86b24ed55f24cf6da4e2cc80159e"
+    )
+
+
+def test_drawing_repeats_for_a_seed_and_differs_across_seeds() -> None:
+    y = np.arange(60) % len(synthetic.SHAPES)
+    for draw in (synthetic.draw_letters, synthetic.draw_shapes, synthetic.draw_textures, synthetic.draw_dots):
+        one = draw(y % 9, np.random.default_rng(5))
+        assert np.array_equal(one, draw(y % 9, np.random.default_rng(5)))
+        assert not np.array_equal(one, draw(y % 9, np.random.default_rng(6)))
+
+
+def test_grating_labels_name_their_orientation() -> None:
+    """The strongest frequency of each test grating (its 2D spectrum's peak) lies within 15 degrees of
+    its class's orientation, nearer than any other class's (the drawing jitters by 10; a distractor
+    grating or the noise may win in a few): labels and images agree."""
+    a = BUILTINS["textures"].make()
+    x = a.test_x[:, 0].astype(np.float64)  # (N, 28, 28)
+    power = np.abs(np.fft.fft2(x - x.mean(axis=(1, 2), keepdims=True))) ** 2  # (N, 28, 28)
+    f = np.fft.fftfreq(28)
+    fy, fx = np.meshgrid(f, f, indexing="ij")  # (28, 28) each
+    peak = power.reshape(len(x), -1).argmax(axis=1)  # (N,)
+    found = np.degrees(np.arctan2(fy.ravel()[peak], fx.ravel()[peak])) % 180  # (N,)
+    want = np.array(synthetic.ORIENTATIONS)[a.test_y // len(synthetic.FREQUENCIES)]
+    off = np.abs((found - want + 90) % 180 - 90)
+    assert (off <= 15).mean() > 0.95, np.round(off[off > 15][:10])
+
+
+def test_dot_images_brighten_with_the_count() -> None:
+    """More dots, more ink: the mean image (less its background) grows with every count."""
+    a = BUILTINS["dots"].make()
+    x = a.test_x[:, 0].astype(np.float64)
+    ink = (x - np.median(x, axis=(1, 2), keepdims=True)).clip(0).sum(axis=(1, 2))  # (N,)
+    by_count = [ink[a.test_y == k].mean() for k in range(len(synthetic.DOTS))]
+    assert all(lo < hi for lo, hi in zip(by_count, by_count[1:], strict=False)), by_count
+
+
+def test_the_drawn_sets_are_listed_with_a_sample_strip(app_client) -> None:
+    items = {d["id"]: d for d in app_client.get("/v1/datasets", params={"limit": 100}).json()["items"]}
+    for dataset, (labels, per_label, _) in DRAWN.items():
+        row = items[dataset]
+        assert row["labels"] == list(labels) and row["shape"] == [1, 28, 28] and row["source"] == "builtin"
+        assert row["splits"] == {s: n * len(labels) for s, n in zip(("train", "val", "test"), per_label, strict=True)}
+        r = app_client.get(row["samples"], params={"n": 6})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        img = Image.open(io.BytesIO(r.content))
+        assert img.format == "PNG" and img.size == (6 * 28, 28) and img.mode == "L"
+        shown = np.asarray(img).reshape(28, 6, 28).transpose(1, 0, 2)  # (6, 28, 28)
+        assert np.array_equal(shown, BUILTINS[dataset].make().test_x[:6, 0])

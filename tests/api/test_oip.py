@@ -112,7 +112,7 @@ def test_binary_infer(app_client: TestClient) -> None:
             ).encode(),
             None,
             422,
-            "this path takes [N, 1, 28, 28]",
+            "this model takes [N, 1, 28, 28]",
         ),
         (
             json.dumps(
@@ -120,7 +120,7 @@ def test_binary_infer(app_client: TestClient) -> None:
             ).encode(),
             None,
             422,
-            "input shape [1, 3, 28, 28]; this path takes [N, 1, 28, 28]",
+            "input shape [1, 3, 28, 28]; this model takes [N, 1, 28, 28]",
         ),  # C, H, W wrong, alone
         (
             json.dumps(
@@ -128,7 +128,7 @@ def test_binary_infer(app_client: TestClient) -> None:
             ).encode(),
             None,
             422,
-            "input shape [1, 0, 28, 28]; this path takes [N, 1, 28, 28]",
+            "input shape [1, 0, 28, 28]; this model takes [N, 1, 28, 28]",
         ),
         (
             json.dumps(
@@ -183,7 +183,7 @@ def test_binary_infer(app_client: TestClient) -> None:
             ).encode(),
             None,
             422,
-            "this path takes",
+            "this model takes",
         ),
         (
             json.dumps(

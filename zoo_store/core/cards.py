@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # no "_": never a path's id (p_<hex>, ``manifest.is_path_id``)
 
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
@@ -16,7 +16,9 @@ class InputSpec(BaseModel):
     """What the network takes, and how an image of any size becomes that (timm's "data config",
     torchvision's weights transforms): the shorter side resized to ``resize`` with ``interpolation``,
     then a centre crop of ``size`` x ``size``, channels converted (grey or RGB), scaled to [0, 1] and
-    normalized with ``mean``/``std``. ``resize`` None is ``size``: the whole shorter side is kept."""
+    normalized with ``mean``/``std``. ``resize`` None is ``size``: the whole shorter side is kept.
+    `zoo_store.core.images` does all but the normalizing, for image predicts and for compositions on
+    datasets of another size or channel count (only 1 and 3 channels take images)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

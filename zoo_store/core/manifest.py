@@ -50,3 +50,10 @@ def manifest_json(m: Manifest) -> str:
 
 def path_id_of(m: Manifest) -> str:
     return "p_" + hashlib.sha256(manifest_json(m).encode()).hexdigest()[:32]
+
+
+def is_path_id(model_id: str) -> bool:
+    """Whether an id names a path rather than a base: paths and bases share the Open Inference
+    Protocol's ``/v2/models/{id}``, and never an id: a path's is ``p_`` and hex, a base's has no ``_``
+    (``ID_PATTERN``)."""
+    return model_id.startswith("p_")

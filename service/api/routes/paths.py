@@ -15,6 +15,7 @@ from service.api.inputs import read_inputs
 from service.api.openapi import CONFLICT, FORBIDDEN, RATE_LIMITED
 from service.api.schemas import Page, Path, Sharing, SharingIn
 from service.api.state import Services
+from service.runtime.cache import Entry
 from service.runtime.zoo import validate_bundle
 from zoo_store.archs.standalone import export_network
 from zoo_store.core.bundle import decode_bundle
@@ -97,13 +98,14 @@ async def get_network(path_id: str, svc: ReadySvc, caller: CallerDep) -> Respons
     """The path as a standalone dense network (safetensors + card), for paths that are one (resample)."""
     svc.check_access(caller, path_id)
     entry = await run_in_threadpool(svc.cache.get, path_id)
-    if not get_method(entry.manifest.method).standalone:
+    manifest = entry.path_manifest
+    if not get_method(manifest.method).standalone:
         which = [n for n in method_names() if get_method(n).standalone]
         raise Conflict(
-            f"a {entry.manifest.method!r} path runs on its resident bases and is not a standalone network; "
+            f"a {manifest.method!r} path runs on its resident bases and is not a standalone network; "
             f"only {' and '.join(which)} paths are"
         )
-    card = svc.zoo.bases[entry.manifest.bases[0].id][0]
+    card = svc.zoo.bases[manifest.bases[0].id][0]
     data = await run_in_threadpool(export_network, entry.module, card, path_id)
     return Response(
         data,
@@ -151,8 +153,13 @@ async def predict(path_id: str, request: Request, svc: ReadySvc, caller: CallerD
     (``?top_k=`` in the query)."""
     arrived = time.monotonic()  # the batch wait counts from here
     entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
-    manifest = entry.manifest
-    x, top_k = await read_inputs(request, manifest.input, svc.settings)
+    return await answer_predict(svc, entry, request, arrived)
+
+
+async def answer_predict(svc: Services, entry: Entry, request: Request, arrived: float) -> Response:
+    """A ``/v1`` predict of an admitted path or base: its body decoded against the entry's input,
+    batched, and the top-k of each input. ``arrived``: the request's ``time.monotonic()``."""
+    x, top_k = await read_inputs(request, entry.input, svc.settings)  # (N, C, H, W) in [0, 1]
     probs = await svc.batcher.submit(entry, torch.from_numpy(x), arrived)  # (N, K)
-    body = predictions(path_id, manifest.labels, probs.numpy(), top_k)
+    body = predictions(entry.path_id, entry.labels, probs.numpy(), top_k)
     return Response(orjson.dumps(body), media_type="application/json")

