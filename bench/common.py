@@ -48,20 +48,22 @@ def machine() -> str:
     )
 
 
+def elapsed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes (synchronising CUDA when used)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def timeit(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float:
-    """Median seconds of ``fn`` (synchronising CUDA when used)."""
+    """Median seconds of ``fn``."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(elapsed(fn) for _ in range(repeat))
 
 
 def time_ratio(fn: Callable[[], object], ref: Callable[[], object], repeat: int = 10, warmup: int = 2) -> float:
@@ -69,17 +71,8 @@ def time_ratio(fn: Callable[[], object], ref: Callable[[], object], repeat: int 
     machine's load reaches both)."""
     for _ in range(warmup):
         fn(), ref()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeat):
-        for f, out in ((fn, times[0]), (ref, times[1])):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            f()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - t)
-    return statistics.median(times[0]) / statistics.median(times[1])
+    pairs = [(elapsed(fn), elapsed(ref)) for _ in range(repeat)]
+    return statistics.median(a for a, _ in pairs) / statistics.median(b for _, b in pairs)
 
 
 def reprogram_bytes(arch: str, input_size: int, channels: int, num_classes: int = 10) -> tuple[int, int]:

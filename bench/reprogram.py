@@ -95,6 +95,10 @@ class Budget:
     seeds: tuple[int, ...]
     batch_size: int = 32
 
+    def fit(self, model: nn.Module, params, x: Tensor, y: Tensor, spec: InputSpec | None, lr: float, seed: int) -> None:
+        """``training.fit`` at this budget's epochs and batch size."""
+        fit(model, params, x, y, spec, epochs=self.epochs, lr=lr, batch_size=self.batch_size, seed=seed)
+
 
 # 64x64 (the base's 224 costs 12x the MACs) and what fits 2 quiet CPU cores in well under 2 hours: measured
 # 4.3-5.1 s per CLR run of 192 images x 3 epochs at 64x64, so about 80 minutes in all at this budget.
@@ -233,32 +237,12 @@ def train_row(row: str, base: TapNet, data: TaskData, spec: InputSpec, budget: B
     if row == "head":
         z, zv = features(base, data.train_x, spec), features(base, data.val_x, spec)  # (N, D), (V, D)
         head = nn.Linear(base.feature_dim, k)
-        fit(
-            head,
-            head.parameters(),
-            z,
-            data.train_y,
-            None,
-            epochs=budget.epochs,
-            lr=lr,
-            batch_size=budget.batch_size,
-            seed=seed,
-        )
+        budget.fit(head, head.parameters(), z, data.train_y, None, lr, seed)
         with torch.no_grad():
             val = (head(zv).argmax(1) == data.val_y).float().mean().item()
         return Run(val, None, head, time.perf_counter() - start)
     model = build_row(row, base, k, ranks)
-    fit(
-        model,
-        trainable(model),
-        data.train_x,
-        data.train_y,
-        spec,
-        epochs=budget.epochs,
-        lr=lr,
-        batch_size=budget.batch_size,
-        seed=seed,
-    )
+    budget.fit(model, trainable(model), data.train_x, data.train_y, spec, lr, seed)
     model.eval()
     return Run(accuracy(model, data.val_x, data.val_y, spec), model, None, time.perf_counter() - start)
 
@@ -498,18 +482,7 @@ def continual_lines(
         say(f"reprogram continual: task {i + 1} {task}")
         heads.append(nn.Linear(base.feature_dim, len(data.labels)))
         model = FineTuned(net, heads[-1])
-        lr = cells[task]["full"].lr
-        fit(
-            model,
-            trainable(model),
-            data.train_x,
-            data.train_y,
-            spec,
-            epochs=budget.epochs,
-            lr=lr,
-            batch_size=budget.batch_size,
-            seed=0,
-        )
+        budget.fit(model, trainable(model), data.train_x, data.train_y, spec, cells[task]["full"].lr, seed=0)
         ft_acc.append(accuracy(FineTuned(net, heads[0]).eval(), first.test_x, first.test_y, spec))
         pid = store_path(scratch, method, card64, base, task, data, budget, cells, own_bn=i % 2 == 1)
         stored = decode_stored(scratch.path_bundle(pid), pid)

@@ -26,8 +26,9 @@ class InputSpec(BaseModel):
     size: int = Field(ge=4, le=1024)
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    resize: int | None = Field(default=None, ge=4, le=2048)
-    interpolation: Interpolation = "bilinear"
+    # left out of the JSON at their defaults: a card, manifest or path id of an earlier release stays byte-identical
+    resize: int | None = Field(default=None, ge=4, le=2048, exclude_if=lambda v: v is None)
+    interpolation: Interpolation = Field(default="bilinear", exclude_if=lambda v: v == "bilinear")
 
     @field_validator("std")
     @classmethod
