@@ -82,7 +82,10 @@ ROWS = {
     "adapter": "1x1 residual adapter",
     "full": "full fine-tuning",
 }
-LR_GRID = {**{row: (3e-3, 1e-2) for row in ROWS}, "full": (3e-4, 1e-3)}  # picked on validation, seed 0
+# rows of the budget check only (``zoo bench --suite reprogram-budget``)
+CHECK_ROWS = {"full_frozen": "full fine-tuning, BatchNorm statistics frozen"}
+NAMES = {**ROWS, **CHECK_ROWS}
+LR_GRID = {**{row: (3e-3, 1e-2) for row in ROWS}, "full": (3e-4, 1e-3), "full_frozen": (3e-4, 1e-3)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +104,8 @@ class Budget:
 
 
 # 64x64 (the base's 224 costs 12x the MACs) and what fits 2 quiet CPU cores in well under 2 hours: measured
-# 4.3-5.1 s per CLR run of 192 images x 3 epochs at 64x64, so about 80 minutes in all at this budget.
+# 4.3-5.1 s per CLR run of 192 images x 3 epochs at 64x64, estimated at 80 minutes in all at this budget;
+# it ran in 47 (2026-12-06).
 # Batches of 64: on the CPU a training step of this network costs nearly as much at 32 images as at 64.
 FULL = Budget(
     size=64, train_images=256, val_images=200, test_images=500, epochs=4, seeds=(0, 1, 2, 3, 4), batch_size=64
@@ -138,15 +142,22 @@ def adapter_ranks(targets: list[tuple[str, int]], params: int) -> dict[str, int]
 
 class FineTuned(nn.Module):
     """A trainable network and a head; while training, its BatchNorms use batch statistics (in
-    traced networks too, where ``net.train()`` cannot reach the inlined calls)."""
+    traced networks too, where ``net.train()`` cannot reach the inlined calls), unless
+    ``batch_stats`` is False: then they keep the base's running statistics (only their affine trains)."""
 
-    def __init__(self, net: TapNet, head: nn.Linear):
+    def __init__(self, net: TapNet, head: nn.Linear, batch_stats: bool = True):
         super().__init__()
-        self.net, self.head = net, head
+        self.net, self.head, self.batch_stats = net, head, batch_stats
         self.norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
 
+    def train(self, mode: bool = True) -> FineTuned:
+        super().train(mode)
+        for norm in self.norms:
+            norm.train(mode and self.batch_stats)
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
-        stats = batch_statistics(self.norms) if self.training else contextlib.nullcontext()
+        stats = batch_statistics(self.norms) if self.training and self.batch_stats else contextlib.nullcontext()
         with stats:
             return self.head(self.net.embed(x))  # (B, C, H, W) -> (B, K)
 
@@ -172,8 +183,8 @@ def build_row(row: str, base: TapNet, num_classes: int, ranks: dict[str, int]) -
         return model
     if row == "adapter":  # after the same convs CLR reprograms
         return Reprogrammed(base, {p: ResidualAdapter(c, ranks[p]) for p, c in clr_targets(base)}, head)
-    if row == "full":
-        return FineTuned(trainable_copy(base), head)
+    if row in ("full", "full_frozen"):
+        return FineTuned(trainable_copy(base), head, batch_stats=row == "full")
     raise ValueError(row)
 
 
@@ -281,7 +292,7 @@ def run_cell(
         run = train_row(row, base, data, spec, budget, lr, seed, ranks)
         tests.append(test_accuracy(run, base, data, spec))
         seconds.append(run.seconds)
-    say(f"reprogram: {task_id} {ROWS[row]}: lr {lr:g}, test {mean_std(tests)} ({sum(seconds):.0f} s)")
+    say(f"reprogram: {task_id} {NAMES[row]}: lr {lr:g}, test {mean_std(tests)} ({sum(seconds):.0f} s)")
     return Cell(lr, first.val, tests, first, seconds)
 
 
@@ -323,6 +334,35 @@ def reprogram_suite(say: Say, quick: bool) -> list[str]:
     return lines
 
 
+CHECK_TASKS = ("letters",)
+CHECK_EPOCHS = 16
+
+
+def reprogram_budget_suite(say: Say, quick: bool) -> list[str]:
+    """The check a reviewer runs first on the main table: four times the training steps, on the task
+    where CLR trails head-only tuning, with full fine-tuning also run with its BatchNorm statistics
+    frozen. Each row's rate from the same grid, on this task's validation at seed 0."""
+    started = time.perf_counter()
+    budget = dataclasses.replace(QUICK if quick else FULL, epochs=1 if quick else CHECK_EPOCHS)
+    store, card = quick_base(say) if quick else pretrained_base()
+    spec = card.input.model_copy(update={"size": budget.size, "resize": None})
+    base = store.load_base(card)
+    ranks = adapter_ranks(clr_targets(base), sum(9 * c for _, c in clr_targets(base)))
+    rows = ("clr", "head", "adapter", "full", "full_frozen")
+    cells = {t: {row: run_cell(row, t, base, spec, budget, ranks, say) for row in rows} for t in CHECK_TASKS}
+    steps = budget.epochs * -(-budget.train_images // budget.batch_size)
+    lines = [
+        f"Base `{card.id}` frozen at {spec.size}x{spec.size}, as in the table above, but {budget.epochs} epochs "
+        f"({steps} steps of {budget.batch_size} images) instead of {FULL.epochs}; tasks {', '.join(CHECK_TASKS)}; "
+        f"seeds {', '.join(map(str, budget.seeds))}; each row's rate from its grid on this task's validation "
+        "(seed 0). Full fine-tuning twice: BatchNorm on batch statistics (as in the table above and the "
+        "reference code), and with the base's statistics frozen (only the affine trains).\n",
+        *accuracy_lines(cells, None),
+        f"\nWall time: {time.perf_counter() - started:.0f} s.",
+    ]
+    return lines
+
+
 def pretrained_base() -> tuple[Store, Card]:
     """The base from the zoo under ZOO_DATA_DIR; a packaged pretrained one (``zoo_store.archs.pretrained``)
     is registered there first when missing. Anything else missing ends the run with how to install it."""
@@ -360,7 +400,7 @@ def setup_lines(
     card: Card, spec: InputSpec, budget: Budget, tasks, clr_kernels: int, ranks: dict[str, int], adapter: int
 ) -> list[str]:
     seeds = ", ".join(map(str, budget.seeds))
-    grid = "; ".join(f"{ROWS[r]} {', '.join(f'{lr:g}' for lr in g)}" for r, g in LR_GRID.items())
+    grid = "; ".join(f"{ROWS[r]} {', '.join(f'{lr:g}' for lr in LR_GRID[r])}" for r in ROWS)
     return [
         f"Base: `{card.id}` ({card.arch}, {card.num_params:,} parameters, {card.bytes:,} bytes), frozen, at "
         f"{spec.size}x{spec.size} RGB (the 28x28 grey tasks upsampled, grey copied to 3 channels, the base's "
@@ -376,7 +416,9 @@ def setup_lines(
     ]
 
 
-def accuracy_lines(cells: dict[str, dict[str, Cell]], avg: dict[str, list[float]]) -> list[str]:
+def accuracy_lines(cells: dict[str, dict[str, Cell]], avg: dict[str, list[float]] | None) -> list[str]:
+    """Per task and row: test accuracy and the paired difference to CLR; then, given ``avg``, the
+    average over the tasks."""
     out = [
         "| task | row | lr | test accuracy | Δ vs CLR [95% t-interval] |",
         "|---|---|---:|---:|---:|",
@@ -384,7 +426,9 @@ def accuracy_lines(cells: dict[str, dict[str, Cell]], avg: dict[str, list[float]
     for task, by_row in cells.items():
         for row, c in by_row.items():
             delta = "" if row == "clr" else paired_interval(c.test, by_row["clr"].test)
-            out.append(f"| {task} | {ROWS[row]} | {c.lr:g} | {mean_std(c.test)} | {delta} |")
+            out.append(f"| {task} | {NAMES[row]} | {c.lr:g} | {mean_std(c.test)} | {delta} |")
+    if avg is None:
+        return out
     out += [
         "\nAverage over the tasks (per seed, then mean ± std over the seeds; Δ: per-seed paired difference):\n",
         "| row | mean test accuracy | Δ vs CLR [95% t-interval] |",

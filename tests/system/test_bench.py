@@ -100,3 +100,21 @@ def test_the_reprogram_suite_refuses_to_run_without_the_pretrained_base(
             pretrained_base()
     finally:
         bench_data_dir.cache_clear()
+
+
+@pytest.mark.parametrize("row", ["full", "full_frozen"])
+def test_full_fine_tuning_moves_batchnorm_statistics_only_on_batch_statistics(row: str) -> None:
+    """The budget check's second full fine-tuning keeps the base's running statistics; the first
+    (the reference's) updates them from the batches it trains on."""
+    torch.manual_seed(0)
+    base = freeze(build_arch("timm:tf_efficientnet_lite0", {"num_classes": 10}))
+    model = build_row(row, base, 3, {})
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_mean")}
+    model.train()
+    loss = model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean()  # (B, 3) -> ()
+    loss.backward()
+    after = {k: v for k, v in model.state_dict().items() if k.endswith("running_mean")}
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert (len(moved) == len(before)) if row == "full" else not moved, moved
+    norms = [p for n, p in model.named_parameters() if "bn" in n and n.endswith("weight")]
+    assert norms and all(p.grad is not None for p in norms)  # the affine trains either way
