@@ -10,9 +10,10 @@ from bench.clone import clone_suite
 from bench.cluster import cluster_suite
 from bench.common import Say, machine, write_block
 from bench.edge import edge_suite
+from bench.export import export_suite
 from bench.http import http_suite
 from bench.reassemble import reassemble_suite
-from bench.reprogram import reprogram_suite
+from bench.reprogram import reprogram_budget_suite, reprogram_suite
 from bench.resample import resample_suite
 from bench.scale import scale_suite
 from bench.serving import serving_suite
@@ -26,9 +27,16 @@ def run_bench(out: Path, suite: str, quick: bool, say: Say = print) -> None:
         "http": (http_suite, out, "Benchmarks", "http"),
         "edge": (edge_suite, out.parent / "serving.md", "Serving many paths over one resident zoo", "edge"),
         "reprogram": (reprogram_suite, out.parent / "methods" / "reprogram.md", "Reprogram (CLR)", ""),
+        "reprogram-budget": (
+            reprogram_budget_suite,
+            out.parent / "methods" / "reprogram.md",
+            "Reprogram (CLR)",
+            "budget",
+        ),
         "resample": (resample_suite, out.parent / "methods" / "resample.md", "Resample (INN)", ""),
         "clone": (clone_suite, out.parent / "methods" / "clone.md", "Clone (PNC)", ""),
         "reassemble": (reassemble_suite, out.parent / "methods" / "reassemble.md", "Reassemble (DeRy)", ""),
+        "export": (export_suite, out.parent / "export.md", "Exporting a path", ""),
         "cluster": (cluster_suite, out.parent / "deploy.md", "Deploying zoo", ""),
         "architectures": (architectures_suite, out.parent / "architectures.md", "Architectures", ""),
     }

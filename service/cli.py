@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import importlib
 import json
@@ -29,7 +30,7 @@ models_app = typer.Typer(
     help="The zoo's base networks: list, show, add, pull from another server.", no_args_is_help=True
 )
 datasets_app = typer.Typer(help="Datasets to compose on: list, add (ImageFolder zip or .npz).", no_args_is_help=True)
-paths_app = typer.Typer(help="Composed paths: list, show, delete.", no_args_is_help=True)
+paths_app = typer.Typer(help="Composed paths: list, show, export, share, delete.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Composition jobs: list, show, watch, cancel, delete.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Portable .zoopath bundles: export, import, standalone networks.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys (an admin's key needed): create, list, revoke.", no_args_is_help=True)
@@ -370,6 +371,25 @@ def paths_delete(path_id: Annotated[str, typer.Argument(help="A path's id (p_...
     console.print(f"deleted {path_id}")
 
 
+class ExportFormat(enum.StrEnum):
+    onnx = "onnx"
+    pt2 = "pt2"
+
+
+@command(paths_app, "export")
+def paths_export(
+    path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="onnx (ONNX Runtime...) or pt2 (torch.export).")] = (
+        ExportFormat.onnx
+    ),
+    out: Annotated[Path | None, typer.Option(help="Where to write (default: ID.onnx or ID.pt2).")] = None,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Write a path as one standalone network file: input "input" (N x C x H x W in [0, 1]), output
+    "probabilities"; the labels in its metadata. Any method's path; see docs/export.md."""
+    _write(out or Path(f"{path_id}.{fmt.value}"), _client(url).export(path_id, fmt.value))
+
+
 @command(paths_app, "share")
 def paths_share(
     path_id: Annotated[str, typer.Argument(help="A path's id (p_...).")],
@@ -544,7 +564,10 @@ def bench(
     out: Annotated[Path, typer.Option(help="The doc whose generated block is rewritten.")] = Path("docs/benchmarks.md"),
     suite: Annotated[
         str,
-        typer.Option(help="serving | scale | http | edge | reprogram | resample | clone | reassemble | cluster | all"),
+        typer.Option(
+            help="serving | scale | http | edge | reprogram | reprogram-budget | resample | clone | reassemble "
+            "| export | cluster | all"
+        ),
     ] = "serving",
     quick: Annotated[bool, typer.Option(help="A smaller run (for a first look; not for docs).")] = False,
 ) -> None:

@@ -179,6 +179,10 @@ class ZooClient:
         """A resample path as a standalone network (safetensors); load it with zoo_store.archs.standalone."""
         return self._call("GET", f"/v1/paths/{path_id}/network").content
 
+    def export(self, path_id: str, fmt: str) -> bytes:
+        """A path as one standalone file (``onnx`` or ``pt2``), for runtimes without this project."""
+        return self._call("GET", f"/v1/paths/{path_id}/export", params={"format": fmt}).content
+
     def import_bundle(self, data: bytes) -> tuple[dict, bool]:
         """The path, and whether the server created it (False: it held this path already)."""
         r = self._call("POST", "/v1/paths/import", content=data, headers={"content-type": "application/octet-stream"})

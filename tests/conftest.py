@@ -84,11 +84,16 @@ def make_settings(tmp: Path, **kw) -> Settings:
     return Settings(**{**base, **kw})
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path: Path) -> str:
-    if request.param == "sqlite":
+def database_url(request, database: str, tmp_path: Path) -> str:
+    """``sqlite``: a file in ``tmp_path``; ``postgres``: the session's PostgreSQL database, emptied."""
+    if database == "sqlite":
         return f"sqlite:///{tmp_path / 'zoo.db'}"
     return request.getfixturevalue("pg_url_fresh")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path: Path) -> str:
+    return database_url(request, request.param, tmp_path)
 
 
 @pytest.fixture
@@ -190,21 +195,38 @@ def fronts(tmp_path_factory) -> Iterator[dict[int, Front]]:
         front.close()
 
 
-@pytest.fixture(params=HTTP_WORKERS, ids=[f"workers{w}" for w in HTTP_WORKERS])
-def http_workers(request) -> int:
-    """0: the app in process (TestClient); 1 or 2: HTTP worker processes in front of it."""
-    return request.param
+def serving_client(request, workers: int, tmp: Path, **settings) -> TestClient | FrontClient:
+    """The app on ``tmp`` (with ``settings``), started: in process (``workers`` 0) or behind that many
+    HTTP worker processes, reached through them. The caller ``__exit__``s it."""
+    if not workers:
+        return start_app(make_settings(tmp, **settings))
+    front = request.getfixturevalue("fronts")[workers]
+    return FrontClient(make_settings(tmp, ipc_dir=front.ipc, **settings), front)
 
 
-@pytest.fixture
-def app_client(tmp_path: Path, db_url: str, http_workers: int, request) -> Iterator[TestClient]:
+def _backends() -> list:
+    """app_client's (database, HTTP workers): each database in process, and each worker count of
+    ``HTTP_WORKERS`` in front of one database, alternating; not their full product. The workers only
+    forward HTTP to the app and the database sits behind the app: the two layers meet nowhere else."""
+    databases = ("sqlite", "postgres")
+    pairs = [(db, 0) for db in databases] if 0 in HTTP_WORKERS else []
+    pairs += [(databases[i % 2], w) for i, w in enumerate(w for w in HTTP_WORKERS if w)]
+    marks = {"sqlite": [], "postgres": [pytest.mark.postgres]}
+    return [pytest.param((db, w), id=f"{db}-workers{w}", marks=marks[db]) for db, w in pairs]
+
+
+def on_sqlite() -> pytest.MarkDecorator:
+    """app_client on SQLite only, in process and behind each worker count (tests whose storage legs run elsewhere)."""
+    params = [pytest.param(("sqlite", w), id=f"sqlite-workers{w}") for w in HTTP_WORKERS]
+    return pytest.mark.parametrize("app_client", params, indirect=True)
+
+
+@pytest.fixture(params=_backends())
+def app_client(tmp_path: Path, request) -> Iterator[TestClient]:
     """An app with two tiny random-weight bases, on SQLite and on PostgreSQL, reached directly or
-    through ``ZOO_TEST_HTTP_WORKERS`` HTTP worker processes (each count a parameter)."""
-    if http_workers:
-        front = request.getfixturevalue("fronts")[http_workers]
-        client = FrontClient(make_settings(tmp_path, database_url=db_url, ipc_dir=front.ipc), front)
-    else:
-        client = start_app(make_settings(tmp_path, database_url=db_url))
+    through ``ZOO_TEST_HTTP_WORKERS`` HTTP worker processes (see ``_backends``)."""
+    database, workers = request.param
+    client = serving_client(request, workers, tmp_path, database_url=database_url(request, database, tmp_path))
     store = client.app.state.services.store
     for base_id, arch in (("res", "resnet_s"), ("vgg", "vgg_s")):
         card, _ = store.add_base(tiny_card(base_id, arch), tiny_weights(arch, 10))

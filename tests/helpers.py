@@ -7,6 +7,8 @@ import io
 import time
 
 import numpy as np
+import torch
+import torchvision
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -59,3 +61,21 @@ def png_b64(size: int = 28, mode: str = "L", seed: int = 0) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def library_model(arch: str, num_classes: int, seed: int = 0) -> torch.nn.Module:
+    """``timm:NAME`` or ``torchvision:NAME`` as its library builds it, random weights, no tensor left at
+    a constant initialisation (a zero BatchNorm scale hides a shuffle; statistics not the identity)."""
+    library, _, name = arch.partition(":")
+    torch.manual_seed(seed)
+    if library == "timm":
+        import timm  # the dev extras install it
+
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes).eval()
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes).eval()
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if key.endswith("running_var") else t + 0.05 * torch.randn_like(t))
+    return model

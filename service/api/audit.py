@@ -1,7 +1,7 @@
-"""The audit log: every mutating call (POST, PUT, PATCH, DELETE; not predicts, which only read)
-writes one row after it is answered: when, the key's id and tenant, the method and route, the
-target (what the route named with ``audit_target``, else the id in the path) and the status.
-Never a key or a body."""
+"""The audit log: every mutating call (POST, PUT, PATCH, DELETE; not predicts, which only read),
+and every export (a GET, but a copy of a network leaves the service), writes one row after it is
+answered: when, the key's id and tenant, the method and route, the target (what the route named with
+``audit_target``, else the id in the path) and the status. Never a key or a body."""
 
 from __future__ import annotations
 
@@ -17,11 +17,16 @@ from zoo_store.store.db import AuditRow, Database, new_id, page
 log = logging.getLogger("zoo.audit")
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+EXPORT_SUFFIX = "/export"  # GET /v1/paths/{path_id}/export
 READS = {  # POSTs that change nothing
     "/v1/paths/{path_id}/predict",
     "/v1/zoo/models/{model_id}/predict",
     "/v2/models/{model_id}/infer",
 }
+
+
+def _audited(scope: Scope) -> bool:
+    return scope["method"] in MUTATING or (scope["method"] == "GET" and scope["path"].endswith(EXPORT_SUFFIX))
 
 
 def audit_target(request: Request, target: str) -> None:
@@ -62,7 +67,7 @@ class AuditMiddleware:
         self.app, self.log = app, log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in MUTATING:
+        if scope["type"] != "http" or not _audited(scope):
             return await self.app(scope, receive, send)
         status = 500
 

@@ -17,6 +17,7 @@ from service.jobs.queues import JobQueue, job_queue
 from service.jobs.runner import JobRunner
 from service.runtime.batcher import Batcher
 from service.runtime.cache import Entry, PathCache
+from service.runtime.exports import ExportCache
 from service.runtime.zoo import ResidentZoo
 from zoo_store.core.device import configure_torch
 from zoo_store.core.errors import NotFound, Unavailable, ZooError
@@ -46,6 +47,7 @@ class Services:
     auth: Auth
     quotas: Quotas
     audit: AuditLog
+    exports: ExportCache
     ready: threading.Event = field(default_factory=threading.Event)
     startup_error: str | None = None
     loading: str = "loading the zoo"  # what /readyz says until ready: the demo build's last step
@@ -88,6 +90,7 @@ class Services:
             auth,
             Quotas(settings, db, store, buckets),
             AuditLog(db),
+            ExportCache(settings.data_dir / "exports", cache, zoo),
         )
 
     def start(self) -> None:
@@ -129,6 +132,7 @@ class Services:
             seq, deleted = self.store.deletions_since(seq)
             for path_id in deleted:
                 self.cache.evict(path_id)
+                self.exports.forget(path_id)
 
         self.zoo.follow_every(self.settings.zoo_poll_s, self.stopping, also=evict_deleted)
 

@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import save
 
 from bench.scale import make_paths
-from tests.conftest import HTTP_WORKERS, FrontClient, make_settings, start_app, tiny_card, tiny_weights
+from tests.conftest import HTTP_WORKERS, make_settings, serving_client, start_app, tiny_card, tiny_weights
 from tests.helpers import SMALL_TASK, tensor_inputs, wait_job
 
 WHO = ("none", "revoked", "a", "b", "admin")
@@ -149,12 +149,7 @@ MATRIX: dict[tuple[str, str], tuple[Req, dict]] = {
 
 @pytest.fixture(scope="module", params=HTTP_WORKERS, ids=[f"workers{n}" for n in HTTP_WORKERS])
 def world(request, tmp_path_factory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("authz")
-    if request.param:
-        front = request.getfixturevalue("fronts")[request.param]
-        client = FrontClient(make_settings(tmp, ipc_dir=front.ipc), front)
-    else:
-        client = start_app(make_settings(tmp))
+    client = serving_client(request, request.param, tmp_path_factory.mktemp("authz"))
     svc = client.app.state.services
     card, _ = svc.store.add_base(tiny_card("res"), tiny_weights("resnet_s", 10))
     svc.zoo.add(card)

@@ -13,11 +13,12 @@ from fastapi.testclient import TestClient
 
 from service.api.device import DeviceOps
 from service.serve.channel import Arena, DeviceClient, DeviceServer
+from tests.conftest import on_sqlite
 from tests.helpers import compose, reprogram_spec
 from zoo_store.core.errors import InvalidInput, NotFound, Unauthorized
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@on_sqlite()  # the storage legs run elsewhere
 def test_predict_describe_and_errors_over_the_channel(app_client: TestClient, tmp_path: Path) -> None:
     svc = app_client.app.state.services
     pid = compose(app_client, reprogram_spec())["path_id"]

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from service import cli
 from service.client import ZooClient
+from tests.conftest import on_sqlite
 from tests.helpers import png_b64, reprogram_spec
 
 runner = CliRunner()
-pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the storage legs run elsewhere
 
 
 @pytest.fixture
@@ -37,6 +37,7 @@ def _run(*args: str) -> str:
     return r.output
 
 
+@on_sqlite()  # the storage legs run elsewhere
 def test_lists(zoo: TestClient) -> None:
     out = _run("models", "list")
     assert "res" in out and "vgg" in out and "resnet_s" in out
@@ -44,6 +45,7 @@ def test_lists(zoo: TestClient) -> None:
     assert json.loads(_run("models", "show", "res"))["arch"] == "resnet_s"
 
 
+@on_sqlite()  # the storage legs run elsewhere
 def test_compose_predict_and_bundle_round_trip(zoo: TestClient, tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(reprogram_spec()))
@@ -75,6 +77,7 @@ def test_compose_predict_and_bundle_round_trip(zoo: TestClient, tmp_path: Path) 
     assert "%" in out.splitlines()[-1]  # accuracy for people, not 0.9244999885559082
 
 
+@on_sqlite()  # the storage legs run elsewhere
 def test_errors_are_one_line(zoo: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     r = runner.invoke(cli.app, ["models", "show", "nope"])
     assert r.exit_code == 1 and "error 404" in r.output and "nope" in r.output
@@ -94,6 +97,7 @@ def _mistake(*args: str) -> str:
     return r.output
 
 
+@on_sqlite()  # the storage legs run elsewhere
 def test_local_mistakes_are_one_line_and_exit_2(zoo: TestClient, tmp_path: Path) -> None:
     assert "nope.png: No such file or directory" in _mistake("predict", "p_" + "0" * 32, str(tmp_path / "nope.png"))
     assert "nope.json: No such file or directory" in _mistake("compose", str(tmp_path / "nope.json"))
@@ -108,7 +112,7 @@ def test_local_mistakes_are_one_line_and_exit_2(zoo: TestClient, tmp_path: Path)
     assert r.exit_code == 1 and "error 404" in r.output  # a server-side mistake: exit 1
 
 
-def test_every_command_and_option_has_help(db_url: str) -> None:  # db_url: the module's parametrization
+def test_every_command_and_option_has_help() -> None:
     import typer.main
 
     group = typer.main.get_command(cli.app)
@@ -129,6 +133,7 @@ def test_every_command_and_option_has_help(db_url: str) -> None:  # db_url: the 
     assert missing == []
 
 
+@on_sqlite()  # the storage legs run elsewhere
 def test_models_add_registers_a_torchvision_network_saved_in_plain_pytorch(zoo: TestClient, tmp_path: Path) -> None:
     """`zoo models add card.json weights.pth` with the file as torch.save wrote it (the CLI hands the
     client an open file, which httpx streams; through a TestClient only the registration is checked)."""
@@ -154,6 +159,7 @@ def test_models_add_registers_a_torchvision_network_saved_in_plain_pytorch(zoo: 
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the storage legs run elsewhere
 def test_worker_runs_jobs_with_only_a_store_a_queue_and_a_runner(
     db_url: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from safetensors.torch import save
 
 from tests.conftest import make_settings, start_app
+from tests.helpers import library_model
 from zoo_store.archs import build_arch
 from zoo_store.archs.families import FAMILIES, TIMM_FAMILIES
 from zoo_store.archs.groups import block_perm, channel_groups, proven_groups
@@ -44,23 +44,6 @@ REFUSED_AT_REGISTRATION = {"squeezenet": "no linear head", "vit": "cannot take a
 SERVED = [f for f in ALL if f not in REFUSED_AT_REGISTRATION]
 
 
-def _library_model(arch: str) -> torch.nn.Module:
-    """The model as its library builds it, random weights (BatchNorm statistics not the identity)."""
-    library, _, name = arch.partition(":")
-    torch.manual_seed(0)
-    if library == "timm":
-        import timm  # the dev extras install it
-
-        model = timm.create_model(name, pretrained=False, num_classes=len(LABELS)).eval()
-    else:
-        model = torchvision.models.get_model(name, weights=None, num_classes=len(LABELS)).eval()
-    with torch.no_grad():  # no tensor left at a constant initialisation (a zero BatchNorm scale hides a shuffle)
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else t + 0.05 * torch.randn_like(t))
-    return model
-
-
 def _register(client, base_id: str, arch: str, model: torch.nn.Module):
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)  # exactly as a user saves what they trained
@@ -70,7 +53,7 @@ def _register(client, base_id: str, arch: str, model: torch.nn.Module):
 
 def _registered(client, family: str) -> tuple[dict, torch.nn.Module]:
     """The family's base card (registered by whichever test comes first) and its library model."""
-    model = _library_model(ALL[family])
+    model = library_model(ALL[family], len(LABELS))
     r = client.get(f"/v1/zoo/models/{family}")
     if r.status_code == 404:
         r = _register(client, family, ALL[family], model)
@@ -191,7 +174,7 @@ def test_family_groups_permute_exactly_and_resample_to_70_percent(client, family
 @pytest.mark.parametrize("family", list(REFUSED_AT_REGISTRATION))
 def test_family_without_a_head_or_this_input_is_refused_at_registration(client, family: str) -> None:
     reason = REFUSED_AT_REGISTRATION[family]
-    r = _register(client, family, ALL[family], _library_model(ALL[family]))
+    r = _register(client, family, ALL[family], library_model(ALL[family], len(LABELS)))
     assert r.status_code == 422 and reason in r.json()["detail"], r.text
     assert client.get(f"/v1/zoo/models/{family}").status_code == 404  # nothing written
 
@@ -199,7 +182,7 @@ def test_family_without_a_head_or_this_input_is_refused_at_registration(client, 
 def test_a_plain_pytorch_finetune_registers_unchanged_and_predicts_identically(tmp_path: Path, client) -> None:
     """Fine-tuned in plain PyTorch (a few SGD steps on random data), saved with torch.save(state_dict()):
     the registered base's forward equals the library model's, bit for bit."""
-    model = _library_model("torchvision:mobilenet_v3_small").train()
+    model = library_model("torchvision:mobilenet_v3_small", len(LABELS)).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):

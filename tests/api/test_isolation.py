@@ -7,9 +7,9 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 from fastapi.testclient import TestClient
 
+from tests.conftest import on_sqlite
 from tests.helpers import SMALL_TASK, compose, reprogram_spec, tensor_inputs, wait_job
 
 TINY = {"epochs": 1, "steps": 3, "batch_size": 8}
@@ -34,7 +34,7 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the storage legs run elsewhere
+@on_sqlite()  # the storage legs run elsewhere
 def test_predicts_alongside_refused_and_accepted_specs_of_every_method(app_client: TestClient) -> None:
     path_id = compose(app_client, reprogram_spec())["path_id"]
     body = {"inputs": tensor_inputs(2)}

@@ -22,11 +22,12 @@ from typer.testing import CliRunner
 
 from service import cli
 from service.client import ZooClient
-from tests.conftest import HTTP_WORKERS, FrontClient, make_settings, start_app
+from tests.conftest import HTTP_WORKERS, FrontClient, serving_client
 from tests.helpers import wait_job
 from zoo_store.archs import build_for
 from zoo_store.archs.pretrained import PRETRAINED, PretrainedName, lookup, pretrained_base, weights_file
 from zoo_store.core.weights import load_into
+from zoo_store.datasets.synthetic import draw_letters
 from zoo_store.methods import get_method, method_names
 
 LITE0 = "efficientnet-lite0"
@@ -78,12 +79,7 @@ def test_a_missing_package_names_the_install(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.fixture(scope="module", params=HTTP_WORKERS, ids=[f"workers{n}" for n in HTTP_WORKERS])
 def server(request, tmp_path_factory) -> Iterator[FrontClient]:
     """A fresh store (no demo zoo) with efficientnet-lite0 registered through the CLI's command."""
-    tmp = tmp_path_factory.mktemp("pretrained")
-    if request.param:
-        front = request.getfixturevalue("fronts")[request.param]
-        client = FrontClient(make_settings(tmp, ipc_dir=front.ipc), front)
-    else:
-        client = start_app(make_settings(tmp))
+    client = serving_client(request, request.param, tmp_path_factory.mktemp("pretrained"))
     out = _cli(client, "models", "add-pretrained", LITE0)
     assert out.exit_code == 0 and f"added: {LITE0} digest" in out.output, out.output
     yield client
@@ -195,22 +191,30 @@ def test_bad_requests_to_a_base_are_precise_4xx(server) -> None:
     assert server.get("/v2/models/nope/ready").status_code == 404
 
 
+def _letters_npz(per_label: int = 10) -> bytes:
+    """A, B and C drawn as the built-in ``letters`` draws them (grey 28 x 28), as an .npz upload."""
+    y = np.arange(3 * per_label) % 3
+    buf = io.BytesIO()
+    np.savez(buf, x=draw_letters(y, np.random.default_rng(0)), y=y, labels=np.array(["A", "B", "C"]))
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("server", [0], indirect=True, ids=["workers0"])  # the job runs in the app's process
 def test_a_reprogram_path_on_the_pretrained_base_composes_and_predicts_a_photo(server) -> None:
-    """A path composed on the pretrained base for a small built-in task (letters, grey 28 x 28,
-    converted to the base's 224 x 224 RGB input), then a predict of the flower photo through it: one
-    of its labels."""
-    spec = {
-        "method": "reprogram",
-        "base": LITE0,
-        "task": {"dataset": "letters", "labels": ["A", "B", "C"], "samples_per_label": 4},
-        "train": {"epochs": 1, "seed": 0},
-    }
+    """A path composed on the pretrained base for a small task of grey 28 x 28 letters (uploaded, so
+    its held-out splits are a few images: at 224 x 224 each costs 0.4 GFLOP), converted to the
+    base's 224 x 224 RGB input; then a predict of the flower photo through it: one of its labels."""
+    r = server.post("/v1/datasets", files={"file": ("abc.npz", _letters_npz())})
+    assert r.status_code == 201, r.text
+    assert r.json()["shape"] == [1, 28, 28] and r.json()["splits"] == {"train": 21, "val": 3, "test": 6}
+    spec = {"method": "reprogram", "base": LITE0, "task": {"dataset": r.json()["id"]}, "train": {"epochs": 1}}
     r = server.post("/v1/compositions", json=spec)
     assert r.status_code == 202, r.text
     job = wait_job(server, r.json()["id"], timeout=600)
     assert job["state"] == "succeeded", job
+    assert job["metrics"]["train_samples"] == 21 and job["metrics"]["test_samples"] == 6
     pid = job["path_id"]
+    assert server.get(f"/v1/paths/{pid}").json()["input"]["size"] == 224
     out = server.post(f"/v1/paths/{pid}/predict", files={"files": ("flower.png", _flower_png(), "image/png")})
     assert out.status_code == 200, out.text
     assert out.json()["predictions"][0]["top_k"][0]["label"] in ("A", "B", "C")

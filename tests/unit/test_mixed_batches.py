@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from zoo_store.archs import build_arch
 from zoo_store.core.cards import InputSpec
@@ -73,16 +75,21 @@ def random_path(
     return ({**config, "bn": True} if bn else config), tensors
 
 
-@pytest.mark.parametrize(("arch", "channels", "size"), BASES)
-def test_mixed_batch_equals_each_paths_module(arch: str, channels: int, size: int) -> None:
-    base = random_base(arch, channels)
+def bank_and_modules(base: nn.Module, paths: list[tuple[dict, dict]]) -> tuple[Any, list[nn.Module]]:
+    """The reprogram bank holding ``paths`` in slots 0.., and each path's own materialized module."""
     method = get_method("reprogram")
-    paths = [random_path(base, k, seed) for seed, k in enumerate((10, 3, 7, 10))]  # label counts differ
     bank = method.bank(paths[0][0], {"b": base})
     bank.grow(len(paths))
     for slot, (config, tensors) in enumerate(paths):
         bank.load(slot, config, tensors)
-    modules = [method.materialize(c, t, {"b": base}) for c, t in paths]
+    return bank, [method.materialize(c, t, {"b": base}) for c, t in paths]
+
+
+@pytest.mark.parametrize(("arch", "channels", "size"), BASES)
+def test_mixed_batch_equals_each_paths_module(arch: str, channels: int, size: int) -> None:
+    base = random_base(arch, channels)
+    paths = [random_path(base, k, seed) for seed, k in enumerate((10, 3, 7, 10))]  # label counts differ
+    bank, modules = bank_and_modules(base, paths)
     torch.manual_seed(1)
     x = torch.randn(9, channels, size, size).to(DEVICE)  # (B, C, H, W)
     slots = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2, 1], device=DEVICE)
@@ -109,14 +116,9 @@ def test_paths_with_their_own_batchnorm_share_the_batch(
     """Paths with and without per-task BatchNorm in one batch: each sample scored as its own
     path's module scores it; a sample without BatchNorm alone gives what it gives among BN paths."""
     base = random_base(arch, channels)
-    method = get_method("reprogram")
     sizes = (10, 3, 7, 10)
     paths = [random_path(base, k, seed, bn) for seed, (k, bn) in enumerate(zip(sizes, own_norms, strict=True))]
-    bank = method.bank(paths[0][0], {"b": base})
-    bank.grow(len(paths))
-    for slot, (config, tensors) in enumerate(paths):
-        bank.load(slot, config, tensors)
-    modules = [method.materialize(c, t, {"b": base}) for c, t in paths]
+    bank, modules = bank_and_modules(base, paths)
     torch.manual_seed(1)
     x = torch.randn(8, channels, size, size).to(DEVICE)  # (B, C, H, W)
     slots = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2], device=DEVICE)

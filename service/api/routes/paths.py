@@ -2,21 +2,20 @@ from __future__ import annotations
 
 import time
 
-import orjson
-import torch
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.api.audit import audit_target
 from service.api.auth import CallerDep
-from service.api.bodies import PredictResponse, predictions
+from service.api.bodies import PredictResponse
 from service.api.deps import Cursor, Limit, ReadySvc, Svc
-from service.api.inputs import read_inputs
 from service.api.openapi import CONFLICT, FORBIDDEN, RATE_LIMITED
+from service.api.predict import NPY_BODY, answer_predict
 from service.api.schemas import Page, Path, Sharing, SharingIn
 from service.api.state import Services
-from service.runtime.cache import Entry
 from service.runtime.zoo import validate_bundle
+from zoo_store.archs.export import Format
 from zoo_store.archs.standalone import export_network
 from zoo_store.core.bundle import decode_bundle
 from zoo_store.core.errors import BadRequest, Conflict, Forbidden, NotFound
@@ -44,6 +43,7 @@ def delete_path(path_id: str, svc: Svc, caller: CallerDep) -> Response:
     deleted for every owner. A tenant it was only granted to: 403."""
     if svc.store.delete_path(path_id, caller.visible_to):
         svc.cache.evict(path_id)
+        svc.exports.forget(path_id)
     svc.forget_access(path_id)
     return Response(status_code=204)
 
@@ -114,6 +114,26 @@ async def get_network(path_id: str, svc: ReadySvc, caller: CallerDep) -> Respons
     )
 
 
+@router.get(
+    "/{path_id}/export",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "the exported file"}},
+)
+async def export(path_id: str, svc: ReadySvc, caller: CallerDep, format: Format = "onnx") -> Response:  # noqa: A002
+    """The path as one standalone file any runtime loads without this project: ``onnx`` (opset 18, for
+    ONNX Runtime) or ``pt2`` (``torch.export.load``). Input ``input`` (N x C x H x W, float in [0, 1]),
+    output ``probabilities`` (N x K), batch axis dynamic; labels and input spec in its metadata. Built
+    on first ask (seconds), then the same bytes from a file. Anyone who may use the path may export it
+    (the audit log records each). An operator an exporter cannot express: 422 naming it."""
+    svc.check_access(caller, path_id)
+    out = await run_in_threadpool(svc.exports.file, path_id, format)
+    name = f"{path_id}.{format}"
+    if isinstance(out, bytes):  # not kept: the disk is full
+        disposition = {"Content-Disposition": f'attachment; filename="{name}"'}
+        return Response(out, media_type="application/octet-stream", headers=disposition)
+    return FileResponse(out, media_type="application/octet-stream", filename=name)
+
+
 @router.post(
     "/import",
     status_code=201,
@@ -138,9 +158,6 @@ async def import_bundle(request: Request, response: Response, svc: ReadySvc, cal
     return Path.of(row)
 
 
-NPY_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
-
-
 @router.post(
     "/{path_id}/predict",
     response_model=PredictResponse,
@@ -154,12 +171,3 @@ async def predict(path_id: str, request: Request, svc: ReadySvc, caller: CallerD
     arrived = time.monotonic()  # the batch wait counts from here
     entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
     return await answer_predict(svc, entry, request, arrived)
-
-
-async def answer_predict(svc: Services, entry: Entry, request: Request, arrived: float) -> Response:
-    """A ``/v1`` predict of an admitted path or base: its body decoded against the entry's input,
-    batched, and the top-k of each input. ``arrived``: the request's ``time.monotonic()``."""
-    x, top_k = await read_inputs(request, entry.input, svc.settings)  # (N, C, H, W) in [0, 1]
-    probs = await svc.batcher.submit(entry, torch.from_numpy(x), arrived)  # (N, K)
-    body = predictions(entry.path_id, entry.labels, probs.numpy(), top_k)
-    return Response(orjson.dumps(body), media_type="application/json")

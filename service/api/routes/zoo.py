@@ -16,7 +16,7 @@ from service.api.auth import AdminDep, CallerDep
 from service.api.bodies import PredictResponse
 from service.api.deps import Cursor, Limit, ReadySvc, Svc
 from service.api.openapi import CONFLICT, RATE_LIMITED
-from service.api.routes.paths import NPY_BODY, answer_predict
+from service.api.predict import NPY_BODY, answer_predict
 from service.api.schemas import Page
 from service.api.state import Services
 from zoo_store.archs.pretrained import PretrainedName, pretrained_base

@@ -53,7 +53,7 @@ async function loadDatasets() {
   $("#datasets-table tbody").replaceChildren();
   for (const d of datasets) {
     const img = document.createElement("img");
-    blobUrl(`/v1/datasets/${encodeURIComponent(d.id)}/samples.png?n=8`).then((u) => { img.src = u; });
+    blobUrl(`${d.samples}?n=8`).then((u) => { img.src = u; });  // the link the API gives
     img.alt = d.id + " samples";
     img.height = 28;
     row("#datasets-table", [d.id, d.num_samples.toLocaleString(), d.labels.length, img]);
