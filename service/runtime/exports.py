@@ -4,18 +4,24 @@ as it exists. One build per file at a time; others asking meanwhile wait for it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
 
+from torch import nn
+
 from service.runtime.cache import PathCache
 from service.runtime.zoo import ResidentZoo
+from zoo_store.archs import TapNet, build_for
 from zoo_store.archs.export import Format, export_path
+from zoo_store.core.bundle import decode_stored
+from zoo_store.core.cards import Card
 from zoo_store.core.errors import storage_full
+from zoo_store.core.weights import load_into
 from zoo_store.methods import get_method
+from zoo_store.training import freeze
 
 log = logging.getLogger("zoo.exports")
 
@@ -58,17 +64,16 @@ class ExportCache:
             f.unlink(missing_ok=True)
 
     def _build(self, path_id: str, fmt: Format) -> bytes:
-        entry = self.cache.get(path_id)
-        m = entry.path_manifest
-        nets = self.zoo.nets_of(m)
-        if entry.module is not None:
-            module = entry.module
-        else:  # a path served from a bank slot: its own module, as an unbatched predict would run it
-            module = get_method(m.method).materialize(m.config, entry.tensors, nets)
-        # a copy on the CPU: tracing swaps parameters for fake ones, which predicts sharing the
-        # resident bases must never see; and the file must not name this server's device
-        module = copy.deepcopy(module).cpu().eval()
-        family = ", ".join(sorted({self.zoo.bases[b.id][0].arch for b in m.bases}))
+        """The path materialized afresh from its bundle on pristine CPU copies of its bases (built from
+        their cards, loaded with the resident weights): tracing swaps parameters, which the resident
+        bases that predicts share must never see, and a served module carries state of its own (a
+        bank's, a device's) that a file must not."""
+        bundle = decode_stored(self.cache.store.path_bundle(path_id), path_id)
+        m = bundle.manifest
+        self.zoo.check_refs(m)
+        nets = {ref.id: _pristine(*self.zoo.bases[ref.id]) for ref in m.bases}
+        module = get_method(m.method).materialize(m.config, bundle.tensors, nets).eval()
+        family = ", ".join(sorted({self.zoo.bases[ref.id][0].arch for ref in m.bases}))
         return export_path(module, m.input, m.labels, path_id, fmt, family)
 
     def _write(self, target: Path, data: bytes) -> None:
@@ -80,3 +85,9 @@ class ExportCache:
             os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _pristine(card: Card, resident: nn.Module) -> TapNet:
+    net = build_for(card).eval()
+    load_into(net, {k: v.detach().cpu().clone() for k, v in resident.state_dict().items()})
+    return freeze(net)

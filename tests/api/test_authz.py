@@ -121,6 +121,10 @@ MATRIX: dict[tuple[str, str], tuple[Req, dict]] = {
     ),
     ("GET", "/v1/paths/{path_id}/bundle"): (lambda w: (f"/v1/paths/{w.path}/bundle", {}), keyed(200, 404)),
     ("GET", "/v1/paths/{path_id}/network"): (lambda w: (f"/v1/paths/{w.path}/network", {}), keyed(409, 404)),
+    ("GET", "/v1/paths/{path_id}/export"): (
+        lambda w: (f"/v1/paths/{w.path}/export", {"params": {"format": "pt2"}}),
+        keyed(200, 404),
+    ),
     ("POST", "/v1/paths/import"): (lambda w: ("/v1/paths/import", {"content": w.other}), keyed({200, 201})),
     ("POST", "/v1/paths/{path_id}/predict"): (
         lambda w: (f"/v1/paths/{w.path}/predict", {"json": PREDICT}),
