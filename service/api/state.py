@@ -90,7 +90,7 @@ class Services:
             auth,
             Quotas(settings, db, store, buckets),
             AuditLog(db),
-            ExportCache(settings.data_dir / "exports", cache, zoo),
+            ExportCache(settings.data_dir / "exports", store, zoo),
         )
 
     def start(self) -> None:

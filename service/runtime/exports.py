@@ -5,31 +5,30 @@ as it exists. One build per file at a time; others asking meanwhile wait for it.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 
 from torch import nn
 
-from service.runtime.cache import PathCache
 from service.runtime.zoo import ResidentZoo
 from zoo_store.archs import TapNet, build_for
 from zoo_store.archs.export import Format, export_path
 from zoo_store.core.bundle import decode_stored
 from zoo_store.core.cards import Card
-from zoo_store.core.errors import storage_full
+from zoo_store.core.errors import InsufficientStorage
+from zoo_store.core.keystore import atomic_write
 from zoo_store.core.weights import load_into
 from zoo_store.methods import get_method
+from zoo_store.store.store import Store
 from zoo_store.training import freeze
 
 log = logging.getLogger("zoo.exports")
 
 
 class ExportCache:
-    def __init__(self, root: Path, cache: PathCache, zoo: ResidentZoo):
+    def __init__(self, root: Path, store: Store, zoo: ResidentZoo):
         self.root = root
-        self.cache = cache
+        self.store = store
         self.zoo = zoo
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
@@ -48,10 +47,8 @@ class ExportCache:
                     return target
                 data = self._build(path_id, fmt)
                 try:
-                    self._write(target, data)
-                except OSError as e:
-                    if storage_full(e) is None:
-                        raise
+                    atomic_write(target, data, "the export")
+                except InsufficientStorage:
                     log.warning("export of %s not kept (the disk is full); served from memory", path_id)
                     return data
             return target
@@ -68,23 +65,13 @@ class ExportCache:
         their cards, loaded with the resident weights): tracing swaps parameters, which the resident
         bases that predicts share must never see, and a served module carries state of its own (a
         bank's, a device's) that a file must not."""
-        bundle = decode_stored(self.cache.store.path_bundle(path_id), path_id)
+        bundle = decode_stored(self.store.path_bundle(path_id), path_id)
         m = bundle.manifest
         self.zoo.check_refs(m)
         nets = {ref.id: _pristine(*self.zoo.bases[ref.id]) for ref in m.bases}
         module = get_method(m.method).materialize(m.config, bundle.tensors, nets).eval()
         family = ", ".join(sorted({self.zoo.bases[ref.id][0].arch for ref in m.bases}))
         return export_path(module, m.input, m.labels, path_id, fmt, family)
-
-    def _write(self, target: Path, data: bytes) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".building-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def _pristine(card: Card, resident: nn.Module) -> TapNet:

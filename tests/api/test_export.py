@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import service.runtime.exports
 from bench.export import build_path
 from service import cli
 from service.client import ZooClient
@@ -25,7 +26,7 @@ from zoo_store.archs import arch_names
 from zoo_store.archs.export import Served, export_path
 from zoo_store.core.bundle import encode_bundle, make_manifest
 from zoo_store.core.cards import CardIn, InputSpec
-from zoo_store.core.errors import InvalidInput
+from zoo_store.core.errors import InvalidInput, storage_full
 from zoo_store.methods import method_names
 
 LABELS = tuple("0123456789")
@@ -158,10 +159,10 @@ def test_a_full_disk_still_exports_and_keeps_nothing(client, monkeypatch: pytest
     svc = client.app.state.services
     svc.exports.forget(path_id)  # the same path as another test's: its files may be there already
 
-    def full(target, data) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(target, data, what: str) -> None:  # what atomic_write raises on a full disk
+        raise storage_full(OSError(errno.ENOSPC, "No space left on device"), what)
 
-    monkeypatch.setattr(svc.exports, "_write", full)
+    monkeypatch.setattr(service.runtime.exports, "atomic_write", full)
     r = client.get(f"/v1/paths/{path_id}/export", params={"format": "pt2"})
     assert r.status_code == 200 and f'filename="{path_id}.pt2"' in r.headers["content-disposition"]
     assert torch.export.load(io.BytesIO(r.content)).module()(torch.rand(1, 1, 28, 28)).shape == (1, 3)
