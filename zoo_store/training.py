@@ -89,6 +89,24 @@ def init_head_rows(head: nn.Linear, base_head: nn.Linear, base_labels: Sequence[
             head.bias[i].copy_(base_head.bias[j])
 
 
+@torch.no_grad()
+def fused_head(parts: Sequence[tuple[nn.Linear, Sequence[str], Sequence[str]]], labels: Sequence[str]) -> nn.Linear:
+    """A head over several feature vectors, concatenated in the order of ``parts`` (each: the head
+    that read that vector, its labels, the labels it brings): each brought label's row starts from
+    its own head's row on its own block and zero elsewhere; every other weight starts at zero."""
+    head = nn.Linear(sum(h.in_features for h, _, _ in parts), len(labels))
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    start = 0
+    for base_head, base_labels, brings in parts:
+        for label in brings:
+            i, j = list(labels).index(label), list(base_labels).index(label)
+            head.weight[i, start : start + base_head.in_features] = base_head.weight[j]
+            head.bias[i] = base_head.bias[j]
+        start += base_head.in_features
+    return head.to(parts[0][0].weight.device)
+
+
 def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     for p in module.parameters():

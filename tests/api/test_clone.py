@@ -1,4 +1,5 @@
-"""Cloning, step by step (issue 3): the plan a spec resolves to, and the localization of filters."""
+"""Cloning, step by step (issues 3 and 28): the plan a spec resolves to, the localization of filters, the
+join, the article's topology, the alternation, and paths of the first topology still serving."""
 
 from __future__ import annotations
 
@@ -7,17 +8,16 @@ import torch
 
 from tests.conftest import GRAY, tiny_card, tiny_weights
 from zoo_store.archs import build_arch
-from zoo_store.archs.base import resize_to
 from zoo_store.archs.surgery import replace_module, shared_copy
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
 from zoo_store.core.spec import CompositionSpec
 from zoo_store.core.weights import digest_of
 from zoo_store.methods.clone.config import plan_clone
-from zoo_store.methods.clone.layers import ADAPTERS, KeptFilters, occlude, soft_masks
+from zoo_store.methods.clone.layers import KeptFilters, occlude, soft_masks
 from zoo_store.methods.clone.localize import localize
 from zoo_store.store.store import card_for
-from zoo_store.training import freeze
+from zoo_store.training import accuracy, freeze
 
 LOW, HIGH, ALL = tuple("01234"), tuple("56789"), tuple("0123456789")
 
@@ -113,8 +113,9 @@ def _images(n: int = 64) -> torch.Tensor:
 def test_localize_without_sparsity_keeps_the_source() -> None:
     _, src = _base("high", HIGH)
     before = digest_of(src)
-    loc = localize(src, "stage2", [0, 2, 4], _images(32), GRAY, steps=5, sparsity=0.0, batch_size=16)
-    assert set(loc.masks) == set(src.prefix_convs("stage2"))
+    convs = src.suffix_convs("stage1")
+    loc = localize(src, convs, [0, 2, 4], _images(32), GRAY, steps=5, sparsity=0.0, batch_size=16)
+    assert set(loc.masks) == set(convs) and convs and not set(convs) & set(src.prefix_convs("stage1"))
     assert all(m.shape == (src.get_submodule(p).out_channels,) and m.dtype == torch.bool for p, m in loc.masks.items())
     assert loc.kept_fraction == 1.0 and loc.fidelity == 1.0
     assert digest_of(src) == before
@@ -123,8 +124,9 @@ def test_localize_without_sparsity_keeps_the_source() -> None:
 
 def test_sparsity_drops_filters_and_reports_fidelity() -> None:
     _, src = _base("high", HIGH)
-    loose = localize(src, "stage1", [0, 2, 4], _images(32), GRAY, steps=25, sparsity=0.0, batch_size=16, lr=0.3)
-    tight = localize(src, "stage1", [0, 2, 4], _images(32), GRAY, steps=25, sparsity=5.0, batch_size=16, lr=0.3)
+    convs = src.suffix_convs("stem")
+    loose = localize(src, convs, [0, 2, 4], _images(32), GRAY, steps=25, sparsity=0.0, batch_size=16, lr=0.3)
+    tight = localize(src, convs, [0, 2, 4], _images(32), GRAY, steps=25, sparsity=5.0, batch_size=16, lr=0.3)
     assert tight.kept_fraction < 0.8 * loose.kept_fraction
     assert 0.0 <= tight.fidelity <= 1.0 and all(m.any() for m in tight.masks.values())
 
@@ -141,53 +143,95 @@ def test_pack_masks_round_trip() -> None:
     assert torch.equal(unpack_mask(packed, 37), keep)
 
 
-@pytest.mark.parametrize("kind", ADAPTERS)
-def test_a_fresh_connection_changes_nothing(kind: str) -> None:
-    """Fresh adapters of every kind: the composed network's logits on the target's labels are the
-    target's own, in training mode (batch statistics) and in eval mode."""
-    from zoo_store.methods.clone.insert import Part, fresh_cloned
+def test_random_masks_keep_as_many_filters_per_conv() -> None:
+    from zoo_store.methods.clone.localize import random_like
+
+    masks = {"a": torch.tensor([True, False, False, True, True]), "b": torch.tensor([False, True])}
+    drawn = random_like(masks, seed=3)
+    assert {p: int(m.sum()) for p, m in drawn.items()} == {"a": 3, "b": 1}
+    assert all(torch.equal(drawn[p], random_like(masks, seed=3)[p]) for p in masks)
+
+
+def test_joins_pair_taps_of_the_same_size_deepest_first() -> None:
+    from zoo_store.methods.clone.insert import candidates
+
+    _, target = _base("low", LOW)
+    _, src = _base("all", ALL, "vgg_s")
+    joins = candidates(target, src, GRAY)
+    t_shapes, s_shapes = target.tap_shapes(1, 28), src.tap_shapes(1, 28)
+    assert joins and all(t_shapes[j.insert][1:] == s_shapes[j.cut][1:] == j.size for j in joins)
+    order = [target.spatial_taps().index(j.insert) for j in joins]
+    assert order == sorted(order, reverse=True)  # the deepest target tap first
+    every = {(r, c) for r in target.spatial_taps() for c in src.spatial_taps() if t_shapes[r][1:] == s_shapes[c][1:]}
+    assert {(j.insert, j.cut) for j in joins} == every
+
+
+def test_the_ridge_adapter_reproduces_the_source_features_it_can() -> None:
+    """Joined to itself at the same tap, A is the identity map the ridge finds (up to the ridge)."""
+    from zoo_store.methods.clone.insert import Join, ridge_adapter
+
+    _, net = _base("high", HIGH)
+    size = net.tap_shapes(1, 28)["stage1"][1:]
+    a = ridge_adapter(net, net, Join("stage1", "stage1", size), _images(64), GRAY)
+    eye = torch.eye(a.out_channels).view(a.out_channels, a.in_channels, 1, 1)
+    assert torch.allclose(a.weight, eye, atol=5e-2) and a.bias.abs().max() < 5e-2
+
+
+def _grafted(sources: list[tuple[str, str]]):
+    """A fresh clone of 'low' with a source 'high' per (R, cut), cloning labels 5 and 6."""
+    from zoo_store.datasets.tasks import TaskData
+    from zoo_store.methods.clone.insert import Join, Part, fresh
 
     t_card, target = _base("low", LOW)
-    _, src = _base("high", HIGH, seed=1)
-    model = fresh_cloned(target, t_card, [Part(src, "stage2")], ["stage1"], [*LOW, "5"], seed=0, adapter=kind)
+    s_card, src = _base("high", HIGH, seed=1)
+    shapes = src.tap_shapes(1, 28)
+    parts = [Part(src, s_card, ("5", "6"), Join(r, c, shapes[c][1:])) for r, c in sources]
+    x, y = _images(40), torch.arange(40) % 7
+    data = TaskData(x, y, x[:10], y[:10], [*LOW, "5", "6"], x[10:20], y[10:20])
+    return fresh(target, t_card, parts, data, seed=0), target, src
+
+
+def test_a_fresh_clone_keeps_the_target_and_the_source_outputs() -> None:
+    """F_c starts from both heads: the target's logits on its labels are its own, exactly; joined at
+    the input's own resolution, the source's on the labels it brings are what A lets through."""
+    model, target, _ = _grafted([("stage1", "stage1")])
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
-        for mode in (True, False):
-            model.adapters.train(mode)
-            assert torch.allclose(model(x)[:, :5], target(x), atol=1e-6)
+        assert torch.equal(model(x)[:, :5], target(x))
+        t = model.features(x)[:, : target.feature_dim]
+        assert torch.equal(t, target.embed(x))
 
 
-@pytest.mark.parametrize("kind", ADAPTERS)
-def test_an_adapter_is_served_as_the_conv_it_folds_to(kind: str) -> None:
-    """After training steps (BatchNorm statistics moved), the stored conv computes what the adapter
-    computes in eval mode; 3x3 keeps the resolution."""
-    from zoo_store.methods.clone.layers import Adapter
-
-    torch.manual_seed(0)
-    a = Adapter(6, 4, kind)
-    opt = torch.optim.SGD(a.parameters(), lr=0.1)
-    for _ in range(3):
-        loss = a(torch.rand(8, 6, 5, 5), (7, 7)).square().mean() - a(torch.rand(8, 6, 5, 5), (7, 7)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    a.eval()
-    f = torch.rand(2, 6, 5, 5)
-    with torch.no_grad():
-        out = a(f, (7, 7))
-        assert out.shape == (2, 4, 7, 7) and out.abs().max() > 0
-        assert torch.allclose(a.folded()(resize_to(f, (7, 7))), out, atol=1e-5)
-    assert a.folded().kernel_size == ((3, 3) if kind == "3x3" else (1, 1))
+def test_the_target_prefix_runs_once_per_batch() -> None:
+    """Two sources joined at two taps: every stage of the target runs once per forward."""
+    model, target, _ = _grafted([("stage2", "stage2"), ("stage1", "stage1")])
+    calls: dict[int, int] = {}
+    stages = target.stage_modules(None, target.taps[-1].name)  # every module a stage of the target runs
+    handles = [
+        m.register_forward_hook(lambda _m, _i, _o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+        for n, m in enumerate(stages)
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.rand(5, 1, 28, 28))
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(stages) >= 4 and calls == dict.fromkeys(range(len(stages)), 1)
 
 
-@pytest.mark.parametrize("kind", ADAPTERS)
-def test_clone_builds_and_materializes_end_to_end(kind: str) -> None:
-    """The whole build on tiny bases (not yet behind the registry), for each adapter kind: every
-    (source depth, insertion tap) pair scored on validation, the path's tensors are what the method
-    expects, survive a bundle, and materialize to the network that was trained."""
+LOCALIZATIONS = ("joint", "once", "none", "random")
+
+
+@pytest.mark.parametrize("localization", LOCALIZATIONS)
+def test_clone_builds_and_materializes_end_to_end(localization: str) -> None:
+    """The whole build on tiny bases, for the article's localization and each ablation: every join
+    scored on validation, the path's tensors are what the method expects, survive a bundle, and
+    materialize to the network that was trained; the bases are untouched."""
     from zoo_store.core.bundle import check_expected, decode_bundle, encode_bundle, make_manifest
     from zoo_store.datasets.tasks import TaskData
     from zoo_store.methods.base import BuildContext
+    from zoo_store.methods.clone.insert import candidates
     from zoo_store.methods.clone.method import Clone
 
     t_card, target = _base("low", LOW)
@@ -202,7 +246,7 @@ def test_clone_builds_and_materializes_end_to_end(kind: str) -> None:
             "base": "low",
             "sources": [{"model": "high", "labels": ["5", "6"]}],
             "task": {"dataset": "t"},
-            "train": {"epochs": 1, "batch_size": 16, "steps": 20},
+            "train": {"epochs": 3, "batch_size": 16, "steps": 20},
         }
     )
     ctx = BuildContext(
@@ -210,15 +254,18 @@ def test_clone_builds_and_materializes_end_to_end(kind: str) -> None:
         load_task=lambda t, c: TaskData(x, y, x[:10], y[:10], labels, x[10:20], y[10:20]),
     )
     method = Clone()
-    method.adapter = kind
+    method.localization = localization
     art = method.build(spec, ctx)
     assert art.labels == labels and [b.id for b in art.bases] == ["low", "high"]
-    taps = ["stem", "stage1", "stage2", "stage3"]
     scores = art.metrics["source0_join_val_accuracy"]
-    assert set(scores) == {f"{d}->{r}" for d in taps for r in taps}
+    assert list(scores) == [f"{j.insert}->{j.cut}" for j in candidates(target, src, GRAY)]
     (link,) = art.config["sources"]
-    assert scores[f"{link['depth']}->{link['insert']}"] == max(scores.values())
-    assert link["kernel"] == (3 if kind == "3x3" else 1) and art.metrics["adapter"] == kind
+    deepest_good = next(k for k, v in scores.items() if v >= max(scores.values()) - 0.005)
+    assert f"{link['insert']}->{link['depth']}" == deepest_good  # the deepest join within half a point
+    assert art.config["topology"] == "target-prefix" and art.metrics["localization"] == localization
+    assert (len(art.metrics["rounds_val_accuracy"]) > 0) == (localization in ("joint", "random"))
+    kept = art.metrics["source0_kept_fraction"]
+    assert kept == 1.0 if localization == "none" else 0.0 < kept <= 1.0
     manifest = make_manifest(art)
     nets = {"low": target, "high": src}
     check_expected(manifest, Clone().expected_tensors(art.config, nets))
@@ -228,15 +275,32 @@ def test_clone_builds_and_materializes_end_to_end(kind: str) -> None:
     with torch.no_grad():
         assert module(probe).shape == (4, len(labels))
         assert torch.equal(module(probe), Clone().materialize(manifest.config, bundle.tensors, nets)(probe))
-        served = (module(x[:10]).argmax(1) == y[:10]).float().mean().item()
-        if kind != "3x3":  # a path stored before adapters had kinds (no "kernel") serves as a 1x1 one
-            old = {
-                **manifest.config,
-                "sources": [{k: v for k, v in s.items() if k != "kernel"} for s in manifest.config["sources"]],
-            }
-            assert torch.equal(Clone().materialize(old, bundle.tensors, nets)(probe), module(probe))
+    served = accuracy(module, x[:10], y[:10], GRAY)  # the test split, normalized as predict does
     assert served == pytest.approx(art.metrics["accuracy"])  # the served network is the one measured
+    assert 0.0 <= art.metrics["agreement_target_labels"] <= 1.0
     assert (digest_of(target), digest_of(src)) == digests
+
+
+def test_a_clone_path_of_the_first_topology_serves_as_it_did() -> None:
+    """A bundle made by main at 191806e (the source's prefix added into the target; no 'topology'
+    in its config) materializes today to the logits that commit computed."""
+    import json
+    from pathlib import Path
+
+    from zoo_store.core.bundle import check_expected, decode_bundle
+    from zoo_store.methods.clone.method import Clone
+
+    here = Path(__file__).resolve().parents[1] / "fixtures" / "clone-191806e"
+    bundle = decode_bundle((here / "clone.zoopath").read_bytes())
+    expected = json.loads((here / "expected.json").read_text())
+    nets = {"low": _base("low", LOW)[1], "high": _base("high", HIGH, seed=1)[1]}
+    assert {b.id: b.digest for b in bundle.manifest.bases} == {k: digest_of(n) for k, n in nets.items()}
+    assert "topology" not in bundle.manifest.config
+    check_expected(bundle.manifest, Clone().expected_tensors(bundle.manifest.config, nets))
+    module = Clone().materialize(bundle.manifest.config, bundle.tensors, nets)
+    probe = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(expected["probe_seed"]))
+    with torch.no_grad():
+        assert torch.allclose(module(probe), torch.tensor(expected["logits"]), atol=1e-5)
 
 
 def test_a_task_without_validation_images_is_refused() -> None:
@@ -272,7 +336,8 @@ def test_clone_through_the_api(app_client) -> None:
     }
     job = compose(app_client, spec)
     assert job["state"] == "succeeded", job
-    assert {"accuracy", "source0_kept_fraction", "source0_fidelity", "source0_join_val_accuracy"} <= set(job["metrics"])
+    keys = {"accuracy", "agreement_target_labels", "source0_kept_fraction", "source0_join_val_accuracy"}
+    assert keys <= set(job["metrics"]) and job["metrics"]["rounds_val_accuracy"]
     pid = job["path_id"]
     path = app_client.get(f"/v1/paths/{pid}").json()
     assert [b["id"] for b in path["bases"]] == ["res", "vgg"] and path["labels"] == ["0", "1", "2"]

@@ -218,3 +218,18 @@ def test_the_drawn_sets_are_listed_with_a_sample_strip(app_client) -> None:
         assert img.format == "PNG" and img.size == (6 * 28, 28) and img.mode == "L"
         shown = np.asarray(img).reshape(28, 6, 28).transpose(1, 0, 2)  # (6, 28, 28)
         assert np.array_equal(shown, BUILTINS[dataset].make().test_x[:6, 0])
+
+
+def test_a_union_sets_its_parts_side_by_side() -> None:
+    from zoo_store.datasets.builtin import union
+
+    a, letters = BUILTINS["mnist-letters"].make(), BUILTINS["letters"].make()
+    assert a.labels == (*_mnist().labels, *letters.labels)
+    for y, n in ((a.train_y, 600), (a.val_y, 200), (a.test_y, 200)):
+        assert np.bincount(y, minlength=36).tolist() == [n] * 36
+    k = a.labels.index("Q")
+    want = letters.test_x[np.flatnonzero(letters.test_y == letters.labels.index("Q"))[:200]]
+    assert _rows(a.test_x[a.test_y == k]) == _rows(want)
+    assert len(np.unique(a.train_y[:50])) > 1  # shuffled together
+    with pytest.raises(ValueError, match="labels repeat"):
+        union([letters, letters], (1, 1, 1), 0)

@@ -24,7 +24,7 @@ from tests.conftest import GRAY, HTTP_WORKERS, make_settings, serving_client, st
 from tests.helpers import library_model
 from zoo_store.archs import arch_names
 from zoo_store.archs.export import Served, export_path
-from zoo_store.core.bundle import encode_bundle, make_manifest
+from zoo_store.core.bundle import decode_bundle, encode_bundle, make_manifest
 from zoo_store.core.cards import CardIn, InputSpec
 from zoo_store.core.errors import InvalidInput, storage_full
 from zoo_store.methods import method_names
@@ -219,3 +219,18 @@ def test_served_is_the_predict_arithmetic() -> None:
     x = torch.rand(4, 1, 28, 28)
     expected = net((x - 0.5) / 0.5).softmax(-1)
     torch.testing.assert_close(Served(net, GRAY)(x), expected)
+
+
+def test_a_clone_exports_the_shared_prefix_once(client) -> None:
+    """The exported graph of a clone runs each conv of the target once, each kept conv of the
+    source after its cut once, and one adapter conv: nothing of the target's prefix twice."""
+    path_id = _path(client, "clone", "resnet_s")
+    svc = client.app.state.services
+    path = client.get(f"/v1/paths/{path_id}").json()
+    (target, source), bundle = _bases(client, "resnet_s"), decode_bundle(svc.store.path_bundle(path_id))
+    (link,) = bundle.manifest.config["sources"]
+    assert bundle.manifest.config["topology"] == "target-prefix" and path["bases"][0]["id"] == target[0].id
+    graph = onnx.load_from_string(client.get(f"/v1/paths/{path_id}/export", params={"format": "onnx"}).content).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    expected = len(target[1].prefix_convs(target[1].taps[-1].name)) + len(source[1].suffix_convs(link["depth"])) + 1
+    assert len(convs) == expected

@@ -99,7 +99,14 @@ class TapNet(nn.Module):
 
     def prefix_convs(self, end: str) -> list[str]:
         """Dotted paths of every Conv2d in the stages up to and including tap ``end``, in order."""
-        paths = [p for stage in self._stages[: self.tap_index(end) + 1] for p in stage.steps if p != FLATTEN]
+        return self._convs(self._stages[: self.tap_index(end) + 1])
+
+    def suffix_convs(self, start: str) -> list[str]:
+        """Dotted paths of every Conv2d in the stages after tap ``start``, in order."""
+        return self._convs(self._stages[self.tap_index(start) + 1 :])
+
+    def _convs(self, stages: Sequence[Stage]) -> list[str]:
+        paths = [p for stage in stages for p in stage.steps if p != FLATTEN]
         return [
             f"{p}.{name}" if name else p
             for p in paths

@@ -199,6 +199,47 @@ def _drawn(
     )
 
 
+def union(parts: list[Arrays], per_label: tuple[int, int, int], seed: int) -> Arrays:
+    """The sets side by side (their labels disjoint): the first ``per_label`` (train, validation,
+    test) images of every label of each, each split shuffled by its own generator (seed, split)."""
+    labels = tuple(x for a in parts for x in a.labels)
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels repeat across the sets: {labels}")
+    splits = []
+    for i, (n, pick) in enumerate(
+        zip(
+            per_label,
+            (lambda a: (a.train_x, a.train_y), lambda a: (a.val_x, a.val_y), lambda a: (a.test_x, a.test_y)),
+            strict=True,
+        )
+    ):
+        xs, ys, offset = [], [], 0
+        for a in parts:
+            x, y = pick(a)
+            idx = np.concatenate([np.flatnonzero(y == k)[:n] for k in range(len(a.labels))])
+            xs.append(x[idx])
+            ys.append(y[idx] + offset)
+            offset += len(a.labels)
+        order = np.random.default_rng([seed, i]).permutation(sum(len(y) for y in ys))
+        splits.append((np.concatenate(xs)[order], np.concatenate(ys)[order]))
+    (tx, ty), (vx, vy), (sx, sy) = splits
+    return Arrays(tx, ty, sx, sy, labels, vx, vy)
+
+
+def _union(ds_id: str, name: str, parts: tuple[str, ...], seed: int) -> Builtin:
+    """Built-in sets side by side, 600 / 200 / 200 images per label: tasks that need what bases
+    trained on different domains know (clone, reassembly)."""
+    per_label = (600, 200, 200)
+    make = lru_cache(maxsize=1)(lambda: union([BUILTINS[p].make() for p in parts], per_label, seed))
+    labels = tuple(x for p in parts for x in BUILTINS[p].described().labels)
+    return Builtin(
+        ds_id,
+        f"{name} ({per_label[0]} train, {per_label[1]} validation, {per_label[2]} test per label)",
+        make,
+        layout=(labels, per_label),
+    )
+
+
 BUILTINS: dict[str, Builtin] = {
     b.id: b
     for b in [
@@ -255,3 +296,14 @@ BUILTINS: dict[str, Builtin] = {
         ),
     ]
 }
+UNIONS = (
+    _union("mnist-letters", "MNIST digits and the drawn letters side by side", ("mnist", "letters"), 21),
+    _union("shapes-mnist", "the drawn shapes and MNIST digits side by side", ("shapes", "mnist"), 22),
+    _union(
+        "mnist-letters-textures",
+        "MNIST digits, the drawn letters and the drawn gratings side by side",
+        ("mnist", "letters", "textures"),
+        23,
+    ),
+)
+BUILTINS |= {b.id: b for b in UNIONS}

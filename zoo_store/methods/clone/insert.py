@@ -1,6 +1,14 @@
-"""Step 3 of cloning, the join (source depth, ``R``, ``A``, ``F_c``): where the masked source prefix
-is cut and where it joins the target. Every pair (source depth, target tap) gets a fresh adapter and
-head trained briefly on the correction data; the pair with the best validation accuracy wins."""
+"""Insertion (``R``, ``A``, ``F_c``), and localization learned together with it.
+
+A join pairs a target tap ``R`` with a source tap (the cut) of the same feature size: the target's
+features at ``R`` feed the source's layers after the cut through ``A``. ``A`` starts as the 1x1
+conv that best reproduces (ridge, closed form) the source's own features at the cut from the
+target's at ``R`` on the correction images; ``F_c`` starts from the target's and the sources' head
+rows. The search tries every join from deep to shallow, each trained briefly, and keeps the deepest
+within half a point of the best on validation images. ``learn_together`` then alternates the
+article's two steps (masks given ``R`` and ``A``; ``A`` and ``F_c`` given the masks) until validation
+accuracy stops improving.
+"""
 
 from __future__ import annotations
 
@@ -8,121 +16,229 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
-from zoo_store.core.cards import Card
+from zoo_store.archs.base import resize_to
+from zoo_store.core.cards import Card, InputSpec
 from zoo_store.datasets.tasks import TaskData
-from zoo_store.methods.clone.layers import Adapter, Cloned
-from zoo_store.training import accuracy, fit, init_head_rows
+from zoo_store.methods.clone.layers import Grafted, masked_source
+from zoo_store.methods.clone.localize import Branch, localize
+from zoo_store.training import accuracy, fit, fused_head, normalize
+
+
+@dataclass(frozen=True)
+class Join:
+    insert: str  # the target tap R whose features feed the source
+    cut: str  # the source tap after which the source's layers (M_f) run
+    size: tuple[int, int]  # the source's feature size at the cut, at the card's input size
 
 
 @dataclass
 class Part:
-    """One source as it will be attached: its masked prefix (a structural copy) cut at ``depth``."""
+    """One source as attached: the network (a masked structural copy, or the resident source), its
+    card, the labels it brings, its join and, once localized, its masks."""
 
     source: TapNet
-    depth: str
+    card: Card
+    labels: tuple[str, ...]
+    join: Join
+    masks: dict[str, Tensor] | None = None
 
 
-def build_cloned(target: TapNet, parts: list[Part], inserts: list[str], num_labels: int, kinds: list[str]) -> Cloned:
-    """The composed network with fresh adapters of the given kinds (the target's features untouched)
-    and a new head."""
-    adapters = [
-        Adapter(p.source.tap(p.depth).channels, target.tap(r).channels, k)
-        for p, r, k in zip(parts, inserts, kinds, strict=True)
-    ]
-    head = nn.Linear(target.feature_dim, num_labels)
-    device = next(target.parameters()).device
-    return Cloned(target, [p.source for p in parts], [p.depth for p in parts], inserts, adapters, head).to(device)
+def candidates(target: TapNet, source: TapNet, spec: InputSpec) -> list[Join]:
+    """Every (R, cut) pair whose feature sizes match, deepest target tap first (then deepest cut);
+    every pair when no sizes match."""
+    t_shapes = target.tap_shapes(spec.channels, spec.size)
+    s_shapes = source.tap_shapes(spec.channels, spec.size)
+    pairs = [(r, c) for r in reversed(target.spatial_taps()) for c in reversed(source.spatial_taps())]
+    same = [(r, c) for r, c in pairs if t_shapes[r][1:] == s_shapes[c][1:]]
+    return [Join(r, c, tuple(s_shapes[c][1:])) for r, c in same or pairs]  # type: ignore[misc]
 
 
-def fresh_cloned(
-    target: TapNet,
-    target_card: Card,
-    parts: list[Part],
-    inserts: list[str],
-    labels: list[str],
-    seed: int,
-    adapter: str = "1x1",
-) -> Cloned:
-    """``build_cloned``, seeded, with the head's rows for the target's own labels from its head."""
-    torch.manual_seed(seed)
-    model = build_cloned(target, parts, inserts, len(labels), [adapter] * len(parts))
-    init_head_rows(model.head, target.head_layer, target_card.labels, labels)
-    return model
+@torch.no_grad()
+def ridge_adapter(
+    target: TapNet, source: TapNet, join: Join, images: Tensor, spec: InputSpec, ridge: float = 1e-3
+) -> nn.Conv2d:
+    """The 1x1 conv A that maps the target's features at R (resized to the cut's size) closest, in
+    least squares with a ridge, to the source's own features at the cut, on ``images`` (N, C, H, W)."""
+    device = target.head_layer.weight.device
+    x = normalize(images[:512].to(device), spec)
+    f = resize_to(target.run(x, None, join.insert), join.size)  # (N, C_t, h, w)
+    g = source.run(x, None, join.cut)  # (N, C_s, h, w)
+    xs = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).double()  # (N h w, C_t)
+    ys = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]).double()  # (N h w, C_s)
+    mx, my = xs.mean(0), ys.mean(0)
+    xc, yc = xs - mx, ys - my
+    gram = xc.T @ xc  # (C_t, C_t)
+    gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype, device=device)
+    w = torch.linalg.solve(gram, xc.T @ yc)  # (C_t, C_s)
+    conv = nn.Conv2d(f.shape[1], g.shape[1], 1, device=device)
+    conv.weight.copy_(w.T.reshape(g.shape[1], f.shape[1], 1, 1).float())
+    conv.bias.copy_((my - mx @ w).float())
+    return conv
 
 
-def trainable(model: Cloned) -> list[nn.Parameter]:
-    return [*model.adapters.parameters(), *model.head.parameters()]
-
-
-def train_cloned(
-    model: Cloned,
-    data: TaskData,
-    card: Card,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    device: str,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> Cloned:
-    """Train the adapters and the head (the bases stay in eval mode); returns the model in eval mode."""
-    model.adapters.train()
-    fit(
-        model,
-        trainable(model),
-        data.train_x,
-        data.train_y,
-        card.input,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        on_epoch=on_epoch,
+def grafted(target: TapNet, t_card: Card, parts: list[Part], labels: list[str], adapters: list[nn.Conv2d]) -> Grafted:
+    """The clone with the given adapters and a new head ``F_c`` started from the bases' head rows."""
+    head = fused_head(
+        [
+            (target.head_layer, t_card.labels, [x for x in labels if x in t_card.labels]),
+            *((p.source.head_layer, p.card.labels, p.labels) for p in parts),
+        ],
+        labels,
     )
-    return model.eval()
+    return Grafted(
+        target,
+        [p.source for p in parts],
+        [p.join.insert for p in parts],
+        [p.join.cut for p in parts],
+        [p.join.size for p in parts],
+        adapters,
+        head,
+    )
+
+
+def fresh(target: TapNet, t_card: Card, parts: list[Part], data: TaskData, seed: int) -> Grafted:
+    """``grafted`` with ridge-fitted adapters (on the training images)."""
+    torch.manual_seed(seed)
+    adapters = [ridge_adapter(target, p.source, p.join, data.train_x, t_card.input) for p in parts]
+    return grafted(target, t_card, parts, data.labels, adapters)
+
+
+def train(model: Grafted, data: TaskData, card: Card, *, epochs: int, lr: float, batch_size: int, seed: int) -> None:
+    """Train ``A`` and ``F_c`` (the bases stay frozen and in eval mode)."""
+    if epochs > 0:
+        params = [*model.adapters.parameters(), *model.head.parameters()]
+        fit(
+            model,
+            params,
+            data.train_x,
+            data.train_y,
+            card.input,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            device=device_of(model.target),
+        )
+    model.eval()
+
+
+def device_of(net: TapNet) -> str:
+    return str(net.head_layer.weight.device)
+
+
+def val_accuracy(model: Grafted, data: TaskData, card: Card) -> float:
+    return accuracy(model, data.val_x, data.val_y, card.input, device=device_of(model.target))
 
 
 def search_join(
     target: TapNet,
-    target_card: Card,
+    t_card: Card,
     parts: list[Part],
     which: int,
-    part_at: Callable[[str], Part],
-    fixed: list[str],
     data: TaskData,
     *,
-    adapter: str,
-    epochs: int,
     lr: float,
     batch_size: int,
     seed: int,
-    device: str,
+    tolerance: float = 0.005,
     on_candidate: Callable[[str, float], None] = lambda name, acc: None,
-) -> tuple[Part, str, dict[str, float]]:
-    """Source depth and insertion tap of part ``which`` (the others as they are): every pair, deep
-    first, trained for ``epochs``; returns the winner's part and tap, and every pair's validation
-    accuracy (``"depth->tap"``). Ties go to the pair tried first."""
+) -> tuple[Join, dict[str, float]]:
+    """The join of part ``which`` (the others as they are): every candidate, deepest first, gets a
+    fresh ``A`` and ``F_c`` trained one epoch and is scored on validation images; the deepest join
+    within ``tolerance`` of the best score wins (a deeper join shares more of the target: it costs
+    less). Returns the winner and every score ("R->cut")."""
     scores: dict[str, float] = {}
-    best: tuple[Part, str] | None = None
-    best_score = -1.0
-    for depth in reversed(parts[which].source.spatial_taps()):
-        part = part_at(depth)
-        for tap in reversed(target.spatial_taps()):
-            trial = [part if i == which else p for i, p in enumerate(parts)]
-            inserts = [tap if i == which else r for i, r in enumerate(fixed)]
-            model = fresh_cloned(target, target_card, trial, inserts, data.labels, seed, adapter)
-            train_cloned(
-                model, data, target_card, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device
+    joins = candidates(target, parts[which].source, t_card.input)
+    for join in joins:
+        trial = [Part(p.source, p.card, p.labels, join) if i == which else p for i, p in enumerate(parts)]
+        model = fresh(target, t_card, trial, data, seed)
+        train(model, data, t_card, epochs=1, lr=lr, batch_size=batch_size, seed=seed)
+        scores[_name(join)] = val_accuracy(model, data, t_card)
+        on_candidate(_name(join), scores[_name(join)])
+    top = max(scores.values())
+    return next(j for j in joins if scores[_name(j)] >= top - tolerance), scores
+
+
+def _name(join: Join) -> str:
+    return f"{join.insert}->{join.cut}"
+
+
+def through(target: TapNet, join: Join, adapter: nn.Conv2d) -> Branch:
+    """The gated source reached as the clone reaches it: the target's prefix to R, then ``A`` (both
+    fixed), then the source's layers after the cut and its head."""
+
+    def run(net: TapNet, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            a = adapter(resize_to(target.run(x, None, join.insert), join.size))  # (B, C_s, h, w)
+        return net.head_layer(net.run(a, join.cut, None))  # (B, classes)
+
+    return run
+
+
+def cols_and_images(part: Part, data: TaskData) -> tuple[list[int], Tensor]:
+    """The source's output columns of the labels it brings, and the training images of those labels."""
+    mine = torch.tensor([data.labels[int(k)] in part.labels for k in data.train_y])
+    return [part.card.labels.index(x) for x in part.labels], data.train_x[mine]
+
+
+def learn_together(
+    model: Grafted,
+    residents: list[TapNet],
+    parts: list[Part],
+    data: TaskData,
+    t_card: Card,
+    *,
+    epochs: int,
+    rounds: int,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    on_round: Callable[[int, float], None] = lambda r, acc: None,
+) -> list[float]:
+    """Alternate (masks given R and A; A and F_c given the masks, one epoch) for at most ``rounds``,
+    until validation accuracy stops improving; the best round's masks, A and F_c are kept and the
+    remaining epochs of ``epochs`` train A and F_c on them. Sets each part's masks and fidelity;
+    returns the validation accuracy after each round."""
+    history: list[float] = []
+    best: tuple[float, list[dict[str, Tensor]], dict[str, Tensor]] | None = None
+    logits: list[dict[str, Tensor] | None] = [None] * len(parts)
+    left = epochs
+    for r in range(min(rounds, epochs)):
+        for j, (part, src) in enumerate(zip(parts, residents, strict=True)):
+            cols, images = cols_and_images(part, data)
+            loc = localize(
+                src,
+                src.suffix_convs(part.join.cut),
+                cols,
+                images,
+                t_card.input,
+                branch=through(model.target, part.join, model.adapters[j]),
+                start=logits[j],
+                steps=steps,
+                seed=seed + r,
+                device=device_of(src),
             )
-            name = f"{depth}->{tap}"
-            scores[name] = accuracy(model, data.val_x, data.val_y, target_card.input, device=device)
-            if scores[name] > best_score:
-                best, best_score = (part, tap), scores[name]
-            on_candidate(name, scores[name])
+            logits[j], part.masks = loc.logits, loc.masks
+            model.sources[j] = masked_source(src, loc.masks)
+        train(model, data, t_card, epochs=1, lr=lr, batch_size=batch_size, seed=seed + r)
+        left -= 1
+        history.append(val_accuracy(model, data, t_card))
+        on_round(r, history[-1])
+        if best is not None and history[-1] <= best[0]:
+            break
+        best = (history[-1], [dict(p.masks or {}) for p in parts], _trained_state(model))
     assert best is not None
-    return best[0], best[1], scores
+    for j, (part, src) in enumerate(zip(parts, residents, strict=True)):  # back to the best round
+        part.masks = best[1][j]
+        model.sources[j] = masked_source(src, part.masks)
+    model.load_state_dict(best[2], strict=False)
+    train(model, data, t_card, epochs=left, lr=lr, batch_size=batch_size, seed=seed + rounds)
+    return history
+
+
+def _trained_state(model: Grafted) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(("adapters.", "head."))}

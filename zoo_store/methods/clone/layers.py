@@ -1,5 +1,5 @@
-"""Filter masks on a source prefix: soft (sigmoid logits, for learning them) and hard (kept filters
-only, for serving), plus the occlusion perturbations the localization fits on.
+"""Filter masks on a source's layers: soft (sigmoid logits, for learning them) and hard (kept filters
+only, for serving), plus the occlusion perturbations the localization fits on, and the network a clone serves.
 
 A mask multiplies a conv's output channels before anything else sees them, so a masked-out filter
 is exactly a filter whose output is zero: a hard mask can skip computing it and scatter zeros.
@@ -81,81 +81,47 @@ def occlude(x: Tensor, gen: torch.Generator, patches: int = 2, fraction: float =
     return out
 
 
-ADAPTERS = {
-    "1x1": 1,
-    "1x1+bn": 1,
-    "3x3": 3,
-}  # the adapter kinds a clone can train: the kernel of the conv it is served as
-
-
-class Adapter(nn.Module):
-    """``A``: a conv from the source's channels to the target's, after resizing the source's
-    features to the target's resolution; a fresh connection changes nothing (zero output).
-
-    ``1x1`` and ``3x3``: a zero-initialised conv of that kernel. ``1x1+bn``: a 1x1 conv (default
-    init) then a BatchNorm whose scale starts at zero, so the joined features are standardised per
-    channel while it trains; ``folded()`` turns it into the plain 1x1 conv that is stored and served."""
-
-    def __init__(self, source_channels: int, target_channels: int, kind: str = "1x1"):
-        super().__init__()
-        if kind not in ADAPTERS:
-            raise ValueError(f"adapter kind {kind!r} is not one of {list(ADAPTERS)}")
-        k = ADAPTERS[kind]
-        self.proj = nn.Conv2d(source_channels, target_channels, k, padding=k // 2)
-        self.bn = nn.BatchNorm2d(target_channels) if kind == "1x1+bn" else None
-        if self.bn is None:
-            nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
-        else:
-            nn.init.zeros_(self.bn.weight)
-
-    def forward(self, f: Tensor, size: tuple[int, int]) -> Tensor:
-        out = self.proj(resize_to(f, size))  # (B, C_t, H_t, W_t)
-        return out if self.bn is None else self.bn(out)
-
-    @torch.no_grad()
-    def folded(self) -> nn.Conv2d:
-        """The conv this adapter computes in eval mode (its BatchNorm, if any, folded in)."""
-        if self.bn is None:
-            return self.proj
-        bn, conv = self.bn, self.proj
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_t,)
-        out = nn.Conv2d(
-            conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, device=conv.weight.device
-        )
-        out.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        out.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
-        return out
-
-
-class Cloned(nn.Module):
-    """The composed network: the frozen target, run tap by tap; at each source's insertion tap
-    ``R`` the adapted features of that source's (masked) prefix are added; a new head ``F_c`` reads
-    the target's last tap."""
+class Grafted(nn.Module):
+    """The cloned network (the article's topology, SPEC 3.1): the target runs once, tap by tap; at
+    each source's insertion tap ``R`` its features are resized to the source's resolution at the cut
+    and mapped by the 1x1 conv ``A`` into the source's channels there, and the source's (masked)
+    layers after the cut, ``M_f``, run on them to the source's feature vector. The target's own
+    later layers run unchanged; the new head ``F_c`` reads the target's feature vector and every
+    source's, concatenated."""
 
     def __init__(
         self,
         target: TapNet,
         sources: list[TapNet],
-        depths: list[str],
         inserts: list[str],
-        adapters: list[Adapter],
+        cuts: list[str],
+        sizes: list[tuple[int, int]],
+        adapters: list[nn.Conv2d],
         head: nn.Linear,
     ):
         super().__init__()
         self.target, self.sources = target, nn.ModuleList(sources)
-        self.depths, self.inserts = list(depths), list(inserts)
+        self.inserts, self.cuts, self.sizes = list(inserts), list(cuts), [tuple(s) for s in sizes]
         self.adapters, self.head = nn.ModuleList(adapters), head
 
-    def forward(self, x: Tensor) -> Tensor:
-        feats = [s.run(x, None, d) for s, d in zip(self.sources, self.depths, strict=True)]  # (B, C_s, H_s, W_s) each
+    def features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, D_t + sum D_s): the target's feature vector and each source's."""
+        outs: list[Tensor | None] = [None] * len(self.sources)
         h = x
         for i, tap in enumerate(self.target.taps):
-            h = self.target.stage_fn(i)(h)
-            for f, r, a in zip(feats, self.inserts, self.adapters, strict=True):
+            h = self.target.stage_fn(i)(h)  # the target's own stage: run once for every branch
+            for j, r in enumerate(self.inserts):
                 if r == tap.name:
-                    h = h + a(f, tuple(h.shape[-2:]))  # (B, C_t, H_t, W_t)
-        return self.head(h)  # (B, K): the last tap is the flattened feature vector
+                    outs[j] = self.branch(j, h)  # (B, D_s)
+        return torch.cat([h, *outs], 1)  # type: ignore[list-item]
+
+    def branch(self, j: int, h: Tensor) -> Tensor:
+        """Source ``j`` on the target's features at its insertion tap: (B, C_t, H_t, W_t) -> (B, D_s)."""
+        a = self.adapters[j](resize_to(h, self.sizes[j]))  # (B, C_s, H_s, W_s)
+        return self.sources[j].run(a, self.cuts[j], None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))  # (B, K)
 
 
 def masked_source(source: TapNet, masks: dict[str, Tensor]) -> TapNet:

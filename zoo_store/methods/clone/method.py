@@ -1,8 +1,10 @@
 """Partial Network Cloning (PNC, CVPR 2023) as a composition method: docs/methods/clone.md.
 
-build: plan (target, sources, labels) -> per source, localize its filters on the labels it brings
--> per source, search the insertion tap from deep to shallow -> train the adapters and the new head
-on the correction data. The path holds the bit-packed masks, the taps, the adapters and the head.
+build: plan (target, sources, labels) -> per source, search its join (target tap R, source cut) from
+deep to shallow on validation -> localization and insertion learned together (masks over the
+source's layers after the cut given R and A; A and the new head F_c given the masks) -> the path:
+bit-packed masks, joins, adapters and head. Paths of the first topology (config ``topology``
+absent: the source's prefix added into the target) materialize as they always did (``legacy``).
 """
 
 from __future__ import annotations
@@ -23,13 +25,27 @@ from zoo_store.core.spec import CompositionSpec
 from zoo_store.datasets.tasks import TaskData
 from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, no_spatial_tap
 from zoo_store.methods.clone.config import plan_clone
-from zoo_store.methods.clone.insert import Part, build_cloned, fresh_cloned, search_join, train_cloned
-from zoo_store.methods.clone.layers import ADAPTERS, masked_source, pack_mask, unpack_mask
-from zoo_store.methods.clone.localize import kept_fraction, localize
+from zoo_store.methods.clone.insert import (
+    Part,
+    candidates,
+    cols_and_images,
+    device_of,
+    fresh,
+    learn_together,
+    search_join,
+    train,
+)
+from zoo_store.methods.clone.layers import Grafted, masked_source, pack_mask, unpack_mask
+from zoo_store.methods.clone.legacy import SourcePrefixClone
+from zoo_store.methods.clone.localize import kept_fraction, localize, random_like
 from zoo_store.methods.registry import register_method
 from zoo_store.training import predict_logits
 
-LOCALIZE_STEPS = 150  # mask-fitting steps per source unless train.steps says otherwise
+LOCALIZE_STEPS = 150  # mask-fitting steps per source and round unless train.steps says otherwise
+ROUNDS = 3  # at most this many alternations of localization and insertion
+
+Topology = Literal["source-prefix", "target-prefix"]
+Localization = Literal["joint", "once", "none", "random"]
 
 
 class SourceLink(BaseModel):
@@ -37,9 +53,10 @@ class SourceLink(BaseModel):
 
     model: str
     labels: tuple[str, ...]
-    depth: str  # the source tap its masked prefix is cut at
-    insert: str  # the target tap R its adapted features are added to
-    kernel: Literal[1, 3] = 1  # the adapter conv's kernel (a 1x1 + BatchNorm adapter is stored folded: 1)
+    depth: str  # the source tap it is cut at: target-prefix, its layers after it run; source-prefix, up to it
+    insert: str  # the target tap R it joins at
+    kernel: Literal[1, 3] = 1  # the adapter conv's kernel (source-prefix paths only; target-prefix: 1)
+    size: tuple[int, int] | None = None  # target-prefix: the source's feature size at the cut
 
 
 class CloneConfig(BaseModel):
@@ -48,16 +65,17 @@ class CloneConfig(BaseModel):
     target: str
     sources: tuple[SourceLink, ...]
     num_classes: int  # labels of the composed network (its head's rows)
+    topology: Topology = "source-prefix"  # paths stored before the article's topology have no field
 
 
 @register_method
 class Clone(Method):
     name = "clone"
     required = ("base", "task")
-    adapter = (
-        "1x1"  # the adapter kind (clone.layers.ADAPTERS) builds train: chosen on validation in docs/methods/clone.md
-    )
-    localize = staticmethod(localize)  # step 2 (a benchmark that builds one source many times may memoise it)
+    localization: Localization = "joint"  # the ablations of docs/methods/clone.md set the others
+    rounds = ROUNDS
+    search = staticmethod(search_join)  # a benchmark that builds one join many times may memoise it
+    together = staticmethod(learn_together)  # and the alternation (random reuses joint's masks)
 
     def refusal(self, net: TapNet) -> str | None:
         return no_spatial_tap(net)
@@ -79,170 +97,190 @@ class Clone(Method):
             )
         tr = spec.train
         metrics: dict[str, Any] = {"sources": [s.model_dump() for s in plan.sources], "sources_chosen": plan.chosen}
-        steps = LOCALIZE_STEPS if tr.steps is None else max(1, tr.steps)
-        parts: list[Part] = []
-        masks: list[dict[str, Tensor]] = []  # per source, the masks of every conv up to its deepest spatial tap
-        for i, src in enumerate(plan.sources):  # step 2: localize each source on the labels it brings
-            s_card, s_net = ctx.bases[src.model]
-            deepest = s_net.spatial_taps()[-1]
-            mine = torch.tensor([data.labels[int(k)] in src.labels for k in data.train_y])
-            cols = [s_card.labels.index(label) for label in src.labels]
-
-            def on_step(step: int, loss: float, i: int = i, name: str = src.model) -> None:
-                done = (i + (step + 1) / steps) / len(plan.sources)
-                ctx.progress(fraction=0.3 * done, step=f"localizing {name}", loss=loss)
-
-            loc = self.localize(
-                s_net,
-                deepest,
-                cols,
-                data.train_x[mine],
-                s_card.input,
-                steps=steps,
-                seed=tr.seed,
-                device=ctx.device,
-                on_step=on_step,
-            )
-            metrics[f"source{i}_fidelity"] = loc.fidelity
-            parts.append(_part(s_net, loc.masks, deepest))
-            masks.append(loc.masks)
-        inserts = [target.spatial_taps()[-1]] * len(parts)
-        for i, src in enumerate(plan.sources):  # step 3: search (depth, R) for each source by validation accuracy
-            s_net = ctx.bases[src.model][1]
-            parts[i], inserts[i], scores = search_join(
+        residents = [ctx.bases[s.model][1] for s in plan.sources]
+        parts = [
+            Part(net, ctx.bases[s.model][0], s.labels, candidates(target, net, t_card.input)[0])
+            for s, net in zip(plan.sources, residents, strict=True)
+        ]
+        share = 0.4 / len(parts)
+        for i in range(len(parts)):  # insertion: each source's join by validation accuracy, the others as they are
+            join, scores = self.search(
                 target,
                 t_card,
                 parts,
                 i,
-                lambda d, s=s_net, m=masks[i]: _part(s, m, d),
-                inserts,
                 data,
-                adapter=self.adapter,
-                epochs=1,
                 lr=tr.lr,
                 batch_size=tr.batch_size,
                 seed=tr.seed,
-                device=ctx.device,
                 on_candidate=lambda name, acc, i=i: ctx.progress(
-                    fraction=0.3 + 0.4 * (i + 1) / len(parts),
-                    step=f"join {plan.sources[i].model} {name}",
-                    val_accuracy=acc,
+                    fraction=share * (i + 1), step=f"join {plan.sources[i].model} {name}", val_accuracy=acc
                 ),
             )
-            masks[i] = _prefix_masks(s_net, masks[i], parts[i].depth)  # what the path stores
+            parts[i].join = join
             metrics[f"source{i}_join_val_accuracy"] = scores
-            metrics[f"source{i}_kept_fraction"] = kept_fraction(masks[i])
-        model = fresh_cloned(target, t_card, parts, inserts, data.labels, tr.seed, self.adapter)
-        train_cloned(
-            model,
-            data,
-            t_card,
-            epochs=tr.epochs,
-            lr=tr.lr,
-            batch_size=tr.batch_size,
-            seed=tr.seed,
-            device=ctx.device,
-            on_epoch=lambda e, loss: ctx.progress(fraction=0.7 + 0.3 * (e + 1) / tr.epochs, epoch=e + 1, loss=loss),
-        )
-        metrics |= _accuracies(model, target, t_card, data, ctx.device)
-        metrics["adapter"] = self.adapter
+        model, rounds = self._localize_and_train(target, t_card, residents, parts, data, spec, ctx)
+        metrics["rounds_val_accuracy"] = rounds
+        for p, src in zip(parts, residents, strict=True):  # every filter kept is stored as such
+            p.masks = p.masks or {
+                c: torch.ones(src.get_submodule(c).out_channels, dtype=torch.bool) for c in src.suffix_convs(p.join.cut)
+            }
+        metrics |= {f"source{i}_kept_fraction": kept_fraction(p.masks or {}) for i, p in enumerate(parts)}
+        metrics |= held_out(model, target, t_card, data, ctx.device)
+        metrics["localization"] = self.localization
         links = [
-            SourceLink(model=s.model, labels=s.labels, depth=p.depth, insert=r, kernel=ADAPTERS[self.adapter])
-            for s, p, r in zip(plan.sources, parts, inserts, strict=True)
+            SourceLink(model=p.card.id, labels=p.labels, depth=p.join.cut, insert=p.join.insert, size=p.join.size)
+            for p in parts
         ]
-        tensors = {f"mask.{i}.{p}": pack_mask(m) for i, prefix in enumerate(masks) for p, m in prefix.items()}
+        tensors = {
+            f"mask.{i}.{conv}": pack_mask(keep) for i, p in enumerate(parts) for conv, keep in (p.masks or {}).items()
+        }
         tensors |= {
             f"adapter.{i}.{k}": v.detach().cpu().contiguous()
             for i, a in enumerate(model.adapters)
-            for k, v in a.folded().state_dict().items()
+            for k, v in a.state_dict().items()
         }
         tensors |= {f"head.{k}": v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-        dense = sum(
-            _state_bytes(ctx.bases[k][1]) for k in dict.fromkeys([plan.target, *(s.model for s in plan.sources)])
-        )
+        ids = list(dict.fromkeys([plan.target, *(s.model for s in plan.sources)]))
+        dense = sum(state_bytes(ctx.bases[k][1]) for k in ids)
         metrics |= {"dense_bytes": dense, "train_samples": len(data.train_x), "test_samples": len(data.test_x)}
-        refs = [
-            BaseRef(id=k, digest=ctx.bases[k][0].digest)
-            for k in dict.fromkeys([plan.target, *(s.model for s in plan.sources)])
-        ]
+        config = CloneConfig(
+            target=plan.target, sources=tuple(links), num_classes=len(data.labels), topology="target-prefix"
+        )
         return PathArtifact(
             self.name,
-            refs,
+            [BaseRef(id=k, digest=ctx.bases[k][0].digest) for k in ids],
             data.labels,
             t_card.input,
-            CloneConfig(target=plan.target, sources=tuple(links), num_classes=len(data.labels)).model_dump(mode="json"),
+            config.model_dump(mode="json"),
             tensors,
             metrics,
         )
 
+    def _localize_and_train(
+        self,
+        target: TapNet,
+        t_card: Card,
+        residents: list[TapNet],
+        parts: list[Part],
+        data: TaskData,
+        spec: CompositionSpec,
+        ctx: BuildContext,
+    ) -> tuple[Grafted, list[float]]:
+        """Masks by ``self.localization``, then ``A`` and ``F_c`` trained for ``train.epochs`` on them:
+        joint (the article: alternating with insertion), once (on the source alone, before insertion),
+        none (every filter kept), random (as many filters per conv as joint keeps, drawn by the seed).
+        Returns the model and the validation accuracy after each alternation (none for once and none)."""
+        tr = spec.train
+        steps = LOCALIZE_STEPS if tr.steps is None else max(1, tr.steps)
+        fit_args = {"lr": tr.lr, "batch_size": tr.batch_size, "seed": tr.seed}
+        history: list[float] = []
+        if self.localization == "once":
+            for part, src in zip(parts, residents, strict=True):
+                cols, images = cols_and_images(part, data)
+                convs = src.suffix_convs(part.join.cut)
+                part.masks = localize(
+                    src, convs, cols, images, t_card.input, steps=steps, seed=tr.seed, device=device_of(src)
+                ).masks
+        if self.localization in ("joint", "random"):
+            model = fresh(target, t_card, parts, data, tr.seed)
+            history = self.together(
+                model,
+                residents,
+                parts,
+                data,
+                t_card,
+                epochs=tr.epochs,
+                rounds=self.rounds,
+                steps=steps,
+                on_round=lambda r, acc: ctx.progress(
+                    fraction=0.4 + 0.5 * (r + 1) / self.rounds, step=f"round {r + 1}", val_accuracy=acc
+                ),
+                **fit_args,
+            )
+            if self.localization == "joint":
+                return model, history
+            for part in parts:
+                part.masks = random_like(part.masks or {}, tr.seed)
+        for part, src in zip(parts, residents, strict=True):
+            part.source = src if part.masks is None else masked_source(src, part.masks)
+        model = fresh(target, t_card, parts, data, tr.seed)
+        train(model, data, t_card, epochs=tr.epochs, **fit_args)
+        return model, history if self.localization == "random" else []
+
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
         cfg = _config(config, bases)
         target = bases[cfg.target]
+        grafted_ = cfg.topology == "target-prefix"
         out: ExpectedTensors = {}
         for i, s in enumerate(cfg.sources):
             src = bases[s.model]
-            for p in src.prefix_convs(s.depth):
+            for p in _masked_convs(cfg, src, s.depth):
                 out[f"mask.{i}.{p}"] = ("uint8", ((src.get_submodule(p).out_channels + 7) // 8,))
             cs, ct = src.tap(s.depth).channels, target.tap(s.insert).channels
+            c_in, c_out = (ct, cs) if grafted_ else (cs, ct)
             out[f"adapter.{i}.weight"], out[f"adapter.{i}.bias"] = (
-                ("float32", (ct, cs, s.kernel, s.kernel)),
-                ("float32", (ct,)),
+                ("float32", (c_out, c_in, s.kernel, s.kernel)),
+                ("float32", (c_out,)),
             )
-        out["head.weight"], out["head.bias"] = (
-            ("float32", (cfg.num_classes, target.feature_dim)),
-            ("float32", (cfg.num_classes,)),
-        )
+        width = target.feature_dim + (sum(bases[s.model].feature_dim for s in cfg.sources) if grafted_ else 0)
+        out["head.weight"], out["head.bias"] = (("float32", (cfg.num_classes, width)), ("float32", (cfg.num_classes,)))
         return out
 
     def materialize(self, config: dict[str, Any], tensors: dict[str, Tensor], bases: dict[str, TapNet]) -> nn.Module:
         cfg = _config(config, bases)
         target = bases[cfg.target]
-        parts = []
+        sources, adapters = [], []
         for i, s in enumerate(cfg.sources):
             src = bases[s.model]
             masks = {
                 p: unpack_mask(tensors[f"mask.{i}.{p}"], src.get_submodule(p).out_channels)
-                for p in src.prefix_convs(s.depth)
+                for p in _masked_convs(cfg, src, s.depth)
             }
             if any(not m.any() for m in masks.values()):
                 raise InvalidInput(f"source {i} ({s.model}) has a conv with every filter masked out")
-            parts.append(Part(masked_source(src, masks), s.depth))
-        kinds = [{1: "1x1", 3: "3x3"}[s.kernel] for s in cfg.sources]  # as stored: a 1x1+bn adapter is a folded 1x1
-        model = build_cloned(target, parts, [s.insert for s in cfg.sources], cfg.num_classes, kinds)
-        for i, a in enumerate(model.adapters):
-            a.proj.load_state_dict({"weight": tensors[f"adapter.{i}.weight"], "bias": tensors[f"adapter.{i}.bias"]})
-        model.head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
-        return model.requires_grad_(False).eval()
+            sources.append(masked_source(src, masks))
+            weight = tensors[f"adapter.{i}.weight"]
+            conv = nn.Conv2d(weight.shape[1], weight.shape[0], s.kernel, padding=s.kernel // 2)
+            conv.load_state_dict({"weight": weight, "bias": tensors[f"adapter.{i}.bias"]})
+            adapters.append(conv)
+        head = nn.Linear(tensors["head.weight"].shape[1], cfg.num_classes)
+        head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
+        inserts, depths = [s.insert for s in cfg.sources], [s.depth for s in cfg.sources]
+        if cfg.topology == "source-prefix":
+            model: nn.Module = SourcePrefixClone(target, sources, depths, inserts, adapters, head)
+        else:
+            sizes = [s.size for s in cfg.sources]
+            model = Grafted(target, sources, inserts, depths, sizes, adapters, head)  # type: ignore[arg-type]
+        device = target.head_layer.weight.device
+        return model.to(device).requires_grad_(False).eval()
 
 
-def _prefix_masks(source: TapNet, masks: dict[str, Tensor], depth: str) -> dict[str, Tensor]:
-    """The masks of the convs the source's prefix up to ``depth`` runs."""
-    convs = set(source.prefix_convs(depth))
-    return {p: m for p, m in masks.items() if p in convs}
+def _masked_convs(cfg: CloneConfig, source: TapNet, depth: str) -> list[str]:
+    """The convs a source's masks may cover: after the cut (target-prefix), up to it (source-prefix)."""
+    return source.suffix_convs(depth) if cfg.topology == "target-prefix" else source.prefix_convs(depth)
 
 
-def _part(source: TapNet, masks: dict[str, Tensor], depth: str) -> Part:
-    """The source's prefix up to ``depth``, masked."""
-    return Part(masked_source(source, _prefix_masks(source, masks, depth)), depth)
-
-
-def _accuracies(model: nn.Module, target: TapNet, t_card: Card, data: TaskData, device: str) -> dict[str, float]:
-    """Held-out accuracy on the union of labels, and on the target's own labels for the clone and
-    for the target alone (locality: the second must not drop)."""
+def held_out(model: nn.Module, target: TapNet, t_card: Card, data: TaskData, device: str = "cpu") -> dict[str, float]:
+    """Test accuracy on the union of labels; on the target's own labels, the accuracy of ``model``
+    and of the target alone, and the agreement of their predictions (locality: the target's
+    behaviour there kept)."""
     logits = predict_logits(model, data.test_x, t_card.input, device=device)  # (M, K)
     out = {"accuracy": (logits.argmax(1) == data.test_y).float().mean().item()}
     own = torch.tensor([data.labels[int(k)] in t_card.labels for k in data.test_y])
     if own.any():
-        out["accuracy_target_labels"] = (logits[own].argmax(1) == data.test_y[own]).float().mean().item()
+        mine = [data.labels[int(k)] for k in logits[own].argmax(1)]
         t_logits = predict_logits(target, data.test_x[own], t_card.input, device=device)
         t_pred = [t_card.labels[int(k)] for k in t_logits.argmax(1)]
         truth = [data.labels[int(k)] for k in data.test_y[own]]
-        out["target_alone_accuracy"] = sum(p == t for p, t in zip(t_pred, truth, strict=True)) / len(truth)
+        out["accuracy_target_labels"] = _share(mine, truth)
+        out["target_alone_accuracy"] = _share(t_pred, truth)
+        out["agreement_target_labels"] = _share(mine, t_pred)
     return out
 
 
-def _state_bytes(net: nn.Module) -> int:
-    return state_bytes(net)
+def _share(a: list[str], b: list[str]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(b)
 
 
 def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> CloneConfig:
