@@ -93,13 +93,15 @@ def init_head_rows(head: nn.Linear, base_head: nn.Linear, base_labels: Sequence[
 def fused_head(parts: Sequence[tuple[nn.Linear, Sequence[str], Sequence[str]]], labels: Sequence[str]) -> nn.Linear:
     """A head over several feature vectors, concatenated in the order of ``parts`` (each: the head
     that read that vector, its labels, the labels it brings): each brought label's row starts from
-    its own head's row on its own block and zero elsewhere; every other weight starts at zero."""
+    the row of the first head that brings it, on that head's block, and zero elsewhere; every other
+    weight starts at zero."""
     head = nn.Linear(sum(h.in_features for h, _, _ in parts), len(labels))
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    start = 0
+    start, done = 0, set()
     for base_head, base_labels, brings in parts:
-        for label in brings:
+        for label in [x for x in brings if x not in done]:
+            done.add(label)
             i, j = list(labels).index(label), list(base_labels).index(label)
             head.weight[i, start : start + base_head.in_features] = base_head.weight[j]
             head.bias[i] = base_head.bias[j]

@@ -177,34 +177,56 @@ def test_the_ridge_adapter_reproduces_the_source_features_it_can() -> None:
     assert torch.allclose(a.weight, eye, atol=5e-2) and a.bias.abs().max() < 5e-2
 
 
-def _grafted(sources: list[tuple[str, str]]):
-    """A fresh clone of 'low' with a source 'high' per (R, cut), cloning labels 5 and 6."""
+def _grafted(sources: list[tuple[str, str]], brings: tuple[str, ...] = ("5", "6")):
+    """A fresh clone of 'low' with a source 'high' per (R, cut), cloning ``brings`` (5 and 6)."""
     from zoo_store.datasets.tasks import TaskData
     from zoo_store.methods.clone.insert import Join, Part, fresh
 
     t_card, target = _base("low", LOW)
     s_card, src = _base("high", HIGH, seed=1)
     shapes = src.tap_shapes(1, 28)
-    parts = [Part(src, s_card, ("5", "6"), Join(r, c, shapes[c][1:])) for r, c in sources]
+    parts = [Part(src, s_card, brings, Join(r, c, shapes[c][1:])) for r, c in sources]
     x, y = _images(40), torch.arange(40) % 7
     data = TaskData(x, y, x[:10], y[:10], [*LOW, "5", "6"], x[10:20], y[10:20])
-    return fresh(target, t_card, parts, data, seed=0), target, src
+    return fresh(target, t_card, parts, data, seed=0), target, src, parts, data, t_card
 
 
-def test_a_fresh_clone_keeps_the_target_and_the_source_outputs() -> None:
-    """F_c starts from both heads: the target's logits on its labels are its own, exactly; joined at
-    the input's own resolution, the source's on the labels it brings are what A lets through."""
-    model, target, _ = _grafted([("stage1", "stage1")])
+@pytest.mark.parametrize("brings", [("5", "6"), ("4", "5", "6")])  # a source may bring a label the target knows
+def test_a_fresh_clone_gives_the_target_logits_on_its_labels(brings: tuple[str, ...]) -> None:
+    """F_c starts from the heads, each label's row from the first head that knows it: the target's
+    logits on its labels are its own, exactly."""
+    model, target, *_ = _grafted([("stage1", "stage1")], brings)
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(model(x)[:, :5], target(x))
-        t = model.features(x)[:, : target.feature_dim]
-        assert torch.equal(t, target.embed(x))
+
+
+def test_a_source_joined_to_itself_is_itself() -> None:
+    """Target and source the same network, joined at the same tap: the ridge A is close to the
+    identity, so the source's block of the features is close to the network's own feature vector."""
+    from zoo_store.datasets.tasks import TaskData
+    from zoo_store.methods.clone.insert import Join, Part, fresh
+
+    card, net = _base("high", HIGH)
+    x = _images(64)
+    size = net.tap_shapes(1, 28)["stage1"][1:]
+    part = Part(net, card.model_copy(update={"id": "twin"}), ("5",), Join("stage1", "stage1", size))
+    model = fresh(
+        net,
+        card,
+        [part],
+        TaskData(x, x[:, 0, 0, 0].long() * 0, x, x[:, 0, 0, 0].long() * 0, list(HIGH), x, x[:, 0, 0, 0].long() * 0),
+        seed=0,
+    )
+    with torch.no_grad():
+        xn = (x[:8] - GRAY.mean[0]) / GRAY.std[0]
+        own, twin = model.features(xn).split(net.feature_dim, 1)
+        assert torch.equal(own, net.embed(xn)) and torch.allclose(twin, own, atol=0.05 * own.abs().max().item())
 
 
 def test_the_target_prefix_runs_once_per_batch() -> None:
     """Two sources joined at two taps: every stage of the target runs once per forward."""
-    model, target, _ = _grafted([("stage2", "stage2"), ("stage1", "stage1")])
+    model, target, *_ = _grafted([("stage2", "stage2"), ("stage1", "stage1")])
     calls: dict[int, int] = {}
     stages = target.stage_modules(None, target.taps[-1].name)  # every module a stage of the target runs
     handles = [
@@ -218,6 +240,37 @@ def test_the_target_prefix_runs_once_per_batch() -> None:
         for h in handles:
             h.remove()
     assert len(stages) >= 4 and calls == dict.fromkeys(range(len(stages)), 1)
+
+
+def test_the_alternation_keeps_its_best_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation falls in round 2: round 1's masks, adapter and head come back, and the rest of the
+    epochs train them (the dropped round's epoch not counted)."""
+    from zoo_store.methods.clone import insert
+
+    model, _, src, parts, data, t_card = _grafted([("stage1", "stage1")])
+    scores, seen, kept = iter([0.5, 0.4]), [], {}
+    real_train = insert.train
+
+    def train(m, d, c, *, epochs, **kw):  # the rounds' epochs train; the last training is only counted
+        seen.append(epochs)
+        if epochs == 1:
+            real_train(m, d, c, epochs=epochs, **kw)
+
+    def val(m, d, c):
+        if not kept:
+            kept.update(state=insert._trained_state(m), masks=dict(parts[0].masks))
+        return next(scores)
+
+    monkeypatch.setattr(insert, "train", train)
+    monkeypatch.setattr(insert, "val_accuracy", val)
+    history = insert.learn_together(
+        model, [src], parts, data, t_card, epochs=4, rounds=3, steps=30, lr=0.05, batch_size=16, seed=0
+    )
+    assert history == [0.5, 0.4] and seen == [1, 1, 3]
+    after = insert._trained_state(model)
+    assert all(torch.equal(after[k], v) for k, v in kept["state"].items())
+    assert all(torch.equal(parts[0].masks[p], m) for p, m in kept["masks"].items())
+    assert parts[0].fidelity is not None
 
 
 LOCALIZATIONS = ("joint", "once", "none", "random")
@@ -263,7 +316,7 @@ def test_clone_builds_and_materializes_end_to_end(localization: str) -> None:
     deepest_good = next(k for k, v in scores.items() if v >= max(scores.values()) - 0.005)
     assert f"{link['insert']}->{link['depth']}" == deepest_good  # the deepest join within half a point
     assert art.config["topology"] == "target-prefix" and art.metrics["localization"] == localization
-    assert (len(art.metrics["rounds_val_accuracy"]) > 0) == (localization in ("joint", "random"))
+    assert (len(art.metrics["rounds_val_accuracy"]) > 0) == (localization == "joint")
     kept = art.metrics["source0_kept_fraction"]
     assert kept == 1.0 if localization == "none" else 0.0 < kept <= 1.0
     manifest = make_manifest(art)
@@ -278,6 +331,9 @@ def test_clone_builds_and_materializes_end_to_end(localization: str) -> None:
     served = accuracy(module, x[:10], y[:10], GRAY)  # the test split, normalized as predict does
     assert served == pytest.approx(art.metrics["accuracy"])  # the served network is the one measured
     assert 0.0 <= art.metrics["agreement_target_labels"] <= 1.0
+    unsized = {**manifest.config, "sources": [{**link, "size": None}]}
+    with pytest.raises(InvalidInput, match="feature size at the cut"):
+        Clone().materialize(unsized, bundle.tensors, nets)
     assert (digest_of(target), digest_of(src)) == digests
 
 
@@ -288,6 +344,7 @@ def test_a_clone_path_of_the_first_topology_serves_as_it_did() -> None:
     from pathlib import Path
 
     from zoo_store.core.bundle import check_expected, decode_bundle
+    from zoo_store.methods.clone.layers import unpack_mask
     from zoo_store.methods.clone.method import Clone
 
     here = Path(__file__).resolve().parents[1] / "fixtures" / "clone-191806e"
@@ -295,8 +352,18 @@ def test_a_clone_path_of_the_first_topology_serves_as_it_did() -> None:
     expected = json.loads((here / "expected.json").read_text())
     nets = {"low": _base("low", LOW)[1], "high": _base("high", HIGH, seed=1)[1]}
     assert {b.id: b.digest for b in bundle.manifest.bases} == {k: digest_of(n) for k, n in nets.items()}
-    assert "topology" not in bundle.manifest.config
-    check_expected(bundle.manifest, Clone().expected_tensors(bundle.manifest.config, nets))
+    config = bundle.manifest.config
+    assert "topology" not in config
+    (link,) = config["sources"]  # kept-filter convs and a resize are on the path it serves
+    masks = [
+        unpack_mask(t, nets["high"].get_submodule(k.split(".", 2)[2]).out_channels)
+        for k, t in bundle.tensors.items()
+        if k.startswith("mask.")
+    ]
+    assert masks and all(not m.all() for m in masks)
+    shapes = nets["high"].tap_shapes(1, 28)[link["depth"]], nets["low"].tap_shapes(1, 28)[link["insert"]]
+    assert shapes[0][1:] != shapes[1][1:]
+    check_expected(bundle.manifest, Clone().expected_tensors(config, nets))
     module = Clone().materialize(bundle.manifest.config, bundle.tensors, nets)
     probe = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(expected["probe_seed"]))
     with torch.no_grad():

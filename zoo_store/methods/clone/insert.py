@@ -44,6 +44,7 @@ class Part:
     labels: tuple[str, ...]
     join: Join
     masks: dict[str, Tensor] | None = None
+    fidelity: float | None = None  # the masked branch's top-1 agreement with the source on the cloned labels
 
 
 def candidates(target: TapNet, source: TapNet, spec: InputSpec) -> list[Join]:
@@ -58,23 +59,44 @@ def candidates(target: TapNet, source: TapNet, spec: InputSpec) -> list[Join]:
 
 @torch.no_grad()
 def ridge_adapter(
-    target: TapNet, source: TapNet, join: Join, images: Tensor, spec: InputSpec, ridge: float = 1e-3
+    target: TapNet,
+    source: TapNet,
+    join: Join,
+    images: Tensor,
+    spec: InputSpec,
+    *,
+    ridge: float = 1e-3,
+    limit: int = 512,
+    seed: int = 0,
 ) -> nn.Conv2d:
     """The 1x1 conv A that maps the target's features at R (resized to the cut's size) closest, in
-    least squares with a ridge, to the source's own features at the cut, on ``images`` (N, C, H, W)."""
+    least squares with a ridge, to the source's own features at the cut, on at most ``limit`` of
+    ``images`` (N, C, H, W) drawn by ``seed``; the sums are gathered a batch at a time."""
     device = target.head_layer.weight.device
-    x = normalize(images[:512].to(device), spec)
-    f = resize_to(target.run(x, None, join.insert), join.size)  # (N, C_t, h, w)
-    g = source.run(x, None, join.cut)  # (N, C_s, h, w)
-    xs = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).double()  # (N h w, C_t)
-    ys = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]).double()  # (N h w, C_s)
-    mx, my = xs.mean(0), ys.mean(0)
-    xc, yc = xs - mx, ys - my
-    gram = xc.T @ xc  # (C_t, C_t)
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]
+    sums: list[Tensor] = []  # [n, sum x, sum y, sum x x^T, sum x y^T]
+    for i in range(0, len(pick), 64):
+        x = normalize(images[pick[i : i + 64]].to(device), spec)
+        f = resize_to(target.run(x, None, join.insert), join.size)  # (B, C_t, h, w)
+        g = source.run(x, None, join.cut)  # (B, C_s, h, w)
+        xs = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).double()  # (B h w, C_t)
+        ys = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]).double()  # (B h w, C_s)
+        part = [
+            torch.tensor(float(len(xs)), dtype=torch.float64, device=device),
+            xs.sum(0),
+            ys.sum(0),
+            xs.T @ xs,
+            xs.T @ ys,
+        ]
+        sums = part if not sums else [a + b for a, b in zip(sums, part, strict=True)]
+    n, sx, sy, sxx, sxy = sums
+    mx, my = sx / n, sy / n
+    gram = sxx - n * torch.outer(mx, mx)  # (C_t, C_t): centred
+    cross = sxy - n * torch.outer(mx, my)  # (C_t, C_s)
     gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype, device=device)
-    w = torch.linalg.solve(gram, xc.T @ yc)  # (C_t, C_s)
-    conv = nn.Conv2d(f.shape[1], g.shape[1], 1, device=device)
-    conv.weight.copy_(w.T.reshape(g.shape[1], f.shape[1], 1, 1).float())
+    w = torch.linalg.solve(gram, cross)  # (C_t, C_s)
+    conv = nn.Conv2d(len(mx), len(my), 1, device=device)
+    conv.weight.copy_(w.T.reshape(len(my), len(mx), 1, 1).float())
     conv.bias.copy_((my - mx @ w).float())
     return conv
 
@@ -102,11 +124,21 @@ def grafted(target: TapNet, t_card: Card, parts: list[Part], labels: list[str], 
 def fresh(target: TapNet, t_card: Card, parts: list[Part], data: TaskData, seed: int) -> Grafted:
     """``grafted`` with ridge-fitted adapters (on the training images)."""
     torch.manual_seed(seed)
-    adapters = [ridge_adapter(target, p.source, p.join, data.train_x, t_card.input) for p in parts]
+    adapters = [ridge_adapter(target, p.source, p.join, data.train_x, t_card.input, seed=seed) for p in parts]
     return grafted(target, t_card, parts, data.labels, adapters)
 
 
-def train(model: Grafted, data: TaskData, card: Card, *, epochs: int, lr: float, batch_size: int, seed: int) -> None:
+def train(
+    model: Grafted,
+    data: TaskData,
+    card: Card,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> None:
     """Train ``A`` and ``F_c`` (the bases stay frozen and in eval mode)."""
     if epochs > 0:
         params = [*model.adapters.parameters(), *model.head.parameters()]
@@ -121,6 +153,7 @@ def train(model: Grafted, data: TaskData, card: Card, *, epochs: int, lr: float,
             batch_size=batch_size,
             seed=seed,
             device=device_of(model.target),
+            on_epoch=on_epoch,
         )
     model.eval()
 
@@ -197,16 +230,17 @@ def learn_together(
     lr: float,
     batch_size: int,
     seed: int,
-    on_round: Callable[[int, float], None] = lambda r, acc: None,
+    on_step: Callable[[int, float, str, float | None], None] = lambda r, done, what, loss: None,
 ) -> list[float]:
-    """Alternate (masks given R and A; A and F_c given the masks, one epoch) for at most ``rounds``,
-    until validation accuracy stops improving; the best round's masks, A and F_c are kept and the
-    remaining epochs of ``epochs`` train A and F_c on them. Sets each part's masks and fidelity;
-    returns the validation accuracy after each round."""
+    """Alternate (masks given R and A; A and F_c given the masks, one epoch with its own learning-rate
+    schedule) for at most ``rounds``, until validation accuracy stops improving; the best round's
+    masks, A and F_c are kept and trained on for the rest of ``epochs`` (a dropped round's epoch not
+    counted: the kept A and F_c see exactly ``epochs``). Sets each part's masks and fidelity; returns
+    the validation accuracy after each round. ``on_step(round, fraction of it done, what, loss)``
+    after every mask step and epoch (``round`` = ``rounds`` for the last training)."""
     history: list[float] = []
     best: tuple[float, list[dict[str, Tensor]], dict[str, Tensor]] | None = None
     logits: list[dict[str, Tensor] | None] = [None] * len(parts)
-    left = epochs
     for r in range(min(rounds, epochs)):
         for j, (part, src) in enumerate(zip(parts, residents, strict=True)):
             cols, images = cols_and_images(part, data)
@@ -221,22 +255,35 @@ def learn_together(
                 steps=steps,
                 seed=seed + r,
                 device=device_of(src),
+                on_step=lambda step, loss, r=r, j=j: on_step(
+                    r, (j + (step + 1) / steps) / (len(parts) + 1), f"masks of {parts[j].card.id}", loss
+                ),
             )
-            logits[j], part.masks = loc.logits, loc.masks
+            logits[j], part.masks, part.fidelity = loc.logits, loc.masks, loc.fidelity
             model.sources[j] = masked_source(src, loc.masks)
         train(model, data, t_card, epochs=1, lr=lr, batch_size=batch_size, seed=seed + r)
-        left -= 1
         history.append(val_accuracy(model, data, t_card))
-        on_round(r, history[-1])
+        on_step(r, 1.0, f"round {r + 1}: validation accuracy {history[-1]:.4f}", None)
         if best is not None and history[-1] <= best[0]:
             break
-        best = (history[-1], [dict(p.masks or {}) for p in parts], _trained_state(model))
+        best = (history[-1], [(p.masks, p.fidelity) for p in parts], _trained_state(model))
     assert best is not None
     for j, (part, src) in enumerate(zip(parts, residents, strict=True)):  # back to the best round
-        part.masks = best[1][j]
-        model.sources[j] = masked_source(src, part.masks)
+        part.masks, part.fidelity = best[1][j]
+        model.sources[j] = masked_source(src, part.masks or {})
     model.load_state_dict(best[2], strict=False)
-    train(model, data, t_card, epochs=left, lr=lr, batch_size=batch_size, seed=seed + rounds)
+    kept = history.index(best[0]) + 1  # the epochs the kept A and F_c were trained (a dropped round's is not)
+    left = epochs - kept
+    train(
+        model,
+        data,
+        t_card,
+        epochs=left,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed + rounds,
+        on_epoch=lambda e, loss: on_step(rounds, (e + 1) / left, "adapters and head", loss),
+    )
     return history
 
 

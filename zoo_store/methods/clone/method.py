@@ -126,7 +126,8 @@ class Clone(Method):
                 c: torch.ones(src.get_submodule(c).out_channels, dtype=torch.bool) for c in src.suffix_convs(p.join.cut)
             }
         metrics |= {f"source{i}_kept_fraction": kept_fraction(p.masks or {}) for i, p in enumerate(parts)}
-        metrics |= held_out(model, target, t_card, data, ctx.device)
+        metrics |= {f"source{i}_fidelity": p.fidelity for i, p in enumerate(parts) if p.fidelity is not None}
+        metrics |= held_out(model, target, t_card, data, device_of(target))
         metrics["localization"] = self.localization
         links = [
             SourceLink(model=p.card.id, labels=p.labels, depth=p.join.cut, insert=p.join.insert, size=p.join.size)
@@ -170,18 +171,29 @@ class Clone(Method):
         """Masks by ``self.localization``, then ``A`` and ``F_c`` trained for ``train.epochs`` on them:
         joint (the article: alternating with insertion), once (on the source alone, before insertion),
         none (every filter kept), random (as many filters per conv as joint keeps, drawn by the seed).
-        Returns the model and the validation accuracy after each alternation (none for once and none)."""
+        Returns the model and the validation accuracy after each alternation (joint only)."""
         tr = spec.train
         steps = LOCALIZE_STEPS if tr.steps is None else max(1, tr.steps)
         fit_args = {"lr": tr.lr, "batch_size": tr.batch_size, "seed": tr.seed}
-        history: list[float] = []
+
+        def tick(r: int, done: float, what: str, loss: float | None) -> None:  # rounds then training: 0.4 -> 1
+            ctx.progress(fraction=0.4 + 0.6 * min(1.0, (r + done) / (self.rounds + 1)), step=what, loss=loss)
+
         if self.localization == "once":
-            for part, src in zip(parts, residents, strict=True):
+            for j, (part, src) in enumerate(zip(parts, residents, strict=True)):
                 cols, images = cols_and_images(part, data)
-                convs = src.suffix_convs(part.join.cut)
-                part.masks = localize(
-                    src, convs, cols, images, t_card.input, steps=steps, seed=tr.seed, device=device_of(src)
-                ).masks
+                loc = localize(
+                    src,
+                    src.suffix_convs(part.join.cut),
+                    cols,
+                    images,
+                    t_card.input,
+                    steps=steps,
+                    seed=tr.seed,
+                    device=device_of(src),
+                    on_step=lambda step, loss, j=j: tick(j, step / steps, f"masks of {parts[j].card.id}", loss),
+                )
+                part.masks, part.fidelity = loc.masks, loc.fidelity
         if self.localization in ("joint", "random"):
             model = fresh(target, t_card, parts, data, tr.seed)
             history = self.together(
@@ -193,20 +205,26 @@ class Clone(Method):
                 epochs=tr.epochs,
                 rounds=self.rounds,
                 steps=steps,
-                on_round=lambda r, acc: ctx.progress(
-                    fraction=0.4 + 0.5 * (r + 1) / self.rounds, step=f"round {r + 1}", val_accuracy=acc
-                ),
+                on_step=tick,
                 **fit_args,
             )
             if self.localization == "joint":
                 return model, history
             for part in parts:
-                part.masks = random_like(part.masks or {}, tr.seed)
+                part.masks, part.fidelity = random_like(part.masks or {}, tr.seed), None
         for part, src in zip(parts, residents, strict=True):
             part.source = src if part.masks is None else masked_source(src, part.masks)
         model = fresh(target, t_card, parts, data, tr.seed)
-        train(model, data, t_card, epochs=tr.epochs, **fit_args)
-        return model, history if self.localization == "random" else []
+        epochs = tr.epochs
+        train(
+            model,
+            data,
+            t_card,
+            epochs=epochs,
+            on_epoch=lambda e, loss: tick(self.rounds, (e + 1) / epochs, "adapters and head", loss),
+            **fit_args,
+        )
+        return model, []  # random: the joint alternation only lent it its sparsity
 
     def expected_tensors(self, config: dict[str, Any], bases: dict[str, TapNet]) -> ExpectedTensors:
         cfg = _config(config, bases)
@@ -292,6 +310,11 @@ def _config(config: dict[str, Any], bases: dict[str, TapNet]) -> CloneConfig:
         if name not in bases:
             raise InvalidInput(f"clone config names base {name!r}, which the path does not reference")
     for s in cfg.sources:
+        if (s.size is None) != (cfg.topology == "source-prefix") or (cfg.topology == "target-prefix" and s.kernel != 1):
+            raise InvalidInput(
+                f"clone source {s.model!r}: a {cfg.topology} path has "
+                + ("a feature size at the cut and a 1x1 adapter" if cfg.topology == "target-prefix" else "no size")
+            )
         if s.depth not in bases[s.model].spatial_taps() or s.insert not in bases[cfg.target].spatial_taps():
             raise InvalidInput(
                 f"clone source {s.model!r}: depth {s.depth!r} or insertion tap {s.insert!r} is not a spatial tap"
