@@ -160,8 +160,8 @@ def test_joins_pair_taps_of_the_same_size_deepest_first() -> None:
     joins = candidates(target, src, GRAY)
     t_shapes, s_shapes = target.tap_shapes(1, 28), src.tap_shapes(1, 28)
     assert joins and all(t_shapes[j.insert][1:] == s_shapes[j.cut][1:] == j.size for j in joins)
-    order = [target.spatial_taps().index(j.insert) for j in joins]
-    assert order == sorted(order, reverse=True)  # the deepest target tap first
+    order = [(target.spatial_taps().index(j.insert), src.spatial_taps().index(j.cut)) for j in joins]
+    assert order == sorted(order, reverse=True)  # the deepest target tap first, then the deepest cut
     every = {(r, c) for r in target.spatial_taps() for c in src.spatial_taps() if t_shapes[r][1:] == s_shapes[c][1:]}
     assert {(j.insert, j.cut) for j in joins} == every
 
@@ -335,6 +335,46 @@ def test_clone_builds_and_materializes_end_to_end(localization: str) -> None:
     with pytest.raises(InvalidInput, match="feature size at the cut"):
         Clone().materialize(unsized, bundle.tensors, nets)
     assert (digest_of(target), digest_of(src)) == digests
+
+
+def test_two_sources_clone_and_serve() -> None:
+    """P = 2 (a ResNet and a VGG source): each gets its join, masks and adapter; the head reads the
+    three feature vectors; the path materializes, through a bundle, to the network measured."""
+    from zoo_store.core.bundle import check_expected, decode_bundle, encode_bundle, make_manifest
+    from zoo_store.datasets.tasks import TaskData
+    from zoo_store.methods.base import BuildContext
+    from zoo_store.methods.clone.method import Clone
+
+    t_card, target = _base("low", LOW)
+    s_card, src = _base("high", HIGH, seed=1)
+    v_card, vgg = _base("all", ALL, "vgg_s", seed=2)
+    x, y = _images(48), torch.arange(48) % 8
+    labels = [*LOW, "5", "6", "7"]
+    spec = CompositionSpec.model_validate(
+        {
+            "method": "clone",
+            "base": "low",
+            "sources": [{"model": "high", "labels": ["5", "6"]}, {"model": "all", "labels": ["7"]}],
+            "task": {"dataset": "t"},
+            "train": {"epochs": 2, "batch_size": 16, "steps": 10},
+        }
+    )
+    ctx = BuildContext(
+        bases={"low": (t_card, target), "high": (s_card, src), "all": (v_card, vgg)},
+        load_task=lambda t, c: TaskData(x, y, x[:16], y[:16], labels, x[16:32], y[16:32]),
+    )
+    art = Clone().build(spec, ctx)
+    assert [s["model"] for s in art.config["sources"]] == ["high", "all"]
+    assert {"source0_join_val_accuracy", "source1_join_val_accuracy", "source1_fidelity"} <= set(art.metrics)
+    assert art.tensors["head.weight"].shape == (8, target.feature_dim + src.feature_dim + vgg.feature_dim)
+    assert any(k.startswith("mask.1.") for k in art.tensors) == bool(
+        vgg.suffix_convs(art.config["sources"][1]["depth"])
+    )
+    manifest, nets = make_manifest(art), {"low": target, "high": src, "all": vgg}
+    check_expected(manifest, Clone().expected_tensors(art.config, nets))
+    bundle = decode_bundle(encode_bundle(manifest, art.tensors, art.metrics))
+    module = Clone().materialize(manifest.config, bundle.tensors, nets)
+    assert accuracy(module, x[:16], y[:16], GRAY) == pytest.approx(art.metrics["accuracy"])
 
 
 def test_a_clone_path_of_the_first_topology_serves_as_it_did() -> None:
