@@ -27,7 +27,7 @@ from zoo_store.core.weights import digest_of
 from zoo_store.datasets.builtin import BUILTINS
 from zoo_store.datasets.tasks import TaskData, make_task
 from zoo_store.methods.base import BuildContext
-from zoo_store.methods.clone.insert import learn_together, search_join
+from zoo_store.methods.clone.insert import Part, candidates, learn_together, search_join
 from zoo_store.methods.clone.method import Clone, held_out
 from zoo_store.methods.resample.method import Resample
 from zoo_store.store.zoos import build_zoo
@@ -405,3 +405,23 @@ def _tables(case: Case, regime: str, runs: list[dict]) -> list[str]:
         )
     out.append(f"\nTarget alone: {runs[0]['target_macs']:,} MACs.")
     return out
+
+
+def join_scores(store, case: Case, seed: int = 0) -> list[str]:
+    """Validation accuracy of every join the search tries for the case's first source (balanced
+    data, one epoch each, as the search runs it), deepest first."""
+    cards = store.cards()
+    t_card, target = cards[case.target], store.load_base(cards[case.target])
+    s_id, labels = case.sources[0]
+    source = store.load_base(cards[s_id])
+    part = Part(source, cards[s_id], labels, candidates(target, source, t_card.input)[0])
+    data = _data(case, "balanced", t_card, seed)
+    _, scores = search_join(target, t_card, [part], 0, data, lr=LR_HEAD, batch_size=64, seed=seed, tolerance=0.005)
+    return [f"| {case.name} | " + "; ".join(f"{k} {v:.4f}" for k, v in scores.items()) + " |"]
+
+
+if __name__ == "__main__":  # the join scores alone: ZOO_DATA_DIR=./data python -m bench.clone
+    store = dir_store(bench_data_dir())
+    print("| case | validation accuracy per join (R->cut), deepest first |\n|---|---|")
+    for case in CASES:
+        print("\n".join(join_scores(store, case)))
