@@ -23,7 +23,7 @@ from zoo_store.archs.base import resize_to
 from zoo_store.core.cards import Card, InputSpec
 from zoo_store.datasets.tasks import TaskData
 from zoo_store.methods.clone.layers import Grafted, masked_source
-from zoo_store.methods.clone.localize import Branch, localize
+from zoo_store.methods.clone.localize import Branch, from_pixels, localize
 from zoo_store.training import accuracy, fit, fused_head, normalize
 
 
@@ -217,6 +217,39 @@ def cols_and_images(part: Part, data: TaskData) -> tuple[list[int], Tensor]:
     return [part.card.labels.index(x) for x in part.labels], data.train_x[mine]
 
 
+def localize_part(
+    part: Part,
+    source: TapNet,
+    data: TaskData,
+    t_card: Card,
+    *,
+    steps: int,
+    seed: int,
+    branch: Branch = from_pixels,
+    start: dict[str, Tensor] | None = None,
+    on_step: Callable[[int, float], None] = lambda step, loss: None,
+) -> dict[str, Tensor]:
+    """Masks over the resident ``source``'s convs after the part's cut, fitted on the training images
+    of the labels it brings; sets the part's masks and fidelity, returns the fitted logits."""
+    cols, images = cols_and_images(part, data)
+    convs = source.suffix_convs(part.join.cut)
+    loc = localize(
+        source,
+        convs,
+        cols,
+        images,
+        t_card.input,
+        branch=branch,
+        start=start,
+        steps=steps,
+        seed=seed,
+        device=device_of(source),
+        on_step=on_step,
+    )
+    part.masks, part.fidelity = loc.masks, loc.fidelity
+    return loc.logits
+
+
 def learn_together(
     model: Grafted,
     residents: list[TapNet],
@@ -243,24 +276,20 @@ def learn_together(
     logits: list[dict[str, Tensor] | None] = [None] * len(parts)
     for r in range(min(rounds, epochs)):
         for j, (part, src) in enumerate(zip(parts, residents, strict=True)):
-            cols, images = cols_and_images(part, data)
-            loc = localize(
+            logits[j] = localize_part(
+                part,
                 src,
-                src.suffix_convs(part.join.cut),
-                cols,
-                images,
-                t_card.input,
+                data,
+                t_card,
                 branch=through(model.target, part.join, model.adapters[j]),
                 start=logits[j],
                 steps=steps,
                 seed=seed + r,
-                device=device_of(src),
                 on_step=lambda step, loss, r=r, j=j: on_step(
                     r, (j + (step + 1) / steps) / (len(parts) + 1), f"masks of {parts[j].card.id}", loss
                 ),
             )
-            logits[j], part.masks, part.fidelity = loc.logits, loc.masks, loc.fidelity
-            model.sources[j] = masked_source(src, loc.masks)
+            model.sources[j] = masked_source(src, part.masks or {})
         train(model, data, t_card, epochs=1, lr=lr, batch_size=batch_size, seed=seed + r)
         history.append(val_accuracy(model, data, t_card))
         on_step(r, 1.0, f"round {r + 1}: validation accuracy {history[-1]:.4f}", None)

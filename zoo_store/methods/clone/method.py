@@ -28,16 +28,16 @@ from zoo_store.methods.clone.config import plan_clone
 from zoo_store.methods.clone.insert import (
     Part,
     candidates,
-    cols_and_images,
     device_of,
     fresh,
     learn_together,
+    localize_part,
     search_join,
     train,
 )
 from zoo_store.methods.clone.layers import Grafted, masked_source, pack_mask, unpack_mask
 from zoo_store.methods.clone.legacy import SourcePrefixClone
-from zoo_store.methods.clone.localize import kept_fraction, localize, random_like
+from zoo_store.methods.clone.localize import kept_fraction, random_like
 from zoo_store.methods.registry import register_method
 from zoo_store.training import predict_logits
 
@@ -181,19 +181,15 @@ class Clone(Method):
 
         if self.localization == "once":
             for j, (part, src) in enumerate(zip(parts, residents, strict=True)):
-                cols, images = cols_and_images(part, data)
-                loc = localize(
+                localize_part(
+                    part,
                     src,
-                    src.suffix_convs(part.join.cut),
-                    cols,
-                    images,
-                    t_card.input,
+                    data,
+                    t_card,
                     steps=steps,
                     seed=tr.seed,
-                    device=device_of(src),
                     on_step=lambda step, loss, j=j: tick(j, step / steps, f"masks of {parts[j].card.id}", loss),
                 )
-                part.masks, part.fidelity = loc.masks, loc.fidelity
         if self.localization in ("joint", "random"):
             model = fresh(target, t_card, parts, data, tr.seed)
             history = self.together(
