@@ -8,6 +8,9 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
+import threading
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import onnx
@@ -234,3 +237,43 @@ def test_a_clone_exports_the_shared_prefix_once(client) -> None:
     convs = [n for n in graph.node if n.op_type == "Conv"]
     expected = len(target[1].prefix_convs(target[1].taps[-1].name)) + len(source[1].suffix_convs(link["depth"])) + 1
     assert len(convs) == expected
+
+
+def test_an_export_beside_a_running_forward_traces_neither(client) -> None:
+    """``torch.export`` patches ``nn.Module.__call__`` for a whole process while it traces: a job's or
+    a predict's forward in another thread meanwhile must neither break the export (CI saw "Unexpected
+    key stages.stage3...") nor run through the tracer itself."""
+    path_id = _path(client, "reprogram", "resnet_s")
+    client.app.state.services.exports.forget(path_id)
+    _, net = _bases(client, "resnet_s")[1]  # a resident base, as a job's training runs one
+    x, call = torch.rand(2, GRAY.channels, GRAY.size, GRAY.size), torch.nn.Module.__call__
+    traced: list[bool] = []
+    stop = threading.Event()
+
+    def forwards() -> None:
+        with torch.no_grad():
+            while not stop.is_set():
+                traced.append(torch.nn.Module.__call__ is not call)
+                net(x)
+
+    worker = threading.Thread(target=forwards)
+    worker.start()
+    try:
+        for fmt in ("pt2", "onnx"):
+            r = client.get(f"/v1/paths/{path_id}/export", params={"format": fmt})
+            assert r.status_code == 200, r.text
+    finally:
+        stop.set()
+        worker.join()
+    assert traced and not any(traced), f"{sum(traced)} of {len(traced)} forwards ran through the tracer"
+
+
+def test_an_export_child_that_died_is_replaced(client) -> None:
+    path_id = _path(client, "reprogram", "resnet_s")
+    client.app.state.services.exports.forget(path_id)
+    child = service.runtime.exports._exporter()
+    with pytest.raises(BrokenProcessPool):
+        child.submit(os._exit, 1).result()  # killed, as by the kernel's OOM killer
+    r = client.get(f"/v1/paths/{path_id}/export", params={"format": "pt2"})
+    assert r.status_code == 200, r.text
+    assert service.runtime.exports._exporter() is not child
