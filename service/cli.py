@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import sys
+import webbrowser
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -557,6 +558,21 @@ def bundle_import(file: Annotated[Path, typer.Argument(help="A .zoopath file.")]
     out, created = _client(url).import_bundle(file.read_bytes())
     verb = "imported" if created else "already here"
     console.print(f"{verb}: path {out['id']} ({out['method']}, {_size(out['bytes'])})")
+
+
+@command(app)
+def dashboard(
+    url: Url = DEFAULT_URL,
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open it in a browser.")] = True,
+) -> None:
+    """Sign a browser in to the dashboard: a one-time link (15 minutes) made with this command's key
+    (ZOO_API_KEY, or the local server's admin.key), opened in the default browser."""
+    token = _client(url).sign_in_token()["token"]
+    link = f"{url.rstrip('/')}/#token={token}"
+    if open_browser and webbrowser.open(link):
+        console.print("the dashboard is open in your browser, signed in (the link worked once)")
+    else:
+        console.print(f"open this link once, within 15 minutes: {link}", soft_wrap=True)
 
 
 @app.command()

@@ -166,6 +166,10 @@ class ZooClient:
         body = {"tenant": tenant, "admin": admin, "expires_in_days": expires_in_days}
         return self._call("POST", "/v1/keys", json=body).json()
 
+    def sign_in_token(self) -> dict:
+        """A one-time token that signs a browser in at ``<server>/#token=<token>`` (15 minutes)."""
+        return self._call("POST", "/v1/keys/sign-in").json()
+
     def keys(self) -> list[dict]:
         return self._items("/v1/keys")
 

@@ -19,7 +19,7 @@ from service.common.edge import KEY_TTL_S
 from service.common.ttl import TtlCache
 from zoo_store.core.errors import Forbidden, Unauthorized, Unavailable
 from zoo_store.store.db import Database, utcnow
-from zoo_store.store.tenancy import Caller, Keys, well_formed
+from zoo_store.store.tenancy import SIGN_IN, Caller, Keys, well_formed
 
 log = logging.getLogger("zoo.auth")
 ADMIN_KEY_FILE = "admin.key"
@@ -49,6 +49,8 @@ class Auth:
         )
         if found is None or (found[1] is not None and found[1] <= utcnow()):
             raise Unauthorized("the API key is unknown, revoked or expired")
+        if found[0].tenant == SIGN_IN:
+            raise Unauthorized("a sign-in token is not an API key: the dashboard exchanges it (POST /v1/keys/exchange)")
         return found[0]
 
     def _lookup(self, key: str) -> tuple[Caller, dt.datetime | None] | None:

@@ -4,7 +4,8 @@ Protocol surface). Which ones follow from the route itself, in one place:
 
 - 400: a request body that does not parse (JSON, multipart, bundles, ``.npy`` and OIP bodies);
 - 404: an id in the path;
-- 401: routes that need a key; 403: routes that need an admin's, and routes that declare it (``FORBIDDEN``);
+- 401: routes that need a key, and routes that declare it (``UNAUTHORIZED``);
+- 403: routes that need an admin's, and routes that declare it (``FORBIDDEN``);
 - 409, 429: routes that declare them (``CONFLICT``, ``RATE_LIMITED``), and 503 as well (``UNAVAILABLE``);
 - 413: a request body (limits);
 - 422: parameters or a body;
@@ -26,6 +27,7 @@ from service.api.errors import api_routes, is_oip
 from zoo_store.methods import get_method, method_names
 
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"description": "Conflict"}}  # a route's ``responses=``
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "Unauthorized"}}
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"description": "Unavailable"}}
 FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {"description": "Forbidden"}}
 RATE_LIMITED: dict[int | str, dict[str, Any]] = {429: {"description": "Too many requests"}}
@@ -78,7 +80,7 @@ def _declare_errors(op: dict, route: Any, method: str) -> None:
     codes = set()
     if route.dependant.path_params:
         codes.add(404)
-    codes |= {c for c in (403, 409, 429, 503) if c in route.responses}
+    codes |= {c for c in (401, 403, 409, 429, 503) if c in route.responses}
     if _needs(route, get_caller):
         codes |= {401, 503}  # a key this process has not seen checked in the database, which may be away
         if method in MUTATING and route.path_format not in READS:

@@ -160,6 +160,16 @@ class NewKey(Key):
     key: str = Field(description="the API key: shown this once, kept by the server only as a hash")
 
 
+class SignIn(BaseModel):
+    token: str = Field(description="a one-time sign-in token: the dashboard at /#token=<token> exchanges it")
+    expires_at: Utc
+
+
+class SignInToken(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    token: Annotated[str, Field(max_length=200)]
+
+
 class Audit(BaseModel):
     id: str
     at: Utc

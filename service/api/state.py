@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import secrets
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -97,8 +98,17 @@ class Services:
         """Migrate, register built-in datasets, then build/load the zoo on a background thread."""
         self.db.migrate()
         self.auth.first_admin_key(self.settings.data_dir)
+        self._print_sign_in_link()
         self.store.ensure_builtin_datasets()
         threading.Thread(target=self._load_zoo, name="zoo-load", daemon=True).start()
+
+    def _print_sign_in_link(self) -> None:
+        """Like Jupyter: once, at start, a link that signs a browser in (its one-time token, in the URL's
+        fragment, never reaches a server's log; ``zoo dashboard`` makes another)."""
+        if self.auth.enabled and self.settings.public_url:
+            _, token = self.auth.keys.sign_in_token()
+            url = f"{self.settings.public_url.rstrip('/')}/#token={token}"
+            print(f"zoo: the dashboard, signed in (once, within 15 minutes): {url}", file=sys.stderr, flush=True)
 
     def _load_zoo(self) -> None:
         try:

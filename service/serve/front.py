@@ -203,10 +203,13 @@ def create_front_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+KEYLESS = frozenset({"/v1/keys/exchange"})  # its body's sign-in token is the credential
+
+
 def _needs_key(path: str) -> bool:
-    """Whether the app asks a key of a route: all of /v1 and /v2 (not /healthz, /readyz, /metrics,
-    the dashboard's files, /docs, /redoc, /openapi.json)."""
-    return path.startswith("/v1/") or path == "/v2" or path.startswith("/v2/")
+    """Whether the app asks a key of a route: all of /v1 and /v2 but a sign-in token's exchange (not
+    /healthz, /readyz, /metrics, the dashboard's files, /docs, /redoc, /openapi.json)."""
+    return (path.startswith("/v1/") and path not in KEYLESS) or path == "/v2" or path.startswith("/v2/")
 
 
 def _has_body(request: Request) -> bool:

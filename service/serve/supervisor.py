@@ -128,6 +128,8 @@ def serve(host: str, port: int, access_log: bool) -> None:
 
     from zoo_store.core.settings import Settings
 
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+    os.environ.setdefault("ZOO_PUBLIC_URL", f"http://{shown}:{port}")  # the sign-in link's (inherited)
     settings = Settings()
     if settings.http_workers == 0:
         from service.api.app import create_app

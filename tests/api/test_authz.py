@@ -49,6 +49,9 @@ class World:
     def throwaway_key(self) -> str:
         return self.client.post("/v1/keys", json={"tenant": "throwaway"}).json()["id"]
 
+    def sign_in_token(self) -> str:
+        return self.client.post("/v1/keys/sign-in").json()["token"]
+
     def throwaway_job(self) -> str:
         """A job of A's that no runner takes (it is not queued)."""
         spec = {"method": "reprogram", "base": "res", "task": SMALL_TASK}
@@ -132,6 +135,11 @@ MATRIX: dict[tuple[str, str], tuple[Req, dict]] = {
     ),
     ("POST", "/v1/keys"): (lambda w: ("/v1/keys", {"json": {"tenant": "c"}}), admin_only(201)),
     ("GET", "/v1/keys"): (lambda w: ("/v1/keys", {}), admin_only(200)),
+    ("POST", "/v1/keys/sign-in"): (lambda w: ("/v1/keys/sign-in", {}), admin_only(201)),
+    ("POST", "/v1/keys/exchange"): (  # the token is the credential: any key beside it, or none
+        lambda w: ("/v1/keys/exchange", {"json": {"token": w.sign_in_token()}}),
+        dict.fromkeys(WHO, 201),
+    ),
     ("DELETE", "/v1/keys/{key_id}"): (lambda w: (f"/v1/keys/{w.throwaway_key()}", {}), admin_only(200)),
     ("GET", "/v1/tenants/{tenant}"): (lambda w: ("/v1/tenants/a", {}), admin_only(200)),
     ("PUT", "/v1/tenants/{tenant}/limits"): (
@@ -315,6 +323,43 @@ def test_expired_and_revoked_keys(world: World) -> None:
         world.client.post(f"/v1/paths/{world.path}/predict", json=PREDICT, headers=as_d),
     ):
         assert r.status_code == 401, r.text
+
+
+def test_a_sign_in_token_is_exchanged_once_and_is_not_a_key(world: World) -> None:
+    import datetime as dt
+
+    from service.common.edge import KEY_TTL_S
+    from zoo_store.store.db import ApiKeyRow
+
+    made = world.client.post("/v1/keys/sign-in").json()
+    token, svc = made["token"], world.client.app.state.services
+    assert dt.datetime.fromisoformat(made["expires_at"]) - dt.datetime.now(dt.UTC) <= dt.timedelta(minutes=15)
+    r = world.client.get("/v1/paths", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401 and "sign-in token is not an API key" in r.json()["detail"]
+    anyone = {"Authorization": ""}
+    new = world.client.post("/v1/keys/exchange", json={"token": token}, headers=anyone)
+    assert new.status_code == 201, new.text
+    assert new.json()["admin"] and new.json()["tenant"] == "admin"
+    assert dt.datetime.fromisoformat(new.json()["expires_at"]) > dt.datetime.now(dt.UTC) + dt.timedelta(days=6)
+    assert world.client.get("/v1/keys", headers={"Authorization": f"Bearer {new.json()['key']}"}).status_code == 200
+    again = world.client.post("/v1/keys/exchange", json={"token": token}, headers=anyone)
+    assert again.status_code == 401 and "used or expired" in again.json()["detail"]
+
+    late = world.client.post("/v1/keys/sign-in").json()
+    with svc.db.session() as s:
+        s.get(ApiKeyRow, _key_id(world, late["token"])).expires_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    time.sleep(KEY_TTL_S + 0.1)
+    assert world.client.post("/v1/keys/exchange", json={"token": late["token"]}).status_code == 401
+    for body in ({"token": world.keys["a"]}, {"token": "zoo_nonsense"}):  # a tenant's key is not a token
+        assert world.client.post("/v1/keys/exchange", json=body).status_code == 401
+    assert world.client.post("/v1/keys/exchange", json={"token": 7}).status_code == 422
+    r = world.client.post("/v1/keys", json={"tenant": "sign-in", "admin": True})
+    assert r.status_code == 422 and "sign-in tokens" in r.json()["detail"]
+
+
+def _key_id(world: World, key: str) -> str:
+    prefix = key.split("_")[1]
+    return next(k["id"] for k in world.client.get("/v1/keys").json()["items"] if k["prefix"] == prefix)
 
 
 def test_auth_off(tmp_path: Path) -> None:

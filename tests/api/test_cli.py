@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,15 @@ def test_worker_runs_jobs_with_only_a_store_a_queue_and_a_runner(
     finally:
         RedisQueue(redis_url, stream=stream).r.delete(stream, f"{stream}:epoch")
         db.dispose()
+
+
+@on_sqlite()
+def test_dashboard_opens_a_one_time_sign_in_link(zoo: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    monkeypatch.setattr(cli.webbrowser, "open", lambda url: opened.append(url) or True)
+    assert "open in your browser" in _run("dashboard", "--url", "http://127.0.0.1:8000")
+    printed = re.search(r"http://127\.0\.0\.1:8000/#token=(\S+)", _run("dashboard", "--no-open"))
+    assert printed and len(opened) == 1 and opened[0].startswith("http://127.0.0.1:8000/#token=")
+    for token in (opened[0].split("=", 1)[1], printed.group(1)):
+        assert zoo.post("/v1/keys/exchange", json={"token": token}).status_code == 201
+        assert zoo.post("/v1/keys/exchange", json={"token": token}).status_code == 401

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import statistics
 import time
 import uuid
@@ -179,25 +180,31 @@ def test_each_audit_row_names_what_the_call_acted_on(zoo) -> None:
 
 def test_no_key_or_hash_leaks(tmp_path) -> None:
     """Through a live `zoo serve`: the keys of good and bad requests, and their hashes, appear in no
-    log line, error body, metric or audit row."""
+    log line, error body, metric or audit row; the sign-in token the start printed, once, only there."""
     from bench.scale import Server
 
     server = Server(tmp_path, "mixed", workers=1)
     try:
+        link = re.search(r"(http://\S+)/#token=(\S+)", server.log.read_text(errors="replace"))
+        assert link and link.group(1) == server.url, server.log.read_text(errors="replace")[-2000:]
+        token = link.group(2)
+        signed_in = server.client.post("/v1/keys/exchange", json={"token": token}).json()["key"]
         made = server.client.post("/v1/keys", json={"tenant": "a"}).json()
         bad = made["key"][:-4] + "AAAA"
-        secrets = [server.key, made["key"], bad]
-        secrets += [hashlib.sha256(k.encode()).hexdigest() for k in secrets]
+        secrets = [server.key, made["key"], bad, signed_in]
+        secrets += [hashlib.sha256(k.encode()).hexdigest() for k in [*secrets, token]]
         answers = [server.client.get("/v1/paths", headers={"Authorization": f"Bearer {k}"}) for k in (made["key"], bad)]
         answers += [
             server.client.post("/v1/compositions", json={}, headers={"Authorization": f"Bearer {bad}"}),
+            server.client.post("/v1/keys/exchange", json={"token": token}),  # used: 401
             server.client.get("/metrics"),
             server.client.get("/v1/audit"),
             server.client.get("/v1/keys"),
         ]
-        assert [r.status_code for r in answers] == [200, 401, 401, 200, 200, 200]
+        assert [r.status_code for r in answers] == [200, 401, 401, 401, 200, 200, 200]
         time.sleep(0.5)  # the log file flushed
         texts = [r.text for r in answers] + [server.log.read_text(errors="replace")]
         assert not [s for s in secrets for t in texts if s in t]
+        assert sum(t.count(token) for t in texts) == 1  # the start's line
     finally:
         server.close()

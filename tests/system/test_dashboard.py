@@ -1,9 +1,9 @@
 """The dashboard at `/` in a real browser (Debian's Chromium, driven by Playwright; no browser
-download): load the page, compose a small reprogram path from the form and watch it finish,
-predict an uploaded PNG and read the top label, download a bundle, all with the API key typed into the page. Each
-view's screenshot is
-saved under docs/img/ (the README shows them). The zoo here is one small ResNet with random
-weights, so the accuracies in the pictures are chance."""
+download): sign in through the link `zoo serve` printed (it works once), then with an API key typed
+into the page; compose a small reprogram path from the form and watch it finish, predict an uploaded
+PNG and read the top label, download a bundle. Each view's screenshot is saved under docs/img/ (the
+README shows them). The zoo here is one small ResNet with random weights, so the accuracies in the
+pictures are chance."""
 
 from __future__ import annotations
 
@@ -33,7 +33,16 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            link = re.search(r"http://\S+/#token=\S+", server.log.read_text(errors="replace")).group(0)
+            signed = browser.new_page()  # the link zoo serve printed signs a browser in, once
+            signed.goto(link)
+            signed.wait_for_selector("body[data-loaded=yes]", timeout=60_000)
+            assert "#token" not in signed.url and "resnet_s" in signed.inner_text("#models")
+            again = browser.new_page()
+            again.goto(link)
+            again.wait_for_selector("body[data-loaded=needs-key]", timeout=60_000)
+            assert "used or expired" in again.inner_text("#whoami")
+            page = browser.new_page(viewport={"width": 1100, "height": 800})  # a key typed in works too
             page.goto(server.url + "/")
             page.wait_for_selector("body[data-loaded=needs-key]", timeout=60_000)  # no key yet: it asks
             assert "needs an API key" in page.inner_text("#whoami")

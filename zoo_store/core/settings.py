@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # `zoo serve`: HTTP worker processes that parse and decode requests in front of the one inference
     # process that owns the device (0: everything in one process)
     http_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0)
+    # where browsers reach this server (`zoo serve` sets it from --host and --port unless it is set):
+    # with auth on, the start prints <public_url>/#token=... once, a link that signs a browser in
+    public_url: str | None = None
     # the edge (`zoo serve`'s HTTP server): request headers above this get 431; a request whose headers
     # do not arrive within read_timeout_s, or whose body stops for that long, gets 408 (and is closed)
     max_header_bytes: int = Field(64 * 2**10, gt=0)

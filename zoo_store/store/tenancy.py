@@ -10,13 +10,16 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from zoo_store.core.errors import InvalidInput, NotFound
+from zoo_store.core.errors import InvalidInput, NotFound, Unauthorized
 from zoo_store.store.db import ApiKeyRow, Database, new_id, page, utcnow
 
 TENANT = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
-RESERVED = ("admin", "local")  # the tenants of the first admin key and of every caller when auth is off
+SIGN_IN = "sign-in"  # the tenant of sign-in tokens: a browser exchanges one, once, for an admin key
+RESERVED = ("admin", "local", SIGN_IN)  # the first admin key's, every caller's when auth is off, sign-in tokens'
+SIGN_IN_TTL = dt.timedelta(minutes=15)  # a sign-in link works this long, once
+SIGNED_IN_TTL = dt.timedelta(days=7)  # the admin key a sign-in link is exchanged for works this long
 _KEY = re.compile(r"zoo_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
 
 
@@ -55,10 +58,15 @@ class Keys:
     def create(self, tenant: str, admin: bool = False, expires_at: dt.datetime | None = None) -> tuple[ApiKeyRow, str]:
         """A new key for ``tenant``: its row and the key itself (shown once, never stored)."""
         check_tenant(tenant)
+        if tenant == SIGN_IN:
+            raise InvalidInput(f"tenant {SIGN_IN!r} is for sign-in tokens (zoo dashboard makes them)")
         if tenant in RESERVED and not admin:
             raise InvalidInput(f"tenant {tenant!r} is for admins' keys (the first admin key's, or ZOO_AUTH=off's)")
         if expires_at is not None and expires_at.astimezone(dt.UTC) <= utcnow():
             raise InvalidInput("expires_at is in the past")
+        return self._add(tenant, admin, expires_at)
+
+    def _add(self, tenant: str, admin: bool, expires_at: dt.datetime | None) -> tuple[ApiKeyRow, str]:
         prefix = secrets.token_hex(6)
         key = f"zoo_{prefix}_{secrets.token_urlsafe(32)}"  # 32 random bytes after the prefix
         row = ApiKeyRow(
@@ -73,6 +81,26 @@ class Keys:
         with self.db.session() as s:
             s.add(row)
         return row, key
+
+    def sign_in_token(self) -> tuple[ApiKeyRow, str]:
+        """A one-time sign-in token (a key of tenant ``sign-in``, good for nothing but ``exchange``)."""
+        return self._add(SIGN_IN, False, utcnow() + SIGN_IN_TTL)
+
+    def exchange(self, token: str) -> tuple[ApiKeyRow, str]:
+        """A new admin key (``SIGNED_IN_TTL``) for a live sign-in token, which is revoked: the first of
+        any number of processes exchanging it at once gets the key, the others ``Unauthorized``."""
+        row = self.find(token)
+        if row is None or row.tenant != SIGN_IN:
+            raise Unauthorized("the sign-in link is unknown, used or expired: zoo dashboard makes another")
+        with self.db.session() as s:
+            taken = s.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.id == row.id, ApiKeyRow.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            ).rowcount
+        if taken != 1:
+            raise Unauthorized("the sign-in link is unknown, used or expired: zoo dashboard makes another")
+        return self.create("admin", admin=True, expires_at=utcnow() + SIGNED_IN_TTL)
 
     def find(self, key: str) -> ApiKeyRow | None:
         """The live key row ``key`` is (None when it is malformed, unknown, revoked or expired)."""

@@ -1,4 +1,5 @@
-"""API keys, for admins: create (the key is in the answer, once), list, revoke."""
+"""API keys, for admins: create (the key is in the answer, once), list, revoke; and signing a browser in
+with a one-time token (``zoo serve`` prints a link with one, ``zoo dashboard`` asks for one and opens it)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from fastapi import APIRouter, Request
 from service.api.audit import audit_target
 from service.api.auth import AdminDep
 from service.api.deps import Cursor, Limit, Svc
-from service.api.openapi import CONFLICT
-from service.api.schemas import Key, KeyIn, NewKey, Page
+from service.api.openapi import CONFLICT, UNAUTHORIZED, UNAVAILABLE
+from service.api.schemas import Key, KeyIn, NewKey, Page, SignIn, SignInToken
 from zoo_store.core.errors import Conflict
 from zoo_store.store.db import utcnow
 
@@ -22,6 +23,24 @@ def create_key(body: KeyIn, request: Request, svc: Svc, _: AdminDep) -> NewKey:
     """A new key for a tenant (an admin's with ``admin``). The answer is the only time the key is shown."""
     expires = None if body.expires_in_days is None else utcnow() + dt.timedelta(days=body.expires_in_days)
     row, key = svc.auth.keys.create(body.tenant, body.admin, expires)
+    audit_target(request, row.id)
+    return NewKey(**Key.of(row).model_dump(), key=key)
+
+
+@router.post("/sign-in", status_code=201)
+def sign_in_token(request: Request, svc: Svc, _: AdminDep) -> SignIn:
+    """A one-time sign-in token for a browser: open ``/#token=<token>`` (the fragment never reaches a
+    server's log) within 15 minutes and the dashboard exchanges it for an admin key of its own."""
+    row, token = svc.auth.keys.sign_in_token()
+    audit_target(request, row.id)
+    return SignIn(token=token, expires_at=row.expires_at)
+
+
+@router.post("/exchange", status_code=201, responses=UNAUTHORIZED | UNAVAILABLE)
+def exchange_sign_in(body: SignInToken, request: Request, svc: Svc) -> NewKey:
+    """A sign-in token exchanged, once, for a new admin key that works for 7 days (no key needed: the
+    token is the credential). A token used already, expired or unknown: 401."""
+    row, key = svc.auth.keys.exchange(body.token)
     audit_target(request, row.id)
     return NewKey(**Key.of(row).model_dump(), key=key)
 

@@ -203,12 +203,28 @@ async function predict(file) {
   } catch (err) { bars.textContent = err.message; }
 }
 
+// A sign-in link (zoo serve prints one at start, zoo dashboard opens one): /#token=<one-time token>,
+// taken out of the address bar at once and exchanged for an admin key of this tab's own.
+// The answer: null, or why the link did not sign in.
+async function signInFromLink() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (!token) return null;
+  history.replaceState(null, "", location.pathname + location.search);
+  try {
+    const out = await api("/v1/keys/exchange", {method: "POST", headers: {"Content-Type": "application/json"},
+                                                body: JSON.stringify({token})});
+    sessionStorage.setItem(KEY, out.key);
+    return null;
+  } catch (err) { return "sign-in link: " + err.message; }
+}
+
 async function main() {
+  $("#key-form").onsubmit = (e) => { e.preventDefault(); sessionStorage.setItem(KEY, $("#api-key").value.trim()); location.reload(); };
+  const linkError = await signInFromLink();
   const ready = await fetch("/readyz").then((r) => r.json()).catch(() => ({}));
   $("#ready").textContent = ready.status === "ready" ? `ready: ${ready.bases} bases on ${ready.device}` : "not ready";
-  $("#key-form").onsubmit = (e) => { e.preventDefault(); sessionStorage.setItem(KEY, $("#api-key").value.trim()); location.reload(); };
   try { await loadZoo(); } catch (err) {  // no key yet, or a revoked one: ask for one
-    $("#whoami").textContent = err.message;
+    $("#whoami").textContent = linkError || err.message;
     document.body.dataset.loaded = "needs-key";
     return;
   }
