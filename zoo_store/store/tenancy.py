@@ -47,6 +47,21 @@ def well_formed(key: str) -> bool:
     return _KEY.fullmatch(key) is not None
 
 
+def _new_key(tenant: str, admin: bool, expires_at: dt.datetime | None) -> tuple[ApiKeyRow, str]:
+    prefix = secrets.token_hex(6)
+    key = f"zoo_{prefix}_{secrets.token_urlsafe(32)}"  # 32 random bytes after the prefix
+    row = ApiKeyRow(
+        id=new_id("key"),
+        prefix=prefix,
+        hash=_hash(key),
+        tenant=tenant,
+        admin=admin,
+        created_at=utcnow(),
+        expires_at=expires_at,
+    )
+    return row, key
+
+
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -67,17 +82,7 @@ class Keys:
         return self._add(tenant, admin, expires_at)
 
     def _add(self, tenant: str, admin: bool, expires_at: dt.datetime | None) -> tuple[ApiKeyRow, str]:
-        prefix = secrets.token_hex(6)
-        key = f"zoo_{prefix}_{secrets.token_urlsafe(32)}"  # 32 random bytes after the prefix
-        row = ApiKeyRow(
-            id=new_id("key"),
-            prefix=prefix,
-            hash=_hash(key),
-            tenant=tenant,
-            admin=admin,
-            created_at=utcnow(),
-            expires_at=expires_at,
-        )
+        row, key = _new_key(tenant, admin, expires_at)
         with self.db.session() as s:
             s.add(row)
         return row, key
@@ -92,15 +97,17 @@ class Keys:
         row = self.find(token)
         if row is None or row.tenant != SIGN_IN:
             raise Unauthorized("the sign-in link is unknown, used or expired: zoo dashboard makes another")
-        with self.db.session() as s:
+        new, key = _new_key("admin", True, utcnow() + SIGNED_IN_TTL)
+        with self.db.session() as s:  # one transaction: the token spent and the key made, or neither
             taken = s.execute(
                 update(ApiKeyRow)
                 .where(ApiKeyRow.id == row.id, ApiKeyRow.revoked_at.is_(None))
                 .values(revoked_at=utcnow())
             ).rowcount
-        if taken != 1:
-            raise Unauthorized("the sign-in link is unknown, used or expired: zoo dashboard makes another")
-        return self.create("admin", admin=True, expires_at=utcnow() + SIGNED_IN_TTL)
+            if taken != 1:
+                raise Unauthorized("the sign-in link is unknown, used or expired: zoo dashboard makes another")
+            s.add(new)
+        return new, key
 
     def find(self, key: str) -> ApiKeyRow | None:
         """The live key row ``key`` is (None when it is malformed, unknown, revoked or expired)."""
