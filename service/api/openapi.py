@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from service.api.audit import MUTATING, READS
 from service.api.auth import get_admin, get_caller
@@ -112,18 +113,24 @@ def _needs(route: Any, dependency: Any) -> bool:
 
 def _composition_union(doc: dict) -> None:
     """The task spec as a union discriminated by ``method``: each member the spec's fields, with the
-    ones that method needs required (the server checks the rest against the zoo: a 422 that says why)."""
+    ones that method needs required, its budget's and options' own schemas, and ``x-zoo-fields``, the
+    fields it reads (the server checks the rest against the zoo: a 422 that says why)."""
     schemas = doc["components"]["schemas"]
     spec = schemas.pop("CompositionSpec")
     mapping = {}
     for name in method_names():
-        required = get_method(name).required
+        method = get_method(name)
+        required = method.required
         props = {k: _not_null(v) if k in required else v for k, v in spec["properties"].items()}
+        if method.budget_model is not None:
+            props["budget"] = _inline(method.budget_model)
+        props["options"] = _inline(method.options) if method.options else {**props["options"], "maxProperties": 0}
         member = {
             **spec,
             "title": f"{name} spec",
             "properties": {**props, "method": {"const": name}},
             "required": ["method", *required],
+            "x-zoo-fields": list(method.fields),  # the fields it reads, in a form's order (the dashboard's)
         }
         schemas[f"{name.capitalize()}Spec"] = member
         mapping[name] = f"#/components/schemas/{name.capitalize()}Spec"
@@ -131,6 +138,13 @@ def _composition_union(doc: dict) -> None:
         "oneOf": [{"$ref": ref} for ref in mapping.values()],
         "discriminator": {"propertyName": "method", "mapping": mapping},
     }
+
+
+def _inline(model: type[BaseModel]) -> dict:
+    """A small model's JSON schema, inline (it has no definitions of its own)."""
+    schema = model.model_json_schema()
+    assert "$defs" not in schema, model
+    return schema
 
 
 def _not_null(prop: dict) -> dict:

@@ -31,6 +31,7 @@ class Job(BaseModel):
     method: str
     tenant: str | None
     state: str
+    spec: dict[str, Any] = Field(description="the task spec as it was posted")
     progress: dict[str, Any]
     metrics: dict[str, Any]
     path_id: str | None
@@ -39,13 +40,16 @@ class Job(BaseModel):
     updated_at: Utc
 
     @classmethod
-    def of(cls, r: JobRow) -> Job:
-        progress = {k: v for k, v in r.progress.items() if k != "trace"}
+    def of(cls, r: JobRow, curve: bool = True) -> Job:
+        """``curve``: with ``progress.curve``, every loss and validation accuracy reported (not in lists)."""
+        hidden = ("trace",) if curve else ("trace", "curve")
+        progress = {k: v for k, v in r.progress.items() if k not in hidden}
         return cls(
             id=r.id,
             method=r.method,
             tenant=r.tenant,
             state=r.state,
+            spec=r.spec,
             progress=progress,
             metrics=r.metrics,
             path_id=r.path_id,
@@ -158,6 +162,19 @@ class Key(BaseModel):
 
 class NewKey(Key):
     key: str = Field(description="the API key: shown this once, kept by the server only as a hash")
+
+
+class Samples(BaseModel):
+    labels: list[str] = Field(description="the label of each image of the strip, left to right")
+    png: str = Field(description="the strip: the first held-out images side by side")
+
+
+class Evaluation(BaseModel):
+    dataset: str
+    labels: list[str] = Field(description="the path's labels: the rows (true) and columns (predicted) of matrix")
+    samples: int = Field(description="held-out images of the dataset whose label is one of the path's")
+    accuracy: float
+    matrix: list[list[int]] = Field(description="matrix[i][j]: images of label i predicted as label j")
 
 
 class SignIn(BaseModel):

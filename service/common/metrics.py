@@ -53,6 +53,9 @@ class Metrics:
         self.overloaded = Counter(
             "zoo_predicts_refused_overloaded", "Predicts refused with 503: the queue was full", registry=r
         )
+        self.queue_inputs = Gauge(
+            "zoo_batch_queue_inputs", "Inputs waiting for a batch", multiprocess_mode="livesum", registry=r
+        )
         self.jobs = Counter("zoo_jobs", "Composition jobs by final state", ["state"], registry=r)
 
 

@@ -40,6 +40,10 @@ class Interrupted(Exception):
     """Raised in a build run on a thread when its runner hands the job back (a worker stopping)."""
 
 
+CURVE_KEYS = ("fraction", "epoch", "loss", "val_accuracy")
+CURVE_POINTS = 400  # at most this many points of a job's curve are kept in its progress
+
+
 def run_job(
     store: Store,
     job_id: str,
@@ -68,8 +72,15 @@ def run_job(
         def load_task(task: TaskSpec, card: Card) -> TaskData:
             return make_task(store.arrays(task.dataset), task, card.input, spec.train.seed)
 
+        curve: list[dict[str, float]] = []  # every loss and validation accuracy reported: the job's curves
+
         def report(**info: Any) -> None:
-            store.update_job(job_id, progress={k: v for k, v in info.items() if v is not None})
+            now = {k: v for k, v in info.items() if v is not None}
+            if "loss" in now or "val_accuracy" in now:
+                curve.append({k: now[k] for k in CURVE_KEYS if isinstance(now.get(k), int | float)})
+                if len(curve) > CURVE_POINTS:  # every other point of the older half: bounded, still the whole run
+                    curve[: CURVE_POINTS // 2] = curve[: CURVE_POINTS // 2 : 2]
+            store.update_job(job_id, progress={**now, "curve": list(curve)} if curve else now)
 
         def cancelled() -> bool:
             if interrupted is not None and interrupted.is_set():

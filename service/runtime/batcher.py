@@ -83,6 +83,7 @@ class Batcher:
                 raise RuntimeError("the batcher is closed")
             self.check_room(len(x))
             self.queued += len(x)
+            self.metrics.queue_inputs.set(self.queued)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="zoo-infer", daemon=True)
                 self._thread.start()
@@ -115,6 +116,7 @@ class Batcher:
             n += len(request.x)
         group.count -= n
         self.queued -= n
+        self.metrics.queue_inputs.set(self.queued)
         if not group.requests:
             del self.groups[key]
         else:

@@ -9,6 +9,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.conftest import on_sqlite
 from tests.helpers import compose, png_b64, reprogram_spec, tensor_inputs
 
 
@@ -390,3 +391,48 @@ def test_dataset_samples_and_their_bad_input(app_client: TestClient) -> None:
     assert app_client.get("/v1/datasets/digits/samples.png?n=0").status_code == 422
     assert app_client.get("/v1/datasets/digits/samples.png?n=33").status_code == 422
     assert app_client.get("/v1/datasets/nope/samples.png").status_code == 404
+
+
+@on_sqlite()
+def test_a_paths_evaluation_is_its_predicts_on_the_held_out_images(app_client: TestClient) -> None:
+    """The path page's confusion matrix: the predicts of the dataset's first held-out images of the
+    path's labels, counted; and each sample strip's labels are its images'."""
+    import io
+
+    import numpy as np
+
+    pid = compose(app_client, reprogram_spec())["path_id"]  # digits 0, 1, 2
+    r = app_client.get(f"/v1/paths/{pid}/evaluation", params={"dataset": "digits", "n": 40})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    arrays = app_client.app.state.services.store.arrays("digits")
+    keep = np.flatnonzero(np.isin(arrays.test_y, [arrays.labels.index(k) for k in ("0", "1", "2")]))[:40]
+    buf = io.BytesIO()
+    np.save(buf, arrays.test_x[keep])
+    predicted = app_client.post(
+        f"/v1/paths/{pid}/predict", content=buf.getvalue(), headers={"content-type": "application/octet-stream"}
+    ).json()["predictions"]
+    want = np.zeros((3, 3), dtype=int)
+    for true, p in zip(arrays.test_y[keep], predicted, strict=True):
+        want[["0", "1", "2"].index(arrays.labels[true]), ["0", "1", "2"].index(p["label"])] += 1
+    assert got["labels"] == ["0", "1", "2"] and got["samples"] == 40 and got["matrix"] == want.tolist()
+    assert got["accuracy"] == np.trace(want) / 40
+    r = app_client.get(f"/v1/paths/{pid}/evaluation", params={"dataset": "letters"})
+    assert r.status_code == 422 and "no held-out images of the path's labels" in r.json()["detail"]
+    assert app_client.get(f"/v1/paths/{pid}/evaluation", params={"dataset": "nope"}).status_code == 404
+
+    strip = app_client.get("/v1/datasets/digits/samples", params={"n": 5}).json()
+    assert strip["labels"] == [arrays.labels[v] for v in arrays.test_y[:5]]
+    png = app_client.get(strip["png"])
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+
+@on_sqlite()
+def test_a_job_keeps_its_curve(app_client: TestClient) -> None:
+    """Every loss a build reports is kept in the job's progress (the dashboard draws it for a job that
+    ended before anyone watched); lists leave it out."""
+    job = compose(app_client, reprogram_spec(epochs=3))
+    curve = app_client.get(f"/v1/jobs/{job['id']}").json()["progress"]["curve"]
+    assert [p["epoch"] for p in curve] == [1, 2, 3] and all(p["loss"] > 0 for p in curve), curve
+    listed = next(j for j in app_client.get("/v1/jobs").json()["items"] if j["id"] == job["id"])
+    assert "curve" not in listed["progress"] and listed["spec"]["train"]["epochs"] == 3

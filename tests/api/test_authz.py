@@ -97,6 +97,10 @@ MATRIX: dict[tuple[str, str], tuple[Req, dict]] = {
     ("GET", "/v1/datasets"): (lambda w: ("/v1/datasets", {}), keyed(200)),
     ("POST", "/v1/datasets"): (lambda w: ("/v1/datasets", {"files": {"file": ("d.npz", _npz())}}), keyed(201)),
     ("GET", "/v1/datasets/{dataset_id}"): (lambda w: (f"/v1/datasets/{w.dataset}", {}), keyed(200, 404)),
+    ("GET", "/v1/datasets/{dataset_id}/samples"): (
+        lambda w: (f"/v1/datasets/{w.dataset}/samples", {}),
+        keyed(200, 404),
+    ),
     ("GET", "/v1/datasets/{dataset_id}/samples.png"): (
         lambda w: (f"/v1/datasets/{w.dataset}/samples.png", {}),
         keyed(200, 404),
@@ -117,6 +121,10 @@ MATRIX: dict[tuple[str, str], tuple[Req, dict]] = {
     ("GET", "/v1/paths"): (lambda w: ("/v1/paths", {}), keyed(200)),
     ("GET", "/v1/paths/{path_id}"): (lambda w: (f"/v1/paths/{w.path}", {}), keyed(200, 404)),
     ("DELETE", "/v1/paths/{path_id}"): (lambda w: (f"/v1/paths/{w.path}", {}), keyed(204, 404)),
+    ("GET", "/v1/paths/{path_id}/evaluation"): (  # A's dataset is A's: B is refused the path first
+        lambda w: (f"/v1/paths/{w.path}/evaluation", {"params": {"dataset": "digits", "n": 30}}),
+        keyed(200, 404),
+    ),
     ("GET", "/v1/paths/{path_id}/sharing"): (lambda w: (f"/v1/paths/{w.path}/sharing", {}), keyed(200, 404)),
     ("PUT", "/v1/paths/{path_id}/sharing"): (
         lambda w: (f"/v1/paths/{w.path}/sharing", {"json": {"tenants": ["c"]}}),

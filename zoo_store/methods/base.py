@@ -71,6 +71,8 @@ class Method(ABC):
     name: ClassVar[str]
     standalone: ClassVar[bool] = False  # its materialized paths are plain networks of the base's architecture
     required: ClassVar[tuple[str, ...]] = ()  # spec fields it cannot do without (the OpenAPI union says so)
+    fields: ClassVar[tuple[str, ...]] = ()  # every spec field it reads, in the order a form asks for them
+    budget_model: ClassVar[type[BaseModel] | None] = None  # what ``spec.budget`` may hold; None: not read
     options: ClassVar[type[BaseModel] | None] = None  # what ``spec.options`` may hold; None: nothing
 
     @abstractmethod

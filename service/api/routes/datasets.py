@@ -12,7 +12,7 @@ from service.api.audit import audit_target
 from service.api.auth import CallerDep
 from service.api.deps import Cursor, Limit, Svc
 from service.api.openapi import FORBIDDEN
-from service.api.schemas import Dataset, Page
+from service.api.schemas import Dataset, Page, Samples
 from zoo_store.core.errors import PayloadTooLarge
 from zoo_store.datasets.upload import Limits, parse_upload
 
@@ -29,6 +29,17 @@ def list_datasets(svc: Svc, caller: CallerDep, cursor: Cursor = None, limit: Lim
 @router.get("/{dataset_id}")
 def get_dataset(dataset_id: str, svc: Svc, caller: CallerDep) -> Dataset:
     return Dataset.of(svc.store.dataset(dataset_id, caller.visible_to))
+
+
+@router.get("/{dataset_id}/samples")
+def dataset_sample_labels(
+    dataset_id: str, svc: Svc, caller: CallerDep, n: Annotated[int, Query(ge=1, le=32)] = 8
+) -> Samples:
+    """The labels of the first ``n`` held-out images, and the link to their strip (the dashboard's grid)."""
+    svc.store.dataset(dataset_id, caller.visible_to)
+    arrays = svc.store.arrays(dataset_id)
+    labels = [arrays.labels[int(v)] for v in arrays.test_y[:n]]
+    return Samples(labels=labels, png=f"/v1/datasets/{dataset_id}/samples.png?n={len(labels)}")
 
 
 @router.get(

@@ -22,9 +22,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 def list_jobs(
     svc: Svc, caller: CallerDep, cursor: Cursor = None, limit: Limit = 100, state: str | None = None
 ) -> Page[Job]:
-    """This key's tenant's jobs (an admin: every tenant's)."""
+    """This key's tenant's jobs (an admin: every tenant's), without their curves (a job's own GET has them)."""
     rows, nxt = svc.store.list_jobs(cursor, limit, state, caller.visible_to)
-    return Page(items=[Job.of(r) for r in rows], next_cursor=nxt)
+    return Page(items=[Job.of(r, curve=False) for r in rows], next_cursor=nxt)
 
 
 @router.get("/{job_id}")

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+import numpy as np
+import torch
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -12,13 +16,15 @@ from service.api.bodies import PredictResponse
 from service.api.deps import Cursor, Limit, ReadySvc, Svc
 from service.api.openapi import CONFLICT, FORBIDDEN, RATE_LIMITED
 from service.api.predict import NPY_BODY, answer_predict
-from service.api.schemas import Page, Path, Sharing, SharingIn
+from service.api.schemas import Evaluation, Page, Path, Sharing, SharingIn
 from service.api.state import Services
 from service.runtime.zoo import validate_bundle
 from zoo_store.archs.export import Format
 from zoo_store.archs.standalone import export_network
 from zoo_store.core.bundle import decode_bundle
-from zoo_store.core.errors import BadRequest, Conflict, Forbidden, NotFound
+from zoo_store.core.cards import InputSpec
+from zoo_store.core.errors import BadRequest, Conflict, Forbidden, InvalidInput, NotFound
+from zoo_store.datasets.tasks import to_input
 from zoo_store.methods import get_method, method_names
 from zoo_store.store.tenancy import Caller
 
@@ -35,6 +41,45 @@ def list_paths(svc: Svc, caller: CallerDep, cursor: Cursor = None, limit: Limit 
 @router.get("/{path_id}")
 def get_path(path_id: str, svc: Svc, caller: CallerDep) -> Path:
     return Path.of(svc.store.path(path_id, caller.visible_to))
+
+
+@router.get("/{path_id}/evaluation")
+async def evaluate_path(
+    path_id: str,
+    svc: ReadySvc,
+    caller: CallerDep,
+    dataset: Annotated[str, Query(description="a dataset holding some of the path's labels", max_length=200)],
+    n: Annotated[int, Query(ge=1, le=2000, description="at most this many held-out images")] = 500,
+) -> Evaluation:
+    """The path's predictions on the held-out (test) images of ``dataset`` whose labels it has, as a
+    confusion matrix (the dashboard's path page). Labels match by name."""
+    arrived = time.monotonic()
+    entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
+    x, y = await run_in_threadpool(_held_out, svc, caller, dataset, entry.labels, entry.input, n)
+    step = svc.settings.max_predict_inputs  # in predict-sized pieces: never more of the queue than a predict
+    probs = torch.cat([await svc.batcher.submit(entry, x[i : i + step], arrived) for i in range(0, len(x), step)])
+    k = len(entry.labels)
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (y, probs.argmax(1).numpy()), 1)
+    accuracy = float(np.trace(matrix) / max(1, len(y)))
+    return Evaluation(
+        dataset=dataset, labels=list(entry.labels), samples=len(y), accuracy=accuracy, matrix=matrix.tolist()
+    )
+
+
+def _held_out(
+    svc: Services, caller: Caller, dataset: str, labels: Sequence[str], spec: InputSpec, n: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The first ``n`` test images of ``dataset`` with one of ``labels`` at the path's input, and each
+    one's index in ``labels``."""
+    svc.store.dataset(dataset, caller.visible_to)
+    arrays = svc.store.arrays(dataset)
+    index = {lab: i for i, lab in enumerate(labels)}
+    mine = np.array([index.get(lab, -1) for lab in arrays.labels], dtype=np.int64)[arrays.test_y]  # (N,)
+    keep = np.flatnonzero(mine >= 0)[:n]
+    if not len(keep):
+        raise InvalidInput(f"dataset {dataset!r} has no held-out images of the path's labels {list(labels)}")
+    return to_input(arrays.test_x[keep], spec), mine[keep]  # (n, C, S, S) in [0, 1], (n,)
 
 
 @router.delete("/{path_id}", status_code=204, responses=FORBIDDEN)

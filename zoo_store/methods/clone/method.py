@@ -72,6 +72,7 @@ class CloneConfig(BaseModel):
 class Clone(Method):
     name = "clone"
     required = ("base", "task")
+    fields = ("base", "task", "sources", "train")
     localization: Localization = "joint"  # the ablations of docs/methods/clone.md set the others
     rounds = ROUNDS
     search = staticmethod(search_join)  # a benchmark that builds one join many times may memoise it

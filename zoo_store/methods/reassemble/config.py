@@ -21,8 +21,8 @@ EXACT_COMBINATIONS = 20_000  # (choice, partitions) pairs the POST-time budget c
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_params: int | None = Field(None, ge=1, strict=True)
-    max_flops: int | None = Field(None, ge=1, strict=True)
+    max_params: int | None = Field(None, ge=1, strict=True, description="the most parameters the assembly has")
+    max_flops: int | None = Field(None, ge=1, strict=True, description="the most multiply-adds of one forward")
 
     def admits(self, params: int, flops: int) -> bool:
         return (self.max_params is None or params <= self.max_params) and (

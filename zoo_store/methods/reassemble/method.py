@@ -24,7 +24,7 @@ from zoo_store.core.manifest import BaseRef
 from zoo_store.core.spec import CompositionSpec
 from zoo_store.datasets.tasks import TaskData
 from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, no_spatial_tap
-from zoo_store.methods.reassemble.config import ReassembleConfig, check_budget, parse_config, plan_reassemble
+from zoo_store.methods.reassemble.config import Budget, ReassembleConfig, check_budget, parse_config, plan_reassemble
 from zoo_store.methods.reassemble.layers import (
     Assembled,
     Shapes,
@@ -57,6 +57,8 @@ STITCH_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "pro
 class Reassemble(Method):
     name = "reassemble"
     required = ("task",)
+    fields = ("task", "models", "budget", "blocks", "train")
+    budget_model = Budget
 
     def refusal(self, net: TapNet) -> str | None:
         return no_spatial_tap(net)

@@ -35,6 +35,7 @@ from zoo_store.training import accuracy, fit, init_head_rows
 class Reprogram(Method):
     name = "reprogram"
     required = ("base", "task")
+    fields = ("base", "task", "train", "options")
     options = ReprogramOptions
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:

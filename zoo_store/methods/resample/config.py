@@ -10,8 +10,8 @@ class ResampleBudget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    width: float | None = Field(None, gt=0, le=1)
-    max_params: int | None = Field(None, ge=1)
+    width: float | None = Field(None, gt=0, le=1, description="the fraction of channels kept in every group")
+    max_params: int | None = Field(None, ge=1, description="or: the most parameters the resampled network has")
 
     @model_validator(mode="after")
     def _one(self) -> ResampleBudget:

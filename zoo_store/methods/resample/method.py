@@ -53,6 +53,8 @@ DEFAULT_STEPS = 100  # partition-tuning steps when a task is given and train.ste
 class Resample(Method):
     name = "resample"
     required = ("base", "budget")
+    fields = ("base", "budget", "task", "train")
+    budget_model = ResampleBudget
     standalone = True
 
     def validate(self, spec: CompositionSpec, cards: dict[str, Card]) -> list[str]:
