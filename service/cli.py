@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import enum
 import functools
+import html
 import importlib
 import json
 import os
 import sys
+import tempfile
 import webbrowser
 from collections.abc import Callable
 from pathlib import Path
@@ -560,6 +562,17 @@ def bundle_import(file: Annotated[Path, typer.Argument(help="A .zoopath file.")]
     console.print(f"{verb}: path {out['id']} ({out['method']}, {_size(out['bytes'])})")
 
 
+def _redirect_file(link: str) -> Path:
+    """A page that sends the browser on to ``link``, readable by this user only: a URL on a browser's
+    command line is in ``ps`` for every user of the machine (Jupyter opens such a file too)."""
+    fd, name = tempfile.mkstemp(prefix="zoo-dashboard-", suffix=".html")  # mode 0600
+    quoted = html.escape(link, quote=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={quoted}">')
+        f.write(f'<a href="{quoted}">the zoo dashboard</a>')
+    return Path(name)
+
+
 @command(app)
 def dashboard(
     url: Url = DEFAULT_URL,
@@ -569,7 +582,7 @@ def dashboard(
     (ZOO_API_KEY, or the local server's admin.key), opened in the default browser."""
     token = _client(url).sign_in_token()["token"]
     link = f"{url.rstrip('/')}/#token={token}"
-    if open_browser and webbrowser.open(link):
+    if open_browser and webbrowser.open(_redirect_file(link).as_uri()):
         console.print("the dashboard is open in your browser, signed in (the link worked once)")
     else:
         console.print(f"open this link once, within 15 minutes: {link}", soft_wrap=True)

@@ -103,9 +103,9 @@ class Services:
         threading.Thread(target=self._load_zoo, name="zoo-load", daemon=True).start()
 
     def _print_sign_in_link(self) -> None:
-        """Like Jupyter: once, at start, a link that signs a browser in (its one-time token, in the URL's
-        fragment, never reaches a server's log; ``zoo dashboard`` makes another)."""
-        if self.auth.enabled and self.settings.public_url:
+        """Like Jupyter: once, at start, on stderr, a link that signs a browser in (its one-time token rides
+        in the URL's fragment, which no access log sees; ``zoo dashboard`` makes another)."""
+        if self.auth.enabled and self.settings.public_url and self.settings.sign_in_link:
             _, token = self.auth.keys.sign_in_token()
             url = f"{self.settings.public_url.rstrip('/')}/#token={token}"
             print(f"zoo: the dashboard, signed in (once, within 15 minutes): {url}", file=sys.stderr, flush=True)

@@ -363,6 +363,11 @@ def test_a_sign_in_token_is_exchanged_once_and_is_not_a_key(world: World) -> Non
     assert world.client.post("/v1/keys/exchange", json={"token": 7}).status_code == 422
     r = world.client.post("/v1/keys", json={"tenant": "sign-in", "admin": True})
     assert r.status_code == 422 and "sign-in tokens" in r.json()["detail"]
+    _, legacy = svc.auth.keys._add("sign-in", False, None)  # a key an earlier release made for a tenant of that name
+    assert world.client.post("/v1/keys/exchange", json={"token": legacy}).status_code == 401
+    rows = world.client.get("/v1/audit", params={"limit": 200}).json()["items"]
+    spent = [r for r in rows if r["route"] == "/v1/keys/exchange" and r["status"] == 201]
+    assert any(r["key_id"] == _key_id(world, token) and r["target"] == new.json()["id"] for r in spent), spent
 
 
 def _key_id(world: World, key: str) -> str:
@@ -377,8 +382,14 @@ def test_auth_off(tmp_path: Path) -> None:
         assert not (tmp_path / "admin.key").exists()
         assert client.get("/readyz").json()["auth"].startswith("off")
         assert client.get("/v1/keys").status_code == 200 and client.get("/v1/paths").status_code == 200
+        assert client.post("/v1/keys/sign-in").status_code == 201  # a token minted with auth off...
     finally:
         client.__exit__(None, None, None)
+    on = start_app(make_settings(tmp_path))  # ...is no key: the first start with auth on writes admin.key
+    try:
+        assert (tmp_path / "admin.key").exists()
+    finally:
+        on.__exit__(None, None, None)
 
 
 def test_the_first_start_writes_an_admin_key(tmp_path: Path) -> None:

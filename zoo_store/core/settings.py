@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     # where browsers reach this server (`zoo serve` sets it from --host and --port unless it is set):
     # with auth on, the start prints <public_url>/#token=... once, a link that signs a browser in
     public_url: str | None = None
+    sign_in_link: bool = True  # false: the start prints no sign-in link (zoo dashboard still makes them)
     # the edge (`zoo serve`'s HTTP server): request headers above this get 431; a request whose headers
     # do not arrive within read_timeout_s, or whose body stops for that long, gets 408 (and is closed)
     max_header_bytes: int = Field(64 * 2**10, gt=0)

@@ -62,6 +62,14 @@ def _new_key(tenant: str, admin: bool, expires_at: dt.datetime | None) -> tuple[
     return row, key
 
 
+def is_sign_in(row: ApiKeyRow) -> bool:
+    """A sign-in token: of tenant ``sign-in``, no admin's, made to last at most ``SIGN_IN_TTL`` (a key an
+    earlier release made for a tenant of that name is none of these)."""
+    if row.tenant != SIGN_IN or row.admin or row.expires_at is None:
+        return False
+    return row.expires_at - row.created_at <= SIGN_IN_TTL + dt.timedelta(seconds=1)
+
+
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -91,11 +99,12 @@ class Keys:
         """A one-time sign-in token (a key of tenant ``sign-in``, good for nothing but ``exchange``)."""
         return self._add(SIGN_IN, False, utcnow() + SIGN_IN_TTL)
 
-    def exchange(self, token: str) -> tuple[ApiKeyRow, str]:
+    def exchange(self, token: str) -> tuple[ApiKeyRow, ApiKeyRow, str]:
         """A new admin key (``SIGNED_IN_TTL``) for a live sign-in token, which is revoked: the first of
-        any number of processes exchanging it at once gets the key, the others ``Unauthorized``."""
+        any number of processes exchanging it at once gets the key, the others ``Unauthorized``.
+        Returns the token's row, the new key's row and the new key."""
         row = self.find(token)
-        if row is None or row.tenant != SIGN_IN:
+        if row is None or not is_sign_in(row):
             raise Unauthorized("the sign-in link is unknown, used or expired: zoo dashboard makes another")
         new, key = _new_key("admin", True, utcnow() + SIGNED_IN_TTL)
         with self.db.session() as s:  # one transaction: the token spent and the key made, or neither
@@ -107,7 +116,7 @@ class Keys:
             if taken != 1:
                 raise Unauthorized("the sign-in link is unknown, used or expired: zoo dashboard makes another")
             s.add(new)
-        return new, key
+        return row, new, key
 
     def find(self, key: str) -> ApiKeyRow | None:
         """The live key row ``key`` is (None when it is malformed, unknown, revoked or expired)."""
@@ -123,8 +132,9 @@ class Keys:
         return row
 
     def any(self) -> bool:
+        """Whether any key was ever made (sign-in tokens aside: one made with auth off is no admin key)."""
         with self.db.session() as s:
-            return s.scalar(select(ApiKeyRow.id).limit(1)) is not None
+            return s.scalar(select(ApiKeyRow.id).where(ApiKeyRow.tenant != SIGN_IN).limit(1)) is not None
 
     def list(self, cursor: str | None, limit: int) -> tuple[list[ApiKeyRow], str | None]:
         with self.db.session() as s:

@@ -14,6 +14,7 @@ from service.api.openapi import CONFLICT, UNAUTHORIZED, UNAVAILABLE
 from service.api.schemas import Key, KeyIn, NewKey, Page, SignIn, SignInToken
 from zoo_store.core.errors import Conflict
 from zoo_store.store.db import utcnow
+from zoo_store.store.tenancy import SIGN_IN, Caller
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
@@ -40,7 +41,8 @@ def sign_in_token(request: Request, svc: Svc, _: AdminDep) -> SignIn:
 def exchange_sign_in(body: SignInToken, request: Request, svc: Svc) -> NewKey:
     """A sign-in token exchanged, once, for a new admin key that works for 7 days (no key needed: the
     token is the credential). A token used already, expired or unknown: 401."""
-    row, key = svc.auth.keys.exchange(body.token)
+    token, row, key = svc.auth.keys.exchange(body.token)
+    request.state.caller = Caller(SIGN_IN, admin=False, key_id=token.id)  # the audit row names the token spent
     audit_target(request, row.id)
     return NewKey(**Key.of(row).model_dump(), key=key)
 

@@ -5,7 +5,6 @@ from collections.abc import Sequence
 from typing import Annotated
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
@@ -22,7 +21,6 @@ from service.runtime.zoo import validate_bundle
 from zoo_store.archs.export import Format
 from zoo_store.archs.standalone import export_network
 from zoo_store.core.bundle import decode_bundle
-from zoo_store.core.cards import InputSpec
 from zoo_store.core.errors import BadRequest, Conflict, Forbidden, InvalidInput, NotFound
 from zoo_store.datasets.tasks import to_input
 from zoo_store.methods import get_method, method_names
@@ -52,25 +50,27 @@ async def evaluate_path(
     n: Annotated[int, Query(ge=1, le=2000, description="at most this many held-out images")] = 500,
 ) -> Evaluation:
     """The path's predictions on the held-out (test) images of ``dataset`` whose labels it has, as a
-    confusion matrix (the dashboard's path page). Labels match by name."""
-    arrived = time.monotonic()
-    entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
-    x, y = await run_in_threadpool(_held_out, svc, caller, dataset, entry.labels, entry.input, n)
-    step = svc.settings.max_predict_inputs  # in predict-sized pieces: never more of the queue than a predict
-    probs = torch.cat([await svc.batcher.submit(entry, x[i : i + step], arrived) for i in range(0, len(x), step)])
-    k = len(entry.labels)
+    confusion matrix (the dashboard's path page). Labels match by name. Each predict-sized piece is
+    admitted as a predict is (rate limits, quotas)."""
+    labels = (await run_in_threadpool(svc.store.path, path_id, caller.visible_to)).manifest["labels"]
+    images, y = await run_in_threadpool(_held_out, svc, caller, dataset, labels, n)  # (n, C, H, W) uint8, (n,)
+    step, predicted = svc.settings.max_predict_inputs, []
+    for i in range(0, len(images), step):
+        arrived = time.monotonic()
+        entry = await run_in_threadpool(svc.admitted_entry, caller, path_id)
+        x = await run_in_threadpool(to_input, images[i : i + step], entry.input)  # (b, C', S, S) in [0, 1]
+        predicted.append((await svc.batcher.submit(entry, x, arrived)).argmax(1).numpy())  # (b,)
+    k = len(labels)
     matrix = np.zeros((k, k), dtype=np.int64)
-    np.add.at(matrix, (y, probs.argmax(1).numpy()), 1)
-    accuracy = float(np.trace(matrix) / max(1, len(y)))
-    return Evaluation(
-        dataset=dataset, labels=list(entry.labels), samples=len(y), accuracy=accuracy, matrix=matrix.tolist()
-    )
+    np.add.at(matrix, (y, np.concatenate(predicted)), 1)
+    accuracy = float(np.trace(matrix) / len(y))
+    return Evaluation(dataset=dataset, labels=list(labels), samples=len(y), accuracy=accuracy, matrix=matrix.tolist())
 
 
 def _held_out(
-    svc: Services, caller: Caller, dataset: str, labels: Sequence[str], spec: InputSpec, n: int
-) -> tuple[torch.Tensor, np.ndarray]:
-    """The first ``n`` test images of ``dataset`` with one of ``labels`` at the path's input, and each
+    svc: Services, caller: Caller, dataset: str, labels: Sequence[str], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` test images of ``dataset`` with one of ``labels`` (uint8, as stored), and each
     one's index in ``labels``."""
     svc.store.dataset(dataset, caller.visible_to)
     arrays = svc.store.arrays(dataset)
@@ -79,7 +79,7 @@ def _held_out(
     keep = np.flatnonzero(mine >= 0)[:n]
     if not len(keep):
         raise InvalidInput(f"dataset {dataset!r} has no held-out images of the path's labels {list(labels)}")
-    return to_input(arrays.test_x[keep], spec), mine[keep]  # (n, C, S, S) in [0, 1], (n,)
+    return arrays.test_x[keep], mine[keep]
 
 
 @router.delete("/{path_id}", status_code=204, responses=FORBIDDEN)

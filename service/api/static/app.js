@@ -68,16 +68,20 @@ async function items(path) {
 
 async function blobUrl(path) {
   const r = await fetch(path, authed());
-  if (!r.ok) throw new Error(r.statusText);
+  if (!r.ok) throw new Error((r.headers.get("content-type") || "").includes("json") ? (await r.json()).detail : r.statusText);
   return URL.createObjectURL(await r.blob());
 }
 
-async function download(path, name) {  // fetched with the key, then saved
-  const a = h("a", {href: await blobUrl(path), download: name});
-  document.body.append(a);
-  a.click();
-  a.remove();
+async function download(path, name) {  // fetched with the key, then saved; a refusal said in the status line
+  try {
+    const a = h("a", {href: await blobUrl(path), download: name});
+    document.body.append(a);
+    a.click();
+    a.remove();
+  } catch (err) { say(`${name}: ${err.message}`); }
 }
+
+function say(message) { $("#status").textContent = message; }
 
 // Server-sent events read with fetch (EventSource cannot send the key): each event's data to onEvent.
 async function events(path, onEvent, signal) {
@@ -163,7 +167,10 @@ let models = [], datasets = [], paths = [], jobs = [];
 const views = ["zoo", "datasets", "compose", "jobs", "paths", "path", "predict", "server"];
 
 function route() {
-  const [view, arg] = (location.hash.replace(/^#\/?/, "") || "zoo").split("/");
+  if (location.hash && !location.hash.startsWith("#/")) return;  // an anchor in the page (the skip link)
+  const [view, raw] = (location.hash.slice(2) || "zoo").split("/");
+  let arg = raw;
+  try { arg = raw && decodeURIComponent(raw); } catch { arg = null; }
   const name = views.includes(view) ? (view === "paths" && arg ? "path" : view) : "zoo";
   for (const v of views) $("#" + v).hidden = v !== name;
   for (const a of document.querySelectorAll(".top nav a")) {
@@ -171,7 +178,7 @@ function route() {
     if (here) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
   document.title = `zoo · ${name}`;
-  if (name === "path") showPath(decodeURIComponent(arg));
+  if (name === "path") showPath(arg);
   if (name === "server") startServer(); else stopServer();
   if (name === "jobs") loadJobs().catch(() => {});  // no key yet: the header says so
 }
@@ -253,10 +260,16 @@ const title = (name, sc) => (sc && sc.title && !/^[A-Z][a-z]+( [A-Z][a-z]+)*$/.t
 
 function memberSchema(m) { return schemas[m[0].toUpperCase() + m.slice(1) + "Spec"]; }
 
-function buildTabs() {
-  $("#method-tabs").replaceChildren(...METHODS.map((m) => h("button", {type: "button", role: "radio", id: "method-" + m,
-    "aria-checked": String(m === method), onclick: () => { method = m; edited = false; buildTabs(); buildForm(); }}, m)));
+function buildTabs(focus = false) {
+  const pick = (m) => { method = m; edited = false; buildTabs(true); buildForm(); };
+  $("#method-tabs").replaceChildren(...METHODS.map((m, i) => h("button", {type: "button", role: "radio", id: "method-" + m,
+    "aria-checked": String(m === method), tabindex: m === method ? "0" : "-1", onclick: () => pick(m),
+    onkeydown: (e) => {
+      const step = {ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1}[e.key];
+      if (step) { e.preventDefault(); pick(METHODS[(i + step + METHODS.length) % METHODS.length]); }
+    }}, m)));
   $("#method-about").textContent = ABOUT[method];
+  if (focus) $("#method-" + method).focus();
 }
 
 // each widget: {path: "task.samples_per_label", get: () => value|undefined}
@@ -279,12 +292,21 @@ function buildForm() {
 function fieldWrap(path, label, sc, control, required) {
   const id = "f-" + path.replace(/\./g, "-");
   const err = h("p", {class: "error", id: id + "-error", "data-error-for": path});
-  const wrap = h("div", {class: "field", "data-path": path},
-    h("label", {for: id}, label, required ? " *" : ""),
-    h("div", {}, control, sc && sc.description ? h("span", {class: "help", id: id + "-help"}, sc.description) : null, err));
-  const target = control.matches("input,select,textarea") ? control : control.querySelector("input,select,textarea,button");
-  if (target) { target.id = target.id || id; if (sc && sc.description) target.setAttribute("aria-describedby", id + "-help"); }
-  return wrap;
+  const help = sc && sc.description ? h("span", {class: "help", id: id + "-help"}, sc.description) : null;
+  const single = control.matches("input,select,textarea") ? control
+    : control.classList.contains("slider") ? control.querySelector("input[type=number]") : null;
+  let name;
+  if (single) {  // one control: a label for it
+    single.id = id;
+    name = h("label", {for: id}, label, required ? " *" : "");
+    if (help) single.setAttribute("aria-describedby", help.id);
+  } else {  // a group (chips, sources): named by its heading
+    name = h("span", {class: "name", id: id + "-name"}, label, required ? " *" : "");
+    control.setAttribute("role", "group");
+    control.setAttribute("aria-labelledby", name.id);
+    if (help) control.setAttribute("aria-describedby", help.id);
+  }
+  return h("div", {class: "field", "data-path": path}, name, h("div", {}, control, help, err));
 }
 
 function renderField(name, raw, required, path) {
@@ -373,7 +395,7 @@ function taskLabels() {
 
 // toggle chips; allOn: every chip starts pressed and "all pressed" sends nothing (the default)
 function chipPicker(path, options, allOn) {
-  const box = h("div", {class: "chips", role: "group", "aria-label": path});
+  const box = h("div", {class: "chips"});
   const fill = () => {
     box.replaceChildren(...options().map((o) => h("button", {type: "button", class: "chip", "aria-pressed": String(allOn),
       onclick: (e) => { const b = e.currentTarget; b.setAttribute("aria-pressed", String(b.getAttribute("aria-pressed") !== "true")); syncJson(); }}, o)));
@@ -462,7 +484,7 @@ async function compose(e) {
   try {
     const job = await post("/v1/compositions", spec);
     followJob(job.id, $("#compose-job"), spec.train && spec.train.epochs);
-    loadJobs();
+    loadJobs().catch((err) => say(err.message));
   } catch (err) { showError(err.message); }
 }
 
@@ -519,7 +541,7 @@ function followJob(jobId, into, epochs) {
             metricsTable(job.metrics))
         : h("p", {class: "error"}, job.error || job.state));
       into.dataset.state = job.state;
-      await Promise.all([loadJobs(), loadPaths()]);
+      await Promise.all([loadJobs(), loadPaths()]).catch((err) => say(err.message));
     }
   }, stop.signal).catch((err) => { if (err.name !== "AbortError") step.textContent = err.message; });
 }
@@ -544,8 +566,8 @@ async function loadJobs() {
     h("td", {}, j.path_id ? h("a", {href: `#/paths/${j.path_id}`, onclick: (e) => e.stopPropagation()}, h("code", {}, j.path_id.slice(0, 14) + "…")) : "–"),
     h("td", {}, ["queued", "running"].includes(j.state) ? h("button", {type: "button", class: "danger", onclick: async (e) => {
       e.stopPropagation();
-      await api(`/v1/jobs/${encodeURIComponent(j.id)}/cancel`, {method: "POST"}).catch(() => {});
-      loadJobs();
+      await api(`/v1/jobs/${encodeURIComponent(j.id)}/cancel`, {method: "POST"}).catch((err) => say(err.message));
+      loadJobs().catch((err) => say(err.message));
     }}, "Cancel") : null))));
 }
 
@@ -599,13 +621,17 @@ function renderPaths() {
 }
 
 // ---- a path's page: manifest, bases, sharing, downloads, a confusion matrix on held-out images ----
+let shownPath = 0;  // the latest showPath call: an earlier one that ends later draws nothing
+
 async function showPath(pathId) {
+  const mine = ++shownPath;
   const body = $("#path-body");
   $("#path-h").textContent = "Path " + pathId;
   body.replaceChildren(h("p", {class: "muted"}, "loading…"));
   let p, sharing = null;
   try { p = await api(`/v1/paths/${encodeURIComponent(pathId)}`); } catch (err) { body.replaceChildren(h("p", {class: "error"}, err.message)); return; }
   try { sharing = await api(`/v1/paths/${encodeURIComponent(pathId)}/sharing`); } catch { /* not an owner */ }
+  if (mine !== shownPath) return;
   const job = jobs.find((j) => j.path_id === pathId);  // the dataset it was composed on, where this server composed it
   const guess = datasets.find((d) => job && job.spec.task && d.id === job.spec.task.dataset) ||
     datasets.filter((d) => p.labels.every((l) => d.labels.includes(l))).sort((a, b) => a.labels.length - b.labels.length)[0] ||
@@ -615,8 +641,10 @@ async function showPath(pathId) {
   const evalBox = h("div", {id: "confusion"});
   const evaluate = async () => {
     evalBox.replaceChildren(h("p", {class: "muted"}, "predicting the held-out images…"));
-    try { evalBox.replaceChildren(confusion(await api(`/v1/paths/${encodeURIComponent(pathId)}/evaluation?dataset=${encodeURIComponent(dsSel.value)}&n=500`))); }
-    catch (err) { evalBox.replaceChildren(h("p", {class: "error"}, err.message)); }
+    try {
+      const ev = await api(`/v1/paths/${encodeURIComponent(pathId)}/evaluation?dataset=${encodeURIComponent(dsSel.value)}&n=500`);
+      if (mine === shownPath) evalBox.replaceChildren(confusion(ev));
+    } catch (err) { evalBox.replaceChildren(h("p", {class: "error"}, err.message)); }
   };
   dsSel.onchange = evaluate;
   body.replaceChildren(
@@ -642,7 +670,7 @@ async function showPath(pathId) {
 }
 
 function confusion(ev) {
-  const max = Math.max(1, ...ev.matrix.flat());
+  const max = ev.matrix.reduce((m, row) => row.reduce((a, v) => Math.max(a, v), m), 1);
   return h("div", {}, h("p", {}, `${ev.samples} held-out images of ${ev.dataset}: accuracy ${pct(ev.accuracy)}`),
     h("div", {class: "scroll", style: "max-width:max-content"}, h("table", {class: "confusion", "data-accuracy": String(ev.accuracy)},
       h("caption", {class: "sr"}, "confusion matrix: rows the true label, columns the predicted one"),
@@ -700,6 +728,7 @@ function setUpPredict() {
   const drop = $("#drop");
   drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
   drop.ondragleave = () => drop.classList.remove("over");
+  drop.onkeydown = (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("#predict-file").click(); } };
   drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); predict(e.dataTransfer.files[0]); };
   document.addEventListener("paste", (e) => {
     if ($("#predict").hidden) return;
@@ -810,7 +839,14 @@ async function main() {
   const linkError = await signInFromLink();
   const ready = await fetch("/readyz").then((r) => r.json()).catch(() => ({}));
   $("#ready").textContent = ready.status === "ready" ? `ready: ${ready.bases} bases on ${ready.device}` : "not ready";
-  window.addEventListener("hashchange", route);
+  window.addEventListener("hashchange", async () => {
+    if (new URLSearchParams(location.hash.slice(1)).has("token")) {  // a sign-in link pasted into this tab
+      const why = await signInFromLink();
+      if (why) say(why); else location.reload();
+      return;
+    }
+    route();
+  });
   route();
   try { await loadZoo(); } catch (err) {  // no key yet, or a revoked one: ask for one
     $("#whoami").textContent = linkError || err.message;
@@ -832,4 +868,4 @@ async function main() {
   route();
   document.body.dataset.loaded = "yes";
 }
-main();
+main().catch((err) => { say("the dashboard could not load: " + err.message); document.body.dataset.loaded = "error"; });
