@@ -130,8 +130,8 @@ class Cluster:
         (home / "tmp").mkdir(parents=True, exist_ok=True)
         port = free_port()
         conf = (DEPLOY / "nginx.conf").read_text()
-        assert "listen 8080;" in conf
-        (home / "nginx.conf").write_text(conf.replace("listen 8080;", f"listen 127.0.0.1:{port};"))
+        assert "listen 127.0.0.1:8080;" in conf
+        (home / "nginx.conf").write_text(conf.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port};"))
         lines = [f"server {self.procs[r].url.removeprefix('http://')} max_fails=1 fail_timeout=5s;" for r in replicas]
         (home / "replicas.conf").write_text("\n".join(lines) + "\n")
         cmd = [NGINX, "-p", str(home), "-c", str(home / "nginx.conf"), "-e", "stderr", "-g", "daemon off; user root;"]
@@ -198,7 +198,7 @@ class Cluster:
             for entry in r.xpending_range(self.stream, "workers", min="-", max="+", count=100):
                 fields = r.xrange(self.stream, entry["message_id"], entry["message_id"])
                 if fields and fields[0][1]["job"] == job_id:
-                    pid = int(entry["consumer"].rsplit("-", 1)[1])
+                    pid = int(entry["consumer"].rsplit("-", 2)[1])  # host-pid-random
                     return next(p for p in self.procs.values() if p.popen.pid == pid)
         finally:
             r.close()
@@ -319,6 +319,7 @@ def scenario(cluster: Cluster, say: Say = print) -> dict:
     job = wait_job(proxy, job_id, timeout=600)
     report["worker_takeover_s"] = round(time.monotonic() - killed_at, 1)
     assert job["state"] == "succeeded", job
+    assert not victim.alive(), f"{victim.name} was killed, yet runs again: the job may not have moved"
     rows = count_rows(cluster.database_url)
     assert rows == {"bases": 1, "jobs": 2, "paths": 2}, rows
     report["rows_after_worker_kill"] = rows

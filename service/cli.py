@@ -144,8 +144,10 @@ def _percent(x: object) -> str:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="The address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8000,
+    host: Annotated[
+        str, typer.Option(envvar="ZOO_HOST", help="The address to listen on (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="ZOO_PORT", help="The port to listen on.")] = 8000,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     workers: Annotated[
         int | None,
@@ -162,6 +164,24 @@ def serve(
         os.environ["ZOO_HTTP_WORKERS"] = str(workers)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     run(host, port, access_log)
+
+
+@app.command()
+def healthcheck(
+    port: Annotated[int, typer.Option(envvar="ZOO_PORT", help="The port `zoo serve` listens on here.")] = 8000,
+) -> None:
+    """Exit 0 when the server on this machine is ready (GET /readyz answers 200), 1 otherwise: the
+    image's HEALTHCHECK (a worker's container has no server: disable the check there)."""
+    import httpx
+
+    try:
+        status = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=4).status_code
+    except httpx.HTTPError as e:
+        err_console.print(f"not ready: {type(e).__name__}: {e}")
+        raise typer.Exit(1) from None
+    if status != 200:
+        err_console.print(f"not ready: /readyz answered {status}")
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -347,6 +347,7 @@ class JobRunner:
                 )
                 continue  # read back: failed, or cancelled meanwhile
             attempts += 1
+            log.info("jobs: job %s, attempt %d, runs in this worker", d.job_id, attempts)
             outcome = self._execute(d.job_id)
             if self._abort.is_set():
                 continue  # ended or not, the next look decides: done, or handed back

@@ -244,3 +244,34 @@ def test_dashboard_opens_a_one_time_sign_in_link(zoo: TestClient, monkeypatch: p
     for token in (sent.group(1), printed.group(1)):
         assert zoo.post("/v1/keys/exchange", json={"token": token}).status_code == 201
         assert zoo.post("/v1/keys/exchange", json={"token": token}).status_code == 401
+
+
+@pytest.mark.parametrize(("status", "code"), [(200, 0), (503, 1), (None, 1)])
+def test_healthcheck_is_readyz_of_the_local_port(status: int | None, code: int) -> None:
+    """The image's HEALTHCHECK: 0 when /readyz on ZOO_PORT answers 200; 1 when it answers else or nothing listens."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status if self.path == "/readyz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Ready)
+    port = server.server_port
+    if status is None:
+        server.server_close()  # nothing listens there now
+    else:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = runner.invoke(cli.app, ["healthcheck"], env={"ZOO_PORT": str(port)})
+    finally:
+        if status is not None:
+            server.shutdown()
+            server.server_close()
+    assert r.exit_code == code, r.output
+    if code:
+        assert "not ready" in r.output

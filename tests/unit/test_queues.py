@@ -42,6 +42,16 @@ def test_redis_redelivers_unacked(redis_url: str) -> None:
 
 
 @pytest.mark.redis
+def test_redis_consumers_are_named_apart_on_one_host_and_pid(redis_url: str) -> None:
+    """Workers in containers on the host's network share its host name and may share a pid (1): a
+    consumer name of host and pid alone would make two workers one consumer."""
+    stream = f"zoo:test:{uuid.uuid4().hex}"
+    a, b = RedisQueue(redis_url, stream=stream), RedisQueue(redis_url, stream=stream)
+    assert a.consumer != b.consumer and a.consumer.rsplit("-", 2)[1] == b.consumer.rsplit("-", 2)[1]
+    a.r.delete(stream)
+
+
+@pytest.mark.redis
 def test_redis_keeps_a_job_its_holder_touches(redis_url: str) -> None:
     """A long job stays with the live worker that touches it; only a silent holder loses it."""
     stream = f"zoo:test:{uuid.uuid4().hex}"

@@ -1,0 +1,8 @@
+# Redis from Debian's packages on CI's local base (docker-compose.yml's command runs as is).
+ARG BASE
+FROM ${BASE}
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server \
+    && rm -rf /var/lib/apt/lists/* && mkdir -p /data && chown redis:redis /data
+USER redis
+WORKDIR /data
+CMD ["redis-server"]
