@@ -1,7 +1,7 @@
 """Distributed mode as processes on this machine: API replicas (`zoo serve`) and composition
 workers (`zoo worker`) on one PostgreSQL and one Redis, each with its own empty ``ZOO_DATA_DIR``,
-behind nginx with ``deploy/nginx.conf``. ``scenario`` is the kill test (tests/system/test_cluster.py runs
-it in CI); ``cluster_suite`` (``zoo bench --suite cluster``) runs it too and measures throughput
+behind nginx with ``deploy/nginx.conf``. ``scenario`` is the kill test (tests/docker/test_compose.py runs
+it under Docker in CI); ``cluster_suite`` (``zoo bench --suite cluster``) runs it too and measures throughput
 through nginx with two replicas against one, for docs/deploy.md."""
 
 from __future__ import annotations

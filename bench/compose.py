@@ -1,6 +1,6 @@
 """The compose topology under a real Docker engine: ``docker-compose.yml`` (2 API replicas, 2 workers,
 nginx, PostgreSQL, Redis, every container on the host's network) brought up from empty volumes,
-then ``bench.cluster.scenario``, the kill test the processes of tests/system/test_cluster.py pass:
+then ``bench.cluster.scenario``, the kill test ``zoo bench --suite cluster`` runs as processes:
 a worker killed mid-job, a replica killed under a predict load through nginx, and ``down`` then
 ``up`` keeping every base, path and job. tests/docker/test_compose.py runs it (.ci/docker/run)."""
 

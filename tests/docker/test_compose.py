@@ -5,7 +5,7 @@ From empty volumes: 2 API replicas, 2 workers, nginx, PostgreSQL and Redis up; a
 and a path composed, predictions identical through each replica and nginx; ``docker kill`` of the
 worker running a job (another finishes it) and of a replica under a predict load through nginx (no
 predict lost); ``down`` then ``up`` keeps every base, path and job (bench.cluster.scenario, the
-scenario tests/system/test_cluster.py runs as processes)."""
+scenario `zoo bench --suite cluster` runs as processes on one machine)."""
 
 from __future__ import annotations
 
@@ -56,5 +56,8 @@ def test_compose_survives_kills_and_down_up() -> None:
     finally:
         compose.down(volumes=True)
     print("compose report:", json.dumps(report))
-    during = report["load_during_kill"]  # as in tests/system/test_cluster.py
+    # in flight on the killed replica: predicts nginx resends to the survivor (without the resend, measured
+    # with processes: 16 of 1500 fail, one per connection); only a response cut short on its way back
+    # may fail, and the answers are a few hundred bytes
+    during = report["load_during_kill"]
     assert during["sent"] == 1500 and during["errors"] <= 2, during
