@@ -37,7 +37,7 @@ ENV PATH=/opt/zoo/bin:$PATH ZOO_DATA_DIR=/data ZOO_HOST=0.0.0.0 ZOO_PORT=8000 PY
 USER 10001:10001
 WORKDIR /home/zoo
 EXPOSE 8000
-# /readyz: 200 once the zoo is loaded and PostgreSQL answers (a worker's container: disable it there)
+# /readyz: 200 once the zoo is loaded (a worker's container has no server: disable it there)
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 CMD ["zoo", "healthcheck"]
 ENTRYPOINT ["zoo"]
 CMD ["serve"]

@@ -287,8 +287,10 @@ def load(proc: Proc, key: str, ids: list[str], body: bytes, requests: int, seed:
 
 
 def scenario(cluster: Cluster, say: Say = print) -> dict:
-    """Point 5 of issue 13 on a started cluster (2 replicas, 2 workers, nginx). Raises at the first
-    step that does not hold; returns the counts it measured."""
+    """Point 5 of issue 13 on a started cluster (2 replicas, 2 workers, nginx): processes here, or
+    containers (``bench.compose.Compose``: the same names, ``procs``, ``client``, ``holder_of``,
+    ``restart``, ``admin_key``, ``database_url``). Raises at the first step that does not hold;
+    returns the counts it measured."""
     a, b, proxy = (cluster.client(n) for n in ("replica0", "replica1", "nginx"))
     _, body = one_image(GRAY)
     report: dict = {}

@@ -33,13 +33,16 @@ class Container:
     service: str
     url: str = ""
     index: int = 1
+    _id: str = ""  # until the next up or down
 
     @property
     def id(self) -> str:
-        out = self.compose.run("ps", "-a", "-q", self.service, capture=True).split()  # a killed one too
-        if len(out) < self.index:
-            raise LookupError(f"no container {self.index} of {self.service}: {out}")
-        return sorted(out, key=self.compose.number)[self.index - 1]
+        if not self._id:
+            out = self.compose.run("ps", "-a", "-q", self.service, capture=True).split()  # a killed one too
+            if len(out) < self.index:
+                raise LookupError(f"no container {self.index} of {self.service}: {out}")
+            self._id = sorted(out, key=self.compose.number)[self.index - 1]
+        return self._id
 
     def kill(self) -> None:
         """``docker kill``: SIGKILL to the container (restart policies leave a killed one stopped)."""
@@ -93,10 +96,16 @@ class Compose:
 
     def up(self) -> None:
         self.run("up", "-d", "--no-build")
+        self._forget_ids()
         self.wait_ready()
 
     def down(self, volumes: bool = False) -> None:
         self.run("down", *(["--volumes"] if volumes else []))
+        self._forget_ids()
+
+    def _forget_ids(self) -> None:
+        for c in self.procs.values():
+            c._id = ""
 
     def wait_ready(self, timeout: float = 300) -> None:
         """Every replica answers /readyz 200 (through nginx too) and every worker says it consumes."""
@@ -139,10 +148,10 @@ class Compose:
         """Every TCP address a process of the topology listens on, as ``ss`` on the host sees it (host
         networking: one network namespace), each as ``service address:port``."""
         pids: dict[str, str] = {}
-        for service in ("api1", "api2", "worker", "nginx", "postgres", "redis"):
-            for cid in self.run("ps", "-q", service, capture=True).split():
-                top = subprocess.run([self.docker, "top", cid, "-o", "pid"], capture_output=True, text=True)
-                pids |= dict.fromkeys(top.stdout.split()[1:], service)
+        for cid in self.run("ps", "-q", capture=True).split():
+            service = self.inspect(cid, '{{index .Config.Labels "com.docker.compose.service"}}')
+            top = subprocess.run([self.docker, "top", cid, "-o", "pid"], capture_output=True, text=True)
+            pids |= dict.fromkeys(top.stdout.split()[1:], service)
         ss = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
         return sorted(
             {

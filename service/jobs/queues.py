@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import secrets
 import socket
 import time
 import uuid
@@ -94,7 +93,7 @@ class RedisQueue:
         self.stream, self.group, self.idle_ms = stream, group, idle_ms
         self.heartbeat_s = idle_ms / 4000
         # host, pid and a random part: containers on the host's network share its name and may share a pid
-        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.on_reset = on_reset
         self._epoch: str | None = None  # the marker this consumer saw last
         self._next_look = 0.0
