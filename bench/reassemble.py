@@ -1,290 +1,403 @@
-"""The reassemble (DeRy) tables: reassembled networks against every single pool model given the same
-stitches and head training; NASWOT against trained accuracy; a pool large enough for the 0-1 program."""
+"""The reassemble (DeRy) tables: reassembled networks against single zoo models of equal or larger
+size, on the complementary zoo (four families, two widths, each pretrained on its own domain).
+
+Two phases, each one job per (task, seed) in ``WORKERS`` one-thread processes:
+1. the proxies: ``TAU_CANDIDATES`` assemblies drawn at random within the largest budget, freeze-tuned,
+   ranked by every proxy; Kendall's tau against validation accuracy; the best mean tau picks the proxy;
+2. the tables: per budget, the reassembled network (the chosen proxy's best), the best single pool
+   model within the budget and the best single model resampled to the budget, each with stitches
+   at its partition cuts, each freeze-tuned and fully tuned.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import multiprocessing
 import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from scipy.stats import kendalltau
+from torch import nn
 
-from bench.common import SEEDS, Say, bench_data_dir, dir_store, head_only, mean_std
-from zoo_store.core.bundle import encode_bundle, make_manifest
+from bench.common import Say, bench_data_dir, dir_store, macs, mean_std, paired_interval, t_interval, time_ratio
+from zoo_store.core.errors import InvalidInput
+from zoo_store.core.keystore import MemoryKeyStore
 from zoo_store.core.spec import CompositionSpec
 from zoo_store.core.weights import digest_of
 from zoo_store.datasets.builtin import BUILTINS
 from zoo_store.datasets.tasks import make_task
 from zoo_store.methods.base import BuildContext
 from zoo_store.methods.reassemble.config import Budget
-from zoo_store.methods.reassemble.method import (
-    EXACT_MAX,
-    MILP_TOP,
-    NASWOT_IMAGES,
-    Scorer,
-    run_modules,
-    search,
-    to_artifact,
-    train_assembly,
-)
-from zoo_store.methods.reassemble.profile import Block, assembly_cost, card_profile
+from zoo_store.methods.reassemble.layers import Assembled, build_assembled, fit_stitches, shapes_of, stitch_params
+from zoo_store.methods.reassemble.method import Scorer, Search, assembled_bytes, path_tensors, run_modules, search
+from zoo_store.methods.reassemble.profile import Block, card_profile
+from zoo_store.methods.reassemble.proxies import PROXIES
 from zoo_store.methods.reassemble.search import Candidate, feasible
-from zoo_store.store.demo import DemoBase, ensure_bases
-from zoo_store.training import accuracy
+from zoo_store.methods.resample.method import Resample
+from zoo_store.store.zoos import ZOOS, build_zoo
+from zoo_store.training import accuracy, fit, normalize
 
-# The bench's pool: four families, each with a tap after every block (6-8 spatial taps), trained on
-# MNIST with the demo zoo's recipe (under ZOO_DATA_DIR, once; `zoo serve` never builds them)
-POOL = (
-    DemoBase(
-        "resnet-deep-mnist",
-        "resnet_s",
-        "mnist",
-        "small ResNet, 2 blocks per stage, a tap per block",
-        config={"blocks": [2, 2, 2], "block_taps": True},
-    ),
-    DemoBase("vgg-deep-mnist", "vgg_s", "mnist", "VGG-style net, a tap per conv", config={"block_taps": True}),
-    DemoBase(
-        "mobilenet-deep-mnist",
-        "mobilenet_s",
-        "mnist",
-        "MobileNetV2-style net, a tap per block",
-        config={"block_taps": True},
-    ),
-    DemoBase(
-        "convnext-mnist", "convnext_s", "mnist", "ConvNeXt-style net, a tap per block", config={"block_taps": True}
-    ),
-)
-TASKS = ("digits", "mnist-cluttered")
-K_EXACT, K_MILP = 3, 5  # 4 models: 4^3 = 64 assemblies (enumerated), 4^5 = 1,024 (beyond EXACT_MAX: the 0-1 program)
-SAMPLE = 32  # feasible K_MILP assemblies drawn at random and scored by true NASWOT, to check the program's pick
+SEEDS = (0, 1, 2, 3, 4)
+WORKERS = 2  # processes, one thread each
+# the tasks: two that need more than one domain of the zoo, and a control one domain covers
+TASKS = {
+    "mnist-letters": "digits and letters (the digit and the letter nets' domains)",
+    "shapes-mnist": "shapes and digits (the shape and the digit nets' domains)",
+    "letters": "letters only (the control: the letter nets' own domain)",
+}
+BUDGETS = (0.25, 0.5, 1.0)  # fractions of the largest pool model's parameters with its new head
+BLOCKS = 3
+PER_LABEL = 60  # training images per label
+EPOCHS = 5
+LR = {"freeze": 1e-2, "full": 1e-3}  # full tuning: every block trained, a lower learning rate
+TAU_CANDIDATES = 8  # assemblies per (task, seed) trained to rank the proxies
+ROWS = ("reassembled", "best single within budget", "single resampled to budget")
 
 
 @dataclass
 class Run:
-    """One trained network of a table row, on one seed."""
+    """One trained network: what it is, its size and cost, its accuracies."""
 
     label: str
+    key: str  # which network of the seed's latency measurements it is
     params: int
+    flops: int
+    stored: int
     val: float
     test: float
 
 
+@dataclass
+class SeedRuns:
+    """Every row of one (task, seed): runs by (budget, row, tuning)."""
+
+    runs: dict[tuple[float, str, str], Run] = field(default_factory=dict)
+    partition: list[str] = field(default_factory=list)
+    latency: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
 def reassemble_suite(say: Say, quick: bool) -> list[str]:
     store = dir_store(bench_data_dir())
-    ensure_bases(store, POOL, 2000 if quick else 12000, say, what="reassemble pool")
-    cards = {b.id: store.cards()[b.id] for b in POOL}
-    stale = [b.id for b in POOL if cards[b.id].arch_config != b.config]
-    assert not stale, f"{stale} in {bench_data_dir()} were registered with another config: remove them to retrain"
-    bases = {k: (c, store.load_base(c)) for k, c in cards.items()}
-    digests = {k: digest_of(n) for k, (_, n) in bases.items()}
-    spl, epochs, trained = (20, 2, 4) if quick else (100, 5, 8)
+    build_zoo(store, "complementary", 0, say)
     seeds = SEEDS[:2] if quick else SEEDS
-    taps = ", ".join(f"{k} ({len(n.spatial_taps())})" for k, (_, n) in bases.items())
-    accs = ", ".join(f"{c.metrics['accuracy']:.4f}" for c in cards.values())
-    samples = ", ".join(sorted({f"{int(c.metrics['train_samples']):,}" for c in cards.values()}))
-    lines = [
-        (
-            f"Pool: {taps} spatial taps, each trained by this bench on MNIST as the demo zoo's bases "
-            f"({samples} images, 2 epochs; held-out accuracy {accs}). "
-            f"Each task: {spl} training images per label, {epochs} epochs of Adam (lr 1e-2) for every network "
-            f"of the table; seeds {', '.join(map(str, seeds))} (the seed draws the training images, the probe, the "
-            "partition's restarts and the initialisation); cells are mean ± std over the seeds, test accuracy. "
-            "Choices are made on the validation split: which trained candidate, which single model is best. "
-            "Budget: max_params = the largest single pool model with its new head.\n\n"
-            "Rows. *Reassembled (NASWOT best)*: what the method builds, chosen without labels. *Best trained "
-            f"candidate on validation*: of the {trained} candidates trained per seed (the NASWOT top 4 and the rest "
-            "spread evenly over the ranking). *<model> + stitches*: the single model cut at its own partition "
-            "cuts, a stitch (BatchNorm + 1x1 conv, least-squares start) at every cut and a new head, trained "
-            "exactly as the reassembled network: the same kind of trainable parts, the budget plus its stitches "
-            "(the largest model with them is over it, which can only favour the controls). *<model> head-only*: "
-            "a new head on the frozen model. *Difference*: per seed, reassembled minus the single model with "
-            "stitches that is best on validation.\n"
-        ),
-        "| task | network | params (seed 0) | accuracy |",
-        "|---|---|---:|---:|",
-    ]
-    notes = []
-    for task in TASKS:
-        arrays = BUILTINS[task].make()
-        runs: dict[str, list[Run]] = {}
-        picks: list[str] = []
-        taus: list[float] = []
-        for seed in seeds:
-            say(f"reassemble table: {task}, seed {seed}")
-            found = _search(bases, arrays, task, K_EXACT, spl, epochs, seed)
-            rows, tau, stored = _exact_rows(say, found, bases, cards, epochs, trained, seed)
-            for k, v in rows.items():
-                runs.setdefault(k, []).append(v)
-            picks.append(
-                f"seed {seed}: {rows['reassembled (NASWOT best)'].label}; on validation: "
-                f"{rows['best trained candidate on validation'].label}"
-            )
-            taus.append(tau)
-        lines += _table_rows(task, runs)
-        notes.append(
-            f"- {task}: Kendall's tau between NASWOT and trained test accuracy over each seed's {trained} "
-            f"trained candidates: {', '.join(f'{t:.2f}' for t in taus)}; search (seed {seeds[-1]}): "
-            f"{found.metrics['search']} over {found.metrics['candidates_feasible']} assemblies within budget; "
-            f"the path's bundle is {stored:.2%} of the assembled network's dense bytes (seed {seeds[-1]}). "
-            f"Picks: {'; '.join(picks)}. Partition (seed {seeds[-1]}): "
-            f"{'; '.join(' | '.join(s) for s in found.metrics['partition'])}"
-        )
-    milp_lines = _milp_table(say, bases, spl, epochs, seeds)
-    assert {k: digest_of(n) for k, (_, n) in bases.items()} == digests, "a base changed during the experiment"
-    return [*lines, "\nPer task:\n", *notes, "", *milp_lines]
+    tasks = list(TASKS)[:1] if quick else list(TASKS)
+    jobs = [(task, seed, quick) for task in tasks for seed in seeds]
+    with multiprocessing.get_context("spawn").Pool(WORKERS) as pool:
+        taus = {j[:2]: t for j, t in zip(jobs, pool.imap(_tau_job, jobs, chunksize=1), strict=True)}
+        proxy = max(PROXIES, key=lambda p: statistics.fmean(t[p] for t in taus.values()))
+        say(f"reassemble bench: the proxy that ranks best on validation is {proxy}")
+        done = pool.imap(_table_job, [(*j, proxy) for j in jobs], chunksize=1)
+        tables = {j[:2]: t for j, t in zip(jobs, done, strict=True)}
+    _keep(taus, tables)
+    lines = [_preamble(seeds, quick), *_tau_table(taus, tasks, seeds, proxy, 4 if quick else TAU_CANDIDATES)]
+    for task in tasks:
+        lines += _tables(task, [tables[task, s] for s in seeds])
+    return lines
 
 
-def _budget(bases, num_labels: int) -> int:
-    """max_params of the tables: the largest single pool model with its new head."""
-    profiles = {m: card_profile(c) for m, (c, _) in bases.items()}
-    return max(
-        assembly_cost([Block(model=m, start=None, end=p.stages[-1].tap)], profiles, num_labels)[0]
-        for m, p in profiles.items()
-    )
+def _keep(taus: dict, tables: dict) -> None:
+    """The raw runs as JSON beside the bench's data (what the tables are made of)."""
+    raw = {"taus": {f"{t}/{s}": v for (t, s), v in taus.items()}}
+    raw["tables"] = {
+        f"{t}/{s}": dataclasses.asdict(r)
+        | {"runs": {"/".join(map(str, k)): dataclasses.asdict(v) for k, v in r.runs.items()}}
+        for (t, s), r in tables.items()
+    }
+    (bench_data_dir() / "reassemble-runs.json").write_text(json.dumps(raw, indent=1))
 
 
-def _search(bases, arrays, task: str, k: int, spl: int, epochs: int, seed: int):
+# -- one (task, seed) --------------------------------------------------------------------------------------------------
+
+
+def _setup(task: str, seed: int, quick: bool, max_params: int | None, proxy: str | None = None, cache=None) -> Search:
+    """The method's own steps 1-2 for ``task`` within ``max_params`` (None: any size)."""
+    store = dir_store(bench_data_dir())
+    cards = store.cards()
+    pool = sorted(b.id for b in ZOOS["complementary"].bases)
+    bases = {m: (cards[m], store.load_base(cards[m])) for m in pool}
+    arrays = BUILTINS[task].make()
     spec = CompositionSpec.model_validate(
         {
             "method": "reassemble",
-            "models": sorted(bases),
-            "blocks": k,
-            "task": {"dataset": task, "samples_per_label": spl},
-            "budget": {"max_params": _budget(bases, len(arrays.labels))},
-            "train": {"epochs": epochs, "seed": seed},
+            "models": pool,
+            "blocks": BLOCKS,
+            "task": {"dataset": task, "samples_per_label": 20 if quick else PER_LABEL},
+            "budget": {"max_params": max_params} if max_params else {},
+            "train": {"epochs": EPOCHS, "seed": seed},
+            "options": {"proxy": proxy} if proxy else {},
         }
     )
-    return search(spec, BuildContext(bases=bases, load_task=lambda t, c: make_task(arrays, t, c.input, seed)))
+    ctx = BuildContext(bases=bases, load_task=lambda t, c: make_task(arrays, t, c.input, seed))
+    if cache is not None:
+        ctx.cache = cache
+    return search(spec, ctx)
 
 
-def _train(found, cand, epochs: int, seed: int, stitch_all: bool = False):
-    return train_assembly(
-        cand, found.nets, found.card, found.data, found.probe, epochs, 1e-2, 64, seed, "cpu", stitch_all=stitch_all
-    )
+def largest(found: Search) -> int:
+    """The 100% budget: parameters of the largest pool model as the tables train it (cut at its
+    partition cuts, a stitch at every cut, a new head over the task's labels)."""
+    return max(_params(_assembled(found, _single(found, m), found.nets, single=True)) for m in found.nets)
 
 
-def _run(found, model, label: str) -> Run:
-    d, spec = found.data, found.card.input
-    params = sum(p.numel() for p in {id(p): p for m in run_modules(model) for p in m.parameters()}.values())
-    return Run(label, params, accuracy(model, d.val_x, d.val_y, spec), accuracy(model, d.test_x, d.test_y, spec))
+def _tau_job(job: tuple[str, int, bool]) -> dict[str, float]:
+    """Kendall's tau of every proxy against validation accuracy over assemblies drawn at random."""
+    torch.set_num_threads(1)
+    task, seed, quick = job
+    print(f"reassemble bench, proxies: {task}, seed {seed}", flush=True)
+    found = _setup(task, seed, quick, None)
+    profiles = {m: card_profile(c) for m, c in found.cards.items()}
+    cands, _ = feasible(found.sets, profiles, len(found.data.labels), Budget(max_params=largest(found)))
+    drawn = random.Random(seed).sample(cands, 4 if quick else TAU_CANDIDATES)
+    scorer = Scorer(found.nets, found.card, found.probe, found.probes, len(found.data.labels))
+    scores = {p: [scorer(c, PROXIES[p]) for c in drawn] for p in PROXIES}
+    vals = [_train(found, c, c.label(), "freeze", seed, quick, single=False)[0].val for c in drawn]
+    return {p: float(kendalltau(s, vals).statistic) for p, s in scores.items()}
 
 
-def _single(found, m: str):
-    """Model ``m`` cut at its own partition cuts: the candidate of all its blocks."""
-    blocks = tuple(b for s in found.sets for b in s if b.model == m)
-    p, f = assembly_cost(list(blocks), {m: card_profile(found.cards[m])}, len(found.data.labels))
-    return Candidate(blocks, p, f)
-
-
-def _exact_rows(
-    say: Say, found, bases, cards, epochs: int, trained: int, seed: int
-) -> tuple[dict[str, Run], float, float]:
-    """One seed of an exact-search table: trained candidates, the single-model controls; tau; stored fraction."""
-    from scipy.stats import kendalltau
-
-    ranked = found.ranked
-    picks = sorted(
-        {
-            *range(min(4, len(ranked))),
-            *(round(i) for i in torch.linspace(4, len(ranked) - 1, max(0, trained - 4)).tolist()),
-        }
-    )
-    cands: dict[int, Run] = {}
-    for n, i in enumerate(picks):
-        say(f"  candidate {n + 1}/{len(picks)} (NASWOT rank {i + 1})")
-        model = _train(found, ranked[i], epochs, seed)
-        cands[i] = _run(found, model, ranked[i].label())
-        if i == 0:
-            art = to_artifact(found, ranked[0], model)
-            stored = len(encode_bundle(make_manifest(art), art.tensors, art.metrics)) / art.metrics["dense_bytes"]
-    on_val = max(cands, key=lambda i: (cands[i].val, -i))
-    rows = {"reassembled (NASWOT best)": cands[0], "best trained candidate on validation": cands[on_val]}
-    singles = {}
-    for m in sorted(bases):
-        say(f"  {m}: stitches at its cuts, then head-only")
-        singles[m] = _run(found, _train(found, _single(found, m), epochs, seed, stitch_all=True), m)
-        rows[f"{m} + stitches"] = singles[m]
-        head, _ = head_only(bases[m][1], found.data, cards[m], epochs, seed=seed)
-        d = found.data
-        rows[f"{m} head-only"] = Run(
-            m, _single(found, m).params, float("nan"), accuracy(head, d.test_x, d.test_y, found.card.input)
-        )
-    best = max(singles.values(), key=lambda r: r.val)
-    rows["difference: reassembled - best single + stitches"] = Run(
-        best.label, 0, float("nan"), cands[0].test - best.test
-    )
-    rows["difference: best trained candidate - best single + stitches"] = Run(
-        best.label, 0, float("nan"), cands[on_val].test - best.test
-    )
-    tau = kendalltau([ranked[i].score for i in picks], [cands[i].test for i in picks]).statistic
-    return rows, float(tau), stored
-
-
-def _table_rows(task: str, runs: dict[str, list[Run]]) -> list[str]:
-    out = []
-    for name, rs in runs.items():
-        params = f"{rs[0].params:,}" if rs[0].params else ""
-        out.append(f"| {task} | {name} | {params} | {mean_std([r.test for r in rs])} |")
+def _table_job(job: tuple[str, int, bool, str]) -> SeedRuns:
+    torch.set_num_threads(1)
+    task, seed, quick, proxy = job
+    print(f"reassemble bench, tables: {task}, seed {seed}", flush=True)
+    cache = MemoryKeyStore()  # the CKA matrices, shared by the budgets' searches
+    out = SeedRuns()
+    found = _setup(task, seed, quick, None, proxy, cache)
+    digests = {m: digest_of(n) for m, n in found.nets.items()}
+    out.partition = [" | ".join(b.label() for b in s) for s in found.sets]
+    limit = largest(found)
+    singles: dict[str, dict[str, Run]] = {}
+    models: dict[str, nn.Module] = {}  # the freeze-tuned networks, for the latency of seed 0
+    for m in sorted(found.nets):
+        for t in LR:
+            run, model = _train(found, _single(found, m), m, t, seed, quick, single=True)
+            singles.setdefault(m, {})[t] = run
+            models[m] = model if t == "freeze" else models[m]
+    for budget in BUDGETS:
+        cap = round(budget * limit)
+        at = _setup(task, seed, quick, cap, proxy, cache)
+        for t in LR:
+            key = f"{budget}, {ROWS[0]}"
+            run, model = _train(at, at.ranked[0], key, t, seed, quick, single=False)
+            out.runs[budget, ROWS[0], t] = run
+            models[key] = model if t == "freeze" else models[key]
+            within = {m: r[t] for m, r in singles.items() if r[t].params <= cap}
+            if within:
+                out.runs[budget, ROWS[1], t] = max(within.values(), key=lambda r: r.val)
+        larger = [m for m in singles if singles[m]["freeze"].params > cap]
+        if larger:  # the single model best on validation among those over the budget, resampled to it
+            m = max(larger, key=lambda m: singles[m]["freeze"].val)
+            small = _resampled(found, m, cap)
+            for t in LR:
+                key = f"{budget}, {ROWS[2]}"
+                run, model = _train(found, _single(found, m, small), key, t, seed, quick, single=True, extra=small)
+                out.runs[budget, ROWS[2], t] = run
+                models[key] = model if t == "freeze" else models[key]
+    if seed == SEEDS[0]:
+        out.latency = _latency(models, found, max(singles, key=lambda m: singles[m]["freeze"].params))
+    assert {m: digest_of(n) for m, n in found.nets.items()} == digests, "a base changed during the experiment"
     return out
 
 
-def _milp_table(say: Say, bases, spl: int, epochs: int, seeds: tuple[int, ...]) -> list[str]:
-    """K_MILP blocks: more assemblies than the exact search scores, so the 0-1 program picks; its pick
-    checked against SAMPLE feasible assemblies drawn at random (true NASWOT, and a few trained)."""
-    task = TASKS[-1]
-    arrays = BUILTINS[task].make()
-    runs: dict[str, list[Run]] = {}
-    checks = []
-    picked = f"reassembled (0-1 program, NASWOT best of its {MILP_TOP})"
-    for seed in seeds:
-        say(f"reassemble 0-1 program table: {task}, seed {seed}")
-        found = _search(bases, arrays, task, K_MILP, spl, epochs, seed)
-        assert found.metrics["search"] == "milp", found.metrics["search"]
-        profiles = {m: card_profile(c) for m, c in found.cards.items()}
-        budget = Budget(max_params=_budget(bases, len(found.data.labels)))
-        all_cands, _ = feasible(found.sets, profiles, len(found.data.labels), budget)
-        sample = random.Random(seed).sample(all_cands, min(SAMPLE, len(all_cands)))
-        scorer = Scorer(found.nets, found.card, found.probe, found.probe[:NASWOT_IMAGES], len(found.data.labels))
-        scores = sorted((scorer(c), i) for i, c in enumerate(sample))
-        pick = found.ranked[0]
-        below = sum(s < pick.score for s, _ in scores) / len(scores)
-        checks.append(
-            f"seed {seed}: {len(all_cands):,} assemblies within budget; the program's pick scores NASWOT "
-            f"{pick.score:.1f}, above {below:.0%} of the {len(sample)} drawn (their best {scores[-1][0]:.1f}, "
-            f"median {statistics.median(s for s, _ in scores):.1f}); pick: {pick.label()}"
-        )
-        rows = {picked: _run(found, _train(found, pick, epochs, seed), pick.label())}
-        best_drawn = sample[scores[-1][1]]
-        rows["NASWOT best of the drawn assemblies"] = _run(
-            found, _train(found, best_drawn, epochs, seed), best_drawn.label()
-        )
-        drawn = [
-            _run(found, _train(found, sample[i], epochs, seed), sample[i].label())
-            for _, i in (scores[0], scores[len(scores) // 2], scores[-2])
-        ]
-        rows["3 drawn assemblies (low, middle, high NASWOT), mean"] = Run(
-            "", 0, statistics.fmean(r.val for r in drawn), statistics.fmean(r.test for r in drawn)
-        )
-        singles = {
-            m: _run(found, _train(found, _single(found, m), epochs, seed, stitch_all=True), m) for m in sorted(bases)
-        }
-        best = max(singles.values(), key=lambda r: r.val)
-        rows["best single + stitches on validation"] = best
-        rows["difference: reassembled - best single + stitches"] = Run(
-            "", 0, float("nan"), rows[picked].test - best.test
-        )
-        for k, v in rows.items():
-            runs.setdefault(k, []).append(v)
-        say(f"  {checks[-1]}")
-    return [
-        (
-            f"0-1 program table: {task}, K = {K_MILP} blocks, the same pool, budget, data and training; "
-            f"the exact search scores at most {EXACT_MAX} assemblies, so the 0-1 program proposes {MILP_TOP}, "
-            "re-ranked by true NASWOT.\n"
-        ),
-        "| task | network | params (seed 0) | accuracy |",
-        "|---|---|---:|---:|",
-        *_table_rows(task, runs),
-        "\nThe program's pick against assemblies drawn at random:\n",
-        *(f"- {c}" for c in checks),
+def _latency(models: dict[str, nn.Module], found: Search, largest_model: str) -> dict[str, tuple[float, float]]:
+    """Each network's time over the largest pool model's (with stitches), one image and a batch of
+    64, measured alternately in this process."""
+    spec, x = found.card.input, found.data.test_x
+    one, batch = normalize(x[:1], spec), normalize(x[:64], spec)
+    ref = models[largest_model]
+    out = {}
+    with torch.no_grad():
+        for k, m in models.items():
+            out[k] = tuple(time_ratio(lambda m=m, x=x: m(x), lambda x=x: ref(x)) for x in (one, batch))
+    return out  # type: ignore[return-value]
+
+
+def _single(found: Search, m: str, small: tuple[str, nn.Module, int] | None = None) -> Candidate:
+    """Model ``m`` (or its resampled copy ``small``) cut at its own partition cuts."""
+    name = small[0] if small else m
+    blocks = tuple(Block(model=name, start=b.start, end=b.end) for s in found.sets for b in s if b.model == m)
+    return Candidate(blocks, 0, 0)
+
+
+def _resampled(found: Search, m: str, limit: int) -> tuple[str, nn.Module, int]:
+    """``m`` resampled by this project's resample method (no tuning) to the most parameters whose
+    network, with stitches at its cuts and a new head, fits ``limit``; its path's tensor bytes."""
+    card, net = found.cards[m], found.nets[m]
+    name, best, target, tried = f"{m}, resampled", None, limit, set()
+    while target not in tried and len(tried) < 8:  # the stitches and the new head are not the resampled net's
+        tried.add(target)
+        spec = CompositionSpec.model_validate({"method": "resample", "base": m, "budget": {"max_params": target}})
+        try:
+            art = Resample().build(spec, BuildContext(bases={m: (card, net)}, load_task=_no_task))
+        except InvalidInput:
+            break
+        small = Resample().materialize(art.config, art.tensors, {m: net})
+        params = _params(_assembled(found, _single(found, m, (name, small, 0)), {**found.nets, name: small}, True))
+        if params <= limit and (best is None or params > best[0]):
+            best = (params, small, sum(t.numel() * t.element_size() for t in art.tensors.values()))
+        own = sum(p.numel() for p in small.parameters())
+        target = own + (limit - params) if params <= limit else min(target, own) - 1 - (params - limit)
+    assert best is not None, f"{m} cannot be resampled to {limit:,} parameters"
+    return name, best[1], best[2]
+
+
+def _no_task(task, card):
+    raise AssertionError("resample without a task reads no data")
+
+
+def _assembled(found: Search, cand: Candidate, nets: dict[str, nn.Module], single: bool) -> Assembled:
+    """The candidate's network; ``single``: a stitch at every cut (a single model's control)."""
+    shapes = shapes_of(nets, [b.model for b in cand.blocks], found.card.input.channels, found.card.input.size)
+    return build_assembled(list(cand.blocks), nets, shapes, len(found.data.labels), stitch_all=single)
+
+
+def _train(
+    found: Search,
+    cand: Candidate,
+    key: str,
+    tuning: str,
+    seed: int,
+    quick: bool,
+    single: bool,
+    extra: tuple | None = None,
+) -> tuple[Run, Assembled]:
+    """The candidate's network with least-squares stitches, trained: stitches and head (freeze), or
+    also every block, on trainable copies (full; their BatchNorm statistics stay frozen, as
+    freeze-tuning keeps them). ``extra``: a resampled network (name, net, its path's bytes)."""
+    nets = dict(found.nets) | ({extra[0]: extra[1]} if extra else {})
+    if tuning == "full":
+        nets = {m: copy.deepcopy(nets[m]).requires_grad_(True) for m in dict.fromkeys(b.model for b in cand.blocks)}
+    torch.manual_seed(seed)
+    model = _assembled(found, cand, nets, single)
+    fit_stitches(model, list(cand.blocks), nets, found.probe)
+    params = stitch_params(model)
+    if tuning == "full":
+        params += [p for m in run_modules(model)[:-2] for p in m.parameters()]
+    model.train()
+    d, spec = found.data, found.card.input
+    epochs = 2 if quick else EPOCHS
+    fit(model, params, d.train_x, d.train_y, spec, epochs=epochs, lr=LR[tuning], batch_size=64, seed=seed)
+    model.eval()
+    if tuning == "full":
+        stored = assembled_bytes(model)
+    else:
+        stored = _tensor_bytes(path_tensors(model)) + (extra[2] if extra else 0)
+    run = Run(
+        cand.label(),
+        key,
+        _params(model),
+        2 * macs(model, normalize(d.test_x[:1], spec)),
+        stored,
+        accuracy(model, d.val_x, d.val_y, spec),
+        accuracy(model, d.test_x, d.test_y, spec),
+    )
+    return run, model
+
+
+def _params(model: Assembled) -> int:
+    return sum(p.numel() for p in {id(p): p for m in run_modules(model) for p in m.parameters()}.values())
+
+
+def _tensor_bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# -- the doc's tables -------------------------------------------------------------------------------------------------
+
+
+def _preamble(seeds, quick: bool) -> str:
+    pool = ", ".join(b.id for b in ZOOS["complementary"].bases)
+    return (
+        f"Pool: the complementary zoo ({pool}; docs/zoo.md), K = {BLOCKS} blocks. Tasks: "
+        + "; ".join(f"`{t}`, {d}" for t, d in TASKS.items())
+        + f". Seeds {', '.join(map(str, seeds))}: the seed draws the {20 if quick else PER_LABEL} training "
+        "images per label, the probe, the partition's restarts and the initialisation; validation: the "
+        "task's fixed draw (200 per label), read for every choice; test: read once per number. Every "
+        f"network: stitches from the least-squares start, then {2 if quick else EPOCHS} epochs of Adam "
+        f"(cosine, batches of 64) on the same images: *freeze*, stitches and head (lr {LR['freeze']}); "
+        f"*full*, also every block, on a trainable copy (lr {LR['full']}, BatchNorm statistics frozen). "
+        "Budgets: fractions of the largest pool model's parameters with a new head over the task's labels. "
+        "Rows per budget: *reassembled*, the method at that budget (the chosen proxy's best assembly); "
+        "*best single within budget*, of the pool models cut at their partition cuts with a stitch at "
+        "every cut (the reassembled network's kind of trainable parts), the one best on validation among "
+        "those that fit; *single resampled to budget*, the single model best on validation among those "
+        "over the budget, resampled by this project's resample method (no tuning) to the most parameters "
+        "that fit, with the same stitches. Params and FLOPs (torch's flop counter, one image): of the "
+        "network as run (blocks, stitches, head), mean over seeds. Stored: bytes a path keeps beyond the "
+        "zoo (freeze: stitches, head and a resample path's tensors; full: every tensor the network "
+        "runs). Latency: time over the largest pool model's with stitches, measured alternately in one "
+        "worker process on seed 0's networks (while the other worker ran), one image and a batch of 64. "
+        "Δ: per seed, reassembled minus the row, its mean and 95% t-interval.\n"
+    )
+
+
+def _tau_table(taus: dict, tasks: list[str], seeds, proxy: str, drawn: int) -> list[str]:
+    lines = [
+        "### The proxies on validation\n",
+        f"Kendall's tau between each proxy and validation accuracy after freeze-tuning, over "
+        f"{drawn} assemblies per task and seed drawn at random within the largest budget; "
+        "mean ± std over seeds. The search below uses the proxy with the highest mean tau over every "
+        f"task and seed, chosen before any test image was read: **{proxy}**.\n",
+        "| task | " + " | ".join(PROXIES) + " |",
+        "|---|" + "---:|" * len(PROXIES),
     ]
+    for task in tasks:
+        cells = [mean_std([taus[task, s][p] for s in seeds], 2) for p in PROXIES]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    means = [f"{statistics.fmean(t[p] for t in taus.values()):+.2f}" for p in PROXIES]
+    lines.append("| all (mean) | " + " | ".join(means) + " |")
+    return [*lines, ""]
+
+
+def _tables(task: str, runs: list[SeedRuns]) -> list[str]:
+    lines = [
+        f"### {task}: {TASKS[task]}\n",
+        "| budget | network | seed 0's network | params | FLOPs | stored, freeze / full | latency x1 / x64 "
+        "| freeze: test | full: test | Δ freeze | Δ full |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    verdicts = []
+    for budget in BUDGETS:
+        for row in ROWS:
+            cell = {t: [r.runs.get((budget, row, t)) for r in runs] for t in LR}
+            if any(x is None for xs in cell.values() for x in xs):
+                continue
+            first = cell["freeze"][0]
+            lat = runs[0].latency.get(first.key, (float("nan"), float("nan")))
+            deltas = {t: "—" if row == ROWS[0] else _delta(runs, budget, row, t) for t in LR}
+            lines.append(
+                f"| {budget:.0%} | {row} | {first.label} | {statistics.fmean(x.params for x in cell['freeze']):,.0f} "
+                f"| {statistics.fmean(x.flops for x in cell['freeze']):,.0f} "
+                f"| {statistics.fmean(x.stored for x in cell['freeze']):,.0f} / "
+                f"{statistics.fmean(x.stored for x in cell['full']):,.0f} | {lat[0]:.2f} / {lat[1]:.2f} "
+                f"| {mean_std([x.test for x in cell['freeze']])} | {mean_std([x.test for x in cell['full']])} "
+                f"| {deltas['freeze']} | {deltas['full']} |"
+            )
+        verdicts += [_verdict(runs, budget, t) for t in LR]
+    lines += ["", f"Partition (seed 0): {'; '.join(runs[0].partition)}", "", *verdicts, ""]
+    return lines
+
+
+def _delta(runs: list[SeedRuns], budget: float, row: str, tuning: str) -> str:
+    ours = [r.runs[budget, ROWS[0], tuning].test for r in runs]
+    return paired_interval(ours, [r.runs[budget, row, tuning].test for r in runs])
+
+
+def _verdict(runs: list[SeedRuns], budget: float, tuning: str) -> str:
+    """The criterion at one budget and tuning: the reassembled network above each control outside the
+    interval, at FLOPs no more than that control's."""
+    ours = [r.runs[budget, ROWS[0], tuning] for r in runs]
+    parts = []
+    for row in ROWS[1:]:
+        theirs = [r.runs.get((budget, row, tuning)) for r in runs]
+        if any(t is None for t in theirs):
+            continue
+        mean, low, _ = t_interval([o.test for o in ours], [t.test for t in theirs])  # type: ignore[union-attr]
+        cheaper = statistics.fmean(o.flops for o in ours) <= statistics.fmean(t.flops for t in theirs)  # type: ignore[union-attr]
+        beats = "beats" if low > 0 else "does not beat"
+        parts.append(
+            f"{beats} {row} ({mean:+.4f}, interval low {low:+.4f}) at {'no more' if cheaper else 'more'} FLOPs"
+        )
+    return f"- {budget:.0%}, {tuning}: the reassembled network " + "; ".join(parts)

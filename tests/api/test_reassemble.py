@@ -1,5 +1,6 @@
-"""Reassembly, step by step (issue 4): costs, CKA and the partition search, NASWOT, the exact and
-0-1 program searches, stitches, the frozen blocks, and the specs and configs refused."""
+"""Reassembly, step by step (issue 4): costs, CKA and the partition search, NASWOT and the other
+proxies, the exact and 0-1 program searches, stitches, the frozen blocks, and the specs and configs
+refused."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
 from zoo_store.core.spec import CompositionSpec
 from zoo_store.core.weights import digest_of
+from zoo_store.methods.base import BuildContext
+from zoo_store.methods.reassemble import method as reassemble_method
 from zoo_store.methods.reassemble.config import Budget, partitions, plan_reassemble, smallest_assembly
 from zoo_store.methods.reassemble.layers import (
     Stitch,
@@ -24,10 +27,11 @@ from zoo_store.methods.reassemble.layers import (
     shapes_of,
     stitch_params,
 )
-from zoo_store.methods.reassemble.method import Reassemble, assembled_bytes
+from zoo_store.methods.reassemble.method import Reassemble, assembled_bytes, search
 from zoo_store.methods.reassemble.naswot import RectifierCodes, logdet, naswot, rectifiers
 from zoo_store.methods.reassemble.partition import SimilarityCache, linear_cka, search_partition
 from zoo_store.methods.reassemble.profile import Block, assembly_cost, card_profile, profile_of
+from zoo_store.methods.reassemble.proxies import PROXIES, codes, ridge_loo_accuracy, size_corrected
 from zoo_store.methods.reassemble.search import feasible, milp_top
 from zoo_store.store.store import card_for
 from zoo_store.training import freeze
@@ -164,6 +168,68 @@ def test_naswot_codes_smooth_rectifiers_by_sign() -> None:
         codes.close()
         kernels.append(codes.kernel)
     assert all(torch.equal(k, kernels[0]) for k in kernels[1:])
+
+
+def test_size_corrected_naswot_does_not_count_units() -> None:
+    """Every unit duplicated: raw NASWOT grows by N·ln 2, the size-corrected score stays the same."""
+    x = torch.randn(8, 20, generator=torch.Generator().manual_seed(0))
+    one, two = torch.nn.ReLU(), torch.nn.ReLU()
+    k1, u1 = codes(one, [one], x)
+    k2, u2 = codes(lambda t: two(torch.cat([t, t], 1)), [two], x)
+    assert (u1, u2) == (20, 40)
+    assert logdet(k2) == pytest.approx(logdet(k1) + 8 * torch.log(torch.tensor(2.0)).item())
+    assert size_corrected(k2, u2, 8) == pytest.approx(size_corrected(k1, u1, 8))
+    assert size_corrected(k1, u1, 8) == pytest.approx(logdet(k1 / 20))
+
+
+def test_ridge_leave_one_out_is_refitting_without_each_image() -> None:
+    """The closed form equals fitting the ridge probe M times, each without one image (the same
+    standardization and penalty, as the closed form holds them fixed)."""
+    from zoo_store.methods.reassemble.proxies import RIDGE
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(24) % 3
+    feats = torch.randn(24, 4, generator=g, dtype=torch.float64) + labels.unsqueeze(1).double()
+    x = (feats - feats.mean(0)) / feats.std(0, unbiased=False)
+    x = torch.cat([x, torch.ones(24, 1, dtype=x.dtype)], 1)
+    y = torch.nn.functional.one_hot(labels, 3).double()
+    right = 0
+    for i in range(24):
+        keep = torch.arange(24) != i
+        gram = x[keep].T @ x[keep] + RIDGE * 24 * torch.eye(5, dtype=x.dtype)
+        w = torch.linalg.solve(gram, x[keep].T @ y[keep])
+        right += int((x[i] @ w).argmax() == labels[i])
+    assert ridge_loo_accuracy(feats, labels) == pytest.approx(right / 24)
+    assert ridge_loo_accuracy(torch.randn(24, 4, generator=g), labels) < right / 24  # noise probes worse
+
+
+@pytest.mark.parametrize(
+    ("proxy", "exact_max"), [*((p, 256) for p in PROXIES), ("ridge", 0)], ids=[*PROXIES, "ridge-milp"]
+)
+def test_search_ranks_by_the_chosen_proxy(zoo, proxy, exact_max, monkeypatch) -> None:
+    """Each proxy ranks the candidates (exactly; or the 0-1 program's, proposed on the proxy's own
+    block surrogate); the metrics name it; every score is finite on a working pool."""
+    from zoo_store.datasets.builtin import BUILTINS
+    from zoo_store.datasets.tasks import make_task
+
+    monkeypatch.setattr(reassemble_method, "EXACT_MAX", exact_max)
+    arrays = BUILTINS["digits"].make()
+    spec = _spec(
+        models=["res", "vgg"],
+        blocks=2,
+        task={"dataset": "digits", "labels": ["0", "1", "2"], "samples_per_label": 12},
+        options={"proxy": proxy},
+    )
+    found = search(spec, BuildContext(bases=zoo, load_task=lambda t, c: make_task(arrays, t, c.input, 0)))
+    scores = [c.score for c in found.ranked]
+    assert found.metrics["proxy"] == proxy and found.metrics["search"] == ("exact" if exact_max else "milp")
+    assert scores == sorted(scores, reverse=True) and all(s > float("-inf") for s in scores)
+    assert len(found.probes.images) == len(found.probes.labels) == 36
+
+
+def test_unknown_proxy_is_refused(zoo) -> None:
+    with pytest.raises(InvalidInput, match="options.proxy"):
+        Reassemble().check(_spec(options={"proxy": "flops"}), _cards(zoo))
 
 
 def test_stitches_at_a_single_models_own_cuts(zoo) -> None:

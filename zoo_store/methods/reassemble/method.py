@@ -1,9 +1,9 @@
 """Deep Model Reassembly (DeRy, NeurIPS 2022) as a composition method: docs/methods/reassemble.md.
 
 build: plan (pool, K, budget) -> partition every pool model into K blocks by CKA (cached per pool
-and probe set) -> one block per set by NASWOT within the budget (exact, or a 0-1 program) ->
-least-squares stitches, then freeze-tuning of stitches and head. The path holds the block list,
-the stitches and the head.
+and probe set) -> one block per set by a training-free proxy (options.proxy, NASWOT by default)
+within the budget (exact, or a 0-1 program) -> least-squares stitches, then freeze-tuning of
+stitches and head. The path holds the block list, the stitches and the head.
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from zoo_store.core.manifest import BaseRef
 from zoo_store.core.spec import CompositionSpec
 from zoo_store.datasets.tasks import TaskData
 from zoo_store.methods.base import BuildContext, ExpectedTensors, Method, no_spatial_tap
-from zoo_store.methods.reassemble.config import Budget, ReassembleConfig, check_budget, parse_config, plan_reassemble
+from zoo_store.methods.reassemble.config import (
+    Budget,
+    ReassembleConfig,
+    ReassembleOptions,
+    check_budget,
+    parse_config,
+    plan_reassemble,
+)
 from zoo_store.methods.reassemble.layers import (
     Assembled,
     Shapes,
@@ -34,7 +41,7 @@ from zoo_store.methods.reassemble.layers import (
     shapes_of,
     stitch_params,
 )
-from zoo_store.methods.reassemble.naswot import RectifierCodes, logdet, naswot, rectifiers
+from zoo_store.methods.reassemble.naswot import rectifiers
 from zoo_store.methods.reassemble.partition import (
     SimilarityCache,
     search_partition,
@@ -42,14 +49,16 @@ from zoo_store.methods.reassemble.partition import (
     tap_features,
 )
 from zoo_store.methods.reassemble.profile import Block, card_profile, needs_stitch
+from zoo_store.methods.reassemble.proxies import PROXIES, ProbeData, Proxy
 from zoo_store.methods.reassemble.search import Candidate, exact, feasible, milp_top
 from zoo_store.methods.registry import register_method
 from zoo_store.training import accuracy, fit, normalize
 
 PROBE_IMAGES = 256  # images the CKA partition and the stitch initialisation see
 NASWOT_IMAGES = 64  # the batch NASWOT scores on
+RIDGE_IMAGES = 1024  # labelled training images the ridge proxy probes
 EXACT_MAX = 256  # enumerate exactly up to this many candidates (about a minute on 2 cores); else the 0-1 program
-MILP_TOP = 8  # candidates the 0-1 program proposes for re-ranking by true NASWOT
+MILP_TOP = 8  # candidates the 0-1 program proposes for re-ranking by the true proxy
 STITCH_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "proj.weight", "proj.bias")
 
 
@@ -59,6 +68,7 @@ class Reassemble(Method):
     required = ("task",)
     fields = ("task", "models", "budget", "blocks", "train")
     budget_model = Budget
+    options = ReassembleOptions
 
     def refusal(self, net: TapNet) -> str | None:
         return no_spatial_tap(net)
@@ -133,14 +143,16 @@ class Search:
     card: Card  # the first pool model's: the input every pool model shares
     data: TaskData
     probe: Tensor  # (P, C, H, W) normalized
+    probes: ProbeData  # what the proxies see
     sets: list[list[Block]]
     ranked: list[Candidate]
     metrics: dict[str, Any]
 
 
 def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
-    """Partition the pool (step 1) and rank the assemblies within budget by NASWOT (step 2)."""
+    """Partition the pool (step 1) and rank the assemblies within budget by the spec's proxy (step 2)."""
     assert spec.task
+    proxy = PROXIES[ReassembleOptions.model_validate(spec.options).proxy]  # checked at POST
     cards = {k: c for k, (c, _) in ctx.bases.items()}
     plan = plan_reassemble(spec, cards)
     card = cards[plan.pool[0]]
@@ -150,7 +162,12 @@ def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
     order = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(spec.train.seed))
     probe_raw = data.train_x[order[:PROBE_IMAGES]]  # (P, C, H, W) in [0, 1]
     probe = normalize(probe_raw.to(ctx.device), card.input)
-    batch = probe[:NASWOT_IMAGES]  # (N, C, H, W)
+    labelled = order[:RIDGE_IMAGES]
+    probes = ProbeData(
+        batch=probe[:NASWOT_IMAGES],  # (N, C, H, W)
+        images=normalize(data.train_x[labelled].to(ctx.device), card.input),  # (M, C, H, W)
+        labels=data.train_y[labelled].to(ctx.device),  # (M,)
+    )
 
     ctx.progress(fraction=0.0, step="partition: features and CKA")
     cache = SimilarityCache(ctx.cache)
@@ -187,48 +204,50 @@ def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
             f"no assembly of this partition meets the budget {plan.budget.model_dump(exclude_none=True)}; "
             f"the smallest takes max_params={smallest[0]}, max_flops={smallest[1]}"
         )
-    scorer = Scorer(nets, card, probe, batch, len(data.labels))
+    scorer = Scorer(nets, card, probe, probes, len(data.labels))
     if len(cands) <= EXACT_MAX:  # a count, not a clock: the same spec and seed always search alike
-        ranked = exact(cands, scorer)
+        ranked = exact(cands, lambda c: scorer(c, proxy))
         metrics |= {"search": "exact", "candidates_scored": len(cands)}
     else:
-        unary = [[block_naswot(nets[b.model], b, batch) for b in s] for s in sets]
-        ranked = exact(milp_top(sets, unary, profiles, len(data.labels), plan.budget, MILP_TOP), scorer)
+        unary = [[block_score(proxy, nets[b.model], b, probes) for b in s] for s in sets]
+        top = milp_top(sets, unary, profiles, len(data.labels), plan.budget, MILP_TOP)
+        ranked = exact(top, lambda c: scorer(c, proxy))
         metrics |= {"search": "milp", "candidates_scored": len(ranked)}
     metrics |= {
+        "proxy": proxy.name,
         "candidates_feasible": len(cands),
         "top_candidates": [
-            {"blocks": c.label(), "naswot": c.score, "params": c.params, "flops": c.flops} for c in ranked[:8]
+            {"blocks": c.label(), "score": c.score, "params": c.params, "flops": c.flops} for c in ranked[:8]
         ],
     }
-    return Search(cards, nets, card, data, probe, sets, ranked, metrics)
+    return Search(cards, nets, card, data, probe, probes, sets, ranked, metrics)
 
 
 class Scorer:
-    """True NASWOT of a candidate: its network with least-squares stitches, on the NASWOT batch.
-    Features of the probe at each (model, tap) are computed once for all candidates."""
+    """A proxy's score of a candidate: its network with least-squares stitches, nothing trained.
+    Each model's own features of the probe at a tap are computed once for all candidates."""
 
-    def __init__(self, nets: dict[str, TapNet], card: Card, probe: Tensor, batch: Tensor, num_labels: int):
-        self.nets, self.card, self.probe, self.batch, self.num_labels = nets, card, probe, batch, num_labels
+    def __init__(self, nets: dict[str, TapNet], card: Card, probe: Tensor, probes: ProbeData, num_labels: int):
+        self.nets, self.probe, self.probes, self.num_labels = nets, probe, probes, num_labels
         self.memo: dict[tuple[str, str], Tensor] = {}
         self.shapes = shapes_of(nets, list(nets), card.input.channels, card.input.size)
 
-    def __call__(self, cand: Candidate) -> float:
+    def assembled(self, cand: Candidate) -> Assembled:
         model = build_assembled(list(cand.blocks), self.nets, self.shapes, self.num_labels)
         fit_stitches(model, list(cand.blocks), self.nets, self.probe, self.memo)
-        return naswot(model, self.batch)
+        return model
+
+    def __call__(self, cand: Candidate, proxy: Proxy) -> float:
+        model = self.assembled(cand)
+        return proxy.score(model.features, rectifiers(model), self.probes)
 
 
-@torch.no_grad()
-def block_naswot(net: TapNet, block: Block, batch: Tensor) -> float:
-    """The surrogate's term: NASWOT of the rectifiers inside one block, run within its own model."""
+def block_score(proxy: Proxy, net: TapNet, block: Block, probes: ProbeData) -> float:
+    """The 0-1 program's surrogate term: the proxy of one block inside its own model (the rectifiers
+    of the block alone; the model's own features where the block ends)."""
     copy = shared_copy(net).eval()
-    codes = RectifierCodes([r for m in copy.stage_modules(block.start, block.end) for r in rectifiers(m)])
-    try:
-        copy.run(batch, None, block.end)
-    finally:
-        codes.close()
-    return logdet(codes.kernel)
+    units = [r for m in copy.stage_modules(block.start, block.end) for r in rectifiers(m)]
+    return proxy.score(lambda x: copy.run(x, None, block.end), units, probes)
 
 
 def train_assembly(
@@ -273,7 +292,7 @@ def to_artifact(found: Search, cand: Candidate, model: Assembled, device: str = 
     card, data = found.card, found.data
     metrics = found.metrics | {
         "accuracy": accuracy(model, data.test_x, data.test_y, card.input, device=device),
-        "naswot": cand.score,
+        "proxy_score": cand.score,
         "params": cand.params,
         "flops": cand.flops,
         "dense_bytes": assembled_bytes(model),
