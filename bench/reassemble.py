@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import multiprocessing
 import random
 import statistics
@@ -24,6 +25,7 @@ from scipy.stats import kendalltau
 from torch import nn
 
 from bench.common import Say, bench_data_dir, dir_store, macs, mean_std, paired_interval, t_interval, time_ratio
+from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
 from zoo_store.core.keystore import MemoryKeyStore
 from zoo_store.core.spec import CompositionSpec
@@ -51,10 +53,10 @@ TASKS = {
 }
 BUDGETS = (0.25, 0.5, 1.0)  # fractions of the largest pool model's parameters with its new head
 BLOCKS = 3
-PER_LABEL = 60  # training images per label
-EPOCHS = 5
-LR = {"freeze": 1e-2, "full": 1e-3}  # full tuning: every block trained, a lower learning rate
-TAU_CANDIDATES = 8  # assemblies per (task, seed) trained to rank the proxies
+TUNINGS = ("freeze", "full")
+LR, BLOCK_LR = 1e-2, 1e-3  # stitches and head; and, fully tuned, every block at the lower rate
+# (training images per label, epochs, assemblies per (task, seed) trained to rank the proxies): full, --quick
+SIZES = {False: (60, 5, 8), True: (20, 2, 4)}
 ROWS = ("reassembled", "best single within budget", "single resampled to budget")
 
 
@@ -84,19 +86,25 @@ def reassemble_suite(say: Say, quick: bool) -> list[str]:
     store = dir_store(bench_data_dir())
     build_zoo(store, "complementary", 0, say)
     seeds = SEEDS[:2] if quick else SEEDS
+    drawn = SIZES[quick][2]
     tasks = list(TASKS)[:1] if quick else list(TASKS)
     jobs = [(task, seed, quick) for task in tasks for seed in seeds]
     with multiprocessing.get_context("spawn").Pool(WORKERS) as pool:
         taus = {j[:2]: t for j, t in zip(jobs, pool.imap(_tau_job, jobs, chunksize=1), strict=True)}
-        proxy = max(PROXIES, key=lambda p: statistics.fmean(t[p] for t in taus.values()))
+        proxy = max(PROXIES, key=lambda p: _mean_tau(taus.values(), p))
         say(f"reassemble bench: the proxy that ranks best on validation is {proxy}")
         done = pool.imap(_table_job, [(*j, proxy) for j in jobs], chunksize=1)
         tables = {j[:2]: t for j, t in zip(jobs, done, strict=True)}
     _keep(taus, tables)
-    lines = [_preamble(seeds, quick), *_tau_table(taus, tasks, seeds, proxy, 4 if quick else TAU_CANDIDATES)]
+    lines = [_preamble(seeds, quick), *_tau_table(taus, tasks, seeds, proxy, drawn)]
     for task in tasks:
         lines += _tables(task, [tables[task, s] for s in seeds])
     return lines
+
+
+def _mean_tau(taus, proxy: str) -> float:
+    """The mean of a proxy's taus; an undefined tau (constant scores or accuracies) counts as 0."""
+    return statistics.fmean(0.0 if math.isnan(t[proxy]) else t[proxy] for t in taus)
 
 
 def _keep(taus: dict, tables: dict) -> None:
@@ -113,28 +121,32 @@ def _keep(taus: dict, tables: dict) -> None:
 # -- one (task, seed) --------------------------------------------------------------------------------------------------
 
 
-def _setup(task: str, seed: int, quick: bool, max_params: int | None, proxy: str | None = None, cache=None) -> Search:
-    """The method's own steps 1-2 for ``task`` within ``max_params`` (None: any size)."""
+def _bases() -> dict[str, tuple[Card, nn.Module]]:
     store = dir_store(bench_data_dir())
     cards = store.cards()
-    pool = sorted(b.id for b in ZOOS["complementary"].bases)
-    bases = {m: (cards[m], store.load_base(cards[m])) for m in pool}
+    return {m: (cards[m], store.load_base(cards[m])) for m in sorted(b.id for b in ZOOS["complementary"].bases)}
+
+
+def _setup(
+    task: str, seed: int, quick: bool, max_params: int | None, bases: dict, cache: MemoryKeyStore, proxy: str = ""
+) -> Search:
+    """The method's own steps 1-2 for ``task`` within ``max_params`` (None: any size), on ``bases``;
+    ``cache`` keeps the CKA matrices for the next search of the same task and seed."""
     arrays = BUILTINS[task].make()
     spec = CompositionSpec.model_validate(
         {
             "method": "reassemble",
-            "models": pool,
+            "models": sorted(bases),
             "blocks": BLOCKS,
-            "task": {"dataset": task, "samples_per_label": 20 if quick else PER_LABEL},
+            "task": {"dataset": task, "samples_per_label": SIZES[quick][0]},
             "budget": {"max_params": max_params} if max_params else {},
-            "train": {"epochs": EPOCHS, "seed": seed},
+            "train": {"epochs": SIZES[quick][1], "seed": seed},
             "options": {"proxy": proxy} if proxy else {},
         }
     )
-    ctx = BuildContext(bases=bases, load_task=lambda t, c: make_task(arrays, t, c.input, seed))
-    if cache is not None:
-        ctx.cache = cache
-    return search(spec, ctx)
+    return search(
+        spec, BuildContext(bases=bases, load_task=lambda t, c: make_task(arrays, t, c.input, seed), cache=cache)
+    )
 
 
 def largest(found: Search) -> int:
@@ -148,13 +160,13 @@ def _tau_job(job: tuple[str, int, bool]) -> dict[str, float]:
     torch.set_num_threads(1)
     task, seed, quick = job
     print(f"reassemble bench, proxies: {task}, seed {seed}", flush=True)
-    found = _setup(task, seed, quick, None)
+    found = _setup(task, seed, quick, None, _bases(), MemoryKeyStore())
     profiles = {m: card_profile(c) for m, c in found.cards.items()}
     cands, _ = feasible(found.sets, profiles, len(found.data.labels), Budget(max_params=largest(found)))
-    drawn = random.Random(seed).sample(cands, 4 if quick else TAU_CANDIDATES)
+    drawn = random.Random(seed).sample(cands, SIZES[quick][2])
     scorer = Scorer(found.nets, found.card, found.probe, found.probes, len(found.data.labels))
     scores = {p: [scorer(c, PROXIES[p]) for c in drawn] for p in PROXIES}
-    vals = [_train(found, c, c.label(), "freeze", seed, quick, single=False)[0].val for c in drawn]
+    vals = [_train(found, c, c.label(), "freeze", seed, quick, single=False, test=False)[0].val for c in drawn]
     return {p: float(kendalltau(s, vals).statistic) for p, s in scores.items()}
 
 
@@ -162,23 +174,23 @@ def _table_job(job: tuple[str, int, bool, str]) -> SeedRuns:
     torch.set_num_threads(1)
     task, seed, quick, proxy = job
     print(f"reassemble bench, tables: {task}, seed {seed}", flush=True)
-    cache = MemoryKeyStore()  # the CKA matrices, shared by the budgets' searches
     out = SeedRuns()
-    found = _setup(task, seed, quick, None, proxy, cache)
+    bases, cache = _bases(), MemoryKeyStore()  # one copy of the bases and the CKA matrices for every search
+    found = _setup(task, seed, quick, None, bases, cache, proxy)
     digests = {m: digest_of(n) for m, n in found.nets.items()}
     out.partition = [" | ".join(b.label() for b in s) for s in found.sets]
     limit = largest(found)
     singles: dict[str, dict[str, Run]] = {}
     models: dict[str, nn.Module] = {}  # the freeze-tuned networks, for the latency of seed 0
     for m in sorted(found.nets):
-        for t in LR:
+        for t in TUNINGS:
             run, model = _train(found, _single(found, m), m, t, seed, quick, single=True)
             singles.setdefault(m, {})[t] = run
             models[m] = model if t == "freeze" else models[m]
     for budget in BUDGETS:
         cap = round(budget * limit)
-        at = _setup(task, seed, quick, cap, proxy, cache)
-        for t in LR:
+        at = _setup(task, seed, quick, cap, bases, cache, proxy)
+        for t in TUNINGS:
             key = f"{budget}, {ROWS[0]}"
             run, model = _train(at, at.ranked[0], key, t, seed, quick, single=False)
             out.runs[budget, ROWS[0], t] = run
@@ -190,7 +202,7 @@ def _table_job(job: tuple[str, int, bool, str]) -> SeedRuns:
         if larger:  # the single model best on validation among those over the budget, resampled to it
             m = max(larger, key=lambda m: singles[m]["freeze"].val)
             small = _resampled(found, m, cap)
-            for t in LR:
+            for t in TUNINGS if small else ():
                 key = f"{budget}, {ROWS[2]}"
                 run, model = _train(found, _single(found, m, small), key, t, seed, quick, single=True, extra=small)
                 out.runs[budget, ROWS[2], t] = run
@@ -221,7 +233,7 @@ def _single(found: Search, m: str, small: tuple[str, nn.Module, int] | None = No
     return Candidate(blocks, 0, 0)
 
 
-def _resampled(found: Search, m: str, limit: int) -> tuple[str, nn.Module, int]:
+def _resampled(found: Search, m: str, limit: int) -> tuple[str, nn.Module, int] | None:
     """``m`` resampled by this project's resample method (no tuning) to the most parameters whose
     network, with stitches at its cuts and a new head, fits ``limit``; its path's tensor bytes."""
     card, net = found.cards[m], found.nets[m]
@@ -236,10 +248,12 @@ def _resampled(found: Search, m: str, limit: int) -> tuple[str, nn.Module, int]:
         small = Resample().materialize(art.config, art.tensors, {m: net})
         params = _params(_assembled(found, _single(found, m, (name, small, 0)), {**found.nets, name: small}, True))
         if params <= limit and (best is None or params > best[0]):
-            best = (params, small, sum(t.numel() * t.element_size() for t in art.tensors.values()))
+            best = (params, small, _tensor_bytes(art.tensors))
         own = sum(p.numel() for p in small.parameters())
         target = own + (limit - params) if params <= limit else min(target, own) - 1 - (params - limit)
-    assert best is not None, f"{m} cannot be resampled to {limit:,} parameters"
+    if best is None:
+        print(f"reassemble bench: {m} cannot be resampled to {limit:,} parameters; no such row", flush=True)
+        return None
     return name, best[1], best[2]
 
 
@@ -262,23 +276,34 @@ def _train(
     quick: bool,
     single: bool,
     extra: tuple | None = None,
+    test: bool = True,
 ) -> tuple[Run, Assembled]:
     """The candidate's network with least-squares stitches, trained: stitches and head (freeze), or
     also every block, on trainable copies (full; their BatchNorm statistics stay frozen, as
-    freeze-tuning keeps them). ``extra``: a resampled network (name, net, its path's bytes)."""
+    freeze-tuning keeps them). ``extra``: a resampled network (name, net, its path's bytes); ``test``
+    False: the test images are not read (the run's test accuracy is NaN)."""
     nets = dict(found.nets) | ({extra[0]: extra[1]} if extra else {})
     if tuning == "full":
         nets = {m: copy.deepcopy(nets[m]).requires_grad_(True) for m in dict.fromkeys(b.model for b in cand.blocks)}
     torch.manual_seed(seed)
     model = _assembled(found, cand, nets, single)
     fit_stitches(model, list(cand.blocks), nets, found.probe)
-    params = stitch_params(model)
-    if tuning == "full":
-        params += [p for m in run_modules(model)[:-2] for p in m.parameters()]
+    blocks = [p for m in run_modules(model)[:-2] for p in m.parameters()] if tuning == "full" else []
     model.train()
     d, spec = found.data, found.card.input
-    epochs = 2 if quick else EPOCHS
-    fit(model, params, d.train_x, d.train_y, spec, epochs=epochs, lr=LR[tuning], batch_size=64, seed=seed)
+    fit(
+        model,
+        stitch_params(model),
+        d.train_x,
+        d.train_y,
+        spec,
+        epochs=SIZES[quick][1],
+        lr=LR,
+        batch_size=64,
+        seed=seed,
+        slow=blocks,
+        slow_lr=BLOCK_LR,
+    )
     model.eval()
     if tuning == "full":
         stored = assembled_bytes(model)
@@ -291,7 +316,7 @@ def _train(
         2 * macs(model, normalize(d.test_x[:1], spec)),
         stored,
         accuracy(model, d.val_x, d.val_y, spec),
-        accuracy(model, d.test_x, d.test_y, spec),
+        accuracy(model, d.test_x, d.test_y, spec) if test else float("nan"),
     )
     return run, model
 
@@ -312,19 +337,24 @@ def _preamble(seeds, quick: bool) -> str:
     return (
         f"Pool: the complementary zoo ({pool}; docs/zoo.md), K = {BLOCKS} blocks. Tasks: "
         + "; ".join(f"`{t}`, {d}" for t, d in TASKS.items())
-        + f". Seeds {', '.join(map(str, seeds))}: the seed draws the {20 if quick else PER_LABEL} training "
+        + f". Seeds {', '.join(map(str, seeds))}: the seed draws the {SIZES[quick][0]} training "
         "images per label, the probe, the partition's restarts and the initialisation; validation: the "
         "task's fixed draw (200 per label), read for every choice; test: read once per number. Every "
-        f"network: stitches from the least-squares start, then {2 if quick else EPOCHS} epochs of Adam "
-        f"(cosine, batches of 64) on the same images: *freeze*, stitches and head (lr {LR['freeze']}); "
-        f"*full*, also every block, on a trainable copy (lr {LR['full']}, BatchNorm statistics frozen). "
-        "Budgets: fractions of the largest pool model's parameters with a new head over the task's labels. "
+        f"network: stitches from the least-squares start, then {SIZES[quick][1]} epochs of Adam "
+        f"(cosine, batches of 64) on the same images: *freeze*, stitches and head (lr {LR}); "
+        f"*full*, also every block, on a trainable copy (lr {BLOCK_LR} for the blocks, BatchNorm "
+        "statistics frozen). "
+        "Budgets: fractions of the largest pool model's parameters as the table trains it (stitches at its "
+        "cuts, a new head over the task's labels); the cuts are the seed's partition's, so a budget's "
+        "absolute size may differ a little between seeds. "
         "Rows per budget: *reassembled*, the method at that budget (the chosen proxy's best assembly); "
         "*best single within budget*, of the pool models cut at their partition cuts with a stitch at "
-        "every cut (the reassembled network's kind of trainable parts), the one best on validation among "
-        "those that fit; *single resampled to budget*, the single model best on validation among those "
-        "over the budget, resampled by this project's resample method (no tuning) to the most parameters "
-        "that fit, with the same stitches. Params and FLOPs (torch's flop counter, one image): of the "
+        "every cut (the reassembled network's kind of trainable parts; it has a stitch only where two "
+        "models meet, so the controls have as many or more), the one best on validation among those that "
+        "fit; *single resampled to budget*, the single model best on validation (freeze-tuned) among "
+        "those over the budget, resampled by this project's resample method (no tuning) to the most "
+        "parameters that fit, with the same stitches (none at 100%: the largest model fits). Params and "
+        "FLOPs (torch's flop counter, one image): of the "
         "network as run (blocks, stitches, head), mean over seeds. Stored: bytes a path keeps beyond the "
         "zoo (freeze: stitches, head and a resample path's tensors; full: every tensor the network "
         "runs). Latency: time over the largest pool model's with stitches, measured alternately in one "
@@ -338,15 +368,16 @@ def _tau_table(taus: dict, tasks: list[str], seeds, proxy: str, drawn: int) -> l
         "### The proxies on validation\n",
         f"Kendall's tau between each proxy and validation accuracy after freeze-tuning, over "
         f"{drawn} assemblies per task and seed drawn at random within the largest budget; "
-        "mean ± std over seeds. The search below uses the proxy with the highest mean tau over every "
-        f"task and seed, chosen before any test image was read: **{proxy}**.\n",
+        "mean ± std over seeds (a tau that is undefined, the scores or accuracies all alike, counts as 0). "
+        "The search below uses the proxy with the highest mean tau over every task and seed (this phase "
+        f"reads no test image): **{proxy}**.\n",
         "| task | " + " | ".join(PROXIES) + " |",
         "|---|" + "---:|" * len(PROXIES),
     ]
     for task in tasks:
         cells = [mean_std([taus[task, s][p] for s in seeds], 2) for p in PROXIES]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    means = [f"{statistics.fmean(t[p] for t in taus.values()):+.2f}" for p in PROXIES]
+    means = [f"{_mean_tau(taus.values(), p):+.2f}" for p in PROXIES]
     lines.append("| all (mean) | " + " | ".join(means) + " |")
     return [*lines, ""]
 
@@ -361,12 +392,12 @@ def _tables(task: str, runs: list[SeedRuns]) -> list[str]:
     verdicts = []
     for budget in BUDGETS:
         for row in ROWS:
-            cell = {t: [r.runs.get((budget, row, t)) for r in runs] for t in LR}
+            cell = {t: [r.runs.get((budget, row, t)) for r in runs] for t in TUNINGS}
             if any(x is None for xs in cell.values() for x in xs):
                 continue
             first = cell["freeze"][0]
             lat = runs[0].latency.get(first.key, (float("nan"), float("nan")))
-            deltas = {t: "—" if row == ROWS[0] else _delta(runs, budget, row, t) for t in LR}
+            deltas = {t: "—" if row == ROWS[0] else _delta(runs, budget, row, t) for t in TUNINGS}
             lines.append(
                 f"| {budget:.0%} | {row} | {first.label} | {statistics.fmean(x.params for x in cell['freeze']):,.0f} "
                 f"| {statistics.fmean(x.flops for x in cell['freeze']):,.0f} "
@@ -375,7 +406,7 @@ def _tables(task: str, runs: list[SeedRuns]) -> list[str]:
                 f"| {mean_std([x.test for x in cell['freeze']])} | {mean_std([x.test for x in cell['full']])} "
                 f"| {deltas['freeze']} | {deltas['full']} |"
             )
-        verdicts += [_verdict(runs, budget, t) for t in LR]
+        verdicts += [_verdict(runs, budget, t) for t in TUNINGS]
     lines += ["", f"Partition (seed 0): {'; '.join(runs[0].partition)}", "", *verdicts, ""]
     return lines
 
@@ -400,4 +431,4 @@ def _verdict(runs: list[SeedRuns], budget: float, tuning: str) -> str:
         parts.append(
             f"{beats} {row} ({mean:+.4f}, interval low {low:+.4f}) at {'no more' if cheaper else 'more'} FLOPs"
         )
-    return f"- {budget:.0%}, {tuning}: the reassembled network " + "; ".join(parts)
+    return f"- {budget:.0%}, {tuning}: the reassembled network " + ("; ".join(parts) or "has no control here")

@@ -39,12 +39,17 @@ def fit(
     seed: int,
     device: str = "cpu",
     on_epoch: Callable[[int, float], None] | None = None,
+    slow: Iterable[nn.Parameter] = (),
+    slow_lr: float = 0.0,
 ) -> list[float]:
     """Adam on cross-entropy; returns the mean loss of each epoch. Seeded, so repeatable. ``spec`` None:
-    ``x`` is fed as it is (features computed once, for a head alone)."""
+    ``x`` is fed as it is (features computed once, for a head alone). ``slow``: more parameters,
+    trained at ``slow_lr`` (pretrained layers tuned beside new ones)."""
     deterministic()
-    params = [p for p in params if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": [p for p in params if p.requires_grad], "lr": lr}]
+    if slow_params := [p for p in slow if p.requires_grad]:
+        groups.append({"params": slow_params, "lr": slow_lr})
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * -(-len(x) // batch_size)))
     gen = torch.Generator().manual_seed(seed)
     losses = []

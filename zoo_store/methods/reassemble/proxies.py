@@ -80,9 +80,9 @@ def ridge_loo_accuracy(feats: Tensor, labels: Tensor, penalty: float = RIDGE) ->
     exact: with the hat matrix H, image i's held-out prediction is (ŷ_i − H_ii·y_i) / (1 − H_ii)."""
     x = feats.double()
     x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-8)  # standardized
-    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # (M, D + 1): a bias column
+    x = torch.cat([x, x.new_ones(len(x), 1)], 1)  # (M, D + 1): a bias column
     y = torch.nn.functional.one_hot(labels.long(), int(labels.max()) + 1).double()  # (M, L)
-    gram = x.T @ x + penalty * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
+    gram = x.T @ x + penalty * len(x) * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     hat = x @ torch.linalg.solve(gram, x.T)  # (M, M)
     h = hat.diagonal().unsqueeze(1)  # (M, 1)
     loo = (hat @ y - h * y) / (1 - h)  # (M, L)
