@@ -28,7 +28,7 @@ from zoo_store.methods.reassemble.layers import (
     stitch_params,
 )
 from zoo_store.methods.reassemble.method import Reassemble, assembled_bytes, search
-from zoo_store.methods.reassemble.naswot import RectifierCodes, logdet, naswot, rectifiers
+from zoo_store.methods.reassemble.naswot import RectifierCodes, logdet, rectifiers
 from zoo_store.methods.reassemble.partition import SimilarityCache, linear_cka, search_partition
 from zoo_store.methods.reassemble.profile import Block, assembly_cost, card_profile, profile_of
 from zoo_store.methods.reassemble.proxies import PROXIES, codes, ridge_loo_accuracy, size_corrected
@@ -153,7 +153,11 @@ def test_naswot_prefers_distinct_codes() -> None:
     same = varied[:1].repeat(16, 1, 1, 1) + 1e-3 * torch.randn(16, 1, 28, 28, generator=g)
     from zoo_store.archs.surgery import shared_copy
 
-    assert naswot(shared_copy(net), varied) > naswot(shared_copy(net), same)
+    def naswot(x: torch.Tensor) -> float:
+        copy = shared_copy(net)
+        return logdet(codes(copy, rectifiers(copy), x)[0])
+
+    assert naswot(varied) > naswot(same)
     assert not any(m._forward_hooks for m in net.modules()), "scoring must not hook the resident network"
 
 

@@ -57,7 +57,7 @@ from zoo_store.training import accuracy, fit, normalize
 PROBE_IMAGES = 256  # images the CKA partition and the stitch initialisation see
 NASWOT_IMAGES = 64  # the batch NASWOT scores on
 RIDGE_IMAGES = 1024  # labelled training images the ridge proxy probes
-EXACT_MAX = 256  # enumerate exactly up to this many candidates (about a minute on 2 cores); else the 0-1 program
+EXACT_MAX = 256  # enumerate exactly up to this many candidates (a minute or a few on 2 cores); else the 0-1 program
 MILP_TOP = 8  # candidates the 0-1 program proposes for re-ranking by the true proxy
 STITCH_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "proj.weight", "proj.bias")
 
@@ -136,7 +136,7 @@ class Reassemble(Method):
 
 @dataclass
 class Search:
-    """Steps 1-2 done: the partition's sets and the feasible candidates ranked by NASWOT, best first."""
+    """Steps 1-2 done: the partition's sets and the feasible candidates ranked by the proxy, best first."""
 
     cards: dict[str, Card]
     nets: dict[str, TapNet]

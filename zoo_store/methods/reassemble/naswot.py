@@ -41,14 +41,3 @@ def logdet(kernel: Tensor | None) -> float:
         return float("-inf")
     sign, value = torch.linalg.slogdet(kernel)
     return float(value) if sign > 0 else float("-inf")
-
-
-@torch.no_grad()
-def naswot(model: nn.Module, x: Tensor) -> float:
-    """The score of ``model`` (its own structural copy, eval mode) on normalized images (N, C, H, W)."""
-    codes = RectifierCodes(rectifiers(model))
-    try:
-        model(x)
-    finally:
-        codes.close()
-    return logdet(codes.kernel)

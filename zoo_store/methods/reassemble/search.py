@@ -1,9 +1,9 @@
-"""Step 2, assemble: one block per equivalence set, in depth order, maximising NASWOT within budget.
+"""Step 2, assemble: one block per equivalence set, in depth order, maximising a proxy within budget.
 
 Exact enumeration when the candidates can all be scored within a time limit; otherwise a 0-1 program
 (``scipy.optimize.milp``) over a decomposable surrogate (the sum over positions of each block's own
-NASWOT inside its model) with the budget as exact linear constraints, solved repeatedly with
-no-good cuts for its best few assemblies, which are then re-ranked by true NASWOT.
+score inside its model) with the budget as exact linear constraints, solved repeatedly with
+no-good cuts for its best few assemblies, which are then re-ranked by the true proxy.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class Candidate:
     blocks: tuple[Block, ...]
     params: int
     flops: int
-    score: float = float("nan")  # true NASWOT once scored
+    score: float = float("nan")  # the proxy's, once scored
 
     def label(self) -> str:
         return " -> ".join(b.label() for b in self.blocks)
