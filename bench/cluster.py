@@ -286,11 +286,12 @@ def load(proc: Proc, key: str, ids: list[str], body: bytes, requests: int, seed:
     return run_load(proc.url, ids, schedule(len(ids), requests, "uniform", seed), body, 16, key)
 
 
-def scenario(cluster: Cluster, say: Say = print) -> dict:
+def scenario(cluster: Cluster, say: Say = print, during: int = 1500) -> dict:
     """Point 5 of issue 13 on a started cluster (2 replicas, 2 workers, nginx): processes here, or
     containers (``bench.compose.Compose``: the same names, ``procs``, ``client``, ``holder_of``,
     ``restart``, ``admin_key``, ``database_url``). Raises at the first step that does not hold;
-    returns the counts it measured."""
+    returns the counts it measured. ``during``: the predicts sent while a replica is killed (enough
+    to outlast the kill: ``docker kill`` takes longer than a signal)."""
     a, b, proxy = (cluster.client(n) for n in ("replica0", "replica1", "nginx"))
     _, body = one_image(GRAY)
     report: dict = {}
@@ -342,7 +343,7 @@ def scenario(cluster: Cluster, say: Say = print) -> dict:
     say(f"cluster: SIGKILL {victim.name} (it serves path {first}) under a predict load through nginx")
     with ThreadPoolExecutor(1) as pool:
         served = predicts_served(victim.url)  # /metrics: no key needed
-        loading = pool.submit(load, cluster.procs["nginx"], cluster.admin_key, ids, body, 1500)
+        loading = pool.submit(load, cluster.procs["nginx"], cluster.admin_key, ids, body, during)
         while predicts_served(victim.url) < served + 100:  # well into the load
             assert not loading.done(), f"the load ended before the kill: {loading.result()}"
             time.sleep(0.05)

@@ -28,8 +28,9 @@ from zoo_store.core.settings import Settings
 PG_URL = os.environ.get("ZOO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ZOO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-# worker counts the API tests run through (0: in process); CI runs all three
-HTTP_WORKERS = [int(w) for w in os.environ.get("ZOO_TEST_HTTP_WORKERS", "0,1,2" if IN_CI else "0").split(",")]
+# worker counts the API tests run through (0: in process); CI runs in process and through 2
+# (1 worker forwards as 2 do: `zoo serve --workers 1` has tests of its own in tests/system/test_serve.py)
+HTTP_WORKERS = [int(w) for w in os.environ.get("ZOO_TEST_HTTP_WORKERS", "0,2" if IN_CI else "0").split(",")]
 GRAY = InputSpec(channels=1, size=28, mean=(0.5,), std=(0.5,))
 
 
@@ -218,6 +219,14 @@ def _backends() -> list:
 def on_sqlite() -> pytest.MarkDecorator:
     """app_client on SQLite only, in process and behind each worker count (tests whose storage legs run elsewhere)."""
     params = [pytest.param(("sqlite", w), id=f"sqlite-workers{w}") for w in HTTP_WORKERS]
+    return pytest.mark.parametrize("app_client", params, indirect=True)
+
+
+def in_process() -> pytest.MarkDecorator:
+    """app_client on each database in process only: tests of a method's results, whose requests
+    the HTTP workers would only forward (their forwarding has tests of its own)."""
+    params = [pytest.param(("sqlite", 0), id="sqlite-workers0")]
+    params.append(pytest.param(("postgres", 0), id="postgres-workers0", marks=pytest.mark.postgres))
     return pytest.mark.parametrize("app_client", params, indirect=True)
 
 

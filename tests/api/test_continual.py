@@ -6,6 +6,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from tests.conftest import in_process
 from tests.helpers import bundle_roundtrip, compose, reprogram_spec, tensor_inputs
 from zoo_store.core.bundle import PathArtifact, decode_bundle, encode_bundle, make_manifest
 
@@ -27,6 +28,7 @@ def _probe(client: TestClient, pid: str) -> list[float]:
     return [s["score"] for p in preds for s in p["top_k"]]
 
 
+@in_process()
 def test_five_tasks_in_sequence(app_client: TestClient) -> None:
     svc = app_client.app.state.services
     digests = svc.zoo.digests()
@@ -43,6 +45,7 @@ def test_five_tasks_in_sequence(app_client: TestClient) -> None:
     assert svc.zoo.digests() == digests
 
 
+@in_process()
 def test_batchnorm_paths_leave_earlier_paths_bit_identical(app_client: TestClient) -> None:
     """Paths with their own BatchNorm join the same base (and its mixed batches): the earlier paths,
     with and without their own BatchNorm, predict bit for bit as before, and the base is unchanged."""

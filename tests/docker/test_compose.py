@@ -17,6 +17,9 @@ from bench.cluster import scenario
 from bench.compose import ROOT, Compose
 
 IMAGE = os.environ.get("ZOO_IMAGE", "zoo")
+# predicts through nginx while a replica is docker-killed: the kill (a docker call, seconds on a loaded
+# machine) must land well inside the load; 1,500 once ran out first
+DURING = 3000
 
 
 def test_compose_survives_kills_and_down_up() -> None:
@@ -45,7 +48,7 @@ def test_compose_survives_kills_and_down_up() -> None:
         assert all(a.split()[1].startswith(("127.0.0.1:", "[::1]:")) for a in listening), listening
         ports = {"nginx": 8080, "api1": 8001, "api2": 8002, "postgres": 5433, "redis": 6380}
         assert {f"{s} 127.0.0.1:{p}" for s, p in ports.items()} <= set(listening), listening
-        report |= scenario(compose)
+        report |= scenario(compose, during=DURING)
         report["image_bytes"] = {
             name: compose.image_bytes(name) for name in (IMAGE, "zoo-ci-postgres", "zoo-ci-redis", "zoo-ci-nginx")
         }
@@ -60,4 +63,4 @@ def test_compose_survives_kills_and_down_up() -> None:
     # with processes: 16 of 1500 fail, one per connection); only a response cut short on its way back
     # may fail, and the answers are a few hundred bytes
     during = report["load_during_kill"]
-    assert during["sent"] == 1500 and during["errors"] <= 2, during
+    assert during["sent"] == DURING and during["errors"] <= 2, during
