@@ -22,6 +22,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from bench.scale import Server
 from zoo_store.datasets.builtin import BUILTINS
+from zoo_store.methods.reassemble.proxies import DEFAULT_PROXY, PROXIES
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -146,6 +147,12 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
 
             # compose through the form: a value the server refuses is answered at its field
             _show(page, "compose")
+            page.click("#method-reassemble")  # a named choice is a select, its default left out of the JSON
+            assert page.eval_on_selector("#f-options-proxy", "e => [e.tagName, e.value]") == ["SELECT", DEFAULT_PROXY]
+            assert '"proxy"' not in page.input_value("#spec")
+            other = next(p for p in PROXIES if p != DEFAULT_PROXY)
+            page.select_option("#f-options-proxy", other)
+            assert f'"proxy": "{other}"' in page.input_value("#spec")
             page.click("#method-reprogram")
             page.select_option("#f-base", "resnet-mnist")
             page.select_option("#f-task-dataset", "letters")

@@ -344,6 +344,11 @@ function renderField(name, raw, required, path) {
     widgets.push({path, get: () => { const t = ta.value.trim(); if (!t) return undefined; try { return JSON.parse(t); } catch { return t; } }});
     return fieldWrap(path, label, sc, ta, required);
   }
+  if (sc.enum) {  // a choice among named values (reassemble's proxy): the default is sent by leaving it
+    const sel = h("select", {onchange: syncJson}, sc.enum.map((v) => h("option", {value: v, selected: v === sc.default}, v)));
+    widgets.push({path, get: () => (sel.value === sc.default ? undefined : sel.value)});
+    return fieldWrap(path, label, sc, sel, required);
+  }
   const inp = h("input", {type: "text", oninput: syncJson});
   widgets.push({path, get: () => inp.value.trim() || undefined});
   return fieldWrap(path, label, sc, inp, required);

@@ -66,7 +66,7 @@ STITCH_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "pro
 class Reassemble(Method):
     name = "reassemble"
     required = ("task",)
-    fields = ("task", "models", "budget", "blocks", "train")
+    fields = ("task", "models", "budget", "blocks", "train", "options")
     budget_model = Budget
     options = ReassembleOptions
 
