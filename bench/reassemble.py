@@ -359,7 +359,9 @@ def _preamble(seeds, quick: bool) -> str:
         "zoo (freeze: stitches, head and a resample path's tensors; full: every tensor the network "
         "runs). Latency: time over the largest pool model's with stitches, measured alternately in one "
         "worker process on seed 0's networks (while the other worker ran), one image and a batch of 64. "
-        "Δ: per seed, reassembled minus the row, its mean and 95% t-interval.\n"
+        "Δ: per seed, reassembled minus the row, its mean and 95% t-interval. The network column names "
+        "seed 0's freeze-tuned pick; a fully tuned control is chosen on validation on its own and may be "
+        "another model.\n"
     )
 
 

@@ -23,7 +23,9 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_params: int | None = Field(None, ge=1, strict=True, description="the most parameters the assembly has")
-    max_flops: int | None = Field(None, ge=1, strict=True, description="the most multiply-adds of one forward")
+    max_flops: int | None = Field(
+        None, ge=1, strict=True, description="the most FLOPs of one forward (2 per multiply-add)"
+    )
 
     def admits(self, params: int, flops: int) -> bool:
         return (self.max_params is None or params <= self.max_params) and (

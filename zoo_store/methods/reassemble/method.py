@@ -1,9 +1,9 @@
 """Deep Model Reassembly (DeRy, NeurIPS 2022) as a composition method: docs/methods/reassemble.md.
 
 build: plan (pool, K, budget) -> partition every pool model into K blocks by CKA (cached per pool
-and probe set) -> one block per set by a training-free proxy (options.proxy, NASWOT by default)
-within the budget (exact, or a 0-1 program) -> least-squares stitches, then freeze-tuning of
-stitches and head. The path holds the block list, the stitches and the head.
+and probe set) -> one block per set by a training-free proxy (options.proxy, the ridge probe by
+default) within the budget (exact, or a 0-1 program) -> least-squares stitches, then
+freeze-tuning of stitches and head. The path holds the block list, the stitches and the head.
 """
 
 from __future__ import annotations
