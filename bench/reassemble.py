@@ -186,7 +186,8 @@ def _table_job(job: tuple[str, int, bool, str]) -> SeedRuns:
         for t in TUNINGS:
             run, model = _train(found, _single(found, m), m, t, seed, quick, single=True)
             singles.setdefault(m, {})[t] = run
-            models[m] = model if t == "freeze" else models[m]
+            if t == "freeze":
+                models[m] = model
     for budget in BUDGETS:
         cap = round(budget * limit)
         at = _setup(task, seed, quick, cap, bases, cache, proxy)
@@ -194,7 +195,8 @@ def _table_job(job: tuple[str, int, bool, str]) -> SeedRuns:
             key = f"{budget}, {ROWS[0]}"
             run, model = _train(at, at.ranked[0], key, t, seed, quick, single=False)
             out.runs[budget, ROWS[0], t] = run
-            models[key] = model if t == "freeze" else models[key]
+            if t == "freeze":
+                models[key] = model
             within = {m: r[t] for m, r in singles.items() if r[t].params <= cap}
             if within:
                 out.runs[budget, ROWS[1], t] = max(within.values(), key=lambda r: r.val)
@@ -206,7 +208,8 @@ def _table_job(job: tuple[str, int, bool, str]) -> SeedRuns:
                 key = f"{budget}, {ROWS[2]}"
                 run, model = _train(found, _single(found, m, small), key, t, seed, quick, single=True, extra=small)
                 out.runs[budget, ROWS[2], t] = run
-                models[key] = model if t == "freeze" else models[key]
+                if t == "freeze":
+                    models[key] = model
     if seed == SEEDS[0]:
         out.latency = _latency(models, found, max(singles, key=lambda m: singles[m]["freeze"].params))
     assert {m: digest_of(n) for m, n in found.nets.items()} == digests, "a base changed during the experiment"

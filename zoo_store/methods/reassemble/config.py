@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -13,7 +13,7 @@ from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
 from zoo_store.core.spec import CompositionSpec
 from zoo_store.methods.reassemble.profile import Block, Profile, assembly_cost, card_profile, head_cost
-from zoo_store.methods.reassemble.proxies import DEFAULT_PROXY
+from zoo_store.methods.reassemble.proxies import DEFAULT_PROXY, ProxyName
 
 DEFAULT_BLOCKS = 3
 EXACT_COMBINATIONS = 20_000  # (choice, partitions) pairs the POST-time budget check enumerates at most
@@ -38,7 +38,7 @@ class ReassembleOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    proxy: Literal["naswot", "naswot-size", "ridge"] = Field(
+    proxy: ProxyName = Field(
         DEFAULT_PROXY,
         description="the score that ranks assemblies before any training: NASWOT, NASWOT corrected for "
         "the number of rectifier units, or a ridge linear probe of the pooled features on training images",

@@ -152,7 +152,8 @@ class Search:
 def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
     """Partition the pool (step 1) and rank the assemblies within budget by the spec's proxy (step 2)."""
     assert spec.task
-    proxy = PROXIES[ReassembleOptions.model_validate(spec.options).proxy]  # checked at POST
+    proxy_name = ReassembleOptions.model_validate(spec.options).proxy  # checked at POST
+    proxy = PROXIES[proxy_name]
     cards = {k: c for k, (c, _) in ctx.bases.items()}
     plan = plan_reassemble(spec, cards)
     card = cards[plan.pool[0]]
@@ -214,7 +215,7 @@ def search(spec: CompositionSpec, ctx: BuildContext) -> Search:
         ranked = exact(top, lambda c: scorer(c, proxy))
         metrics |= {"search": "milp", "candidates_scored": len(ranked)}
     metrics |= {
-        "proxy": proxy.name,
+        "proxy": proxy_name,
         "candidates_feasible": len(cands),
         "top_candidates": [
             {"blocks": c.label(), "score": c.score, "params": c.params, "flops": c.flops} for c in ranked[:8]
@@ -239,7 +240,7 @@ class Scorer:
 
     def __call__(self, cand: Candidate, proxy: Proxy) -> float:
         model = self.assembled(cand)
-        return proxy.score(model.features, rectifiers(model), self.probes)
+        return proxy(model.features, rectifiers(model), self.probes)
 
 
 def block_score(proxy: Proxy, net: TapNet, block: Block, probes: ProbeData) -> float:
@@ -247,7 +248,7 @@ def block_score(proxy: Proxy, net: TapNet, block: Block, probes: ProbeData) -> f
     of the block alone; the model's own features where the block ends)."""
     copy = shared_copy(net).eval()
     units = [r for m in copy.stage_modules(block.start, block.end) for r in rectifiers(m)]
-    return proxy.score(lambda x: copy.run(x, None, block.end), units, probes)
+    return proxy(lambda x: copy.run(x, None, block.end), units, probes)
 
 
 def train_assembly(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -36,20 +36,6 @@ class ProbeData:
     batch: Tensor  # (N, C, H, W) normalized
     images: Tensor  # (M, C, H, W) normalized training images of the task
     labels: Tensor  # (M,) their label indices
-
-
-@dataclass(frozen=True)
-class Proxy:
-    name: str
-    reads: Literal["codes", "features"]  # the rectifiers' codes on ``batch``, or pooled features of ``images``
-    value: Callable[..., float]  # (kernel, units, images) or (pooled features, labels) -> the score
-
-    def score(self, run: Run, units: list[nn.Module], probe: ProbeData) -> float:
-        """The score of the network ``run`` computes, coding the rectifiers ``units``."""
-        if self.reads == "codes":
-            kernel, count = codes(run, units, probe.batch)
-            return self.value(kernel, count, len(probe.batch))
-        return self.value(pooled(run, probe.images), probe.labels)
 
 
 @torch.no_grad()
@@ -89,12 +75,24 @@ def ridge_loo_accuracy(feats: Tensor, labels: Tensor, penalty: float = RIDGE) ->
     return float((loo.argmax(1) == labels).double().mean())
 
 
-PROXIES = {
-    p.name: p
-    for p in (
-        Proxy("naswot", "codes", lambda kernel, _units, _n: logdet(kernel)),
-        Proxy("naswot-size", "codes", size_corrected),
-        Proxy("ridge", "features", ridge_loo_accuracy),
-    )
-}
-DEFAULT_PROXY = "ridge"  # the best mean Kendall tau on validation in zoo bench --suite reassemble (2026-12-07)
+def naswot(run: Run, units: list[nn.Module], probe: ProbeData) -> float:
+    return logdet(codes(run, units, probe.batch)[0])
+
+
+def naswot_size(run: Run, units: list[nn.Module], probe: ProbeData) -> float:
+    kernel, count = codes(run, units, probe.batch)
+    return size_corrected(kernel, count, len(probe.batch))
+
+
+def ridge(run: Run, units: list[nn.Module], probe: ProbeData) -> float:
+    return ridge_loo_accuracy(pooled(run, probe.images), probe.labels)
+
+
+# a proxy: the score of the network ``run`` computes, whose rectifiers are ``units``, on ``probe``
+Proxy = Callable[[Run, list[nn.Module], ProbeData], float]
+ProxyName = Literal["naswot", "naswot-size", "ridge"]  # what options.proxy may name (the OpenAPI's enum)
+PROXIES: dict[str, Proxy] = {"naswot": naswot, "naswot-size": naswot_size, "ridge": ridge}
+assert set(get_args(ProxyName)) == set(PROXIES)
+DEFAULT_PROXY: ProxyName = (
+    "ridge"  # the best mean Kendall tau on validation in zoo bench --suite reassemble (2026-12-07)
+)
