@@ -17,6 +17,7 @@ from bench.common import Say, dir_store
 from zoo_store.archs import build_arch
 from zoo_store.archs.families import FAMILIES, TIMM_FAMILIES
 from zoo_store.archs.groups import proven_groups
+from zoo_store.archs.surgery import tensor_bytes
 from zoo_store.core.cards import CardIn, InputSpec
 from zoo_store.core.errors import InvalidInput
 from zoo_store.core.spec import CompositionSpec
@@ -91,7 +92,7 @@ def _family_row(family: str, arch: str) -> str:
     taps = ", ".join(f"{t.name}@{t.stride}" for t in net.taps if t.stride) or "none"
     if reprogram_refusal(net) is None:
         delta = build_reprogrammed(net, 10).delta_state()
-        delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
+        delta_bytes = tensor_bytes(delta.values())
         ratio = f"{delta_bytes / dense_bytes(net, delta_bytes):.2%}"
     else:
         ratio = "refused"

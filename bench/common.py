@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from torch import nn
 
 from zoo_store.archs import build_arch
-from zoo_store.archs.surgery import replace_module, state_bytes
+from zoo_store.archs.surgery import replace_module, state_bytes, tensor_bytes
 from zoo_store.core.bundle import PathArtifact, decode_bundle, encode_bundle, make_manifest
 from zoo_store.core.cards import Card, InputSpec
 from zoo_store.core.manifest import BaseRef
@@ -89,7 +89,7 @@ def reprogram_bytes(arch: str, input_size: int, channels: int, num_classes: int 
         {"base": arch, "num_classes": num_classes, "kernel": 3},
         delta,
     )
-    delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
+    delta_bytes = tensor_bytes(delta.values())
     dense = dense_bytes(base, delta_bytes)
     return len(encode_bundle(make_manifest(art), delta, {})), dense
 

@@ -25,6 +25,7 @@ from scipy.stats import kendalltau
 from torch import nn
 
 from bench.common import Say, bench_data_dir, dir_store, macs, mean_std, paired_interval, t_interval, time_ratio
+from zoo_store.archs.surgery import tensor_bytes
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
 from zoo_store.core.keystore import MemoryKeyStore
@@ -251,7 +252,7 @@ def _resampled(found: Search, m: str, limit: int) -> tuple[str, nn.Module, int] 
         small = Resample().materialize(art.config, art.tensors, {m: net})
         params = _params(_assembled(found, _single(found, m, (name, small, 0)), {**found.nets, name: small}, True))
         if params <= limit and (best is None or params > best[0]):
-            best = (params, small, _tensor_bytes(art.tensors))
+            best = (params, small, tensor_bytes(art.tensors.values()))
         own = sum(p.numel() for p in small.parameters())
         target = own + (limit - params) if params <= limit else min(target, own) - 1 - (params - limit)
     if best is None:
@@ -311,7 +312,7 @@ def _train(
     if tuning == "full":
         stored = assembled_bytes(model)
     else:
-        stored = _tensor_bytes(path_tensors(model)) + (extra[2] if extra else 0)
+        stored = tensor_bytes(path_tensors(model).values()) + (extra[2] if extra else 0)
     run = Run(
         cand.label(),
         key,
@@ -326,10 +327,6 @@ def _train(
 
 def _params(model: Assembled) -> int:
     return sum(p.numel() for p in {id(p): p for m in run_modules(model) for p in m.parameters()}.values())
-
-
-def _tensor_bytes(tensors: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # -- the doc's tables -------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch import nn
 
 from service.common.metrics import Metrics
 from service.runtime.zoo import ResidentZoo
+from zoo_store.archs.surgery import tensor_bytes
 from zoo_store.core.bundle import decode_stored
 from zoo_store.core.cards import Card, InputSpec
 from zoo_store.core.errors import ZooError
@@ -76,8 +77,7 @@ class Entry:
 
 def delta_bytes(module: nn.Module, shared: set[int]) -> int:
     """Bytes a materialized path adds on top of the resident bases."""
-    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    return sum(t.numel() * t.element_size() for k, t in tensors.items() if t.data_ptr() not in shared)
+    return tensor_bytes(t for t in [*module.parameters(), *module.buffers()] if t.data_ptr() not in shared)
 
 
 class ByteLRU:
@@ -296,7 +296,7 @@ class PathCache:
         method = get_method(m.method)
         key = method.bank_key(m.config) if self.batching == "base" else None
         if key is not None:
-            nbytes = sum(t.numel() * t.element_size() for t in bundle.tensors.values())
+            nbytes = tensor_bytes(bundle.tensors.values())
             return Entry(path_id, m, nbytes, tensors=bundle.tensors, bank_key=key)
         module = method.materialize(m.config, bundle.tensors, self.zoo.nets_of(m)).eval()
         self.metrics.materializations.labels(m.method).inc()

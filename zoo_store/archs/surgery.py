@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
@@ -51,9 +53,12 @@ def replace_module(net: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct tensors given (a tensor given twice counted once)."""
+    distinct = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in distinct.values())
+
+
 def state_bytes(module: nn.Module) -> int:
     """Bytes of the distinct tensors in a module's state (shared tensors counted once)."""
-    seen: dict[int, int] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        seen[id(t)] = t.numel() * t.element_size()
-    return sum(seen.values())
+    return tensor_bytes([*module.parameters(), *module.buffers()])

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo_store.archs import TapNet
-from zoo_store.archs.surgery import shared_copy
+from zoo_store.archs.surgery import shared_copy, tensor_bytes
 from zoo_store.core.bundle import PathArtifact
 from zoo_store.core.cards import Card, InputSpec
 from zoo_store.core.errors import InvalidInput
@@ -336,10 +336,7 @@ def run_modules(model: Assembled) -> list[nn.Module]:
 
 def assembled_bytes(model: Assembled) -> int:
     """Bytes of the tensors the assembled network computes with (``run_modules``)."""
-    seen: dict[int, int] = {}
-    for m in run_modules(model):
-        seen |= {id(t): t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]}
-    return sum(seen.values())
+    return tensor_bytes(t for m in run_modules(model) for t in [*m.parameters(), *m.buffers()])
 
 
 def _checked(config: dict[str, Any], bases: dict[str, TapNet]) -> tuple[ReassembleConfig, Shapes]:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from zoo_store.archs import TapNet
-from zoo_store.archs.surgery import replace_module, shared_copy
+from zoo_store.archs.surgery import replace_module, shared_copy, tensor_bytes
 from zoo_store.methods.bank import PathBank
 from zoo_store.methods.reprogram.config import ReprogramConfig
 from zoo_store.methods.reprogram.layers import batch_norm_args, bn_targets, clr_targets
@@ -122,7 +122,7 @@ class ReprogramBank(PathBank):
             self.head_w,
             self.head_b,
         ]
-        return sum(t.numel() * t.element_size() for t in tables)
+        return tensor_bytes(tables)
 
     def grow(self, capacity: int) -> None:
         """More slots; the new rows stay untouched (on the CPU, their pages are not committed until used)."""

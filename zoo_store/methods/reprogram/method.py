@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from zoo_store.archs import TapNet, build_for
+from zoo_store.archs.surgery import tensor_bytes
 from zoo_store.core.bundle import PathArtifact
 from zoo_store.core.cards import Card
 from zoo_store.core.errors import InvalidInput
@@ -84,7 +85,7 @@ class Reprogram(Method):
         model.eval()  # the path's own BatchNorms (``bn``) from here on use their running statistics
         acc = accuracy(model, data.test_x, data.test_y, card.input, device=ctx.device)
         delta = model.delta_state()
-        delta_bytes = sum(t.numel() * t.element_size() for t in delta.values())
+        delta_bytes = tensor_bytes(delta.values())
         dense = dense_bytes(base, delta_bytes)
         metrics = {
             "accuracy": acc,
