@@ -233,3 +233,35 @@ def test_a_union_sets_its_parts_side_by_side() -> None:
     assert len(np.unique(a.train_y[:50])) > 1  # shuffled together
     with pytest.raises(ValueError, match="labels repeat"):
         union([letters, letters], (1, 1, 1), 0)
+
+
+def test_an_upload_is_read_from_its_blob_once_while_kept(tmp_path, monkeypatch) -> None:
+    """The dashboard's samples, strip and evaluation read one upload in a row: its blob is read and
+    split once, and the arrays are the ones a fresh read gives."""
+    from zoo_store.store.blobs import DirBlobStore
+    from zoo_store.store.db import Database
+    from zoo_store.store.store import UPLOADS_KEPT, Store
+
+    db = Database(f"sqlite:///{tmp_path / 'zoo.db'}")
+    db.migrate()
+    store = Store(db, DirBlobStore(tmp_path / "blobs"))
+    rng = np.random.default_rng(0)
+    rows = [
+        store.add_dataset(f"u{i}", rng.integers(0, 256, (20, 1, 4, 4), dtype=np.uint8), np.arange(20) % 2, ["a", "b"])
+        for i in range(UPLOADS_KEPT + 1)
+    ]
+    reads: list[str] = []
+    get = store.blobs.get
+    monkeypatch.setattr(store.blobs, "get", lambda digest: reads.append(digest) or get(digest))
+    first = store.arrays(rows[0].id)
+    again = store.arrays(rows[0].id)
+    assert reads == [rows[0].blob_digest]
+    fresh = Store(db, DirBlobStore(tmp_path / "blobs")).arrays(rows[0].id)
+    for field in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert np.array_equal(getattr(again, field), getattr(fresh, field)) and getattr(again, field) is getattr(
+            first, field
+        )
+    for row in rows[1:]:  # more uploads than are kept: the first is read again
+        store.arrays(row.id)
+    store.arrays(rows[0].id)
+    assert reads.count(rows[0].blob_digest) == 2

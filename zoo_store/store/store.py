@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from zoo_store.store.db import (
 )
 from zoo_store.training import freeze
 
+UPLOADS_KEPT = 2  # uploads whose splits a store keeps in memory (each within the upload limits)
 TERMINAL = ("succeeded", "failed", "cancelled")
 _BUNDLE_OF = text("SELECT bundle FROM paths WHERE id = :id")
 _MANIFEST_OF = text("SELECT manifest FROM paths WHERE id = :id").columns(manifest=JSON)
@@ -77,6 +79,9 @@ class Store:
         self.db = db
         self.blobs = blobs
         self.cache = cache if cache is not None else MemoryKeyStore()  # derived data methods may reuse
+        # an upload's splits by its blob's digest (content-addressed: never stale), the last few read:
+        # the dashboard's samples, strip and evaluation read the same upload one after another
+        self._upload_arrays = lru_cache(maxsize=UPLOADS_KEPT)(self._read_upload)
 
     @classmethod
     def open(cls, settings: Settings, db: Database) -> Store:
@@ -210,7 +215,10 @@ class Store:
         if row.source == "builtin":
             return BUILTINS[row.id].make()
         assert row.blob_digest
-        with np.load(io.BytesIO(self.blobs.get(row.blob_digest)), allow_pickle=False) as z:
+        return self._upload_arrays(row.blob_digest)
+
+    def _read_upload(self, digest: str) -> Arrays:
+        with np.load(io.BytesIO(self.blobs.get(digest)), allow_pickle=False) as z:
             return split_upload(z["x"], z["y"], [str(v) for v in z["labels"]])
 
     # -- jobs ---------------------------------------------------------------------------------
