@@ -135,8 +135,8 @@ def _run(store, case: Case, regime: str, seed: int, say: Say) -> dict:
     out["rows"]["late fusion, matched cost"] = _measured(
         matched, target, t_card, data, probe, state_bytes(matched.head) + small_bytes
     )
-    head, head_bytes = _head_only(target, t_card, data, seed)
-    out["rows"]["head-only"] = _measured(head, target, t_card, data, probe, head_bytes)
+    head = _late_fusion(target, t_card, [], [], data, seed)  # the target's features alone
+    out["rows"]["head-only"] = _measured(head, target, t_card, data, probe, state_bytes(head.head))
     for name, lwf in (("full FT", 0.0), ("LwF", LWF_WEIGHT)):
         net = _fine_tuned(store, t_card, data, seed, lwf)
         out["rows"][name] = _measured(net, target, t_card, data, probe, state_bytes(net))
@@ -272,18 +272,6 @@ def _resampled(card: Card, net: TapNet, width: float, probe: Tensor) -> tuple[nn
 
 def _no_task(task, card):
     raise AssertionError("resample without a task reads no data")
-
-
-def _head_only(target: TapNet, t_card: Card, data: TaskData, seed: int) -> tuple[nn.Module, int]:
-    torch.manual_seed(seed)
-    head = nn.Linear(target.feature_dim, len(data.labels))
-    with torch.no_grad():
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-    init_head_rows(head, target.head_layer, t_card.labels, data.labels)
-    model = _Fusion([target], head)
-    fit(model, head.parameters(), data.train_x, data.train_y, t_card.input, **_fit(seed, LR_HEAD))
-    return model.eval(), state_bytes(head)
 
 
 def _fine_tuned(store, t_card: Card, data: TaskData, seed: int, lwf: float) -> TapNet:
