@@ -203,6 +203,16 @@ def test_every_route_has_a_row(world: World) -> None:
     )
 
 
+def test_the_http_workers_ask_a_key_where_the_routes_do(world: World) -> None:
+    """The HTTP workers check the key before the inference process sees a request: the /v1 and /v2
+    routes they let through without one are those whose OpenAPI operation declares no key."""
+    from service.serve.front import KEYLESS, _needs_key
+
+    ops = [(p, op) for p, item in world.client.app.openapi()["paths"].items() for op in item.values()]
+    assert {p for p, op in ops if not op.get("security") and p.startswith(("/v1/", "/v2"))} == KEYLESS
+    assert all(_needs_key(p) == bool(op.get("security")) for p, op in ops)
+
+
 @pytest.mark.parametrize("who", WHO)
 @pytest.mark.parametrize("route", list(MATRIX), ids=[f"{m} {p}" for m, p in MATRIX])
 def test_authorization_matrix(world: World, route: tuple[str, str], who: str) -> None:
@@ -368,6 +378,27 @@ def test_a_sign_in_token_is_exchanged_once_and_is_not_a_key(world: World) -> Non
     rows = world.client.get("/v1/audit", params={"limit": 200}).json()["items"]
     spent = [r for r in rows if r["route"] == "/v1/keys/exchange" and r["status"] == 201]
     assert any(r["key_id"] == _key_id(world, token) and r["target"] == new.json()["id"] for r in spent), spent
+
+
+def test_sign_in_exchanges_are_rate_limited_for_every_caller_together(tmp_path: Path) -> None:
+    """The exchange takes no key: one bucket (sign_in_rate, sign_in_burst) holds every caller, wrong
+    tokens included; over it, 429 with Retry-After, and the token it refused is not spent."""
+    client = start_app(make_settings(tmp_path, sign_in_rate=0.5, sign_in_burst=3))
+    try:
+        tokens = [client.post("/v1/keys/sign-in").json()["token"] for _ in range(3)]
+        anyone = {"Authorization": ""}
+        assert client.post("/v1/keys/exchange", json={"token": "zoo_nonsense"}, headers=anyone).status_code == 401
+        for token in tokens[:2]:
+            assert client.post("/v1/keys/exchange", json={"token": token}, headers=anyone).status_code == 201
+        refused = client.post("/v1/keys/exchange", json={"token": tokens[2]}, headers=anyone)
+        assert (
+            refused.status_code == 429 and "too many sign-in exchanges (0.5/s, bursts of 3)" in refused.json()["detail"]
+        )
+        assert refused.headers["retry-after"] in ("1", "2")  # (1 - tokens left) / 0.5 s, rounded up
+        time.sleep(2.1)  # a whole token back
+        assert client.post("/v1/keys/exchange", json={"token": tokens[2]}, headers=anyone).status_code == 201
+    finally:
+        client.__exit__(None, None, None)
 
 
 def _key_id(world: World, key: str) -> str:

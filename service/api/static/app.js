@@ -635,7 +635,7 @@ async function showPath(pathId) {
   body.replaceChildren(h("p", {class: "muted"}, "loading…"));
   let p, sharing = null;
   try { p = await api(`/v1/paths/${encodeURIComponent(pathId)}`); } catch (err) { body.replaceChildren(h("p", {class: "error"}, err.message)); return; }
-  try { sharing = await api(`/v1/paths/${encodeURIComponent(pathId)}/sharing`); } catch { /* not an owner */ }
+  try { sharing = await api(`/v1/paths/${encodeURIComponent(pathId)}/sharing`); } catch (err) { if (err.status !== 403) say(`sharing of ${pathId}: ${err.message}`); }  // 403: not an owner
   if (mine !== shownPath) return;
   const job = jobs.find((j) => j.path_id === pathId);  // the dataset it was composed on, where this server composed it
   const guess = datasets.find((d) => job && job.spec.task && d.id === job.spec.task.dataset) ||
