@@ -20,7 +20,7 @@ from zoo_store.core.outage import Outage
 from zoo_store.core.settings import Settings
 from zoo_store.store.db import Database, TenantLimitsRow
 from zoo_store.store.store import Store
-from zoo_store.store.tenancy import SIGN_IN, Caller
+from zoo_store.store.tenancy import Caller
 
 LIMITS_TTL_S = 2.0  # a tenant's limits, once read, are read again after this long
 REDIS_RETRY_S = 1.0  # while Redis is unreachable, it is tried again this often (the buckets of this process meanwhile)
@@ -177,18 +177,6 @@ class Quotas:
             raise TooManyRequests(
                 f"tenant {caller.tenant!r} is over its predict rate ({lim.predict_rate:g}/s, "
                 f"bursts of {lim.predict_burst}); retry after {wait:.2f} s",
-                retry_after=math.ceil(wait),
-            )
-
-    def sign_in(self) -> None:
-        """One sign-in exchange: TooManyRequests over ``sign_in_rate``. The route takes no key, so one
-        bucket (tenant ``sign-in``'s, which no caller is) holds every caller together."""
-        s = self.settings
-        wait = self.buckets.take(SIGN_IN, s.sign_in_rate, s.sign_in_burst)
-        if wait > 0:
-            raise TooManyRequests(
-                f"too many sign-in exchanges ({s.sign_in_rate:g}/s, bursts of {s.sign_in_burst}); "
-                f"retry after {wait:.2f} s",
                 retry_after=math.ceil(wait),
             )
 

@@ -237,31 +237,38 @@ def test_a_union_sets_its_parts_side_by_side() -> None:
 
 def test_an_upload_is_read_from_its_blob_once_while_kept(tmp_path, monkeypatch) -> None:
     """The dashboard's samples, strip and evaluation read one upload in a row: its blob is read and
-    split once, and the arrays are the ones a fresh read gives."""
+    split once while its arrays fit the store's byte budget (least recently read dropped first), and
+    the arrays are the ones a fresh read gives; an upload over the whole budget is read each time."""
+    from zoo_store.store import store as store_module
     from zoo_store.store.blobs import DirBlobStore
     from zoo_store.store.db import Database
-    from zoo_store.store.store import UPLOADS_KEPT, Store
+    from zoo_store.store.store import Store
 
     db = Database(f"sqlite:///{tmp_path / 'zoo.db'}")
     db.migrate()
-    store = Store(db, DirBlobStore(tmp_path / "blobs"))
     rng = np.random.default_rng(0)
-    rows = [
-        store.add_dataset(f"u{i}", rng.integers(0, 256, (20, 1, 4, 4), dtype=np.uint8), np.arange(20) % 2, ["a", "b"])
-        for i in range(UPLOADS_KEPT + 1)
-    ]
+
+    def upload(store: Store, n: int):
+        x = rng.integers(0, 256, (n, 1, 4, 4), dtype=np.uint8)
+        return store.add_dataset(f"u{n}", x, np.arange(n) % 2, ["a", "b"])
+
+    per_upload = 20 * 16 + 20 * 8  # 20 images of 4 x 4 bytes, 20 int64 labels
+    monkeypatch.setattr(store_module, "UPLOADS_KEPT_BYTES", 2 * per_upload)  # two of them
+    store = Store(db, DirBlobStore(tmp_path / "blobs"))
+    rows = [upload(store, 20) for _ in range(3)]
     reads: list[str] = []
     get = store.blobs.get
     monkeypatch.setattr(store.blobs, "get", lambda digest: reads.append(digest) or get(digest))
-    first = store.arrays(rows[0].id)
-    again = store.arrays(rows[0].id)
+    first, again = store.arrays(rows[0].id), store.arrays(rows[0].id)
     assert reads == [rows[0].blob_digest]
     fresh = Store(db, DirBlobStore(tmp_path / "blobs")).arrays(rows[0].id)
     for field in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
-        assert np.array_equal(getattr(again, field), getattr(fresh, field)) and getattr(again, field) is getattr(
-            first, field
-        )
-    for row in rows[1:]:  # more uploads than are kept: the first is read again
+        assert getattr(again, field) is getattr(first, field)
+        assert np.array_equal(getattr(again, field), getattr(fresh, field))
+    for row in rows[1:]:  # a third upload's arrays do not fit beside two: the first is dropped, read again
         store.arrays(row.id)
     store.arrays(rows[0].id)
     assert reads.count(rows[0].blob_digest) == 2
+    large = upload(store, 60)
+    store.arrays(large.id), store.arrays(large.id)
+    assert reads.count(large.blob_digest) == 2

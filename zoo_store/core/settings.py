@@ -29,10 +29,6 @@ class Settings(BaseSettings):
     tenant_max_dataset_bytes: int = Field(4 * 2**30, ge=0)  # bytes of the datasets it uploaded
     tenant_predict_rate: float = Field(200.0, ge=0.01)  # predict requests per second (token bucket) ...
     tenant_predict_burst: int = Field(400, ge=1)  # ... and at once (the bucket's size)
-    sign_in_rate: float = Field(
-        1.0, ge=0.01
-    )  # sign-in exchanges per second, every caller together (it takes no key) ...
-    sign_in_burst: int = Field(20, ge=1)  # ... and at once
     # where base weights, datasets and other blobs live: "dir" (under data_dir) or "database" (chunked
     # rows, so that no two processes share a disk); default: dir embedded, database distributed
     blob_store: Literal["dir", "database"] | None = None

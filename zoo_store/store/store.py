@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
-from functools import lru_cache
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cachetools import LRUCache, cached
 from sqlalchemy import JSON, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
@@ -38,7 +40,7 @@ from zoo_store.store.db import (
 )
 from zoo_store.training import freeze
 
-UPLOADS_KEPT = 2  # uploads whose splits a store keeps in memory (each within the upload limits)
+UPLOADS_KEPT_BYTES = 128 * 2**20  # the splits of the uploads read last, kept in memory up to this many bytes
 TERMINAL = ("succeeded", "failed", "cancelled")
 _BUNDLE_OF = text("SELECT bundle FROM paths WHERE id = :id")
 _MANIFEST_OF = text("SELECT manifest FROM paths WHERE id = :id").columns(manifest=JSON)
@@ -79,9 +81,11 @@ class Store:
         self.db = db
         self.blobs = blobs
         self.cache = cache if cache is not None else MemoryKeyStore()  # derived data methods may reuse
-        # an upload's splits by its blob's digest (content-addressed: never stale), the last few read:
-        # the dashboard's samples, strip and evaluation read the same upload one after another
-        self._upload_arrays = lru_cache(maxsize=UPLOADS_KEPT)(self._read_upload)
+        # an upload's splits by its blob's digest (content-addressed: never stale), least recently read
+        # dropped first: the dashboard's samples, strip and evaluation read one upload in a row (an
+        # upload larger than the whole budget is read each time)
+        kept = LRUCache(maxsize=UPLOADS_KEPT_BYTES, getsizeof=_arrays_bytes)
+        self._upload_arrays = cached(kept, lock=threading.Lock())(self._read_upload)
 
     @classmethod
     def open(cls, settings: Settings, db: Database) -> Store:
@@ -433,6 +437,10 @@ UPLOAD_VAL, UPLOAD_TEST = 0.1, 0.2
 def split_upload(x: np.ndarray, y: np.ndarray, labels: list[str]) -> Arrays:
     """A fixed 70/10/20 split (seed 0) of an uploaded dataset into train, validation and test."""
     return split_three(x, y, tuple(labels), split_sizes(len(y), UPLOAD_VAL, UPLOAD_TEST))
+
+
+def _arrays_bytes(a: Arrays) -> int:
+    return sum(v.nbytes for v in dataclasses.astuple(a) if isinstance(v, np.ndarray))
 
 
 def _dataset_row(ds_id: str, name: str, source: str, digest: str | None, a: Arrays) -> DatasetRow:
