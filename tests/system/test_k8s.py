@@ -34,7 +34,7 @@ def _render(target: str) -> list[dict]:
 def test_every_rendered_resource_is_valid_kubernetes(target: str) -> None:
     docs = _render(target)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["ConfigMap", "Secret", "Service", "Ingress"] + ["Deployment", "PodDisruptionBudget"] * 2)
+    assert kinds == sorted(["ConfigMap", "Secret", "Service"] + ["Deployment", "PodDisruptionBudget", "Ingress"] * 2)
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)  # raises on any error
 
@@ -42,12 +42,31 @@ def test_every_rendered_resource_is_valid_kubernetes(target: str) -> None:
 def test_the_controller_snippet_is_valid_and_defines_what_the_ingress_hashes_on() -> None:
     snippet = yaml.safe_load((K8S / "ingress-nginx-http-snippet.yaml").read_text())
     kubernetes_validate.validate(snippet, KUBERNETES, strict=True)
-    (ingress,) = [d for d in _render("base") if d["kind"] == "Ingress"]
+    ingresses = {d["metadata"]["name"]: d for d in _render("base") if d["kind"] == "Ingress"}
+    ingress = ingresses["zoo"]
     hash_by = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"]
     assert hash_by == "$zoo_path_id" and "map $uri $zoo_path_id" in snippet["data"]["http-snippet"]
     nginx_conf = (ROOT / "deploy" / "nginx.conf").read_text()  # the same routes as the compose topology's
     for route in (r"~^/v1/paths/(?<id>p_[0-9a-f]+)(/|$) $id;", r"~^/v2/models/(?<id>p_[0-9a-f]+)(/|$) $id;"):
         assert route in nginx_conf and route in snippet["data"]["http-snippet"]
+
+
+def test_sign_in_exchanges_are_limited_per_address_as_nginx_conf_limits_them() -> None:
+    """The Ingress of the keyless exchange: 1 a second per client address, bursts of 20, answered
+    429 (the controller's ConfigMap): what deploy/nginx.conf does for the compose topology."""
+    snippet = yaml.safe_load((K8S / "ingress-nginx-http-snippet.yaml").read_text())
+    (sign_in,) = [d for d in _render("base") if d["kind"] == "Ingress" and d["metadata"]["name"] == "zoo-sign-in"]
+    notes = sign_in["metadata"]["annotations"]
+    rps, burst = (
+        int(notes["nginx.ingress.kubernetes.io/limit-rps"]),
+        int(notes["nginx.ingress.kubernetes.io/limit-burst-multiplier"]),
+    )
+    (path,) = sign_in["spec"]["rules"][0]["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/v1/keys/exchange", "Exact")
+    assert snippet["data"]["limit-req-status-code"] == "429"
+    nginx_conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert f"zone=zoo_sign_in:1m rate={rps}r/s;" in nginx_conf and f"burst={rps * burst} nodelay;" in nginx_conf
+    assert "location = /v1/keys/exchange {" in nginx_conf
 
 
 def test_probes_resources_and_the_gpu_overlay() -> None:
