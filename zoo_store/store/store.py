@@ -440,7 +440,7 @@ def split_upload(x: np.ndarray, y: np.ndarray, labels: list[str]) -> Arrays:
 
 
 def _arrays_bytes(a: Arrays) -> int:
-    return sum(v.nbytes for v in dataclasses.astuple(a) if isinstance(v, np.ndarray))
+    return sum(v.nbytes for v in (getattr(a, f.name) for f in dataclasses.fields(a)) if isinstance(v, np.ndarray))
 
 
 def _dataset_row(ds_id: str, name: str, source: str, digest: str | None, a: Arrays) -> DatasetRow:
