@@ -93,6 +93,5 @@ Proxy = Callable[[Run, list[nn.Module], ProbeData], float]
 ProxyName = Literal["naswot", "naswot-size", "ridge"]  # what options.proxy may name (the OpenAPI's enum)
 PROXIES: dict[str, Proxy] = {"naswot": naswot, "naswot-size": naswot_size, "ridge": ridge}
 assert set(get_args(ProxyName)) == set(PROXIES)
-DEFAULT_PROXY: ProxyName = (
-    "ridge"  # the best mean Kendall tau on validation in zoo bench --suite reassemble (2026-12-07)
-)
+# the best mean Kendall tau on validation in zoo bench --suite reassemble (2026-12-07)
+DEFAULT_PROXY: ProxyName = "ridge"
